@@ -1,0 +1,44 @@
+# kme — make targets. `make help` lists them.
+CONFIG ?= kme.toml
+CARGO ?= cargo
+KME := target/release/kme
+
+.DEFAULT_GOAL := help
+.PHONY: help build certs run start stop demo test lint fmt bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n",$$1,$$2}'
+
+build: ## build the kme binary (release)
+	$(CARGO) build --release --bin kme
+
+certs: ## make the dev/test PKI for every KME and SAE of $(CONFIG) (idempotent)
+	bash certs/gen.sh $(CONFIG) certs
+
+run: build certs ## start the network of $(CONFIG) on loopback in the foreground (Ctrl-C stops it)
+	@scripts/net.sh start $(CONFIG)
+
+start: build certs ## start the network of $(CONFIG) in the background (`make stop` stops it)
+	@scripts/net.sh start $(CONFIG) --background
+
+stop: ## stop a network started in the background, by its recorded PIDs
+	@scripts/net.sh stop
+
+demo: ## scripted SAE session with curl against the running default network
+	@scripts/demo.sh
+
+test: ## fmt check + clippy -D warnings + all tests (what CI runs)
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) test --workspace
+
+lint: ## fmt check + clippy -D warnings
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+clean: ## remove build output and runtime data (var/)
+	$(CARGO) clean
+	rm -rf var

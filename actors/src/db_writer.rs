@@ -1,0 +1,491 @@
+//! DbWriter: the single writer of the SQLite file (a SyncArbiter of one thread).
+//!
+//! Owns: the write connection pool (one connection) and the head of the audit hash chain.
+//! Handles: `WriteBatch`, sent only by `Store`, which groups concurrent operations so that one
+//! transaction (and one fsync) serves many requests. Each operation runs in its own savepoint:
+//! a refused operation (unknown key, replayed message) changes nothing and does not disturb the
+//! others; a failed commit fails them all, and then nothing was changed.
+//! Mailbox: SyncArbiter queues are unbounded; `Store` keeps at most one batch in flight.
+
+use std::collections::HashSet;
+
+use actix::prelude::*;
+use openssl::sha::sha256;
+use rusqlite::{params, Connection, OptionalExtension};
+use uuid::Uuid;
+
+use crate::audit_log::{chain_hash, AuditRecord};
+use crate::db::{to_i64, to_u64, DbPool};
+use crate::error::{Error, Result};
+use crate::store::{BlockOutcome, BlockRecord, Op, Output};
+use crate::types::{now_ms, Binding, Key, KmeId, SaeId};
+
+pub struct DbWriter {
+    pool: DbPool,
+    audit_head: Option<(i64, Vec<u8>)>,
+}
+
+impl DbWriter {
+    pub fn new(pool: DbPool) -> Self {
+        Self {
+            pool,
+            audit_head: None,
+        }
+    }
+}
+
+impl Actor for DbWriter {
+    type Context = SyncContext<Self>;
+}
+
+/// Operations to run in one transaction, in order. Result: one outcome per operation, or an
+/// error for the whole batch when the transaction could not be committed.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Result<Output>>>")]
+pub struct WriteBatch(pub Vec<Op>);
+
+impl Handler<WriteBatch> for DbWriter {
+    type Result = Result<Vec<Result<Output>>>;
+
+    fn handle(&mut self, msg: WriteBatch, _ctx: &mut SyncContext<Self>) -> Self::Result {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.transaction()?;
+        let mut head = match self.audit_head.clone() {
+            Some(head) => head,
+            None => audit_head(&tx)?,
+        };
+        let mut outcomes = Vec::with_capacity(msg.0.len());
+        for op in msg.0 {
+            let savepoint_head = head.clone();
+            let mut sp = tx.savepoint()?;
+            let outcome = apply(&sp, op, &mut head);
+            match outcome {
+                Ok(_) => sp.commit()?,
+                Err(_) => {
+                    sp.rollback()?;
+                    head = savepoint_head;
+                }
+            }
+            outcomes.push(outcome);
+        }
+        match tx.commit() {
+            Ok(()) => {
+                self.audit_head = Some(head);
+                Ok(outcomes)
+            }
+            Err(err) => {
+                self.audit_head = None;
+                Err(err.into())
+            }
+        }
+    }
+}
+
+fn audit_head(tx: &Connection) -> Result<(i64, Vec<u8>)> {
+    let row = tx
+        .query_row(
+            "SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)),
+        )
+        .optional()?;
+    Ok(row.unwrap_or((0, vec![0u8; 32])))
+}
+
+fn append_audit(tx: &Connection, head: &mut (i64, Vec<u8>), record: &AuditRecord) -> Result<()> {
+    let id = head.0 + 1;
+    let at_ms = now_ms();
+    let hash = chain_hash(&head.1, id, at_ms, record.event, &record.detail)?;
+    tx.prepare_cached(
+        "INSERT INTO audit(id, at_ms, event, detail, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![id, at_ms, record.event, record.detail, head.1, hash.as_slice()])?;
+    *head = (id, hash.to_vec());
+    Ok(())
+}
+
+fn apply(tx: &Connection, op: Op, head: &mut (i64, Vec<u8>)) -> Result<Output> {
+    match op {
+        Op::StoreBlocks {
+            peer,
+            blocks,
+            confirmed,
+        } => store_blocks(tx, &peer, blocks, confirmed).map(Output::Blocks),
+        Op::ConfirmBlocks { peer, owner, seqs } => {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE link_blocks SET confirmed = 1 WHERE peer = ?1 AND owner = ?2 AND seq = ?3",
+            )?;
+            for seq in seqs {
+                stmt.execute(params![peer.as_str(), owner.as_str(), to_i64(seq)])?;
+            }
+            Ok(Output::Done)
+        }
+        Op::Activate {
+            peer,
+            seq,
+            digest,
+            block_bytes,
+            bindings,
+        } => {
+            if activate(tx, &peer, seq, &digest, block_bytes, &bindings)? {
+                append_audit(tx, head, &bound_record(&peer, seq, &bindings))?;
+            }
+            Ok(Output::Done)
+        }
+        Op::CommitDelivery {
+            peer,
+            owner,
+            position,
+            block_bytes,
+            audit,
+        } => {
+            advance_position(tx, &peer, &owner, position, block_bytes)?;
+            append_audit(tx, head, &audit)?;
+            Ok(Output::Done)
+        }
+        Op::InsertLocalKeys { keys, audit } => {
+            let now = now_ms();
+            for key in keys {
+                insert_key(tx, &key.id, &key.master, &key.slaves, &key.material, now)?;
+            }
+            append_audit(tx, head, &audit)?;
+            Ok(Output::Done)
+        }
+        Op::Retrieve {
+            caller,
+            master,
+            key_ids,
+        } => {
+            let keys = retrieve(tx, &caller, &master, &key_ids)?;
+            let record = AuditRecord::new(
+                "keys_retrieved",
+                serde_json::json!({
+                    "slave": caller.as_str(),
+                    "master": master.as_str(),
+                    "key_IDs": key_ids,
+                }),
+            );
+            append_audit(tx, head, &record)?;
+            Ok(Output::Keys(keys))
+        }
+        Op::Audit(record) => {
+            append_audit(tx, head, &record)?;
+            Ok(Output::Done)
+        }
+    }
+}
+
+fn bound_record(peer: &KmeId, seq: u64, bindings: &[Binding]) -> AuditRecord {
+    let keys: Vec<serde_json::Value> = bindings
+        .iter()
+        .map(|b| {
+            serde_json::json!({
+                "key_ID": b.key_id, "master": b.master.as_str(),
+                "slaves": b.slaves.iter().map(SaeId::as_str).collect::<Vec<_>>(),
+                "start": b.start, "len": b.len,
+            })
+        })
+        .collect();
+    AuditRecord::new(
+        "keys_bound",
+        serde_json::json!({"from_kme": peer.as_str(), "seq": seq, "keys": keys}),
+    )
+}
+
+fn store_blocks(
+    tx: &Connection,
+    peer: &KmeId,
+    blocks: Vec<BlockRecord>,
+    confirmed: bool,
+) -> Result<Vec<BlockOutcome>> {
+    let mut outcomes = Vec::with_capacity(blocks.len());
+    for block in blocks {
+        let digest = sha256(&block.data);
+        let existing: Option<Vec<u8>> = tx
+            .prepare_cached(
+                "SELECT digest FROM link_blocks WHERE peer = ?1 AND owner = ?2 AND seq = ?3",
+            )?
+            .query_row(
+                params![peer.as_str(), block.owner.as_str(), to_i64(block.seq)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match existing {
+            Some(stored) if stored == digest => {
+                outcomes.push(BlockOutcome::Duplicate);
+                continue;
+            }
+            Some(_) => {
+                return Err(Error::PeerMessage(format!(
+                    "block {} of {} differs from the stored one",
+                    block.seq, block.owner
+                )))
+            }
+            None => {}
+        }
+        let state = crate::db::stream_state(tx, peer, &block.owner)?;
+        if block.seq < state.next_seq {
+            return Err(Error::PeerMessage(format!(
+                "block {} of {} was already used (replay)",
+                block.seq, block.owner
+            )));
+        }
+        tx.prepare_cached(
+            "INSERT INTO link_blocks(peer, owner, seq, data, digest, confirmed)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            peer.as_str(),
+            block.owner.as_str(),
+            to_i64(block.seq),
+            block.data,
+            digest.as_slice(),
+            confirmed
+        ])?;
+        tx.prepare_cached(
+            "INSERT INTO link_streams(peer, owner, next_seq) VALUES (?1, ?2, ?3)
+             ON CONFLICT(peer, owner) DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
+        )?
+        .execute(params![
+            peer.as_str(),
+            block.owner.as_str(),
+            to_i64(block.seq + 1)
+        ])?;
+        outcomes.push(BlockOutcome::Stored);
+    }
+    Ok(outcomes)
+}
+
+/// Binds positions of the peer's stream to key_IDs. Returns false for an idempotent retry of
+/// the last batch (nothing changed), true when the batch was bound now.
+fn activate(
+    tx: &Connection,
+    peer: &KmeId,
+    seq: u64,
+    digest: &[u8; 32],
+    block_bytes: usize,
+    bindings: &[Binding],
+) -> Result<bool> {
+    let last: Option<(i64, Vec<u8>)> = tx
+        .prepare_cached("SELECT last_seq, last_digest FROM peer_sequence WHERE peer = ?1")?
+        .query_row(params![peer.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((last_seq, last_digest)) = last {
+        let last_seq = to_u64(last_seq);
+        if seq == last_seq && last_digest.as_slice() == digest.as_slice() {
+            return Ok(false);
+        }
+        if seq <= last_seq {
+            return Err(Error::PeerMessage(format!(
+                "activation {seq} is not newer than {last_seq} (replay)"
+            )));
+        }
+    }
+    let state = crate::db::stream_state(tx, peer, peer)?;
+    let mut high_mark = state.position;
+    let now = now_ms();
+    for binding in bindings {
+        if binding.start < high_mark {
+            return Err(Error::ActivationRejected {
+                peer: peer.to_string(),
+                high_mark: high_mark.max(state.position),
+                reason: format!("position {} is already bound", binding.start),
+            });
+        }
+        let material = read_stream(tx, peer, binding.start, binding.len, block_bytes)?;
+        insert_key(
+            tx,
+            &binding.key_id,
+            &binding.master,
+            &binding.slaves,
+            &material,
+            now,
+        )?;
+        high_mark = binding.start + u64::from(binding.len);
+    }
+    advance_position(tx, peer, peer, high_mark, block_bytes)?;
+    tx.prepare_cached(
+        "INSERT INTO peer_sequence(peer, last_seq, last_digest) VALUES (?1, ?2, ?3)
+         ON CONFLICT(peer) DO UPDATE SET last_seq = excluded.last_seq, last_digest = excluded.last_digest",
+    )?
+    .execute(params![peer.as_str(), to_i64(seq), digest.as_slice()])?;
+    Ok(true)
+}
+
+/// Reads `len` bytes at `start` of `owner`'s stream on the link to `peer`.
+fn read_stream(
+    tx: &Connection,
+    owner: &KmeId,
+    start: u64,
+    len: u32,
+    block_bytes: usize,
+) -> Result<Vec<u8>> {
+    let block = block_bytes as u64;
+    let end = start + u64::from(len);
+    let mut out = Vec::with_capacity(len as usize);
+    let mut stmt = tx.prepare_cached(
+        "SELECT data FROM link_blocks WHERE peer = ?1 AND owner = ?1 AND seq = ?2 AND confirmed = 1",
+    )?;
+    let mut pos = start;
+    while pos < end {
+        let seq = pos / block;
+        let data: Option<Vec<u8>> = stmt
+            .query_row(params![owner.as_str(), to_i64(seq)], |r| r.get(0))
+            .optional()?;
+        let data = data.ok_or_else(|| Error::ActivationRejected {
+            peer: owner.to_string(),
+            high_mark: 0,
+            reason: format!("block {seq} is not held here"),
+        })?;
+        let from = usize::try_from(pos - seq * block).unwrap_or(usize::MAX);
+        let to = usize::try_from(end.min((seq + 1) * block) - seq * block).unwrap_or(usize::MAX);
+        let slice = data.get(from..to).ok_or_else(|| {
+            Error::Storage(format!(
+                "block {seq} of {owner} is shorter than {block_bytes} bytes"
+            ))
+        })?;
+        out.extend_from_slice(slice);
+        pos = (seq + 1) * block;
+    }
+    Ok(out)
+}
+
+/// Moves the stream position forward (never back) and deletes blocks wholly below it.
+fn advance_position(
+    tx: &Connection,
+    peer: &KmeId,
+    owner: &KmeId,
+    position: u64,
+    block_bytes: usize,
+) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO link_streams(peer, owner, position) VALUES (?1, ?2, ?3)
+         ON CONFLICT(peer, owner) DO UPDATE SET position = max(position, excluded.position)",
+    )?
+    .execute(params![peer.as_str(), owner.as_str(), to_i64(position)])?;
+    let consumed_blocks = position / block_bytes.max(1) as u64;
+    tx.prepare_cached("DELETE FROM link_blocks WHERE peer = ?1 AND owner = ?2 AND seq < ?3")?
+        .execute(params![
+            peer.as_str(),
+            owner.as_str(),
+            to_i64(consumed_blocks)
+        ])?;
+    Ok(())
+}
+
+fn insert_key(
+    tx: &Connection,
+    id: &Uuid,
+    master: &SaeId,
+    slaves: &[SaeId],
+    material: &[u8],
+    now: i64,
+) -> Result<()> {
+    let slaves_json = serde_json::to_string(slaves).map_err(|e| Error::Storage(e.to_string()))?;
+    tx.prepare_cached(
+        "INSERT INTO keys(key_id, master, slaves, pending, material, created_ms)
+         VALUES (?1, ?2, ?3, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        id.as_bytes().as_slice(),
+        master.as_str(),
+        slaves_json,
+        material,
+        now
+    ])
+    .map_err(|err| match err {
+        rusqlite::Error::SqliteFailure(e, _)
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            Error::PeerMessage(format!("key_ID {id} is already bound"))
+        }
+        other => other.into(),
+    })?;
+    Ok(())
+}
+
+/// Consume-once retrieval by a slave. Nothing changes unless every key can be returned.
+fn retrieve(tx: &Connection, caller: &SaeId, master: &SaeId, key_ids: &[Uuid]) -> Result<Vec<Key>> {
+    struct Row {
+        master: String,
+        slaves: Vec<String>,
+        pending: Vec<String>,
+        material: Vec<u8>,
+    }
+    let mut rows = Vec::with_capacity(key_ids.len());
+    let mut not_named = false;
+    let mut missing = false;
+    {
+        let mut stmt = tx.prepare_cached(
+            "SELECT master, slaves, pending, material FROM keys WHERE key_id = ?1",
+        )?;
+        for id in key_ids {
+            let row = stmt
+                .query_row(params![id.as_bytes().as_slice()], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                    ))
+                })
+                .optional()?;
+            let Some((row_master, slaves, pending, material)) = row else {
+                missing = true;
+                continue;
+            };
+            let row = Row {
+                master: row_master,
+                slaves: parse_ids(&slaves)?,
+                pending: parse_ids(&pending)?,
+                material,
+            };
+            if !row.slaves.iter().any(|s| s == caller.as_str()) {
+                not_named = true;
+            } else if row.master != master.as_str()
+                || !row.pending.iter().any(|s| s == caller.as_str())
+            {
+                missing = true;
+            }
+            rows.push((id, row));
+        }
+    }
+    if not_named {
+        return Err(Error::NotAuthorized(
+            "the caller is not a slave SAE of one or more of the requested keys".into(),
+        ));
+    }
+    if missing {
+        return Err(Error::KeysNotFound);
+    }
+    let mut keys = Vec::with_capacity(rows.len());
+    let mut seen = HashSet::with_capacity(rows.len());
+    for (id, row) in rows {
+        if !seen.insert(*id) {
+            return Err(Error::BadRequest("a key_ID is listed twice".into()));
+        }
+        let pending: Vec<&String> = row
+            .pending
+            .iter()
+            .filter(|s| s.as_str() != caller.as_str())
+            .collect();
+        if pending.is_empty() {
+            tx.prepare_cached("DELETE FROM keys WHERE key_id = ?1")?
+                .execute(params![id.as_bytes().as_slice()])?;
+        } else {
+            let pending =
+                serde_json::to_string(&pending).map_err(|e| Error::Storage(e.to_string()))?;
+            tx.prepare_cached("UPDATE keys SET pending = ?2 WHERE key_id = ?1")?
+                .execute(params![id.as_bytes().as_slice(), pending])?;
+        }
+        keys.push(Key {
+            id: *id,
+            material: row.material,
+        });
+    }
+    Ok(keys)
+}
+
+fn parse_ids(json: &str) -> Result<Vec<String>> {
+    serde_json::from_str(json).map_err(|e| Error::Storage(format!("corrupt SAE list: {e}")))
+}

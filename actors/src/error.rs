@@ -1,0 +1,65 @@
+//! The domain error: one enum for everything the actors can refuse or fail at.
+//!
+//! Variants are named after what went wrong, not after HTTP; `src/error.rs` maps each one to
+//! exactly one ETSI status (400, 401 or 503). Messages of server-side variants may name internal
+//! causes: the edge logs them and shows the SAE a generic text instead.
+
+/// Result alias of the actors crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The request itself is wrong (the text is safe to show to the SAE).
+    #[error("{0}")]
+    BadRequest(String),
+    /// `dec_keys` named keys that are unknown, already retrieved or of another master.
+    #[error("one or more keys specified are not found on KME")]
+    KeysNotFound,
+    /// The caller may not do this (unknown identity, not a named slave, foreign SAE).
+    #[error("{0}")]
+    NotAuthorized(String),
+    /// The pool of the link cannot cover the request right now; it refills by itself.
+    #[error("not enough key material for this request on the link to {peer}; retry later")]
+    PoolExhausted { peer: String },
+    /// The slave's KME is not reachable by any supported route.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The neighbour KME did not answer, or answered with an error.
+    #[error("peer KME {peer} unavailable: {reason}")]
+    PeerUnavailable { peer: String, reason: String },
+    /// The neighbour refused an activation because positions were already bound there;
+    /// `high_mark` tells the master where the peer's bindable material starts.
+    #[error("peer KME {peer} rejected the activation: {reason}")]
+    ActivationRejected {
+        peer: String,
+        high_mark: u64,
+        reason: String,
+    },
+    /// A message from a peer KME is invalid or a replay.
+    #[error("peer message rejected: {0}")]
+    PeerMessage(String),
+    /// SQLite or the connection pool failed.
+    #[error("storage failure: {0}")]
+    Storage(String),
+    /// An actor did not answer (mailbox closed or full, or the hard timeout elapsed).
+    #[error("internal actor unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(err: rusqlite::Error) -> Self {
+        Error::Storage(err.to_string())
+    }
+}
+
+impl From<r2d2::Error> for Error {
+    fn from(err: r2d2::Error) -> Self {
+        Error::Storage(err.to_string())
+    }
+}
+
+impl From<actix::MailboxError> for Error {
+    fn from(err: actix::MailboxError) -> Self {
+        Error::Unavailable(err.to_string())
+    }
+}

@@ -1,0 +1,397 @@
+//! KeyPool: the available key material of this end of one QKD link.
+//!
+//! Owns: this end's confirmed blocks not yet handed out (in memory, in order), the allocation
+//! cursor in this end's stream, and the counts that `status` reports. The two ends of a link
+//! allocate from disjoint blocks (each block has one owner), so they never race.
+//! Handles: `Deliver` (enc_keys, from the HTTP edge), `PoolStatus` (status), `AddBlocks` (from
+//! `Link`, when new material is confirmed at both ends), `WatchLevel` (from `Link`, once).
+//! Sends: `Activate` to `PeerLink` (bind positions to key_IDs at the slave's KME), then
+//! `CommitDelivery` to `Store`; `PoolLevel` to `Link` so that it replenishes.
+//! Reservation is synchronous in `handle`, so concurrent requests never get the same bytes;
+//! any failure after it burns the material (it is never returned to the pool).
+//! Mailbox: bounded; the edge uses `send` under its request timeout, so a full pool of
+//! waiting requests answers 503 instead of hanging.
+
+use std::collections::VecDeque;
+
+use actix::prelude::*;
+use uuid::Uuid;
+
+use crate::audit_log::AuditRecord;
+use crate::db::StoredBlock;
+use crate::error::{Error, Result};
+use crate::peer_link::{Activate, PeerLink};
+use crate::store::{Op, Store};
+use crate::types::{Binding, Key, KeyLimits, LinkParams, SaeId};
+
+const MAILBOX_CAPACITY: usize = 1024;
+
+pub struct KeyPool {
+    params: LinkParams,
+    /// Own confirmed blocks, consecutive numbers, the first possibly partly used.
+    blocks: VecDeque<StoredBlock>,
+    /// Next unallocated byte of this end's stream.
+    cursor: u64,
+    store: Addr<Store>,
+    peer: Addr<PeerLink>,
+    level_watcher: Option<Recipient<PoolLevel>>,
+}
+
+impl KeyPool {
+    /// `cursor` and `blocks` come from the database (`db::stream_state`, `db::blocks`).
+    pub fn new(
+        params: LinkParams,
+        cursor: u64,
+        blocks: Vec<StoredBlock>,
+        store: Addr<Store>,
+        peer: Addr<PeerLink>,
+    ) -> Self {
+        let mut pool = Self {
+            params,
+            blocks: VecDeque::new(),
+            cursor,
+            store,
+            peer,
+            level_watcher: None,
+        };
+        pool.add_blocks(blocks);
+        pool
+    }
+
+    fn block_bytes(&self) -> u64 {
+        self.params.block_bytes as u64
+    }
+
+    /// Bytes that can be handed out now.
+    pub fn available(&self) -> u64 {
+        match self.blocks.back() {
+            Some(last) => ((last.seq + 1) * self.block_bytes()).saturating_sub(self.cursor),
+            None => 0,
+        }
+    }
+
+    fn add_blocks(&mut self, blocks: Vec<StoredBlock>) {
+        let block = self.block_bytes();
+        for b in blocks {
+            if b.data.len() as u64 != block || (b.seq + 1) * block <= self.cursor {
+                continue;
+            }
+            match self.blocks.back() {
+                Some(last) if b.seq <= last.seq => continue,
+                Some(last) if b.seq != last.seq + 1 => {
+                    // A gap: material between is not usable here; restart after it.
+                    log::warn!(
+                        "link {}: block {} follows {}; skipping the gap",
+                        self.params.peer,
+                        b.seq,
+                        last.seq
+                    );
+                    self.blocks.clear();
+                    self.cursor = b.seq * block;
+                }
+                None => self.cursor = self.cursor.max(b.seq * block),
+                _ => {}
+            }
+            self.blocks.push_back(b);
+        }
+    }
+
+    /// Takes `len` bytes at the cursor; the caller checked `available`.
+    fn take(&mut self, len: u64) -> Vec<u8> {
+        let block = self.block_bytes();
+        let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+        let end = self.cursor + len;
+        while self.cursor < end {
+            let Some(front) = self.blocks.front() else {
+                break;
+            };
+            let base = front.seq * block;
+            let from = usize::try_from(self.cursor - base).unwrap_or(usize::MAX);
+            let to = usize::try_from(end.min(base + block) - base).unwrap_or(usize::MAX);
+            if let Some(slice) = front.data.get(from..to) {
+                out.extend_from_slice(slice);
+            }
+            self.cursor = (base + to as u64).min(end);
+            if self.cursor >= base + block {
+                self.blocks.pop_front();
+            }
+        }
+        out
+    }
+
+    /// The peer says positions below `high_mark` are bound there: never offer them again.
+    fn burn_to(&mut self, high_mark: u64) {
+        if high_mark <= self.cursor {
+            return;
+        }
+        let skip = high_mark - self.cursor;
+        let burned = self.take(skip.min(self.available()));
+        log::warn!(
+            "link {}: burned {} bytes up to position {high_mark} already bound at the peer",
+            self.params.peer,
+            burned.len()
+        );
+        self.cursor = self.cursor.max(high_mark);
+    }
+
+    fn report_level(&self) {
+        if let Some(watcher) = &self.level_watcher {
+            // Advisory: a full watcher mailbox only delays replenishment by one tick.
+            let _ = watcher.try_send(PoolLevel(self.available()));
+        }
+    }
+
+    fn counts(&self) -> PoolCounts {
+        let limits = self.params.limits;
+        let key_bytes = u64::from(limits.key_size / 8).max(1);
+        PoolCounts {
+            stored_key_count: (self.available() / key_bytes).min(limits.max_key_count),
+            available_bytes: self.available(),
+            limits,
+        }
+    }
+}
+
+impl Actor for KeyPool {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+    }
+}
+
+/// enc_keys: hand `number` keys of `size_bits` to `master`, bound for `slaves` at the peer.
+/// Sent by the HTTP edge. Result: the keys, after both KMEs made them durable; or
+/// `PoolExhausted` at once, or a peer/storage error (then the material is burned).
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Key>>")]
+pub struct Deliver {
+    pub master: SaeId,
+    pub slaves: Vec<SaeId>,
+    pub number: u32,
+    pub size_bits: u32,
+    pub request_id: Uuid,
+}
+
+impl Handler<Deliver> for KeyPool {
+    type Result = ResponseActFuture<Self, Result<Vec<Key>>>;
+
+    fn handle(&mut self, msg: Deliver, _ctx: &mut Context<Self>) -> Self::Result {
+        let key_bytes = msg.size_bits / 8;
+        let need = u64::from(msg.number) * u64::from(key_bytes);
+        if need == 0 || self.available() < need {
+            self.report_level();
+            let err = Error::PoolExhausted {
+                peer: self.params.peer.to_string(),
+            };
+            return Box::pin(fut::ready(Err(err)));
+        }
+        let start = self.cursor;
+        let material = self.take(need);
+        let end = self.cursor;
+        self.report_level();
+
+        let mut keys = Vec::with_capacity(msg.number as usize);
+        let mut bindings = Vec::with_capacity(msg.number as usize);
+        for (i, chunk) in material.chunks(key_bytes as usize).enumerate() {
+            let id = Uuid::now_v7();
+            bindings.push(Binding {
+                key_id: id,
+                master: msg.master.clone(),
+                slaves: msg.slaves.clone(),
+                start: start + i as u64 * u64::from(key_bytes),
+                len: key_bytes,
+            });
+            keys.push(Key {
+                id,
+                material: chunk.to_vec(),
+            });
+        }
+        let audit = AuditRecord::new(
+            "keys_delivered",
+            serde_json::json!({
+                "request_id": msg.request_id,
+                "master": msg.master.as_str(),
+                "slaves": msg.slaves.iter().map(SaeId::as_str).collect::<Vec<_>>(),
+                "link": self.params.peer.as_str(),
+                "start": start, "end": end, "size": msg.size_bits,
+                "key_IDs": keys.iter().map(|k| k.id).collect::<Vec<_>>(),
+            }),
+        );
+        let commit = Op::CommitDelivery {
+            peer: self.params.peer.clone(),
+            owner: self.params.me.clone(),
+            position: end,
+            block_bytes: self.params.block_bytes,
+            audit,
+        };
+        let peer = self.peer.clone();
+        let store = self.store.clone();
+        let work = async move {
+            peer.send(Activate(bindings)).await??;
+            store.send(commit.into()).await??;
+            Ok(keys)
+        };
+        Box::pin(
+            fut::wrap_future(work).map(|result: Result<Vec<Key>>, act: &mut Self, _| {
+                if let Err(Error::ActivationRejected { high_mark, .. }) = &result {
+                    act.burn_to(*high_mark);
+                }
+                result
+            }),
+        )
+    }
+}
+
+/// Counts for `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolCounts {
+    pub stored_key_count: u64,
+    pub available_bytes: u64,
+    pub limits: KeyLimits,
+}
+
+/// status: what this end can hand out now. Sent by the HTTP edge and by `Link`.
+#[derive(Message)]
+#[rtype(result = "PoolCounts")]
+pub struct PoolStatus;
+
+impl Handler<PoolStatus> for KeyPool {
+    type Result = MessageResult<PoolStatus>;
+
+    fn handle(&mut self, _msg: PoolStatus, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.counts())
+    }
+}
+
+/// New own blocks, durable and confirmed at both ends. Sent by `Link`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AddBlocks(pub Vec<StoredBlock>);
+
+impl Handler<AddBlocks> for KeyPool {
+    type Result = ();
+
+    fn handle(&mut self, msg: AddBlocks, _ctx: &mut Context<Self>) {
+        let was_empty = self.available() == 0;
+        self.add_blocks(msg.0);
+        if was_empty && self.available() > 0 {
+            log::info!("link {}: pool refilled", self.params.peer);
+        }
+        self.report_level();
+    }
+}
+
+/// The pool's available bytes, sent to the watcher whenever they change.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PoolLevel(pub u64);
+
+/// Register the actor that replenishes this pool (the link's `Link`). Sent once at start-up.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WatchLevel(pub Recipient<PoolLevel>);
+
+impl Handler<WatchLevel> for KeyPool {
+    type Result = ();
+
+    fn handle(&mut self, msg: WatchLevel, _ctx: &mut Context<Self>) {
+        self.level_watcher = Some(msg.0);
+        self.report_level();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{KmeId, SourceKind};
+
+    fn params(block_bytes: usize) -> LinkParams {
+        LinkParams {
+            me: KmeId::new("kme-a"),
+            peer: KmeId::new("kme-b"),
+            source: SourceKind::Courier,
+            rate_bits_per_s: 1000,
+            block_bytes,
+            tick_ms: 100,
+            limits: KeyLimits {
+                key_size: 256,
+                min_key_size: 64,
+                max_key_size: 8192,
+                max_key_per_request: 128,
+                max_key_count: 1000,
+                max_sae_id_count: 2,
+            },
+        }
+    }
+
+    fn block(seq: u64, len: usize) -> StoredBlock {
+        StoredBlock {
+            seq,
+            data: (0..len).map(|i| (seq as usize * 31 + i) as u8).collect(),
+        }
+    }
+
+    #[actix::test]
+    async fn take_crosses_blocks_and_never_repeats_bytes() {
+        let store = Store::new(SyncArbiter::start(1, || {
+            crate::db_writer::DbWriter::new(test_pool())
+        }))
+        .start();
+        let peer = PeerLink::new(
+            KmeId::new("kme-b"),
+            "https://127.0.0.1:1".into(),
+            awc::Client::default(),
+            std::time::Duration::from_millis(100),
+            1,
+        )
+        .start();
+        let mut pool = KeyPool::new(
+            params(8),
+            0,
+            vec![block(0, 8), block(1, 8), block(2, 8)],
+            store,
+            peer,
+        );
+        assert_eq!(pool.available(), 24);
+        let a = pool.take(5);
+        let b = pool.take(6);
+        assert_eq!(a, block(0, 8).data[..5].to_vec());
+        let mut expected = block(0, 8).data[5..].to_vec();
+        expected.extend_from_slice(&block(1, 8).data[..3]);
+        assert_eq!(b, expected);
+        assert_eq!(pool.available(), 13);
+        pool.burn_to(20);
+        assert_eq!(pool.available(), 4);
+        assert_eq!(pool.take(4), block(2, 8).data[4..].to_vec());
+    }
+
+    #[actix::test]
+    async fn resumes_after_cursor_and_skips_gaps() {
+        let store = Store::new(SyncArbiter::start(1, || {
+            crate::db_writer::DbWriter::new(test_pool())
+        }))
+        .start();
+        let peer = PeerLink::new(
+            KmeId::new("kme-b"),
+            "https://127.0.0.1:1".into(),
+            awc::Client::default(),
+            std::time::Duration::from_millis(100),
+            1,
+        )
+        .start();
+        let mut pool = KeyPool::new(params(8), 12, vec![block(1, 8), block(2, 8)], store, peer);
+        assert_eq!(pool.available(), 12);
+        pool.add_blocks(vec![block(5, 8)]);
+        assert_eq!(pool.available(), 8, "material before a gap is not used");
+        assert_eq!(pool.take(8), block(5, 8).data);
+    }
+
+    fn test_pool() -> crate::db::DbPool {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.sqlite");
+        let (writer, _) = crate::db::open(&path, 1).unwrap();
+        std::mem::forget(dir);
+        writer
+    }
+}

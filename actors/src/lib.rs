@@ -1,0 +1,30 @@
+//! The domain of the kme runtime: actors, their messages, key/pool/link logic and storage.
+//!
+//! No HTTP here: the `kme` crate's `src/` is the edge that parses requests and sends one
+//! message per request to these actors. One actor per file, its messages beside it:
+//!
+//! | file | actor | owns |
+//! |---|---|---|
+//! | `sae_registry.rs` | `SaeRegistry` | identities, SAE homes, routes to neighbours |
+//! | `key_pool.rs` | `KeyPool` (one per link) | this end's available material, allocation cursor |
+//! | `link.rs` | `Link` (one per link) | key source, production pacing, link health |
+//! | `peer_link.rs` | `PeerLink` (one per neighbour) | mTLS client, batching, sequence numbers |
+//! | `audit_log.rs` | `AuditLog` | the hash-chained audit trail |
+//! | `store.rs` | `Store` | group commit in front of the writer |
+//! | `db_writer.rs` | `DbWriter` (SyncArbiter of 1) | the SQLite write connection |
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod audit_log;
+pub mod db;
+pub mod db_writer;
+pub mod error;
+pub mod key_pool;
+pub mod key_source;
+pub mod link;
+pub mod peer_link;
+pub mod sae_registry;
+pub mod store;
+pub mod types;
+
+pub use error::{Error, Result};

@@ -1,0 +1,325 @@
+//! PeerLink: this KME's client to one neighbour KME over the KME-to-KME mTLS channel.
+//!
+//! Owns: the HTTPS client (mTLS, verifies the neighbour's certificate and KME ID), the
+//! outgoing sequence numbers, and the batch of pending activations. Handles: `Activate` (from
+//! `KeyPool`), `ShipBlocks` and `ReportLevel` (from `Link`). Activations of concurrent
+//! requests are batched: while one batch is in flight, new ones queue and go together in the
+//! next, so one round trip and one commit at the neighbour serve many requests. Batches go one
+//! at a time and in order, so the neighbour sees positions strictly increasing.
+//! Every batch carries `seq = epoch << 32 | counter` (growing across restarts); a transport
+//! failure is retried once with the identical bytes, which the neighbour answers idempotently.
+//! Mailbox: bounded; callers `send` under a timeout.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+use base64::Engine;
+use openssl::sha::sha256;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::store::BlockRecord;
+use crate::types::{Binding, KmeId};
+
+const MAILBOX_CAPACITY: usize = 1024;
+/// Largest activation batch, in bindings; bounds the size of one peer request.
+const MAX_BATCH_BINDINGS: usize = 8192;
+/// Largest peer answer read (error bodies and small JSON replies).
+const MAX_REPLY_BYTES: usize = 64 * 1024;
+
+pub const ACTIVATE_PATH: &str = "/peer/v1/activate";
+pub const BLOCKS_PATH: &str = "/peer/v1/blocks";
+pub const LEVEL_PATH: &str = "/peer/v1/level";
+
+/// Body of an activation: bind these positions of the sender's stream to key_IDs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActivationBatch {
+    pub seq: u64,
+    pub bindings: Vec<Binding>,
+}
+
+/// One block of link material on the wire (courier source).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireBlock {
+    pub owner: KmeId,
+    pub seq: u64,
+    /// Standard base64.
+    pub data: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockShipment {
+    pub blocks: Vec<WireBlock>,
+}
+
+/// How many bytes the sender's pool holds now (so the generating end knows what to produce).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LevelReport {
+    pub level: u64,
+}
+
+/// Answer of every peer endpoint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PeerReply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_mark: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl WireBlock {
+    pub fn encode(block: &BlockRecord) -> Self {
+        Self {
+            owner: block.owner.clone(),
+            seq: block.seq,
+            data: base64::engine::general_purpose::STANDARD.encode(&block.data),
+        }
+    }
+
+    pub fn decode(self) -> Result<BlockRecord> {
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(self.data.as_bytes())
+            .map_err(|err| {
+                Error::PeerMessage(format!("block {} is not base64: {err}", self.seq))
+            })?;
+        Ok(BlockRecord {
+            owner: self.owner,
+            seq: self.seq,
+            data,
+        })
+    }
+}
+
+type Waiter = oneshot::Sender<Result<()>>;
+
+pub struct PeerLink {
+    peer: KmeId,
+    base_url: String,
+    client: awc::Client,
+    timeout: Duration,
+    epoch: u64,
+    counter: u64,
+    pending: Vec<(Vec<Binding>, Waiter)>,
+    in_flight: bool,
+}
+
+impl PeerLink {
+    /// `client` must verify the neighbour's certificate and present ours (see `src/tls.rs`).
+    pub fn new(
+        peer: KmeId,
+        base_url: String,
+        client: awc::Client,
+        timeout: Duration,
+        epoch: u64,
+    ) -> Self {
+        Self {
+            peer,
+            base_url,
+            client,
+            timeout,
+            epoch,
+            counter: 0,
+            pending: Vec::new(),
+            in_flight: false,
+        }
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.counter += 1;
+        (self.epoch << 32) | (self.counter & 0xffff_ffff)
+    }
+
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.in_flight || self.pending.is_empty() {
+            return;
+        }
+        let mut count = 0;
+        let take = self
+            .pending
+            .iter()
+            .take_while(|(b, _)| {
+                count += b.len();
+                count <= MAX_BATCH_BINDINGS
+            })
+            .count()
+            .max(1);
+        let (groups, waiters): (Vec<Vec<Binding>>, Vec<Waiter>) =
+            self.pending.drain(..take).unzip();
+        let batch = ActivationBatch {
+            seq: self.next_seq(),
+            bindings: groups.into_iter().flatten().collect(),
+        };
+        self.in_flight = true;
+        let request = post_json(self.clone_request(), ACTIVATE_PATH, to_body(&batch), true);
+        ctx.spawn(fut::wrap_future(request).map(
+            move |result: Result<PeerReply>, act: &mut Self, ctx| {
+                let outcome = result.map(|_| ());
+                for waiter in waiters {
+                    let _ = waiter.send(outcome.clone());
+                }
+                act.in_flight = false;
+                act.flush(ctx);
+            },
+        ));
+    }
+
+    fn clone_request(&self) -> Target {
+        Target {
+            peer: self.peer.clone(),
+            base_url: self.base_url.clone(),
+            client: self.client.clone(),
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// What one request needs; cloned out of the actor so the request runs without borrowing it.
+struct Target {
+    peer: KmeId,
+    base_url: String,
+    client: awc::Client,
+    timeout: Duration,
+}
+
+impl Target {
+    fn unavailable(&self, reason: impl Into<String>) -> Error {
+        Error::PeerUnavailable {
+            peer: self.peer.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// POSTs `body` as JSON; with `retry`, a transport failure is retried once with the same bytes.
+async fn post_json(
+    target: Target,
+    path: &str,
+    body: Result<Vec<u8>>,
+    retry: bool,
+) -> Result<PeerReply> {
+    let bytes = body?;
+    let url = format!("{}{}", target.base_url, path);
+    let attempts = if retry { 2 } else { 1 };
+    let mut last = target.unavailable("no attempt made");
+    for _ in 0..attempts {
+        let sent = target
+            .client
+            .post(&url)
+            .timeout(target.timeout)
+            .insert_header(("content-type", "application/json"))
+            .send_body(bytes.clone())
+            .await;
+        let mut response = match sent {
+            Ok(response) => response,
+            Err(err) => {
+                last = target.unavailable(err.to_string());
+                continue;
+            }
+        };
+        let status = response.status();
+        let reply: PeerReply = match response.json().limit(MAX_REPLY_BYTES).await {
+            Ok(reply) => reply,
+            Err(err) => return Err(target.unavailable(format!("HTTP {status}: {err}"))),
+        };
+        if status.is_success() && reply.ok {
+            return Ok(reply);
+        }
+        let reason = reply
+            .error
+            .clone()
+            .unwrap_or_else(|| format!("HTTP {status}"));
+        return Err(match reply.high_mark {
+            Some(high_mark) => Error::ActivationRejected {
+                peer: target.peer.to_string(),
+                high_mark,
+                reason,
+            },
+            None => target.unavailable(reason),
+        });
+    }
+    Err(last)
+}
+
+fn to_body<T: Serialize>(body: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(body).map_err(|err| Error::PeerMessage(err.to_string()))
+}
+
+/// The digest that makes a retried activation recognisable: SHA-256 of the request body.
+pub fn batch_digest(body: &[u8]) -> [u8; 32] {
+    sha256(body)
+}
+
+impl Actor for PeerLink {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+    }
+}
+
+/// Bind these positions of our stream to key_IDs at the neighbour. Sent by `KeyPool`.
+/// Result: Ok once the neighbour holds the keys durably.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub struct Activate(pub Vec<Binding>);
+
+impl Handler<Activate> for PeerLink {
+    type Result = ResponseFuture<Result<()>>;
+
+    fn handle(&mut self, msg: Activate, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.pending.push((msg.0, tx));
+        self.flush(ctx);
+        let peer = self.peer.to_string();
+        Box::pin(async move {
+            rx.await.map_err(|_| Error::PeerUnavailable {
+                peer,
+                reason: "peer link stopped".into(),
+            })?
+        })
+    }
+}
+
+/// Ship blocks of link material (courier source). Sent by `Link` at the generating end.
+/// Result: the neighbour's pool level after storing them.
+#[derive(Message)]
+#[rtype(result = "Result<u64>")]
+pub struct ShipBlocks(pub Vec<BlockRecord>);
+
+impl Handler<ShipBlocks> for PeerLink {
+    type Result = ResponseFuture<Result<u64>>;
+
+    fn handle(&mut self, msg: ShipBlocks, _ctx: &mut Context<Self>) -> Self::Result {
+        let body = to_body(&BlockShipment {
+            blocks: msg.0.iter().map(WireBlock::encode).collect(),
+        });
+        let target = self.clone_request();
+        Box::pin(async move {
+            let reply = post_json(target, BLOCKS_PATH, body, true).await?;
+            Ok(reply.level.unwrap_or(0))
+        })
+    }
+}
+
+/// Tell the generating end how full our pool is. Sent by `Link` at the other end.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub struct ReportLevel(pub u64);
+
+impl Handler<ReportLevel> for PeerLink {
+    type Result = ResponseFuture<Result<()>>;
+
+    fn handle(&mut self, msg: ReportLevel, _ctx: &mut Context<Self>) -> Self::Result {
+        let target = self.clone_request();
+        let body = to_body(&LevelReport { level: msg.0 });
+        Box::pin(async move { post_json(target, LEVEL_PATH, body, false).await.map(|_| ()) })
+    }
+}

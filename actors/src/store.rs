@@ -1,0 +1,185 @@
+//! Store: the front of the SQLite writer, with group commit.
+//!
+//! Owns: the queue of write operations waiting for the single writer, and whether a batch is
+//! in flight. Handles: `Exec(Op)` from `KeyPool`, `Link`, `AuditLog` and the HTTP edge (peer
+//! activations, dec_keys). While one batch is being committed by `DbWriter`, new operations
+//! queue here; when it returns they all go in the next transaction, so the fsync of
+//! `synchronous = FULL` is paid per batch, not per request. Every caller gets exactly its own
+//! outcome back, only after the transaction holding it is durable.
+//! Mailbox: bounded (capacity set in `started`); callers use `send` under their own timeout.
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::audit_log::AuditRecord;
+use crate::db_writer::{DbWriter, WriteBatch};
+use crate::error::{Error, Result};
+use crate::types::{Binding, Key, KmeId, SaeId};
+
+/// Most operations committed in one transaction; bounds the latency of a batch.
+const MAX_BATCH: usize = 512;
+const MAILBOX_CAPACITY: usize = 4096;
+
+/// One block of link material to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockRecord {
+    pub owner: KmeId,
+    pub seq: u64,
+    pub data: Vec<u8>,
+}
+
+/// What storing a block did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockOutcome {
+    Stored,
+    /// Already held with the same digest (a retried shipment): nothing changed.
+    Duplicate,
+}
+
+/// A key whose material never leaves this KME (master and slaves are all local SAEs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalKey {
+    pub id: Uuid,
+    pub master: SaeId,
+    pub slaves: Vec<SaeId>,
+    pub material: Vec<u8>,
+}
+
+/// A write operation; each runs atomically (its own savepoint) inside a batch transaction.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Store link blocks (idempotent per owner and number; a replay of a consumed number fails).
+    StoreBlocks {
+        peer: KmeId,
+        blocks: Vec<BlockRecord>,
+        confirmed: bool,
+    },
+    /// The other end holds these blocks durably: they may be used now.
+    ConfirmBlocks {
+        peer: KmeId,
+        owner: KmeId,
+        seqs: Vec<u64>,
+    },
+    /// At the slave's KME: bind positions of the peer's stream to key_IDs (one peer batch).
+    Activate {
+        peer: KmeId,
+        seq: u64,
+        digest: [u8; 32],
+        block_bytes: usize,
+        bindings: Vec<Binding>,
+    },
+    /// At the master's KME: keys up to `position` of our stream were delivered (or burned).
+    CommitDelivery {
+        peer: KmeId,
+        owner: KmeId,
+        position: u64,
+        block_bytes: usize,
+        audit: AuditRecord,
+    },
+    /// Keys for SAE pairs on this KME only.
+    InsertLocalKeys {
+        keys: Vec<LocalKey>,
+        audit: AuditRecord,
+    },
+    /// dec_keys: consume-once retrieval by a named slave.
+    Retrieve {
+        caller: SaeId,
+        master: SaeId,
+        key_ids: Vec<Uuid>,
+    },
+    /// An audit event on its own.
+    Audit(AuditRecord),
+}
+
+/// Outcome of one operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    Done,
+    Blocks(Vec<BlockOutcome>),
+    Keys(Vec<Key>),
+}
+
+/// Run one operation durably. Result: its outcome, after the commit that holds it.
+#[derive(Message)]
+#[rtype(result = "Result<Output>")]
+pub struct Exec(pub Op);
+
+impl From<Op> for Exec {
+    fn from(op: Op) -> Self {
+        Exec(op)
+    }
+}
+
+type Waiter = oneshot::Sender<Result<Output>>;
+
+pub struct Store {
+    writer: Addr<DbWriter>,
+    queue: Vec<(Op, Waiter)>,
+    in_flight: bool,
+}
+
+impl Store {
+    pub fn new(writer: Addr<DbWriter>) -> Self {
+        Self {
+            writer,
+            queue: Vec::new(),
+            in_flight: false,
+        }
+    }
+
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.in_flight || self.queue.is_empty() {
+            return;
+        }
+        let take = self.queue.len().min(MAX_BATCH);
+        let (ops, waiters): (Vec<Op>, Vec<Waiter>) = self.queue.drain(..take).unzip();
+        self.in_flight = true;
+        let batch = self.writer.send(WriteBatch(ops));
+        ctx.spawn(
+            fut::wrap_future(batch).map(move |result, act: &mut Self, ctx| {
+                match result {
+                    Ok(Ok(outcomes)) => {
+                        for (waiter, outcome) in waiters.into_iter().zip(outcomes) {
+                            // A dropped waiter is a caller that timed out; its write stands.
+                            let _ = waiter.send(outcome);
+                        }
+                    }
+                    Ok(Err(err)) => fail_all(waiters, &err),
+                    Err(err) => fail_all(waiters, &Error::from(err)),
+                }
+                act.in_flight = false;
+                act.flush(ctx);
+            }),
+        );
+    }
+}
+
+fn fail_all(waiters: Vec<Waiter>, err: &Error) {
+    log::error!("storage batch failed: {err}");
+    for waiter in waiters {
+        let _ = waiter.send(Err(err.clone()));
+    }
+}
+
+impl Actor for Store {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+    }
+}
+
+impl Handler<Exec> for Store {
+    type Result = ResponseFuture<Result<Output>>;
+
+    fn handle(&mut self, msg: Exec, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.queue.push((msg.0, tx));
+        self.flush(ctx);
+        Box::pin(async move {
+            rx.await
+                .map_err(|_| Error::Unavailable("storage writer stopped".into()))?
+        })
+    }
+}

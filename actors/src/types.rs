@@ -1,0 +1,109 @@
+//! Plain domain values shared by the actors: identifiers, link parameters, keys.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// ID of a KME (a trusted node). Cheap to clone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct KmeId(pub Arc<str>);
+
+/// ID of an SAE (an application). Cheap to clone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SaeId(pub Arc<str>);
+
+macro_rules! string_id {
+    ($name:ident) => {
+        impl $name {
+            pub fn new(id: &str) -> Self {
+                Self(Arc::from(id))
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+string_id!(KmeId);
+string_id!(SaeId);
+
+/// ETSI limits of one link (or of local keys), as announced in `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyLimits {
+    pub key_size: u32,
+    pub min_key_size: u32,
+    pub max_key_size: u32,
+    pub max_key_per_request: u32,
+    pub max_key_count: u64,
+    pub max_sae_id_count: u32,
+}
+
+/// Which key source feeds a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// Stand-in, not QKD: the lower-ID end draws blocks from the OS CSPRNG and ships them.
+    Courier,
+}
+
+/// Everything one end needs to know about its link to a neighbour.
+#[derive(Debug, Clone)]
+pub struct LinkParams {
+    pub me: KmeId,
+    pub peer: KmeId,
+    pub source: SourceKind,
+    /// Secret key rate of the link (both directions together), bits per second.
+    pub rate_bits_per_s: u64,
+    /// Unit of production, storage and deletion.
+    pub block_bytes: usize,
+    /// How often the link produces (ms); time is injected through ticks, never slept on.
+    pub tick_ms: u64,
+    pub limits: KeyLimits,
+}
+
+impl LinkParams {
+    /// The lower-ID end generates material for the courier source.
+    pub fn is_generator(&self) -> bool {
+        self.me < self.peer
+    }
+    /// Bytes of material at which one end's pool counts as full.
+    pub fn high_water_bytes(&self) -> u64 {
+        self.limits.max_key_count * u64::from(self.limits.key_size / 8)
+    }
+}
+
+/// A key handed to a master SAE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key {
+    pub id: Uuid,
+    pub material: Vec<u8>,
+}
+
+/// Binding of a range of the master's link stream to a key_ID, as sent to the slave's KME.
+/// Only positions travel, never key bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    pub key_id: Uuid,
+    pub master: SaeId,
+    pub slaves: Vec<SaeId>,
+    /// First byte in the owner's stream.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before 1970).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,460 @@
+//! `kme.toml`: the raw file (serde, unknown keys refused) and the validated, typed `Config`.
+//!
+//! One file describes the whole network (KMEs, SAEs, links); each `kme` process takes its own
+//! view with `Config::node`. Errors name the file and the offending key. Relative paths are
+//! resolved against the directory of the file, so `make run` works from anywhere.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kme_actors::types::{KeyLimits, KmeId, LinkParams, SaeId, SourceKind};
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {file}: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {source}")]
+    Parse {
+        file: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{file}: `{key}`: {message}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    tls: RawTls,
+    #[serde(default)]
+    defaults: RawLinkSettings,
+    #[serde(default)]
+    kme: Vec<RawKme>,
+    #[serde(default)]
+    sae: Vec<RawSae>,
+    #[serde(default)]
+    link: Vec<RawLink>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: PathBuf,
+    cert_dir: PathBuf,
+}
+
+/// Settings a link may set and `[defaults]` may give for all links.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLinkSettings {
+    request_timeout_ms: Option<u64>,
+    source: Option<String>,
+    rate_bits_per_s: Option<u64>,
+    block_bytes: Option<usize>,
+    tick_ms: Option<u64>,
+    key_size: Option<u32>,
+    min_key_size: Option<u32>,
+    max_key_size: Option<u32>,
+    max_key_count: Option<u64>,
+    max_key_per_request: Option<u32>,
+    max_sae_id_count: Option<u32>,
+}
+
+impl RawLinkSettings {
+    fn or(&self, d: &RawLinkSettings) -> RawLinkSettings {
+        RawLinkSettings {
+            request_timeout_ms: self.request_timeout_ms.or(d.request_timeout_ms),
+            source: self.source.clone().or_else(|| d.source.clone()),
+            rate_bits_per_s: self.rate_bits_per_s.or(d.rate_bits_per_s),
+            block_bytes: self.block_bytes.or(d.block_bytes),
+            tick_ms: self.tick_ms.or(d.tick_ms),
+            key_size: self.key_size.or(d.key_size),
+            min_key_size: self.min_key_size.or(d.min_key_size),
+            max_key_size: self.max_key_size.or(d.max_key_size),
+            max_key_count: self.max_key_count.or(d.max_key_count),
+            max_key_per_request: self.max_key_per_request.or(d.max_key_per_request),
+            max_sae_id_count: self.max_sae_id_count.or(d.max_sae_id_count),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKme {
+    id: String,
+    sae_listen: SocketAddr,
+    peer_listen: SocketAddr,
+    data_dir: PathBuf,
+    workers: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSae {
+    id: String,
+    kme: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLink {
+    ends: [String; 2],
+    #[serde(flatten)]
+    settings: RawLinkSettings,
+}
+
+/// Settings of one link after defaults and validation.
+#[derive(Debug, Clone)]
+pub struct LinkSpec {
+    pub ends: [KmeId; 2],
+    pub source: SourceKind,
+    pub rate_bits_per_s: u64,
+    pub block_bytes: usize,
+    pub tick_ms: u64,
+    pub limits: KeyLimits,
+}
+
+#[derive(Debug, Clone)]
+pub struct KmeSpec {
+    pub id: KmeId,
+    pub sae_listen: SocketAddr,
+    pub peer_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub workers: usize,
+}
+
+/// The validated network description.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub ca: PathBuf,
+    pub cert_dir: PathBuf,
+    pub request_timeout: Duration,
+    pub kmes: Vec<KmeSpec>,
+    pub sae_homes: HashMap<SaeId, KmeId>,
+    pub links: Vec<LinkSpec>,
+    /// Limits for keys between SAEs of one KME (from `[defaults]`).
+    pub local_limits: KeyLimits,
+}
+
+/// One neighbour as seen from a KME.
+#[derive(Debug, Clone)]
+pub struct Neighbour {
+    pub params: LinkParams,
+    /// KME-to-KME URL of the neighbour, e.g. `https://127.0.0.1:9442`.
+    pub url: String,
+}
+
+/// What one `kme` process needs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub me: KmeSpec,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub request_timeout: Duration,
+    pub neighbours: Vec<Neighbour>,
+    pub sae_homes: HashMap<SaeId, KmeId>,
+    pub kmes: HashSet<KmeId>,
+    pub local_limits: KeyLimits,
+}
+
+impl Config {
+    /// `--config PATH`, else `$KME_CONFIG`, else `./kme.toml`.
+    pub fn locate(explicit: Option<&Path>) -> PathBuf {
+        explicit
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("KME_CONFIG").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("kme.toml"))
+    }
+
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, file)
+    }
+
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            file: file.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        Validator { file }.validate(raw)
+    }
+
+    pub fn kme(&self, id: &str) -> Option<&KmeSpec> {
+        self.kmes.iter().find(|k| k.id.as_str() == id)
+    }
+
+    pub fn node(&self, id: &str) -> Result<NodeConfig, ConfigError> {
+        let me = self.kme(id).cloned().ok_or_else(|| ConfigError::Invalid {
+            file: self.file.clone(),
+            key: "kme".into(),
+            message: format!("no [[kme]] with id = \"{id}\""),
+        })?;
+        let mut neighbours = Vec::new();
+        for link in &self.links {
+            let peer = match &link.ends {
+                [a, b] if *a == me.id => b,
+                [a, b] if *b == me.id => a,
+                _ => continue,
+            };
+            let Some(peer_spec) = self.kme(peer.as_str()) else {
+                continue;
+            };
+            neighbours.push(Neighbour {
+                params: LinkParams {
+                    me: me.id.clone(),
+                    peer: peer.clone(),
+                    source: link.source,
+                    rate_bits_per_s: link.rate_bits_per_s,
+                    block_bytes: link.block_bytes,
+                    tick_ms: link.tick_ms,
+                    limits: link.limits,
+                },
+                url: format!("https://{}", peer_spec.peer_listen),
+            });
+        }
+        Ok(NodeConfig {
+            cert: self.cert_dir.join(format!("{id}.crt")),
+            key: self.cert_dir.join(format!("{id}.key")),
+            me,
+            ca: self.ca.clone(),
+            request_timeout: self.request_timeout,
+            neighbours,
+            sae_homes: self.sae_homes.clone(),
+            kmes: self.kmes.iter().map(|k| k.id.clone()).collect(),
+            local_limits: self.local_limits,
+        })
+    }
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+}
+
+impl Validator<'_> {
+    fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_path_buf(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn path(&self, p: &Path) -> PathBuf {
+        match self.file.parent() {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p.to_path_buf(),
+        }
+    }
+
+    fn id(&self, key: &str, id: &str) -> Result<(), ConfigError> {
+        let ok = !id.is_empty()
+            && id.len() <= 64
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if ok {
+            Ok(())
+        } else {
+            Err(self.err(
+                key,
+                format!("\"{id}\" must be 1-64 characters of A-Z a-z 0-9 - _ ."),
+            ))
+        }
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let mut ids = HashSet::new();
+        let mut kmes = Vec::new();
+        for k in &raw.kme {
+            self.id("kme.id", &k.id)?;
+            if !ids.insert(k.id.clone()) {
+                return Err(self.err("kme.id", format!("\"{}\" is defined twice", k.id)));
+            }
+            kmes.push(KmeSpec {
+                id: KmeId::new(&k.id),
+                sae_listen: k.sae_listen,
+                peer_listen: k.peer_listen,
+                data_dir: self.path(&k.data_dir),
+                workers: k.workers.unwrap_or(2).clamp(1, 64),
+            });
+        }
+        let kme_ids: HashSet<&str> = raw.kme.iter().map(|k| k.id.as_str()).collect();
+        let mut sae_homes = HashMap::new();
+        for s in &raw.sae {
+            self.id("sae.id", &s.id)?;
+            if !ids.insert(s.id.clone()) {
+                return Err(self.err(
+                    "sae.id",
+                    format!(
+                        "\"{}\" is defined twice (SAE and KME IDs share one namespace)",
+                        s.id
+                    ),
+                ));
+            }
+            if !kme_ids.contains(s.kme.as_str()) {
+                return Err(self.err(
+                    "sae.kme",
+                    format!("SAE \"{}\" names unknown KME \"{}\"", s.id, s.kme),
+                ));
+            }
+            sae_homes.insert(SaeId::new(&s.id), KmeId::new(&s.kme));
+        }
+        let defaults = raw.defaults.clone();
+        let mut links = Vec::new();
+        let mut pairs = HashSet::new();
+        for l in &raw.link {
+            let [a, b] = &l.ends;
+            for end in [a, b] {
+                if !kme_ids.contains(end.as_str()) {
+                    return Err(self.err("link.ends", format!("unknown KME \"{end}\"")));
+                }
+            }
+            if a == b {
+                return Err(self.err("link.ends", "a link needs two different KMEs"));
+            }
+            let pair = if a < b {
+                (a.clone(), b.clone())
+            } else {
+                (b.clone(), a.clone())
+            };
+            if !pairs.insert(pair) {
+                return Err(self.err("link.ends", format!("link {a} — {b} is defined twice")));
+            }
+            let s = l.settings.or(&defaults);
+            links.push(self.link_spec([KmeId::new(a), KmeId::new(b)], &s)?);
+        }
+        let local_limits = self.limits("defaults", &defaults)?;
+        Ok(Config {
+            file: self.file.to_path_buf(),
+            ca: self.path(&raw.tls.ca),
+            cert_dir: self.path(&raw.tls.cert_dir),
+            request_timeout: Duration::from_millis(
+                defaults
+                    .request_timeout_ms
+                    .unwrap_or(5000)
+                    .clamp(10, 600_000),
+            ),
+            kmes,
+            sae_homes,
+            links,
+            local_limits,
+        })
+    }
+
+    fn limits(&self, at: &str, s: &RawLinkSettings) -> Result<KeyLimits, ConfigError> {
+        let limits = KeyLimits {
+            key_size: s.key_size.unwrap_or(256),
+            min_key_size: s.min_key_size.unwrap_or(64),
+            max_key_size: s.max_key_size.unwrap_or(8192),
+            max_key_per_request: s.max_key_per_request.unwrap_or(128),
+            max_key_count: s.max_key_count.unwrap_or(1000),
+            max_sae_id_count: s.max_sae_id_count.unwrap_or(4),
+        };
+        for (key, v) in [
+            ("key_size", limits.key_size),
+            ("min_key_size", limits.min_key_size),
+            ("max_key_size", limits.max_key_size),
+        ] {
+            if v == 0 || v % 8 != 0 {
+                return Err(self.err(
+                    format!("{at}.{key}"),
+                    "must be a positive multiple of 8 (bits)",
+                ));
+            }
+        }
+        if !(limits.min_key_size <= limits.key_size && limits.key_size <= limits.max_key_size) {
+            return Err(self.err(
+                format!("{at}.key_size"),
+                "must lie within min_key_size..=max_key_size",
+            ));
+        }
+        if limits.max_key_size > 1 << 20 {
+            return Err(self.err(format!("{at}.max_key_size"), "at most 1048576 bits"));
+        }
+        if limits.max_key_per_request == 0 || limits.max_key_per_request > 100_000 {
+            return Err(self.err(format!("{at}.max_key_per_request"), "must be 1..=100000"));
+        }
+        if limits.max_key_count == 0 {
+            return Err(self.err(format!("{at}.max_key_count"), "must be at least 1"));
+        }
+        if limits.max_sae_id_count > 64 {
+            return Err(self.err(format!("{at}.max_sae_id_count"), "at most 64"));
+        }
+        Ok(limits)
+    }
+
+    fn link_spec(&self, ends: [KmeId; 2], s: &RawLinkSettings) -> Result<LinkSpec, ConfigError> {
+        let at = format!("link[{} — {}]", ends[0], ends[1]);
+        let source = match s.source.as_deref().unwrap_or("courier") {
+            "courier" => SourceKind::Courier,
+            other => {
+                return Err(self.err(
+                    format!("{at}.source"),
+                    format!("unknown source \"{other}\" (known: courier)"),
+                ))
+            }
+        };
+        let rate_bits_per_s = s.rate_bits_per_s.unwrap_or(40_000);
+        if rate_bits_per_s == 0 {
+            return Err(self.err(format!("{at}.rate_bits_per_s"), "must be positive"));
+        }
+        let block_bytes = s.block_bytes.unwrap_or(1024);
+        if !(16..=16 * 1024 * 1024).contains(&block_bytes) {
+            return Err(self.err(format!("{at}.block_bytes"), "must be 16..=16777216"));
+        }
+        Ok(LinkSpec {
+            ends,
+            source,
+            rate_bits_per_s,
+            block_bytes,
+            tick_ms: s.tick_ms.unwrap_or(100).clamp(1, 60_000),
+            limits: self.limits(&at, s)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_network_file_is_valid() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("kme.toml");
+        let config = Config::load(&file).unwrap();
+        assert_eq!(config.kmes.len(), 3);
+        let b = config.node("kme-b").unwrap();
+        assert_eq!(b.neighbours.len(), 2);
+        let a = config.node("kme-a").unwrap();
+        assert_eq!(a.neighbours.len(), 1);
+        assert_eq!(a.neighbours[0].url, "https://127.0.0.1:9442");
+        assert_eq!(config.sae_homes.len(), 4);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let file = Path::new("x.toml");
+        let base = "[tls]\nca = \"ca.crt\"\ncert_dir = \".\"\n";
+        let err = Config::parse(&format!("{base}bogus = 1\n"), file).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+        let err = Config::parse(&format!("{base}[defaults]\nkey_size = 12\n"), file).unwrap_err();
+        assert!(err.to_string().contains("defaults.key_size"), "{err}");
+        let text = format!("{base}[[kme]]\nid=\"k\"\nsae_listen=\"127.0.0.1:1\"\npeer_listen=\"127.0.0.1:2\"\ndata_dir=\"d\"\n[[sae]]\nid=\"s\"\nkme=\"nope\"\n");
+        let err = Config::parse(&text, file).unwrap_err();
+        assert!(err.to_string().contains("sae.kme"), "{err}");
+    }
+}

@@ -1,0 +1,131 @@
+//! The one mapping from errors to HTTP answers on the SAE API.
+//!
+//! Every error answer is an ETSI Error object (clause 6.5) with status 400, 401 or 503, the
+//! only codes ETSI GS QKD 014 defines. Server-side causes are logged, and the SAE gets a
+//! message that says what to do (retry later) without internal detail.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use kme_actors::Error;
+
+use crate::etsi::{self, ErrorBody};
+
+#[derive(Debug, thiserror::Error)]
+#[error("{status}: {message}")]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub details: Vec<serde_json::Value>,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, message)
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            details: Vec::new(),
+        }
+    }
+    pub fn with_detail(mut self, detail: serde_json::Value) -> Self {
+        self.details.push(detail);
+        self
+    }
+    pub fn timeout() -> Self {
+        log::warn!("request timed out waiting for an actor");
+        Self::unavailable("the KME is busy; retry later")
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::BadRequest(message) => Self::bad_request(message),
+            Error::KeysNotFound => Self::bad_request(etsi::KEYS_NOT_FOUND),
+            Error::NotAuthorized(message) => Self::unauthorized(message),
+            Error::PoolExhausted { .. } | Error::Unreachable(_) => {
+                Self::unavailable(err.to_string())
+            }
+            Error::PeerUnavailable { .. }
+            | Error::ActivationRejected { .. }
+            | Error::PeerMessage(_) => {
+                log::warn!("peer failure: {err}");
+                Self::unavailable("the slave's KME could not be reached; retry later")
+            }
+            Error::Storage(_) => {
+                log::error!("storage failure: {err}");
+                Self::unavailable("key storage is unavailable; retry later")
+            }
+            Error::Unavailable(_) => {
+                log::error!("actor failure: {err}");
+                Self::unavailable("the KME is busy; retry later")
+            }
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status).json(ErrorBody {
+            message: self.message.clone(),
+            details: self.details.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::body::MessageBody;
+
+    #[test]
+    fn every_domain_error_maps_to_an_etsi_code_and_body() {
+        let cases = [
+            (Error::BadRequest("x".into()), 400),
+            (Error::KeysNotFound, 400),
+            (Error::NotAuthorized("x".into()), 401),
+            (Error::PoolExhausted { peer: "p".into() }, 503),
+            (Error::Unreachable("x".into()), 503),
+            (
+                Error::PeerUnavailable {
+                    peer: "p".into(),
+                    reason: "r".into(),
+                },
+                503,
+            ),
+            (
+                Error::ActivationRejected {
+                    peer: "p".into(),
+                    high_mark: 1,
+                    reason: "r".into(),
+                },
+                503,
+            ),
+            (Error::PeerMessage("x".into()), 503),
+            (Error::Storage("disk full".into()), 503),
+            (Error::Unavailable("x".into()), 503),
+        ];
+        for (err, code) in cases {
+            let response = ApiError::from(err).error_response();
+            assert_eq!(response.status().as_u16(), code);
+            let body = response.into_body().try_into_bytes().unwrap();
+            let parsed: ErrorBody = serde_json::from_slice(&body).unwrap();
+            assert!(
+                !parsed.message.contains("disk full"),
+                "internal detail leaked"
+            );
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! ETSI GS QKD 014 V1.1.1 data formats (clause 6) and the messages the standard fixes.
+//!
+//! Requests are parsed strictly ("parse, don't validate"): unknown fields and wrong types are
+//! refused with 400, and the validated values come out as `KeyCount` / `KeySizeBits`.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Clause 6.4 / table 5: unknown or already retrieved keys.
+pub const KEYS_NOT_FOUND: &str = "one or more keys specified are not found on KME";
+/// Clause 6.2, note on `size`.
+pub const SIZE_MULTIPLE_OF_8: &str = "size shall be a multiple of 8";
+/// Clause 6.2, `extension_mandatory`.
+pub const EXTENSION_UNSUPPORTED: &str = "not all extension_mandatory parameters are supported";
+
+/// Clause 6.2, `extension_mandatory`: supported but not satisfiable.
+pub const EXTENSION_UNSATISFIED: &str = "not all extension_mandatory request options could be met";
+
+/// Status (clause 6.1).
+#[derive(Debug, Serialize, Deserialize)]
+#[allow(non_snake_case)]
+pub struct Status {
+    pub source_KME_ID: String,
+    pub target_KME_ID: String,
+    pub master_SAE_ID: String,
+    pub slave_SAE_ID: String,
+    pub key_size: u32,
+    pub stored_key_count: u64,
+    pub max_key_count: u64,
+    pub max_key_per_request: u32,
+    pub max_key_size: u32,
+    pub min_key_size: u32,
+    pub max_SAE_ID_count: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_extension: Option<serde_json::Value>,
+}
+
+/// Key request (clause 6.2): every item optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(non_snake_case)]
+pub struct KeyRequest {
+    pub number: Option<i64>,
+    pub size: Option<i64>,
+    pub additional_slave_SAE_IDs: Option<Vec<String>>,
+    pub extension_mandatory: Option<Vec<HashMap<String, serde_json::Value>>>,
+    pub extension_optional: Option<Vec<HashMap<String, serde_json::Value>>>,
+}
+
+/// Query of GET enc_keys: only `number` and `size`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyQuery {
+    pub number: Option<i64>,
+    pub size: Option<i64>,
+}
+
+/// Key container (clause 6.3).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct KeyContainer {
+    pub keys: Vec<KeyEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[allow(non_snake_case)]
+pub struct KeyEntry {
+    pub key_ID: Uuid,
+    pub key: String,
+}
+
+/// Key IDs (clause 6.4).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(non_snake_case)]
+pub struct KeyIds {
+    pub key_IDs: Vec<KeyIdEntry>,
+    pub key_IDs_extension: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(non_snake_case)]
+pub struct KeyIdEntry {
+    pub key_ID: String,
+    pub key_ID_extension: Option<serde_json::Value>,
+}
+
+/// Error (clause 6.5).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub message: String,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub details: Vec<serde_json::Value>,
+}
+
+/// Number of keys of one request, 1..=max_key_per_request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyCount(u32);
+
+impl KeyCount {
+    pub fn parse(number: Option<i64>, max: u32) -> Result<Self, String> {
+        let n = number.unwrap_or(1);
+        if n < 1 {
+            return Err("number shall be a positive integer".into());
+        }
+        if n > i64::from(max) {
+            return Err(format!("number exceeds max_key_per_request ({max})"));
+        }
+        Ok(Self(u32::try_from(n).unwrap_or(max)))
+    }
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+/// Key size in bits: a multiple of 8 within min_key_size..=max_key_size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeySizeBits(u32);
+
+impl KeySizeBits {
+    pub fn parse(size: Option<i64>, default: u32, min: u32, max: u32) -> Result<Self, String> {
+        let s = size.unwrap_or(i64::from(default));
+        if s % 8 != 0 {
+            return Err(SIZE_MULTIPLE_OF_8.into());
+        }
+        if s < i64::from(min) || s > i64::from(max) {
+            return Err(format!(
+                "size shall be between min_key_size ({min}) and max_key_size ({max}) bits"
+            ));
+        }
+        Ok(Self(u32::try_from(s).unwrap_or(max)))
+    }
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_and_size_bounds() {
+        assert_eq!(KeyCount::parse(None, 128).unwrap().get(), 1);
+        assert!(KeyCount::parse(Some(0), 128).is_err());
+        assert!(KeyCount::parse(Some(-3), 128).is_err());
+        assert!(KeyCount::parse(Some(129), 128).is_err());
+        assert_eq!(KeySizeBits::parse(None, 256, 64, 8192).unwrap().get(), 256);
+        assert_eq!(
+            KeySizeBits::parse(Some(12), 256, 64, 8192).unwrap_err(),
+            SIZE_MULTIPLE_OF_8
+        );
+        assert!(KeySizeBits::parse(Some(8), 256, 64, 8192).is_err());
+        assert!(KeySizeBits::parse(Some(8200), 256, 64, 8192).is_err());
+    }
+
+    #[test]
+    fn request_parsing_is_strict() {
+        assert!(serde_json::from_str::<KeyRequest>(r#"{"number": "3"}"#).is_err());
+        assert!(serde_json::from_str::<KeyRequest>(r#"{"number": 1.5}"#).is_err());
+        assert!(serde_json::from_str::<KeyRequest>(r#"{"bogus": 1}"#).is_err());
+        let ok: KeyRequest = serde_json::from_str(r#"{"number": 2, "size": 512}"#).unwrap();
+        assert_eq!((ok.number, ok.size), (Some(2), Some(512)));
+    }
+}

@@ -1,0 +1,25 @@
+//! kme: an ETSI GS QKD 014 Key Management Entity. This crate is the edge: configuration,
+//! TLS, the HTTP routes of the SAE API and of the KME-to-KME channel, and the CLI. The domain
+//! (actors, pools, links, storage) is the `kme-actors` crate in `actors/`.
+//!
+//! | file | what |
+//! |---|---|
+//! | `config.rs` | `kme.toml`: raw file → validated `Config` → one KME's `NodeConfig` |
+//! | `tls.rs` | OpenSSL acceptors/connector, certificate identity of a connection |
+//! | `sae_api.rs` | ETSI 014 routes: status, enc_keys, dec_keys, sae/info/me |
+//! | `peer_api.rs` | KME-to-KME routes: activations, courier blocks, levels |
+//! | `etsi.rs` | ETSI JSON formats, spec messages, `KeyCount` / `KeySizeBits` |
+//! | `error.rs` | the one error → HTTP mapping (400 / 401 / 503, ETSI Error JSON) |
+//! | `ask.rs` | one actor message per request, under a hard timeout |
+//! | `node.rs` | starting one KME (storage, actors, listeners) |
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod ask;
+pub mod config;
+pub mod error;
+pub mod etsi;
+pub mod node;
+pub mod peer_api;
+pub mod sae_api;
+pub mod tls;

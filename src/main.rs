@@ -1,0 +1,150 @@
+//! The `kme` command: run a KME, check a configuration, verify an audit trail.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kme::config::Config;
+
+#[derive(Parser)]
+#[command(name = "kme", version, about = "ETSI GS QKD 014 Key Management Entity")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one KME of the network described by the configuration file.
+    Run {
+        /// Network file (default: $KME_CONFIG, else ./kme.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// ID of the [[kme]] to run.
+        #[arg(long)]
+        kme: String,
+    },
+    /// Validate a configuration file and print the network it describes.
+    CheckConfig {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print copy-paste curl commands for an SAE session on the network.
+    CurlExample {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Verify the hash chain of a KME's audit trail.
+    AuditVerify {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        kme: String,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::init_from_env(env_logger::Env::new().default_filter_or("info"));
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("kme: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(config: Option<PathBuf>) -> Result<Config, String> {
+    let file = Config::locate(config.as_deref());
+    Config::load(&file).map_err(|err| err.to_string())
+}
+
+fn run(command: Command) -> Result<(), String> {
+    match command {
+        Command::Run { config, kme } => {
+            let node = load(config)?.node(&kme).map_err(|err| err.to_string())?;
+            actix::System::new().block_on(async move {
+                let node = kme::node::start(node, None)
+                    .await
+                    .map_err(|err| err.to_string())?;
+                node.wait().await.map_err(|err| err.to_string())
+            })
+        }
+        Command::CheckConfig { config } => {
+            let config = load(config)?;
+            println!("{}: valid", config.file.display());
+            for k in &config.kmes {
+                println!(
+                    "  KME {:<10} SAE API https://{}  KME-to-KME https://{}",
+                    k.id, k.sae_listen, k.peer_listen
+                );
+            }
+            for l in &config.links {
+                println!(
+                    "  link {} — {} ({:?}, {} bit/s)",
+                    l.ends[0], l.ends[1], l.source, l.rate_bits_per_s
+                );
+            }
+            let mut saes: Vec<_> = config.sae_homes.iter().collect();
+            saes.sort();
+            for (sae, home) in saes {
+                println!("  SAE {sae} at {home}");
+            }
+            Ok(())
+        }
+        Command::CurlExample { config } => {
+            print!("{}", curl_example(&load(config)?));
+            Ok(())
+        }
+        Command::AuditVerify { config, kme } => {
+            let node = load(config)?.node(&kme).map_err(|err| err.to_string())?;
+            let (_, reader) = kme_actors::db::open(&node.me.data_dir.join("kme.sqlite"), 1)
+                .map_err(|err| err.to_string())?;
+            let conn = reader.get().map_err(|err| err.to_string())?;
+            let count = kme_actors::db::verify_audit_chain(&conn).map_err(|err| err.to_string())?;
+            println!("audit trail of {kme}: {count} records, hash chain intact");
+            Ok(())
+        }
+    }
+}
+
+/// An enc_keys / dec_keys pair between two SAEs on neighbouring KMEs of `config`.
+fn curl_example(config: &Config) -> String {
+    let mut saes: Vec<_> = config.sae_homes.iter().collect();
+    saes.sort();
+    let neighbours = |a: &str, b: &str| {
+        config.links.iter().any(|l| {
+            (l.ends[0].as_str(), l.ends[1].as_str()) == (a, b)
+                || (l.ends[1].as_str(), l.ends[0].as_str()) == (a, b)
+        })
+    };
+    let pair = saes.iter().find_map(|(m, mk)| {
+        saes.iter()
+            .find(|(_, sk)| neighbours(mk.as_str(), sk.as_str()))
+            .map(|(s, sk)| (m.to_string(), mk.to_string(), s.to_string(), sk.to_string()))
+    });
+    let Some((master, master_kme, slave, slave_kme)) = pair else {
+        return "no two SAEs on neighbouring KMEs in this network: no curl example\n".into();
+    };
+    let url = |kme: &str| {
+        config
+            .kme(kme)
+            .map(|k| format!("https://localhost:{}", k.sae_listen.port()))
+            .unwrap_or_default()
+    };
+    let ca = config.ca.display();
+    let cert = |sae: &str| {
+        let dir = config.cert_dir.display();
+        format!("--cert {dir}/{sae}.crt --key {dir}/{sae}.key")
+    };
+    format!(
+        "Get a key at {master_kme} as {master} for {slave}:\n  \
+         curl --cacert {ca} {mc} -H 'Content-Type: application/json' -d '{{\"number\":1,\"size\":256}}' {mu}/api/v1/keys/{slave}/enc_keys\n\
+         Retrieve the same key at {slave_kme} as {slave} (paste the key_ID from the answer):\n  \
+         curl --cacert {ca} {sc} '{su}/api/v1/keys/{master}/dec_keys?key_ID=KEY_ID'\n",
+        mc = cert(&master),
+        mu = url(&master_kme),
+        sc = cert(&slave),
+        su = url(&slave_kme),
+    )
+}

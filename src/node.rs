@@ -1,0 +1,340 @@
+//! Starting one KME: storage, actors, and the two mTLS listeners.
+//!
+//! `start` runs inside an actix `System` (actors need one): it opens the SQLite file, reads
+//! the state each actor resumes from, starts the actors once (never per HTTP worker), and
+//! binds the SAE API and the KME-to-KME channel. `spawn` does the same on a thread of its own,
+//! for tests and tools that run several KMEs in one process.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use actix_web::dev::ServerHandle;
+use actix_web::{web, App, HttpServer};
+use kme_actors::audit_log::{AuditLog, AuditRecord, Record};
+use kme_actors::db;
+use kme_actors::db_writer::DbWriter;
+use kme_actors::key_pool::{KeyPool, WatchLevel};
+use kme_actors::link::{Link, LinkState};
+use kme_actors::peer_link::PeerLink;
+use kme_actors::sae_registry::{NeighbourRoute, SaeRegistry};
+use kme_actors::store::{BlockRecord, Store};
+
+use crate::config::NodeConfig;
+use crate::peer_api::{self, PeerEnd, PeerState};
+use crate::sae_api::{self, SaeState};
+use crate::tls;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("storage: {0}")]
+    Storage(#[from] kme_actors::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("KME thread: {0}")]
+    Thread(String),
+}
+
+/// Listeners to use instead of binding the configured addresses (tests bind 127.0.0.1:0).
+pub struct Listeners {
+    pub sae: TcpListener,
+    pub peer: TcpListener,
+}
+
+/// A started KME: its addresses and the handles that stop its servers.
+pub struct Node {
+    pub sae_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    servers: Vec<actix_web::dev::Server>,
+}
+
+impl Node {
+    pub fn handles(&self) -> Vec<ServerHandle> {
+        self.servers
+            .iter()
+            .map(actix_web::dev::Server::handle)
+            .collect()
+    }
+
+    /// Runs until both servers stop (SIGINT/SIGTERM, or a handle's `stop`).
+    pub async fn wait(self) -> std::io::Result<()> {
+        for result in futures_util::future::join_all(self.servers).await {
+            result?;
+        }
+        Ok(())
+    }
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).map_err(|source| StartError::Listen {
+        addr: addr.to_string(),
+        source,
+    })
+}
+
+pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<Node, StartError> {
+    let me = config.me.id.clone();
+    let (writer_pool, reader_pool) = db::open(&config.me.data_dir.join("kme.sqlite"), 2)?;
+    let epoch = db::next_epoch(&*writer_pool.get().map_err(kme_actors::Error::from)?)?;
+    let writer = SyncArbiter::start(1, move || DbWriter::new(writer_pool.clone()));
+    let store = Store::new(writer).start();
+    let audit = AuditLog::new(store.clone()).start();
+
+    let mut routes = Vec::new();
+    let mut ends = HashMap::new();
+    for neighbour in &config.neighbours {
+        let params = neighbour.params.clone();
+        let peer = params.peer.clone();
+        let connector = tls::peer_connector(&config.ca, &config.cert, &config.key, peer.as_str())?;
+        let client = awc::Client::builder()
+            .connector(awc::Connector::new().openssl(connector).limit(64))
+            .timeout(config.request_timeout)
+            .finish();
+        let peer_link = PeerLink::new(
+            peer.clone(),
+            neighbour.url.clone(),
+            client,
+            config.request_timeout,
+            epoch,
+        )
+        .start();
+
+        let conn = reader_pool.get().map_err(kme_actors::Error::from)?;
+        let own = db::stream_state(&conn, &peer, &me)?;
+        let theirs = db::stream_state(&conn, &peer, &peer)?;
+        let block = params.block_bytes as u64;
+        let own_blocks = db::blocks(&conn, &peer, &me, own.position / block, true)?;
+        let mut unshipped = Vec::new();
+        for owner in [&me, &peer] {
+            for b in db::blocks(&conn, &peer, owner, 0, false)? {
+                unshipped.push(BlockRecord {
+                    owner: owner.clone(),
+                    seq: b.seq,
+                    data: b.data,
+                });
+            }
+        }
+        drop(conn);
+        log::info!(
+            "link {me} — {peer}: resuming at position {} with {} own blocks, {} to ship",
+            own.position,
+            own_blocks.len(),
+            unshipped.len()
+        );
+        let pool = KeyPool::new(
+            params.clone(),
+            own.position,
+            own_blocks,
+            store.clone(),
+            peer_link.clone(),
+        )
+        .start();
+        let state = LinkState {
+            next_own_seq: own.next_seq,
+            next_peer_seq: theirs.next_seq,
+            unshipped,
+        };
+        let link = Link::new(
+            params.clone(),
+            state,
+            pool.clone(),
+            peer_link,
+            store.clone(),
+        )
+        .start();
+        pool.do_send(WatchLevel(link.clone().recipient()));
+        ends.insert(
+            peer.clone(),
+            PeerEnd {
+                link: link.clone(),
+                block_bytes: params.block_bytes,
+            },
+        );
+        routes.push(NeighbourRoute {
+            peer,
+            pool,
+            link,
+            limits: params.limits,
+        });
+    }
+    let registry = SaeRegistry::new(
+        me.clone(),
+        config.sae_homes.clone(),
+        config.kmes.clone(),
+        routes,
+        config.local_limits,
+    )
+    .start();
+
+    let sae_state = web::Data::new(SaeState {
+        me: me.clone(),
+        registry,
+        store: store.clone(),
+        timeout: config.request_timeout,
+    });
+    let peer_state = web::Data::new(PeerState {
+        neighbours: ends,
+        local_saes: config
+            .sae_homes
+            .iter()
+            .filter(|(_, home)| **home == me)
+            .map(|(sae, _)| sae.clone())
+            .collect(),
+        store,
+        timeout: config.request_timeout,
+    });
+    let (sae_listener, peer_listener) = match listeners {
+        Some(l) => (l.sae, l.peer),
+        None => (bind(config.me.sae_listen)?, bind(config.me.peer_listen)?),
+    };
+    let sae_addr = local_addr(&sae_listener)?;
+    let peer_addr = local_addr(&peer_listener)?;
+
+    let sae_tls = tls::sae_acceptor(&config.ca, &config.cert, &config.key)?;
+    let sae_server = HttpServer::new(move || {
+        App::new()
+            .app_data(sae_state.clone())
+            .configure(sae_api::configure)
+    })
+    .on_connect(|conn, ext| {
+        ext.insert(tls::identify(conn));
+    })
+    .workers(config.me.workers)
+    .keep_alive(std::time::Duration::from_secs(30))
+    .listen_openssl(sae_listener, sae_tls)
+    .map_err(|source| StartError::Listen {
+        addr: sae_addr.to_string(),
+        source,
+    })?
+    .run();
+    let peer_tls = tls::peer_acceptor(&config.ca, &config.cert, &config.key)?;
+    let peer_server = HttpServer::new(move || {
+        App::new()
+            .app_data(peer_state.clone())
+            .configure(peer_api::configure)
+    })
+    .on_connect(|conn, ext| {
+        ext.insert(tls::identify(conn));
+    })
+    .workers(1)
+    .keep_alive(std::time::Duration::from_secs(60))
+    .listen_openssl(peer_listener, peer_tls)
+    .map_err(|source| StartError::Listen {
+        addr: peer_addr.to_string(),
+        source,
+    })?
+    .run();
+
+    let record = AuditRecord::new(
+        "kme_started",
+        serde_json::json!({"kme": me.as_str(), "epoch": epoch, "sae_api": sae_addr, "peer_api": peer_addr}),
+    );
+    if let Ok(Err(err)) | Err(err) = audit
+        .send(Record(record))
+        .await
+        .map_err(kme_actors::Error::from)
+    {
+        return Err(StartError::Storage(err));
+    }
+    log::info!("{me} ready: SAE API https://{sae_addr}, KME-to-KME https://{peer_addr}");
+    Ok(Node {
+        sae_addr,
+        peer_addr,
+        servers: vec![sae_server, peer_server],
+    })
+}
+
+fn local_addr(listener: &TcpListener) -> Result<SocketAddr, StartError> {
+    listener.local_addr().map_err(|source| StartError::Listen {
+        addr: "listener".into(),
+        source,
+    })
+}
+
+/// A KME running on a thread of its own (its own actix System).
+pub struct SpawnedNode {
+    pub sae_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    handles: Vec<ServerHandle>,
+    system: actix::System,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SpawnedNode {
+    /// Stops the servers and the System, and joins the thread.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let handles = std::mem::take(&mut self.handles);
+        let system = self.system.clone();
+        system.arbiter().spawn(async move {
+            for handle in handles {
+                handle.stop(false).await;
+            }
+            actix::System::current().stop();
+        });
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for SpawnedNode {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.shutdown();
+        }
+    }
+}
+
+/// Starts a KME on a new thread and returns once it serves (or failed to start).
+pub fn spawn(config: NodeConfig, listeners: Option<Listeners>) -> Result<SpawnedNode, StartError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = Arc::new(tx);
+    let thread = std::thread::Builder::new()
+        .name(format!("kme-{}", config.me.id))
+        .spawn(move || {
+            let system = actix::System::new();
+            system.block_on(async move {
+                match start(config, listeners).await {
+                    Ok(node) => {
+                        let _ = tx.send(Ok((
+                            node.sae_addr,
+                            node.peer_addr,
+                            node.handles(),
+                            actix::System::current(),
+                        )));
+                        let _ = node.wait().await;
+                    }
+                    Err(err) => {
+                        let _ = tx.send(Err(err));
+                    }
+                }
+            });
+        })
+        .map_err(|err| StartError::Thread(err.to_string()))?;
+    match rx.recv() {
+        Ok(Ok((sae_addr, peer_addr, handles, system))) => Ok(SpawnedNode {
+            sae_addr,
+            peer_addr,
+            handles,
+            system,
+            thread: Some(thread),
+        }),
+        Ok(Err(err)) => {
+            let _ = thread.join();
+            Err(err)
+        }
+        Err(_) => Err(StartError::Thread(
+            "the KME thread ended during start-up".into(),
+        )),
+    }
+}

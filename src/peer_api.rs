@@ -1,0 +1,237 @@
+//! The KME-to-KME channel (server side): activations, courier blocks and pool levels from
+//! neighbour KMEs.
+//!
+//! Only neighbours named in `[[link]]` get here: the TLS handshake requires a certificate of
+//! our CA, and each request's certificate CN must be a neighbour. Activations are checked
+//! (every slave must be an SAE of this KME), made durable through `Store` (sequence numbers
+//! and the stream high mark reject replays and double binding), then acknowledged.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use actix::Addr;
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use futures_util::StreamExt;
+use kme_actors::link::{Link, PeerLevel, ReceiveBlocks};
+use kme_actors::peer_link::{self, ActivationBatch, BlockShipment, LevelReport, PeerReply};
+use kme_actors::store::{Exec, Op, Store};
+use kme_actors::types::{KmeId, SaeId};
+use kme_actors::Error;
+
+use crate::ask::ask;
+use crate::tls::PeerIdentity;
+
+/// Largest peer request body (a batch of activations or of blocks).
+const MAX_PEER_BODY: usize = 256 * 1024 * 1024;
+
+/// The local end of one link, as the channel needs it.
+pub struct PeerEnd {
+    pub link: Addr<Link>,
+    pub block_bytes: usize,
+}
+
+pub struct PeerState {
+    pub neighbours: HashMap<KmeId, PeerEnd>,
+    pub local_saes: HashSet<SaeId>,
+    pub store: Addr<Store>,
+    pub timeout: Duration,
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route(peer_link::ACTIVATE_PATH, web::post().to(activate))
+        .route(peer_link::BLOCKS_PATH, web::post().to(blocks))
+        .route(peer_link::LEVEL_PATH, web::post().to(level))
+        .default_service(web::to(|| async {
+            Err::<HttpResponse, _>(PeerRefusal::new(
+                StatusCode::NOT_FOUND,
+                "unknown peer endpoint",
+            ))
+        }));
+}
+
+/// A refused or failed peer request; answers with `PeerReply { ok: false, .. }`.
+#[derive(Debug, thiserror::Error)]
+#[error("{status}: {message}")]
+pub struct PeerRefusal {
+    status: StatusCode,
+    message: String,
+    high_mark: Option<u64>,
+}
+
+impl PeerRefusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            high_mark: None,
+        }
+    }
+}
+
+impl From<Error> for PeerRefusal {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::ActivationRejected {
+                high_mark, reason, ..
+            } => Self {
+                high_mark: Some(high_mark),
+                ..Self::new(StatusCode::CONFLICT, reason)
+            },
+            Error::PeerMessage(_) | Error::BadRequest(_) => {
+                log::warn!("refused peer message: {err}");
+                Self::new(StatusCode::BAD_REQUEST, err.to_string())
+            }
+            other => {
+                log::error!("peer message failed: {other}");
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, other.to_string())
+            }
+        }
+    }
+}
+
+impl ResponseError for PeerRefusal {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status).json(PeerReply {
+            ok: false,
+            level: None,
+            high_mark: self.high_mark,
+            error: Some(self.message.clone()),
+        })
+    }
+}
+
+fn ok(level: Option<u64>) -> HttpResponse {
+    HttpResponse::Ok().json(PeerReply {
+        ok: true,
+        level,
+        ..PeerReply::default()
+    })
+}
+
+/// Asks an actor and keeps its domain error (the peer needs the precise refusal).
+async fn ask_domain<A, M, T>(addr: &Addr<A>, msg: M, timeout: Duration) -> Result<T, Error>
+where
+    A: actix::Actor + actix::Handler<M>,
+    A::Context: actix::dev::ToEnvelope<A, M>,
+    M: actix::Message<Result = Result<T, Error>> + Send + 'static,
+    T: Send + 'static,
+{
+    match ask(addr, msg, timeout).await {
+        Ok(answer) => answer,
+        Err(err) => Err(Error::Unavailable(err.message)),
+    }
+}
+
+/// The neighbour KME behind this connection.
+fn neighbour<'a>(
+    req: &HttpRequest,
+    state: &'a PeerState,
+) -> Result<(KmeId, &'a PeerEnd), PeerRefusal> {
+    let Some(PeerIdentity::Verified(cn)) = req.conn_data::<PeerIdentity>() else {
+        return Err(PeerRefusal::new(
+            StatusCode::FORBIDDEN,
+            "a KME certificate is required",
+        ));
+    };
+    let id = KmeId::new(cn);
+    match state.neighbours.get(&id) {
+        Some(end) => Ok((id, end)),
+        None => {
+            log::warn!("KME-to-KME request from {cn}, which is not a neighbour");
+            Err(PeerRefusal::new(
+                StatusCode::FORBIDDEN,
+                "not a neighbour KME of this KME",
+            ))
+        }
+    }
+}
+
+async fn read_body(mut payload: web::Payload) -> Result<web::BytesMut, PeerRefusal> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|err| PeerRefusal::new(StatusCode::BAD_REQUEST, err.to_string()))?;
+        if body.len() + chunk.len() > MAX_PEER_BODY {
+            return Err(PeerRefusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "peer message too large",
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, PeerRefusal> {
+    serde_json::from_slice(body).map_err(|err| {
+        PeerRefusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid peer message: {err}"),
+        )
+    })
+}
+
+async fn activate(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<PeerState>,
+) -> Result<HttpResponse, PeerRefusal> {
+    let (peer, end) = neighbour(&req, &state)?;
+    let body = read_body(payload).await?;
+    let batch: ActivationBatch = parse(&body)?;
+    for b in &batch.bindings {
+        if b.len == 0 || b.slaves.is_empty() {
+            return Err(Error::PeerMessage(format!("binding of {} is empty", b.key_id)).into());
+        }
+        if let Some(foreign) = b.slaves.iter().find(|s| !state.local_saes.contains(*s)) {
+            return Err(
+                Error::PeerMessage(format!("slave {foreign} is not an SAE of this KME")).into(),
+            );
+        }
+    }
+    let op = Op::Activate {
+        peer,
+        seq: batch.seq,
+        digest: peer_link::batch_digest(&body),
+        block_bytes: end.block_bytes,
+        bindings: batch.bindings,
+    };
+    ask_domain(&state.store, Exec(op), state.timeout).await?;
+    Ok(ok(None))
+}
+
+async fn blocks(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<PeerState>,
+) -> Result<HttpResponse, PeerRefusal> {
+    let (_, end) = neighbour(&req, &state)?;
+    let body = read_body(payload).await?;
+    let shipment: BlockShipment = parse(&body)?;
+    let blocks = shipment
+        .blocks
+        .into_iter()
+        .map(|b| b.decode())
+        .collect::<Result<Vec<_>, Error>>()?;
+    let level = ask_domain(&end.link, ReceiveBlocks(blocks), state.timeout).await?;
+    Ok(ok(Some(level)))
+}
+
+async fn level(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<PeerState>,
+) -> Result<HttpResponse, PeerRefusal> {
+    let (_, end) = neighbour(&req, &state)?;
+    let body = read_body(payload).await?;
+    let report: LevelReport = parse(&body)?;
+    ask(&end.link, PeerLevel(report.level), state.timeout)
+        .await
+        .map_err(|err| PeerRefusal::new(StatusCode::SERVICE_UNAVAILABLE, err.message))?;
+    Ok(ok(None))
+}

@@ -1,0 +1,139 @@
+//! TLS for both listeners and for the KME-to-KME client (OpenSSL).
+//!
+//! SAE API: the handshake asks for a client certificate but completes even without a valid one,
+//! so that a missing, foreign or expired certificate gets a clear ETSI 401 JSON answer rather
+//! than an opaque TLS alert; `identify` records the verification outcome per connection and no
+//! request of such a connection is ever served. KME-to-KME: strict, the handshake itself fails
+//! without a valid certificate, and the client checks the neighbour's CN is the expected KME.
+
+use std::any::Any;
+use std::path::Path;
+
+use actix_tls::accept::openssl::TlsStream;
+use actix_web::rt::net::TcpStream;
+use openssl::nid::Nid;
+use openssl::ssl::{
+    SslAcceptor, SslAcceptorBuilder, SslConnector, SslFiletype, SslMethod, SslVerifyMode,
+    SslVersion,
+};
+use openssl::x509::{X509Ref, X509VerifyResult};
+
+#[derive(Debug, thiserror::Error)]
+#[error("TLS setup with {file}: {source}")]
+pub struct TlsError {
+    file: String,
+    source: openssl::error::ErrorStack,
+}
+
+fn at(file: &Path) -> impl Fn(openssl::error::ErrorStack) -> TlsError + '_ {
+    move |source| TlsError {
+        file: file.display().to_string(),
+        source,
+    }
+}
+
+/// Who is on the other end of a connection, as far as TLS could tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerIdentity {
+    /// A certificate chaining to our CA, valid now, with this CN.
+    Verified(String),
+    /// No client certificate.
+    Missing,
+    /// A certificate that failed verification, or has no usable CN.
+    Rejected(String),
+}
+
+fn base_acceptor(ca: &Path, cert: &Path, key: &Path) -> Result<SslAcceptorBuilder, TlsError> {
+    let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).map_err(at(cert))?;
+    builder
+        .set_min_proto_version(Some(SslVersion::TLS1_2))
+        .map_err(at(cert))?;
+    builder.set_ca_file(ca).map_err(at(ca))?;
+    builder.set_certificate_chain_file(cert).map_err(at(cert))?;
+    builder
+        .set_private_key_file(key, SslFiletype::PEM)
+        .map_err(at(key))?;
+    builder.check_private_key().map_err(at(key))?;
+    Ok(builder)
+}
+
+/// Acceptor of the SAE API (see the module doc for why verification failures pass the handshake).
+pub fn sae_acceptor(ca: &Path, cert: &Path, key: &Path) -> Result<SslAcceptorBuilder, TlsError> {
+    let mut builder = base_acceptor(ca, cert, key)?;
+    builder.set_verify_callback(SslVerifyMode::PEER, |_preverified, _ctx| true);
+    // Session resumption with client certificates needs a session id context.
+    builder
+        .set_session_id_context(b"kme-sae-api")
+        .map_err(at(cert))?;
+    Ok(builder)
+}
+
+/// Acceptor of the KME-to-KME channel: a valid certificate of our CA is required.
+pub fn peer_acceptor(ca: &Path, cert: &Path, key: &Path) -> Result<SslAcceptorBuilder, TlsError> {
+    let mut builder = base_acceptor(ca, cert, key)?;
+    builder.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+    builder
+        .set_session_id_context(b"kme-peer")
+        .map_err(at(cert))?;
+    Ok(builder)
+}
+
+/// Client of the KME-to-KME channel towards `expected_peer`.
+pub fn peer_connector(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    expected_peer: &str,
+) -> Result<SslConnector, TlsError> {
+    let mut builder = SslConnector::builder(SslMethod::tls()).map_err(at(cert))?;
+    builder
+        .set_min_proto_version(Some(SslVersion::TLS1_2))
+        .map_err(at(cert))?;
+    builder.set_ca_file(ca).map_err(at(ca))?;
+    builder.set_certificate_chain_file(cert).map_err(at(cert))?;
+    builder
+        .set_private_key_file(key, SslFiletype::PEM)
+        .map_err(at(key))?;
+    let expected = expected_peer.to_string();
+    builder.set_verify_callback(SslVerifyMode::PEER, move |preverified, ctx| {
+        if !preverified {
+            return false;
+        }
+        // Depth 0 is the neighbour's own certificate: it must name the KME we meant to reach.
+        if ctx.error_depth() != 0 {
+            return true;
+        }
+        ctx.current_cert().and_then(common_name).as_deref() == Some(expected.as_str())
+    });
+    Ok(builder.build())
+}
+
+pub fn common_name(cert: &X509Ref) -> Option<String> {
+    cert.subject_name()
+        .entries_by_nid(Nid::COMMONNAME)
+        .next()
+        .and_then(|entry| entry.data().to_string().ok())
+        .filter(|cn| !cn.is_empty() && cn != "*")
+}
+
+/// `on_connect` hook: what TLS established about the client of this connection.
+pub fn identify(connection: &dyn Any) -> PeerIdentity {
+    let Some(tls) = connection.downcast_ref::<TlsStream<TcpStream>>() else {
+        return PeerIdentity::Missing;
+    };
+    let ssl = tls.ssl();
+    let Some(cert) = ssl.peer_certificate() else {
+        return PeerIdentity::Missing;
+    };
+    let verified = ssl.verify_result();
+    if verified != X509VerifyResult::OK {
+        return PeerIdentity::Rejected(format!(
+            "client certificate not accepted: {}",
+            verified.error_string()
+        ));
+    }
+    match common_name(&cert) {
+        Some(cn) => PeerIdentity::Verified(cn),
+        None => PeerIdentity::Rejected("client certificate has no usable CN".into()),
+    }
+}

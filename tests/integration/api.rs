@@ -1,0 +1,156 @@
+//! Every endpoint and method of the SAE API on a healthy network.
+
+use std::collections::HashSet;
+
+use base64::Engine;
+use serde_json::json;
+
+use super::harness::{dec, enc, keys, LinkOptions, Net};
+
+#[actix::test]
+async fn status_enc_and_dec_with_get_and_post() {
+    let net = Net::start(LinkOptions::default());
+    let (a, b) = (net.url("kme-a"), net.url("kme-b"));
+    let status = net.wait_for_keys("sae-a", "kme-a", "sae-b", 16).await;
+    assert_eq!(status["source_KME_ID"], "kme-a");
+    assert_eq!(status["target_KME_ID"], "kme-b");
+    assert_eq!(status["master_SAE_ID"], "sae-a");
+    assert_eq!(status["slave_SAE_ID"], "sae-b");
+    assert_eq!(status["key_size"], 256);
+    assert_eq!(status["max_key_count"], 4096);
+    assert_eq!(status["max_key_per_request"], 128);
+    assert_eq!(status["min_key_size"], 64);
+    assert_eq!(status["max_key_size"], 8192);
+    assert_eq!(status["max_SAE_ID_count"], 1);
+    assert_eq!(status["status_extension"]["link"]["state"], "up");
+
+    let master = net.client(Some("sae-a"));
+    let slave = net.client(Some("sae-b"));
+    // POST enc_keys with number and size; POST dec_keys with all three IDs.
+    let (code, body) = enc(&master, &a, "sae-b", json!({"number": 3, "size": 512})).await;
+    assert_eq!(code, 200, "{body}");
+    let issued = keys(&body);
+    assert_eq!(issued.len(), 3);
+    for (id, key) in &issued {
+        uuid::Uuid::parse_str(id).unwrap();
+        assert_eq!(
+            base64::engine::general_purpose::STANDARD
+                .decode(key)
+                .unwrap()
+                .len(),
+            64
+        );
+    }
+    let ids: Vec<&str> = issued.iter().map(|(id, _)| id.as_str()).collect();
+    let (code, body) = dec(&slave, &b, "sae-a", &ids).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(keys(&body), issued);
+    // Consumed once.
+    let (code, body) = dec(&slave, &b, "sae-a", &ids[..1]).await;
+    assert_eq!(code, 400);
+    assert_eq!(
+        body["message"],
+        "one or more keys specified are not found on KME"
+    );
+
+    // GET enc_keys with query, GET dec_keys with key_ID; empty POST body means defaults.
+    let (code, body) = master
+        .get(&format!("{a}/api/v1/keys/sae-b/enc_keys?number=2&size=128"))
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let issued = keys(&body);
+    assert_eq!(issued.len(), 2);
+    let (code, body) = master
+        .post_raw(&format!("{a}/api/v1/keys/sae-b/enc_keys"), Vec::new())
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let default_key = keys(&body);
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(&default_key[0].1)
+            .unwrap()
+            .len(),
+        32
+    );
+    for (id, key) in issued.iter().chain(&default_key) {
+        let (code, body) = slave
+            .get(&format!("{b}/api/v1/keys/sae-a/dec_keys?key_ID={id}"))
+            .await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(keys(&body), vec![(id.clone(), key.clone())]);
+    }
+
+    // whoami
+    let (code, body) = master.get(&format!("{a}/api/v1/sae/info/me")).await;
+    assert_eq!((code, body["SAE_ID"].as_str()), (200, Some("sae-a")));
+    let (code, body) = slave.get(&format!("{b}/api/v1/sae/info/me")).await;
+    assert_eq!((code, body["SAE_ID"].as_str()), (200, Some("sae-b")));
+}
+
+#[actix::test]
+async fn multicast_and_local_keys_on_one_kme() {
+    let net = Net::start(LinkOptions::default());
+    let (a, b) = (net.url("kme-a"), net.url("kme-b"));
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 8).await;
+    let master = net.client(Some("sae-a"));
+    let b1 = net.client(Some("sae-b"));
+    let b2 = net.client(Some("sae-b2"));
+    let (code, body) = enc(
+        &master,
+        &a,
+        "sae-b",
+        json!({"number": 2, "additional_slave_SAE_IDs": ["sae-b2"]}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let issued = keys(&body);
+    let ids: Vec<&str> = issued.iter().map(|(id, _)| id.as_str()).collect();
+    for slave in [&b1, &b2] {
+        let (code, body) = dec(slave, &b, "sae-a", &ids).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(keys(&body), issued);
+        let (code, _) = dec(slave, &b, "sae-a", &ids).await;
+        assert_eq!(code, 400, "each slave retrieves once");
+    }
+
+    // sae-b → sae-b2, both on kme-b: the key never leaves kme-b.
+    let (code, status) = b1.get(&format!("{b}/api/v1/keys/sae-b2/status")).await;
+    assert_eq!(code, 200, "{status}");
+    assert_eq!(status["target_KME_ID"], "kme-b");
+    let (code, body) = enc(&b1, &b, "sae-b2", json!({"number": 4, "size": 1024})).await;
+    assert_eq!(code, 200, "{body}");
+    let issued = keys(&body);
+    let ids: Vec<&str> = issued.iter().map(|(id, _)| id.as_str()).collect();
+    let (code, body) = dec(&b2, &b, "sae-b", &ids).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(keys(&body), issued);
+    let unique: HashSet<_> = issued.iter().map(|(_, k)| k).collect();
+    assert_eq!(unique.len(), 4);
+}
+
+#[actix::test]
+async fn a_slave_behind_a_non_neighbour_gets_503_until_relay_exists() {
+    let net = Net::start(LinkOptions::default());
+    let a = net.url("kme-a");
+    let master = net.client(Some("sae-a"));
+    let (code, body) = master.get(&format!("{a}/api/v1/keys/sae-c/status")).await;
+    assert_eq!(code, 503);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a neighbour"),
+        "{body}"
+    );
+    let (code, _) = enc(&master, &a, "sae-c", json!({})).await;
+    assert_eq!(code, 503);
+    // Multicast across KMEs needs relay too.
+    let (code, _) = enc(
+        &master,
+        &a,
+        "sae-b",
+        json!({"additional_slave_SAE_IDs": ["sae-c"]}),
+    )
+    .await;
+    assert_eq!(code, 503);
+}

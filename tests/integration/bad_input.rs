@@ -1,0 +1,337 @@
+//! Bad input of every kind: a clear ETSI error (400/401), nothing consumed, the KME keeps
+//! serving. "Nothing consumed" is checked on a full, idle pool: its available bytes and the
+//! link's production counter must not move.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::harness::{dec, enc, keys, Client, LinkOptions, Net};
+
+fn full_pool_options() -> LinkOptions {
+    LinkOptions {
+        block_bytes: 1024,
+        max_key_count: 256,
+        max_sae_id_count: 1,
+        ..LinkOptions::default()
+    }
+}
+
+/// (available_bytes, bytes_produced) of kme-a's pool towards kme-b, once full and idle.
+async fn settled(net: &Net) -> (u64, u64) {
+    let mut last = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = net.wait_for_keys("sae-a", "kme-a", "sae-b", 256).await;
+        let link = &status["status_extension"]["link"];
+        let now = (
+            link["available_bytes"].as_u64().unwrap(),
+            link["bytes_produced"].as_u64().unwrap(),
+        );
+        if last == Some(now) {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "link did not settle");
+        last = Some(now);
+        actix_web::rt::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn expect(client: &Client, url: &str, body: Option<Value>, code: u16, message_part: &str) {
+    let (got, answer) = match body {
+        Some(body) => client.post(url, &body).await,
+        None => client.get(url).await,
+    };
+    assert_eq!(got, code, "{url} {answer}");
+    let message = answer["message"].as_str().unwrap();
+    assert!(
+        message.contains(message_part),
+        "expected '{message_part}' in '{message}'"
+    );
+}
+
+#[actix::test]
+async fn bad_enc_keys_requests_consume_nothing() {
+    let net = Net::start(full_pool_options());
+    let a = net.url("kme-a");
+    let before = settled(&net).await;
+    let master = net.client(Some("sae-a"));
+    let enc_url = format!("{a}/api/v1/keys/sae-b/enc_keys");
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"number": "3"}), "invalid JSON"),
+        (json!({"number": 1.5}), "invalid JSON"),
+        (json!({"size": "256"}), "invalid JSON"),
+        (
+            json!({"additional_slave_SAE_IDs": "sae-b2"}),
+            "invalid JSON",
+        ),
+        (json!({"extension_mandatory": {"x": 1}}), "invalid JSON"),
+        (json!({"bogus": 1}), "invalid JSON"),
+        (json!([1, 2]), "invalid JSON"),
+        (json!({"number": 0}), "number"),
+        (json!({"number": -1}), "number"),
+        (json!({"number": 129}), "max_key_per_request"),
+        (json!({"number": 1e30}), "invalid JSON"),
+        (json!({"size": 12}), "size shall be a multiple of 8"),
+        (json!({"size": 0}), "size"),
+        (json!({"size": 32}), "min_key_size"),
+        (json!({"size": 16384}), "max_key_size"),
+        (
+            json!({"additional_slave_SAE_IDs": ["sae-b"]}),
+            "more than once",
+        ),
+        (json!({"additional_slave_SAE_IDs": ["sae-a"]}), "master SAE"),
+        (json!({"additional_slave_SAE_IDs": ["ghost"]}), "unknown"),
+        (
+            json!({"additional_slave_SAE_IDs": ["sae-b2", "sae-b2"]}),
+            "more than once",
+        ),
+        (
+            json!({"extension_mandatory": [{"abc_route_type": "direct"}]}),
+            "not all extension_mandatory parameters are supported",
+        ),
+        (
+            json!({"extension_mandatory": [{"kme_route_type": "indirect"}]}),
+            "not all extension_mandatory request options could be met",
+        ),
+    ];
+    for (body, message) in cases {
+        expect(&master, &enc_url, Some(body), 400, message).await;
+    }
+    let (code, body) = enc(
+        &master,
+        &a,
+        "sae-b",
+        json!({"extension_mandatory": [{"abc_route_type": "x"}]}),
+    )
+    .await;
+    assert_eq!(code, 400);
+    assert_eq!(
+        body["details"][0]["extension_mandatory_unsupported"],
+        "abc_route_type is not supported"
+    );
+    expect(
+        &master,
+        &format!("{a}/api/v1/keys/ghost/enc_keys"),
+        Some(json!({})),
+        400,
+        "unknown slave",
+    )
+    .await;
+    expect(
+        &master,
+        &format!("{a}/api/v1/keys/sae-a/enc_keys"),
+        Some(json!({})),
+        400,
+        "own slave",
+    )
+    .await;
+    expect(
+        &master,
+        &format!("{a}/api/v1/keys/sae-b/enc_keys?number=1&bogus=2"),
+        None,
+        400,
+        "invalid query",
+    )
+    .await;
+    expect(
+        &master,
+        &format!("{a}/api/v1/keys/sae-b/enc_keys?number=x"),
+        None,
+        400,
+        "invalid query",
+    )
+    .await;
+    expect(
+        &master,
+        &format!("{a}/api/v1/keys/sae-b/enc_keys?size=100"),
+        None,
+        400,
+        "multiple of 8",
+    )
+    .await;
+    // Too many additional slaves (max_SAE_ID_count = 1 here).
+    expect(
+        &master,
+        &enc_url,
+        Some(json!({"additional_slave_SAE_IDs": ["sae-b2", "sae-x"]})),
+        400,
+        "",
+    )
+    .await;
+    // Malformed JSON and a body of several MB.
+    let (code, _) = master.post_raw(&enc_url, b"{\"number\":".to_vec()).await;
+    assert_eq!(code, 400);
+    let (code, body) = master.post_raw(&enc_url, vec![b' '; 4 * 1024 * 1024]).await;
+    assert_eq!(code, 400, "{body}");
+    // Unknown paths and methods.
+    let (code, _) = master.request("DELETE", &enc_url).await;
+    assert_eq!(code, 400);
+    let (code, _) = master.get(&format!("{a}/api/v2/whatever")).await;
+    assert_eq!(code, 400);
+
+    assert_eq!(
+        settled(&net).await,
+        before,
+        "a refused request consumed key material"
+    );
+    let (code, body) = enc(&master, &a, "sae-b", json!({})).await;
+    assert_eq!(code, 200, "the KME still serves: {body}");
+}
+
+#[actix::test]
+async fn bad_certificates_get_401_and_consume_nothing() {
+    let net = Net::start(full_pool_options());
+    let a = net.url("kme-a");
+    let before = settled(&net).await;
+    let status_url = format!("{a}/api/v1/keys/sae-b/status");
+    let enc_url = format!("{a}/api/v1/keys/sae-b/enc_keys");
+    for (cert, why) in [
+        (None, "certificate is required"),
+        (Some("foreign"), "not accepted"),
+        (Some("expired"), "not accepted"),
+        (Some("no-cn"), "no usable CN"),
+        (Some("sae-x"), "not a registered SAE"),
+        (Some("kme-b"), "KME certificates"),
+        (Some("sae-b"), "registered at KME kme-b"),
+    ] {
+        let client = net.client(cert);
+        expect(&client, &status_url, None, 401, why).await;
+        expect(&client, &enc_url, Some(json!({})), 401, why).await;
+        expect(&client, &format!("{a}/api/v1/sae/info/me"), None, 401, why).await;
+    }
+    assert_eq!(settled(&net).await, before);
+}
+
+#[actix::test]
+async fn bad_dec_keys_requests_leave_keys_for_the_rightful_slave() {
+    let net = Net::start(LinkOptions::default());
+    let (a, b) = (net.url("kme-a"), net.url("kme-b"));
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 4).await;
+    let master = net.client(Some("sae-a"));
+    let slave = net.client(Some("sae-b"));
+    let other = net.client(Some("sae-b2"));
+    let (code, body) = enc(&master, &a, "sae-b", json!({"number": 2})).await;
+    assert_eq!(code, 200);
+    let issued = keys(&body);
+    let (id, id2) = (issued[0].0.as_str(), issued[1].0.as_str());
+    let dec_url = format!("{b}/api/v1/keys/sae-a/dec_keys");
+    let unknown = uuid::Uuid::new_v4().to_string();
+
+    // Someone else's key: 401, and nothing consumed, not even the caller's part of a batch.
+    let (code, _) = dec(&other, &b, "sae-a", &[id]).await;
+    assert_eq!(code, 401);
+    let (code, _) = dec(&master, &b, "sae-a", &[id]).await;
+    assert_eq!(code, 401, "sae-a is not an SAE of kme-b");
+    // Unknown key among good ones: 400, nothing consumed.
+    let (code, body) = dec(&slave, &b, "sae-a", &[id, &unknown]).await;
+    assert_eq!(
+        (code, body["message"].as_str()),
+        (400, Some("one or more keys specified are not found on KME"))
+    );
+    // Wrong master in the path: not found.
+    let (code, _) = dec(&slave, &b, "sae-b2", &[id]).await;
+    assert_eq!(code, 400);
+    for body in [
+        json!({"key_IDs": [{"key_ID": "not-a-uuid"}]}),
+        json!({"key_IDs": []}),
+        json!({"key_IDs": [{"key_ID": id}, {"key_ID": id}]}),
+        json!({"key_IDs": "x"}),
+        json!({"key_IDs": [{"key_ID": 5}]}),
+        json!({"key_ID": id}),
+        json!({}),
+    ] {
+        let (code, answer) = slave.post(&dec_url, &body).await;
+        assert_eq!(code, 400, "{body} -> {answer}");
+    }
+    let (code, _) = slave
+        .get(&format!("{dec_url}?key_ID={id}&key_ID={id2}"))
+        .await;
+    assert_eq!(code, 400, "two key_IDs need POST");
+    let (code, _) = slave.get(&format!("{dec_url}?key_ID=zzz")).await;
+    assert_eq!(code, 400);
+    let (code, _) = slave.post_raw(&dec_url, b"[{".to_vec()).await;
+    assert_eq!(code, 400);
+
+    // The rightful slave still gets both keys, once.
+    let (code, body) = dec(&slave, &b, "sae-a", &[id, id2]).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(keys(&body), issued);
+    let (code, _) = dec(&slave, &b, "sae-a", &[id2]).await;
+    assert_eq!(code, 400, "already retrieved");
+}
+
+#[actix::test]
+async fn a_slow_client_does_not_block_others() {
+    use std::io::Write;
+    let net = Net::start(LinkOptions::default());
+    let port = net.setup.ports["kme-a"].0;
+    let dir = net.setup.path().to_path_buf();
+    // A client that sends half a request line and then stalls, on its own thread.
+    let stalled = std::thread::spawn(move || {
+        let mut tls = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).unwrap();
+        tls.set_ca_file(dir.join("ca.crt")).unwrap();
+        tls.set_certificate_chain_file(dir.join("sae-a.crt"))
+            .unwrap();
+        tls.set_private_key_file(dir.join("sae-a.key"), openssl::ssl::SslFiletype::PEM)
+            .unwrap();
+        let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut stream = tls.build().connect("localhost", tcp).unwrap();
+        stream.write_all(b"POST /api/v1/keys/sae-b/enc_keys HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{").unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        stream
+    });
+    actix_web::rt::time::sleep(Duration::from_millis(200)).await;
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 1).await;
+    let master = net.client(Some("sae-a"));
+    let (code, _) = enc(&master, &net.url("kme-a"), "sae-b", json!({})).await;
+    assert_eq!(code, 200);
+    drop(stalled.join().unwrap());
+}
+
+#[actix::test]
+async fn the_kme_to_kme_channel_accepts_only_neighbour_kmes() {
+    let net = Net::start(LinkOptions::default());
+    let peer_b = net.setup.peer_url("kme-b");
+    let body = json!({"seq": 1, "bindings": []});
+    let url = format!("{peer_b}/peer/v1/activate");
+    // An SAE certificate of our CA completes TLS but is refused; no certificate fails TLS.
+    let (code, _) = net
+        .client(Some("sae-a"))
+        .try_post(&url, &body)
+        .await
+        .unwrap();
+    assert_eq!(code, 403);
+    let anonymous = net.client(None).try_post(&url, &body).await;
+    assert!(anonymous.map(|(code, _)| code != 200).unwrap_or(true));
+    assert!(net
+        .client(Some("foreign"))
+        .try_post(&url, &body)
+        .await
+        .is_err());
+    // kme-c is a KME but not a neighbour of kme-a.
+    let (code, _) = net
+        .client(Some("kme-c"))
+        .try_post(
+            &format!("{}/peer/v1/activate", net.setup.peer_url("kme-a")),
+            &body,
+        )
+        .await
+        .unwrap();
+    assert_eq!(code, 403);
+    // A replayed (old) sequence number from a real neighbour is rejected.
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 1).await;
+    let master = net.client(Some("sae-a"));
+    let (code, _) = enc(&master, &net.url("kme-a"), "sae-b", json!({})).await;
+    assert_eq!(code, 200);
+    let (code, answer) = net
+        .client(Some("kme-a"))
+        .try_post(&url, &body)
+        .await
+        .unwrap();
+    assert_eq!(code, 400, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("replay"),
+        "{answer}"
+    );
+}

@@ -1,0 +1,147 @@
+//! `kill -9` of real `kme` processes at arbitrary moments: no key is delivered twice, every
+//! key a master received stays retrievable by its slave, pools resume.
+
+use std::collections::{HashMap, HashSet};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::harness::{dec, enc, keys, Client, LinkOptions, Setup, KMES};
+
+struct Process {
+    child: Child,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(setup: &Setup, kme: &str) -> Process {
+    let log = std::fs::File::create(setup.path().join(format!("{kme}.log"))).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_kme"))
+        .args(["run", "--config"])
+        .arg(setup.config_file())
+        .args(["--kme", kme])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Process { child }
+}
+
+async fn wait_up(client: &Client, url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Some((200, _)) = client.try_get(&format!("{url}/api/v1/sae/info/me")).await {
+            return;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} did not come up");
+}
+
+#[actix::test]
+async fn kill_9_at_any_moment_loses_and_repeats_nothing() {
+    let ports: HashMap<&'static str, (TcpListener, TcpListener)> = KMES
+        .iter()
+        .map(|k| {
+            (
+                *k,
+                (
+                    TcpListener::bind("127.0.0.1:0").unwrap(),
+                    TcpListener::bind("127.0.0.1:0").unwrap(),
+                ),
+            )
+        })
+        .collect();
+    let setup = Setup::new(&LinkOptions::default(), &ports);
+    drop(ports); // free the ports for the processes
+    let master = Client::new(setup.path(), Some("sae-a"));
+    let slave = Client::new(setup.path(), Some("sae-b"));
+    let (a, b) = (setup.sae_url("kme-a"), setup.sae_url("kme-b"));
+    let mut kme_a = spawn(&setup, "kme-a");
+    let mut kme_b = spawn(&setup, "kme-b");
+    wait_up(&master, &a).await;
+    wait_up(&slave, &b).await;
+
+    let mut delivered: Vec<(String, String)> = Vec::new();
+    for round in 0..6 {
+        // Load from 8 concurrent masters, and a kill -9 in the middle of it.
+        let load = (0..8).map(|_| {
+            let (master, a) = (master.clone(), a.clone());
+            async move {
+                let mut got = Vec::new();
+                for _ in 0..40 {
+                    match master
+                        .inner_post(
+                            &format!("{a}/api/v1/keys/sae-b/enc_keys"),
+                            &json!({"number": 2}),
+                        )
+                        .await
+                    {
+                        Some((200, body)) => got.extend(keys(&body)),
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+                got
+            }
+        });
+        let killer = async {
+            actix_web::rt::time::sleep(Duration::from_millis(50 + 37 * round)).await;
+            let victim = if round % 2 == 0 {
+                &mut kme_a
+            } else {
+                &mut kme_b
+            };
+            victim.child.kill().unwrap(); // SIGKILL
+            victim.child.wait().unwrap();
+        };
+        let (results, ()) = futures_util::join!(futures_util::future::join_all(load), killer);
+        delivered.extend(results.into_iter().flatten());
+        if round % 2 == 0 {
+            kme_a = spawn(&setup, "kme-a");
+        } else {
+            kme_b = spawn(&setup, "kme-b");
+        }
+        wait_up(&master, &a).await;
+        wait_up(&slave, &b).await;
+    }
+    // And some keys after the last restart.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut after = 0;
+    while after < 10 {
+        let (code, body) = enc(&master, &a, "sae-b", json!({"number": 1})).await;
+        if code == 200 {
+            delivered.extend(keys(&body));
+            after += 1;
+        }
+        assert!(Instant::now() < deadline, "pools did not resume");
+    }
+    let ids: HashSet<_> = delivered.iter().map(|(id, _)| id.clone()).collect();
+    let material: HashSet<_> = delivered.iter().map(|(_, key)| key.clone()).collect();
+    assert_eq!(ids.len(), delivered.len(), "a key_ID was delivered twice");
+    assert_eq!(
+        material.len(),
+        delivered.len(),
+        "key material was delivered twice"
+    );
+    assert!(
+        delivered.len() > 20,
+        "too few keys delivered to mean anything: {}",
+        delivered.len()
+    );
+    for chunk in delivered.chunks(64) {
+        let ids: Vec<&str> = chunk.iter().map(|(id, _)| id.as_str()).collect();
+        let (code, body) = dec(&slave, &b, "sae-a", &ids).await;
+        assert_eq!(code, 200, "a delivered key is not retrievable: {body}");
+        assert_eq!(keys(&body), chunk.to_vec());
+    }
+    drop(kme_a);
+    drop(kme_b);
+}

@@ -1,0 +1,355 @@
+//! Test networks: KMEs in-process (each on its own thread and actix System, listening on
+//! 127.0.0.1:0) or as real `kme` processes, and an mTLS client.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kme::config::Config;
+use kme::node::{self, Listeners, SpawnedNode};
+use openssl::ssl::{SslConnector, SslFiletype, SslMethod};
+use serde_json::Value;
+
+use super::pki::{Pki, Validity};
+
+pub const KMES: [&str; 3] = ["kme-a", "kme-b", "kme-c"];
+pub const SAES: [(&str, &str); 4] = [
+    ("sae-a", "kme-a"),
+    ("sae-b", "kme-b"),
+    ("sae-b2", "kme-b"),
+    ("sae-c", "kme-c"),
+];
+
+/// Link settings of a test network.
+#[derive(Clone)]
+pub struct LinkOptions {
+    pub rate_bits_per_s: u64,
+    pub block_bytes: usize,
+    pub max_key_count: u64,
+    pub max_sae_id_count: u32,
+    pub tick_ms: u64,
+}
+
+impl Default for LinkOptions {
+    fn default() -> Self {
+        Self {
+            rate_bits_per_s: 20_000_000,
+            block_bytes: 4096,
+            max_key_count: 4096,
+            max_sae_id_count: 1,
+            tick_ms: 5,
+        }
+    }
+}
+
+/// A directory with a PKI and a network file (`kme.toml`) for kme-a — kme-b — kme-c.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub ports: HashMap<&'static str, (u16, u16)>,
+}
+
+impl Setup {
+    /// `listeners`: pre-bound listeners per KME (in-process) — or just free ports (processes).
+    pub fn new(
+        options: &LinkOptions,
+        listeners: &HashMap<&'static str, (TcpListener, TcpListener)>,
+    ) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path());
+        for kme in KMES {
+            pki.issue(kme, Some(kme), true, Validity::Valid);
+        }
+        for (sae, _) in SAES {
+            pki.issue(sae, Some(sae), false, Validity::Valid);
+        }
+        pki.issue("sae-x", Some("sae-x"), false, Validity::Valid);
+        pki.issue("expired", Some("sae-a"), false, Validity::Expired);
+        pki.issue("no-cn", None, false, Validity::Valid);
+        pki.issue_foreign("foreign", "sae-a");
+        let ports: HashMap<_, _> = listeners
+            .iter()
+            .map(|(k, (s, p))| {
+                (
+                    *k,
+                    (
+                        s.local_addr().unwrap().port(),
+                        p.local_addr().unwrap().port(),
+                    ),
+                )
+            })
+            .collect();
+        let mut text = format!(
+            "[tls]\nca = \"ca.crt\"\ncert_dir = \".\"\n[defaults]\nrequest_timeout_ms = 5000\nmax_sae_id_count = {}\n",
+            options.max_sae_id_count
+        );
+        for kme in KMES {
+            let (sae, peer) = ports[kme];
+            text += &format!(
+                "[[kme]]\nid = \"{kme}\"\nsae_listen = \"127.0.0.1:{sae}\"\npeer_listen = \"127.0.0.1:{peer}\"\ndata_dir = \"data/{kme}\"\n"
+            );
+        }
+        for (sae, kme) in SAES {
+            text += &format!("[[sae]]\nid = \"{sae}\"\nkme = \"{kme}\"\n");
+        }
+        for ends in [["kme-a", "kme-b"], ["kme-b", "kme-c"]] {
+            text += &format!(
+                "[[link]]\nends = [\"{}\", \"{}\"]\nrate_bits_per_s = {}\nblock_bytes = {}\nmax_key_count = {}\nmax_sae_id_count = {}\ntick_ms = {}\n",
+                ends[0], ends[1], options.rate_bits_per_s, options.block_bytes, options.max_key_count, options.max_sae_id_count, options.tick_ms
+            );
+        }
+        std::fs::write(dir.path().join("kme.toml"), text).unwrap();
+        Setup { dir, ports }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.path().join("kme.toml")
+    }
+
+    pub fn sae_url(&self, kme: &str) -> String {
+        format!("https://localhost:{}", self.ports[kme].0)
+    }
+
+    pub fn peer_url(&self, kme: &str) -> String {
+        format!("https://localhost:{}", self.ports[kme].1)
+    }
+}
+
+fn bind_all() -> HashMap<&'static str, (TcpListener, TcpListener)> {
+    KMES.iter()
+        .map(|k| {
+            (
+                *k,
+                (
+                    TcpListener::bind("127.0.0.1:0").unwrap(),
+                    TcpListener::bind("127.0.0.1:0").unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Three KMEs running in this process.
+pub struct Net {
+    pub setup: Setup,
+    nodes: Vec<SpawnedNode>,
+}
+
+impl Net {
+    pub fn start(options: LinkOptions) -> Net {
+        let mut listeners = bind_all();
+        let setup = Setup::new(&options, &listeners);
+        let config = Config::load(&setup.config_file()).unwrap();
+        let mut nodes = Vec::new();
+        for kme in KMES {
+            let (sae, peer) = listeners.remove(kme).unwrap();
+            let node_config = config.node(kme).unwrap();
+            nodes.push(node::spawn(node_config, Some(Listeners { sae, peer })).unwrap());
+        }
+        Net { setup, nodes }
+    }
+
+    pub fn url(&self, kme: &str) -> String {
+        self.setup.sae_url(kme)
+    }
+
+    pub fn client(&self, cert: Option<&str>) -> Client {
+        Client::new(self.setup.path(), cert)
+    }
+
+    /// Waits until `master`'s pool towards `slave` reports at least `count` keys.
+    pub async fn wait_for_keys(
+        &self,
+        master: &str,
+        master_kme: &str,
+        slave: &str,
+        count: u64,
+    ) -> Value {
+        let client = self.client(Some(master));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, body) = client
+                .get(&format!(
+                    "{}/api/v1/keys/{slave}/status",
+                    self.url(master_kme)
+                ))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            if body["stored_key_count"].as_u64().unwrap() >= count {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pool did not reach {count} keys: {body}"
+            );
+            actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for node in self.nodes.drain(..) {
+            node.stop();
+        }
+    }
+}
+
+/// An HTTPS client with an optional client certificate `<dir>/<cert>.crt`.
+#[derive(Clone)]
+pub struct Client {
+    inner: awc::Client,
+}
+
+impl Client {
+    pub fn new(dir: &Path, cert: Option<&str>) -> Client {
+        let mut tls = SslConnector::builder(SslMethod::tls()).unwrap();
+        tls.set_ca_file(dir.join("ca.crt")).unwrap();
+        if let Some(cert) = cert {
+            tls.set_certificate_chain_file(dir.join(format!("{cert}.crt")))
+                .unwrap();
+            tls.set_private_key_file(dir.join(format!("{cert}.key")), SslFiletype::PEM)
+                .unwrap();
+        }
+        tls.set_alpn_protos(b"\x08http/1.1").unwrap();
+        let inner = awc::Client::builder()
+            .connector(awc::Connector::new().openssl(tls.build()).limit(128))
+            .timeout(Duration::from_secs(20))
+            .finish();
+        Client { inner }
+    }
+
+    async fn finish(
+        response: Result<
+            awc::ClientResponse<
+                impl futures_util::Stream<
+                        Item = Result<actix_web::web::Bytes, awc::error::PayloadError>,
+                    > + Unpin,
+            >,
+            awc::error::SendRequestError,
+        >,
+    ) -> (u16, Value) {
+        let mut response = response.unwrap();
+        let status = response.status().as_u16();
+        let bytes = response.body().limit(64 * 1024 * 1024).await.unwrap();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        if status != 200 {
+            assert_eq!(
+                response
+                    .headers()
+                    .get("content-type")
+                    .map(|v| v.to_str().unwrap()),
+                Some("application/json"),
+                "error bodies are JSON: {body}"
+            );
+            assert!(
+                body["message"].is_string(),
+                "ETSI Error object expected, got {body}"
+            );
+            assert!(
+                [400, 401, 503].contains(&status),
+                "only 400/401/503 on the SAE API, got {status} {body}"
+            );
+        }
+        (status, body)
+    }
+
+    pub async fn get(&self, url: &str) -> (u16, Value) {
+        Self::finish(self.inner.get(url).send().await).await
+    }
+
+    pub async fn post(&self, url: &str, body: &Value) -> (u16, Value) {
+        Self::finish(self.inner.post(url).send_json(body).await).await
+    }
+
+    pub async fn post_raw(&self, url: &str, body: Vec<u8>) -> (u16, Value) {
+        Self::finish(
+            self.inner
+                .post(url)
+                .insert_header(("content-type", "application/json"))
+                .send_body(body)
+                .await,
+        )
+        .await
+    }
+
+    pub async fn request(&self, method: &str, url: &str) -> (u16, Value) {
+        let method = awc::http::Method::from_bytes(method.as_bytes()).unwrap();
+        Self::finish(self.inner.request(method, url).send().await).await
+    }
+
+    /// POST that tolerates a KME that is going down: None on a transport error.
+    pub async fn inner_post(&self, url: &str, body: &Value) -> Option<(u16, Value)> {
+        let mut response = self.inner.post(url).send_json(body).await.ok()?;
+        let status = response.status().as_u16();
+        let body = response
+            .json::<Value>()
+            .limit(64 * 1024 * 1024)
+            .await
+            .ok()?;
+        Some((status, body))
+    }
+
+    /// GET that tolerates a KME that is not up: None on a transport error.
+    pub async fn try_get(&self, url: &str) -> Option<(u16, Value)> {
+        let mut response = self.inner.get(url).send().await.ok()?;
+        let status = response.status().as_u16();
+        let body = response.json::<Value>().await.ok()?;
+        Some((status, body))
+    }
+
+    /// A raw request whose outcome may be a TLS failure (for the KME-to-KME listener).
+    pub async fn try_post(&self, url: &str, body: &Value) -> Result<(u16, Value), String> {
+        match self.inner.post(url).send_json(body).await {
+            Ok(mut response) => {
+                let status = response.status().as_u16();
+                let body = response.json::<Value>().await.unwrap_or(Value::Null);
+                Ok((status, body))
+            }
+            Err(err) => Err(err.to_string()),
+        }
+    }
+}
+
+/// enc_keys at `kme` by `master` for `slave`; returns (status, keys as (id, key) pairs).
+pub async fn enc(client: &Client, base: &str, slave: &str, body: Value) -> (u16, Value) {
+    client
+        .post(&format!("{base}/api/v1/keys/{slave}/enc_keys"), &body)
+        .await
+}
+
+pub async fn dec(client: &Client, base: &str, master: &str, ids: &[&str]) -> (u16, Value) {
+    let ids: Vec<Value> = ids
+        .iter()
+        .map(|id| serde_json::json!({"key_ID": id}))
+        .collect();
+    client
+        .post(
+            &format!("{base}/api/v1/keys/{master}/dec_keys"),
+            &serde_json::json!({"key_IDs": ids}),
+        )
+        .await
+}
+
+pub fn keys(body: &Value) -> Vec<(String, String)> {
+    body["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["key_ID"].as_str().unwrap().to_string(),
+                k["key"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}

@@ -1,0 +1,88 @@
+//! Concurrency and exhaustion: many pairs at once never share a key; an empty pool answers
+//! 503 at once and refills by itself.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::harness::{dec, enc, keys, LinkOptions, Net};
+
+#[actix::test]
+async fn concurrent_pairs_never_share_a_key() {
+    let net = Net::start(LinkOptions::default());
+    let (a, b) = (net.url("kme-a"), net.url("kme-b"));
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 1024).await;
+    let master = net.client(Some("sae-a"));
+    let slave = net.client(Some("sae-b"));
+    let pairs = (0..64).map(|i| {
+        let (master, slave, a, b) = (master.clone(), slave.clone(), a.clone(), b.clone());
+        async move {
+            let (code, body) = enc(&master, &a, "sae-b", json!({"number": 1 + i % 4})).await;
+            assert_eq!(code, 200, "{body}");
+            let issued = keys(&body);
+            let ids: Vec<&str> = issued.iter().map(|(id, _)| id.as_str()).collect();
+            let (code, body) = dec(&slave, &b, "sae-a", &ids).await;
+            assert_eq!(code, 200, "{body}");
+            assert_eq!(keys(&body), issued, "slave got other bytes than the master");
+            issued
+        }
+    });
+    let all: Vec<(String, String)> = futures_util::future::join_all(pairs)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let ids: HashSet<_> = all.iter().map(|(id, _)| id).collect();
+    let material: HashSet<_> = all.iter().map(|(_, key)| key).collect();
+    assert_eq!(ids.len(), all.len(), "duplicate key_ID");
+    assert_eq!(material.len(), all.len(), "duplicate key material");
+    assert_eq!(all.len(), (0..64).map(|i| 1 + i % 4).sum::<usize>());
+}
+
+#[actix::test]
+async fn exhaustion_answers_503_then_the_pool_refills() {
+    // 16 keys of 256 bits per end; 8 kbit/s refills one 256-byte block in a quarter second.
+    let net = Net::start(LinkOptions {
+        rate_bits_per_s: 8_000,
+        block_bytes: 256,
+        max_key_count: 16,
+        tick_ms: 20,
+        ..LinkOptions::default()
+    });
+    let a = net.url("kme-a");
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 16).await;
+    let master = net.client(Some("sae-a"));
+    let mut got = 0;
+    let mut exhausted = None;
+    for _ in 0..64 {
+        let (code, body) = enc(&master, &a, "sae-b", json!({"number": 8})).await;
+        match code {
+            200 => got += 8,
+            503 => {
+                exhausted = Some(body);
+                break;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    let exhausted = exhausted.expect("the pool never ran dry");
+    assert!(got >= 16, "a full pool serves its keys first");
+    assert!(
+        exhausted["message"]
+            .as_str()
+            .unwrap()
+            .contains("retry later"),
+        "{exhausted}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, _) = enc(&master, &a, "sae-b", json!({"number": 8})).await;
+        if code == 200 {
+            break;
+        }
+        assert_eq!(code, 503);
+        assert!(Instant::now() < deadline, "the pool never refilled");
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,11 @@
+//! The one integration-test binary: real KMEs on 127.0.0.1:0 with a PKI minted here, driven by
+//! a real mTLS client. Add modules here, never new files in tests/ (each is a slow binary).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod api;
+mod bad_input;
+mod crash;
+mod harness;
+mod load;
+mod pki;
