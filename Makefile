@@ -39,6 +39,9 @@ lint: ## fmt check + clippy -D warnings
 fmt: ## format the code
 	$(CARGO) fmt --all
 
+bench: build certs ## load benchmark on the network of bench/kme.toml: keys/s and latency (var/bench/*.json)
+	@scripts/bench.sh
+
 clean: ## remove build output and runtime data (var/)
 	$(CARGO) clean
 	rm -rf var

@@ -370,7 +370,7 @@ impl Validator<'_> {
             ("min_key_size", limits.min_key_size),
             ("max_key_size", limits.max_key_size),
         ] {
-            if v == 0 || v % 8 != 0 {
+            if v == 0 || !v.is_multiple_of(8) {
                 return Err(self.err(
                     format!("{at}.{key}"),
                     "must be a positive multiple of 8 (bits)",

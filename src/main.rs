@@ -34,6 +34,9 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Load generator: drive running KMEs over mTLS and print keys/s and latency percentiles.
+    /// Exit status 2 if any key differed between enc_keys and dec_keys, 3 if nothing succeeded.
+    Bench(Box<kme::loadgen::LoadOptions>),
     /// Verify the hash chain of a KME's audit trail.
     AuditVerify {
         #[arg(long)]
@@ -45,7 +48,11 @@ enum Command {
 
 fn main() -> ExitCode {
     env_logger::init_from_env(env_logger::Env::new().default_filter_or("info"));
-    match run(Cli::parse().command) {
+    let command = Cli::parse().command;
+    if let Command::Bench(options) = &command {
+        return bench(options);
+    }
+    match run(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("kme: {message}");
@@ -92,6 +99,7 @@ fn run(command: Command) -> Result<(), String> {
             }
             Ok(())
         }
+        Command::Bench(_) => Ok(()),
         Command::CurlExample { config } => {
             print!("{}", curl_example(&load(config)?));
             Ok(())
@@ -147,4 +155,30 @@ fn curl_example(config: &Config) -> String {
         sc = cert(&slave),
         su = url(&slave_kme),
     )
+}
+
+fn bench(options: &kme::loadgen::LoadOptions) -> ExitCode {
+    match kme::loadgen::run(options) {
+        Ok(report) => {
+            report.print_human();
+            if let Some(path) = &options.json_out {
+                println!("  report      {}", path.display());
+            }
+            if report.mismatches > 0 {
+                ExitCode::from(2)
+            } else if report.requests == 0 {
+                eprintln!(
+                    "kme bench: no request succeeded ({} failed)",
+                    report.errors_total()
+                );
+                ExitCode::from(3)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(err) => {
+            eprintln!("kme bench: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }

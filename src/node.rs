@@ -92,10 +92,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         let params = neighbour.params.clone();
         let peer = params.peer.clone();
         let connector = tls::peer_connector(&config.ca, &config.cert, &config.key, peer.as_str())?;
-        let client = awc::Client::builder()
-            .connector(awc::Connector::new().openssl(connector).limit(64))
-            .timeout(config.request_timeout)
-            .finish();
+        let client = tls::https_client(connector, 64, config.request_timeout);
         let peer_link = PeerLink::new(
             peer.clone(),
             neighbour.url.clone(),

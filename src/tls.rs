@@ -137,3 +137,47 @@ pub fn identify(connection: &dyn Any) -> PeerIdentity {
         None => PeerIdentity::Rejected("client certificate has no usable CN".into()),
     }
 }
+
+/// TCP connector for our HTTPS clients (KME-to-KME, `kme bench`) that sets TCP_NODELAY.
+///
+/// awc writes a request's head and body as separate TLS records; with Nagle's algorithm on,
+/// the body waits for the ACK of the head, which the server delays by up to 40 ms. Every
+/// KME-to-KME round trip would pay that. (The servers set `tcp_nodelay` themselves.)
+#[derive(Clone, Default)]
+pub struct NoDelayTcp(actix_tls::connect::ConnectorService);
+
+impl actix_service::Service<actix_tls::connect::ConnectInfo<awc::http::Uri>> for NoDelayTcp {
+    type Response = actix_tls::connect::Connection<awc::http::Uri, TcpStream>;
+    type Error = actix_tls::connect::ConnectError;
+    type Future =
+        futures_util::future::LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    actix_service::always_ready!();
+
+    fn call(&self, request: actix_tls::connect::ConnectInfo<awc::http::Uri>) -> Self::Future {
+        let connecting = self.0.call(request);
+        Box::pin(async move {
+            let connection = connecting.await?;
+            // Best effort: a socket without NODELAY is slower, not wrong.
+            let _ = connection.io_ref().set_nodelay(true);
+            Ok(connection)
+        })
+    }
+}
+
+/// An HTTPS client over `connector`, with TCP_NODELAY and at most `connections` per host.
+pub fn https_client(
+    connector: SslConnector,
+    connections: usize,
+    timeout: std::time::Duration,
+) -> awc::Client {
+    awc::Client::builder()
+        .connector(
+            awc::Connector::new()
+                .connector(NoDelayTcp::default())
+                .openssl(connector)
+                .limit(connections),
+        )
+        .timeout(timeout)
+        .finish()
+}

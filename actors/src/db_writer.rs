@@ -284,6 +284,7 @@ fn activate(
     let state = crate::db::stream_state(tx, peer, peer)?;
     let mut high_mark = state.position;
     let now = now_ms();
+    let mut cache = None;
     for binding in bindings {
         if binding.start < high_mark {
             return Err(Error::ActivationRejected {
@@ -292,7 +293,14 @@ fn activate(
                 reason: format!("position {} is already bound", binding.start),
             });
         }
-        let material = read_stream(tx, peer, binding.start, binding.len, block_bytes)?;
+        let material = read_stream(
+            tx,
+            peer,
+            binding.start,
+            binding.len,
+            block_bytes,
+            &mut cache,
+        )?;
         insert_key(
             tx,
             &binding.key_id,
@@ -312,31 +320,43 @@ fn activate(
     Ok(true)
 }
 
-/// Reads `len` bytes at `start` of `owner`'s stream on the link to `peer`.
+/// The last block read during one activation batch: bindings are in stream order, so
+/// consecutive keys usually come from the same block and it is read from SQLite once.
+type BlockCache = Option<(u64, Vec<u8>)>;
+
+/// Reads `len` bytes at `start` of `owner`'s stream on the link to `owner`.
 fn read_stream(
     tx: &Connection,
     owner: &KmeId,
     start: u64,
     len: u32,
     block_bytes: usize,
+    cache: &mut BlockCache,
 ) -> Result<Vec<u8>> {
     let block = block_bytes as u64;
     let end = start + u64::from(len);
     let mut out = Vec::with_capacity(len as usize);
-    let mut stmt = tx.prepare_cached(
-        "SELECT data FROM link_blocks WHERE peer = ?1 AND owner = ?1 AND seq = ?2 AND confirmed = 1",
-    )?;
     let mut pos = start;
     while pos < end {
         let seq = pos / block;
-        let data: Option<Vec<u8>> = stmt
-            .query_row(params![owner.as_str(), to_i64(seq)], |r| r.get(0))
-            .optional()?;
-        let data = data.ok_or_else(|| Error::ActivationRejected {
-            peer: owner.to_string(),
-            high_mark: 0,
-            reason: format!("block {seq} is not held here"),
-        })?;
+        if cache.as_ref().map(|(cached, _)| *cached) != Some(seq) {
+            let data: Option<Vec<u8>> = tx
+                .prepare_cached(
+                    "SELECT data FROM link_blocks WHERE peer = ?1 AND owner = ?1 AND seq = ?2 AND confirmed = 1",
+                )?
+                .query_row(params![owner.as_str(), to_i64(seq)], |r| r.get(0))
+                .optional()?;
+            let data = data.ok_or_else(|| Error::ActivationRejected {
+                peer: owner.to_string(),
+                high_mark: 0,
+                reason: format!("block {seq} is not held here"),
+            })?;
+            *cache = Some((seq, data));
+        }
+        let data = cache
+            .as_ref()
+            .map(|(_, d)| d.as_slice())
+            .unwrap_or_default();
         let from = usize::try_from(pos - seq * block).unwrap_or(usize::MAX);
         let to = usize::try_from(end.min((seq + 1) * block) - seq * block).unwrap_or(usize::MAX);
         let slice = data.get(from..to).ok_or_else(|| {
