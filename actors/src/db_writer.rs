@@ -515,7 +515,10 @@ mod tests {
     use super::*;
     use crate::db;
 
-    fn conn() -> (tempfile::TempDir, r2d2::PooledConnection<r2d2_sqlite::SqliteConnectionManager>) {
+    fn conn() -> (
+        tempfile::TempDir,
+        r2d2::PooledConnection<r2d2_sqlite::SqliteConnectionManager>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let (writer, _) = db::open(&dir.path().join("t.sqlite"), 1).unwrap();
         let conn = writer.get().unwrap();
@@ -548,34 +551,60 @@ mod tests {
     fn blocks_are_idempotent_and_replays_of_consumed_ones_fail() {
         let (_dir, conn) = conn();
         let peer = kme("kme-a");
-        let stored = store_blocks(&conn, &peer, vec![block("kme-a", 0), block("kme-a", 1)], true).unwrap();
+        let stored = store_blocks(
+            &conn,
+            &peer,
+            vec![block("kme-a", 0), block("kme-a", 1)],
+            true,
+        )
+        .unwrap();
         assert_eq!(stored, vec![BlockOutcome::Stored, BlockOutcome::Stored]);
         let again = store_blocks(&conn, &peer, vec![block("kme-a", 1)], true).unwrap();
         assert_eq!(again, vec![BlockOutcome::Duplicate]);
         let mut altered = block("kme-a", 1);
         altered.data[0] ^= 1;
-        assert!(matches!(store_blocks(&conn, &peer, vec![altered], true), Err(Error::PeerMessage(_))));
+        assert!(matches!(
+            store_blocks(&conn, &peer, vec![altered], true),
+            Err(Error::PeerMessage(_))
+        ));
         // Block 0 is consumed (deleted); its number must never be accepted again.
         advance_position(&conn, &peer, &peer, 16, 16).unwrap();
-        assert!(matches!(store_blocks(&conn, &peer, vec![block("kme-a", 0)], true), Err(Error::PeerMessage(_))));
+        assert!(matches!(
+            store_blocks(&conn, &peer, vec![block("kme-a", 0)], true),
+            Err(Error::PeerMessage(_))
+        ));
     }
 
     #[test]
     fn activation_binds_once_retries_are_idempotent_and_replays_fail() {
         let (_dir, conn) = conn();
         let peer = kme("kme-a");
-        store_blocks(&conn, &peer, vec![block("kme-a", 0), block("kme-a", 1)], true).unwrap();
+        store_blocks(
+            &conn,
+            &peer,
+            vec![block("kme-a", 0), block("kme-a", 1)],
+            true,
+        )
+        .unwrap();
         let first = vec![binding(0, &["sae-b"]), binding(12, &["sae-b"])];
         let digest = [1u8; 32];
         assert!(activate(&conn, &peer, 10, &digest, 16, &first).unwrap());
         // The identical batch again (a retry after a lost answer): accepted, nothing bound twice.
         assert!(!activate(&conn, &peer, 10, &digest, 16, &first).unwrap());
-        let count: i64 = conn.query_row("SELECT count(*) FROM keys", [], |r| r.get(0)).unwrap();
+        let count: i64 = conn
+            .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(count, 2);
         // An older or equal sequence number with other content: a replay.
         let other = vec![binding(20, &["sae-b"])];
-        assert!(matches!(activate(&conn, &peer, 10, &[2u8; 32], 16, &other), Err(Error::PeerMessage(_))));
-        assert!(matches!(activate(&conn, &peer, 9, &[2u8; 32], 16, &other), Err(Error::PeerMessage(_))));
+        assert!(matches!(
+            activate(&conn, &peer, 10, &[2u8; 32], 16, &other),
+            Err(Error::PeerMessage(_))
+        ));
+        assert!(matches!(
+            activate(&conn, &peer, 9, &[2u8; 32], 16, &other),
+            Err(Error::PeerMessage(_))
+        ));
         // A newer batch reusing bound positions is refused with the high mark.
         let reuse = vec![binding(16, &["sae-b"])];
         match activate(&conn, &peer, 11, &[3u8; 32], 16, &reuse) {
@@ -583,12 +612,20 @@ mod tests {
             other => panic!("expected a rejection, got {other:?}"),
         }
         // Material spans blocks 0 and 1 for the key at 12..20.
-        let material = retrieve(&conn, &SaeId::new("sae-b"), &SaeId::new("sae-a"), &[first[1].key_id]).unwrap();
+        let material = retrieve(
+            &conn,
+            &SaeId::new("sae-b"),
+            &SaeId::new("sae-a"),
+            &[first[1].key_id],
+        )
+        .unwrap();
         let mut expected = block("kme-a", 0).data[12..].to_vec();
         expected.extend_from_slice(&block("kme-a", 1).data[..4]);
         assert_eq!(material[0].material, expected);
         // Block 0 is wholly bound, so it is gone from the store.
-        let blocks: i64 = conn.query_row("SELECT count(*) FROM link_blocks", [], |r| r.get(0)).unwrap();
+        let blocks: i64 = conn
+            .query_row("SELECT count(*) FROM link_blocks", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(blocks, 1);
     }
 
@@ -599,15 +636,34 @@ mod tests {
         store_blocks(&conn, &peer, vec![block("kme-a", 0)], true).unwrap();
         let key = binding(0, &["sae-b", "sae-b2"]);
         activate(&conn, &peer, 1, &[0u8; 32], 16, std::slice::from_ref(&key)).unwrap();
-        let (a, b, b2, x) = (SaeId::new("sae-a"), SaeId::new("sae-b"), SaeId::new("sae-b2"), SaeId::new("sae-x"));
-        assert!(matches!(retrieve(&conn, &x, &a, &[key.key_id]), Err(Error::NotAuthorized(_))));
-        assert!(matches!(retrieve(&conn, &b, &x, &[key.key_id]), Err(Error::KeysNotFound)));
-        assert!(matches!(retrieve(&conn, &b, &a, &[key.key_id, Uuid::now_v7()]), Err(Error::KeysNotFound)));
+        let (a, b, b2, x) = (
+            SaeId::new("sae-a"),
+            SaeId::new("sae-b"),
+            SaeId::new("sae-b2"),
+            SaeId::new("sae-x"),
+        );
+        assert!(matches!(
+            retrieve(&conn, &x, &a, &[key.key_id]),
+            Err(Error::NotAuthorized(_))
+        ));
+        assert!(matches!(
+            retrieve(&conn, &b, &x, &[key.key_id]),
+            Err(Error::KeysNotFound)
+        ));
+        assert!(matches!(
+            retrieve(&conn, &b, &a, &[key.key_id, Uuid::now_v7()]),
+            Err(Error::KeysNotFound)
+        ));
         let first = retrieve(&conn, &b, &a, &[key.key_id]).unwrap();
-        assert!(matches!(retrieve(&conn, &b, &a, &[key.key_id]), Err(Error::KeysNotFound)));
+        assert!(matches!(
+            retrieve(&conn, &b, &a, &[key.key_id]),
+            Err(Error::KeysNotFound)
+        ));
         let second = retrieve(&conn, &b2, &a, &[key.key_id]).unwrap();
         assert_eq!(first, second);
-        let left: i64 = conn.query_row("SELECT count(*) FROM keys", [], |r| r.get(0)).unwrap();
+        let left: i64 = conn
+            .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(left, 0, "the key is deleted once every slave has it");
     }
 
@@ -617,12 +673,24 @@ mod tests {
         let tx = conn.transaction().unwrap();
         let mut head = audit_head(&tx).unwrap();
         for i in 0..3 {
-            append_audit(&tx, &mut head, &AuditRecord::new("test", serde_json::json!({"i": i}))).unwrap();
+            append_audit(
+                &tx,
+                &mut head,
+                &AuditRecord::new("test", serde_json::json!({"i": i})),
+            )
+            .unwrap();
         }
         tx.commit().unwrap();
         assert_eq!(db::verify_audit_chain(&conn).unwrap(), 3);
-        assert!(conn.execute("UPDATE audit SET detail = '{}' WHERE id = 2", []).is_err(), "append-only");
-        conn.execute_batch("DROP TRIGGER audit_no_update; UPDATE audit SET detail = '{\"i\":9}' WHERE id = 2;").unwrap();
+        assert!(
+            conn.execute("UPDATE audit SET detail = '{}' WHERE id = 2", [])
+                .is_err(),
+            "append-only"
+        );
+        conn.execute_batch(
+            "DROP TRIGGER audit_no_update; UPDATE audit SET detail = '{\"i\":9}' WHERE id = 2;",
+        )
+        .unwrap();
         assert!(db::verify_audit_chain(&conn).is_err());
     }
 }
