@@ -58,6 +58,7 @@ struct RawTls {
 #[serde(deny_unknown_fields)]
 struct RawLinkSettings {
     request_timeout_ms: Option<u64>,
+    key_ttl_s: Option<u64>,
     source: Option<String>,
     rate_bits_per_s: Option<u64>,
     block_bytes: Option<usize>,
@@ -74,6 +75,7 @@ impl RawLinkSettings {
     fn or(&self, d: &RawLinkSettings) -> RawLinkSettings {
         RawLinkSettings {
             request_timeout_ms: self.request_timeout_ms.or(d.request_timeout_ms),
+            key_ttl_s: self.key_ttl_s.or(d.key_ttl_s),
             source: self.source.clone().or_else(|| d.source.clone()),
             rate_bits_per_s: self.rate_bits_per_s.or(d.rate_bits_per_s),
             block_bytes: self.block_bytes.or(d.block_bytes),
@@ -140,6 +142,8 @@ pub struct Config {
     pub ca: PathBuf,
     pub cert_dir: PathBuf,
     pub request_timeout: Duration,
+    /// Keys not retrieved by all their slaves within this time are deleted (audited).
+    pub key_ttl: Duration,
     pub kmes: Vec<KmeSpec>,
     pub sae_homes: HashMap<SaeId, KmeId>,
     pub links: Vec<LinkSpec>,
@@ -163,6 +167,7 @@ pub struct NodeConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub request_timeout: Duration,
+    pub key_ttl: Duration,
     pub neighbours: Vec<Neighbour>,
     pub sae_homes: HashMap<SaeId, KmeId>,
     pub kmes: HashSet<KmeId>,
@@ -233,6 +238,7 @@ impl Config {
             me,
             ca: self.ca.clone(),
             request_timeout: self.request_timeout,
+            key_ttl: self.key_ttl,
             neighbours,
             sae_homes: self.sae_homes.clone(),
             kmes: self.kmes.iter().map(|k| k.id.clone()).collect(),
@@ -335,6 +341,12 @@ impl Validator<'_> {
             if !pairs.insert(pair) {
                 return Err(self.err("link.ends", format!("link {a} — {b} is defined twice")));
             }
+            if l.settings.request_timeout_ms.is_some() || l.settings.key_ttl_s.is_some() {
+                return Err(self.err(
+                    "link",
+                    "request_timeout_ms and key_ttl_s belong in [defaults]",
+                ));
+            }
             let s = l.settings.or(&defaults);
             links.push(self.link_spec([KmeId::new(a), KmeId::new(b)], &s)?);
         }
@@ -348,6 +360,12 @@ impl Validator<'_> {
                     .request_timeout_ms
                     .unwrap_or(5000)
                     .clamp(10, 600_000),
+            ),
+            key_ttl: Duration::from_secs(
+                defaults
+                    .key_ttl_s
+                    .unwrap_or(86_400)
+                    .clamp(1, 10 * 365 * 86_400),
             ),
             kmes,
             sae_homes,
@@ -389,8 +407,16 @@ impl Validator<'_> {
         if limits.max_key_per_request == 0 || limits.max_key_per_request > 100_000 {
             return Err(self.err(format!("{at}.max_key_per_request"), "must be 1..=100000"));
         }
-        if limits.max_key_count == 0 {
-            return Err(self.err(format!("{at}.max_key_count"), "must be at least 1"));
+        if limits.max_key_count == 0
+            || limits
+                .max_key_count
+                .saturating_mul(u64::from(limits.key_size))
+                > 1 << 43
+        {
+            return Err(self.err(
+                format!("{at}.max_key_count"),
+                "must be at least 1, and max_key_count x key_size at most 2^43 bits (1 TiB)",
+            ));
         }
         if limits.max_sae_id_count > 64 {
             return Err(self.err(format!("{at}.max_sae_id_count"), "at most 64"));

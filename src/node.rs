@@ -83,7 +83,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     let (writer_pool, reader_pool) = db::open(&config.me.data_dir.join("kme.sqlite"), 2)?;
     let epoch = db::next_epoch(&*writer_pool.get().map_err(kme_actors::Error::from)?)?;
     let writer = SyncArbiter::start(1, move || DbWriter::new(writer_pool.clone()));
-    let store = Store::new(writer).start();
+    let store = Store::new(writer, config.key_ttl).start();
     let audit = AuditLog::new(store.clone()).start();
 
     let mut routes = Vec::new();
@@ -92,12 +92,14 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         let params = neighbour.params.clone();
         let peer = params.peer.clone();
         let connector = tls::peer_connector(&config.ca, &config.cert, &config.key, peer.as_str())?;
-        let client = tls::https_client(connector, 64, config.request_timeout);
+        // Half the SAE request timeout: a slow neighbour yields a 503 before the SAE gives up.
+        let peer_timeout = config.request_timeout / 2;
+        let client = tls::https_client(connector, 64, peer_timeout);
         let peer_link = PeerLink::new(
             peer.clone(),
             neighbour.url.clone(),
             client,
-            config.request_timeout,
+            peer_timeout,
             epoch,
         )
         .start();
@@ -151,6 +153,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
             PeerEnd {
                 link: link.clone(),
                 block_bytes: params.block_bytes,
+                max_key_bytes: params.limits.max_key_size / 8,
             },
         );
         routes.push(NeighbourRoute {
@@ -176,13 +179,9 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         timeout: config.request_timeout,
     });
     let peer_state = web::Data::new(PeerState {
+        me: me.clone(),
         neighbours: ends,
-        local_saes: config
-            .sae_homes
-            .iter()
-            .filter(|(_, home)| **home == me)
-            .map(|(sae, _)| sae.clone())
-            .collect(),
+        homes: config.sae_homes.clone(),
         store,
         timeout: config.request_timeout,
     });

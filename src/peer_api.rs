@@ -6,7 +6,7 @@
 //! (every slave must be an SAE of this KME), made durable through `Store` (sequence numbers
 //! and the stream high mark reject replays and double binding), then acknowledged.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use actix::Addr;
@@ -29,11 +29,15 @@ const MAX_PEER_BODY: usize = 256 * 1024 * 1024;
 pub struct PeerEnd {
     pub link: Addr<Link>,
     pub block_bytes: usize,
+    /// Largest key of the link, in bytes: no binding may be longer.
+    pub max_key_bytes: u32,
 }
 
 pub struct PeerState {
+    pub me: KmeId,
     pub neighbours: HashMap<KmeId, PeerEnd>,
-    pub local_saes: HashSet<SaeId>,
+    /// Home KME of every SAE of the network.
+    pub homes: HashMap<SaeId, KmeId>,
     pub store: Addr<Store>,
     pub timeout: Duration,
 }
@@ -185,13 +189,22 @@ async fn activate(
     let body = read_body(payload).await?;
     let batch: ActivationBatch = parse(&body)?;
     for b in &batch.bindings {
-        if b.len == 0 || b.slaves.is_empty() {
-            return Err(Error::PeerMessage(format!("binding of {} is empty", b.key_id)).into());
+        if b.len == 0 || b.len > end.max_key_bytes || b.slaves.is_empty() {
+            let reason = format!("binding of {} has a bad length or no slave", b.key_id);
+            return Err(Error::PeerMessage(reason).into());
         }
-        if let Some(foreign) = b.slaves.iter().find(|s| !state.local_saes.contains(*s)) {
-            return Err(
-                Error::PeerMessage(format!("slave {foreign} is not an SAE of this KME")).into(),
-            );
+        // A neighbour binds keys of its own SAEs for SAEs of this KME, nothing else.
+        if state.homes.get(&b.master) != Some(&peer) {
+            let reason = format!("master {} is not an SAE of {peer}", b.master);
+            return Err(Error::PeerMessage(reason).into());
+        }
+        if let Some(foreign) = b
+            .slaves
+            .iter()
+            .find(|s| state.homes.get(*s) != Some(&state.me))
+        {
+            let reason = format!("slave {foreign} is not an SAE of this KME");
+            return Err(Error::PeerMessage(reason).into());
         }
     }
     let op = Op::Activate {

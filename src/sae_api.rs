@@ -193,12 +193,11 @@ async fn enc_keys_get(
     state: web::Data<SaeState>,
 ) -> Result<HttpResponse, ApiError> {
     let identity = caller(&req)?;
-    let query: KeyQuery = parse_query(&req)?;
-    let request = KeyRequest {
+    let request = parse_query::<KeyQuery>(&req).map(|query| KeyRequest {
         number: query.number,
         size: query.size,
         ..KeyRequest::default()
-    };
+    });
     enc_keys(identity, path.into_inner(), request, &state).await
 }
 
@@ -209,17 +208,17 @@ async fn enc_keys_post(
     state: web::Data<SaeState>,
 ) -> Result<HttpResponse, ApiError> {
     let identity = caller(&req)?;
-    if !req.query_string().is_empty() {
-        return Err(ApiError::bad_request(
+    let request = if req.query_string().is_empty() {
+        read_body(payload).await.and_then(|body| parse_json(&body))
+    } else {
+        Err(ApiError::bad_request(
             "POST enc_keys takes its parameters in the JSON body",
-        ));
-    }
-    let body = read_body(payload).await?;
-    let request: KeyRequest = parse_json(&body)?;
+        ))
+    };
     enc_keys(identity, path.into_inner(), request, &state).await
 }
 
-/// Checks `extension_mandatory`; returns whether the caller insisted on a direct link.
+/// Checks `extension_mandatory`: only `kme_route_type: "direct"` is understood (and always met).
 fn mandatory_extensions(request: &KeyRequest) -> Result<(), ApiError> {
     for extension in request.extension_mandatory.iter().flatten() {
         for (name, value) in extension {
@@ -241,10 +240,17 @@ fn mandatory_extensions(request: &KeyRequest) -> Result<(), ApiError> {
 async fn enc_keys(
     identity: String,
     slave: String,
-    request: KeyRequest,
+    request: Result<KeyRequest, ApiError>,
     state: &SaeState,
 ) -> Result<HttpResponse, ApiError> {
-    mandatory_extensions(&request)?;
+    let request = match request.and_then(|r| mandatory_extensions(&r).map(|()| r)) {
+        Ok(request) => request,
+        Err(err) => {
+            // An unauthorised caller learns nothing about what it sent: 401 comes first.
+            ask_ok(&state.registry, Identify { identity }, state.timeout).await?;
+            return Err(err);
+        }
+    };
     let additional = request.additional_slave_SAE_IDs.clone().unwrap_or_default();
     let route = route(state, identity, slave, additional).await?;
     let limits = route.target.limits();
@@ -257,6 +263,15 @@ async fn enc_keys(
         limits.max_key_size,
     )
     .map_err(ApiError::bad_request)?;
+    let capacity_bits = limits
+        .max_key_count
+        .saturating_mul(u64::from(limits.key_size));
+    let asked_bits = u64::from(number.get()) * u64::from(size.get());
+    if asked_bits > capacity_bits {
+        return Err(ApiError::bad_request(format!(
+            "number x size ({asked_bits} bits) exceeds the {capacity_bits} bits of key material this link's pool holds (max_key_count x key_size)"
+        )));
+    }
     let request_id = Uuid::new_v4();
     let keys = match &route.target {
         Target::Neighbour(link) => {
@@ -336,24 +351,24 @@ async fn dec_keys_get(
     state: web::Data<SaeState>,
 ) -> Result<HttpResponse, ApiError> {
     let identity = caller(&req)?;
-    let pairs: Vec<(String, String)> = parse_query(&req)?;
-    let ids: Vec<String> = pairs
-        .into_iter()
-        .map(|(name, value)| {
-            if name == "key_ID" {
-                Ok(value)
-            } else {
-                Err(ApiError::bad_request(format!(
+    let ids = parse_query::<Vec<(String, String)>>(&req).and_then(|pairs| {
+        let ids: Vec<String> = pairs
+            .into_iter()
+            .map(|(name, value)| match name.as_str() {
+                "key_ID" => Ok(value),
+                _ => Err(ApiError::bad_request(format!(
                     "unknown query parameter {name}"
-                )))
-            }
-        })
-        .collect::<Result<_, _>>()?;
-    if ids.len() != 1 {
-        return Err(ApiError::bad_request(
-            "GET dec_keys takes exactly one key_ID; use POST for several",
-        ));
-    }
+                ))),
+            })
+            .collect::<Result<_, _>>()?;
+        if ids.len() == 1 {
+            Ok(ids)
+        } else {
+            Err(ApiError::bad_request(
+                "GET dec_keys takes exactly one key_ID; use POST for several",
+            ))
+        }
+    });
     dec_keys(identity, path.into_inner(), ids, &state).await
 }
 
@@ -364,24 +379,22 @@ async fn dec_keys_post(
     state: web::Data<SaeState>,
 ) -> Result<HttpResponse, ApiError> {
     let identity = caller(&req)?;
-    if !req.query_string().is_empty() {
-        return Err(ApiError::bad_request(
+    let ids = if req.query_string().is_empty() {
+        read_body(payload).await.and_then(|body| {
+            serde_json::from_slice::<KeyIds>(&body)
+                .map(|request| request.key_IDs.into_iter().map(|k| k.key_ID).collect())
+                .map_err(|err| ApiError::bad_request(format!("invalid JSON request: {err}")))
+        })
+    } else {
+        Err(ApiError::bad_request(
             "POST dec_keys takes its parameters in the JSON body",
-        ));
-    }
-    let body = read_body(payload).await?;
-    let request: KeyIds = serde_json::from_slice(&body)
-        .map_err(|err| ApiError::bad_request(format!("invalid JSON request: {err}")))?;
-    let ids = request.key_IDs.into_iter().map(|k| k.key_ID).collect();
+        ))
+    };
     dec_keys(identity, path.into_inner(), ids, &state).await
 }
 
-async fn dec_keys(
-    identity: String,
-    master: String,
-    ids: Vec<String>,
-    state: &SaeState,
-) -> Result<HttpResponse, ApiError> {
+/// Validated, distinct key_IDs of a dec_keys request.
+fn key_ids(ids: Vec<String>) -> Result<Vec<Uuid>, ApiError> {
     if ids.is_empty() {
         return Err(ApiError::bad_request("key_IDs must name at least one key"));
     }
@@ -402,11 +415,23 @@ async fn dec_keys(
         }
         key_ids.push(parsed);
     }
+    Ok(key_ids)
+}
+
+async fn dec_keys(
+    identity: String,
+    master: String,
+    ids: Result<Vec<String>, ApiError>,
+    state: &SaeState,
+) -> Result<HttpResponse, ApiError> {
+    // Who asks comes first: an unauthorised caller gets 401 whatever it sent.
     let caller = ask_ok(&state.registry, Identify { identity }, state.timeout).await?;
+    let key_ids = ids.and_then(key_ids)?;
     let op = Op::Retrieve {
         caller,
         master: SaeId::new(&master),
         key_ids,
+        deadline: deadline(state.timeout),
     };
     let keys = match ask_ok(&state.store, Exec(op), state.timeout).await? {
         Output::Keys(keys) => keys,
@@ -422,6 +447,12 @@ async fn dec_keys(
             })
             .collect(),
     }))
+}
+
+/// When a consuming write must have started for its answer to still reach the SAE: the
+/// request timeout less a margin for the commit and the response.
+fn deadline(timeout: Duration) -> std::time::Instant {
+    std::time::Instant::now() + timeout - (timeout / 4).min(Duration::from_millis(500))
 }
 
 async fn whoami(req: HttpRequest, state: web::Data<SaeState>) -> Result<HttpResponse, ApiError> {

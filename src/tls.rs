@@ -16,7 +16,7 @@ use openssl::ssl::{
     SslAcceptor, SslAcceptorBuilder, SslConnector, SslFiletype, SslMethod, SslVerifyMode,
     SslVersion,
 };
-use openssl::x509::{X509Ref, X509VerifyResult};
+use openssl::x509::{X509PurposeId, X509Ref, X509VerifyResult};
 
 #[derive(Debug, thiserror::Error)]
 #[error("TLS setup with {file}: {source}")]
@@ -72,6 +72,12 @@ pub fn sae_acceptor(ca: &Path, cert: &Path, key: &Path) -> Result<SslAcceptorBui
 pub fn peer_acceptor(ca: &Path, cert: &Path, key: &Path) -> Result<SslAcceptorBuilder, TlsError> {
     let mut builder = base_acceptor(ca, cert, key)?;
     builder.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+    // Only KME certificates (extended key usage serverAuth) may open the KME-to-KME channel,
+    // whatever their CN says: an SAE certificate (clientAuth only) fails the handshake.
+    builder
+        .verify_param_mut()
+        .set_purpose(X509PurposeId::SSL_SERVER)
+        .map_err(at(cert))?;
     builder
         .set_session_id_context(b"kme-peer")
         .map_err(at(cert))?;

@@ -7,7 +7,7 @@
 //! others; a failed commit fails them all, and then nothing was changed.
 //! Mailbox: SyncArbiter queues are unbounded; `Store` keeps at most one batch in flight.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use actix::prelude::*;
 use openssl::sha::sha256;
@@ -23,6 +23,9 @@ use crate::types::{now_ms, Binding, Key, KmeId, SaeId};
 pub struct DbWriter {
     pool: DbPool,
     audit_head: Option<(i64, Vec<u8>)>,
+    /// The last block read per peer stream. Blocks never change once stored, and bindings
+    /// arrive in stream order, so consecutive activations mostly hit it.
+    block_cache: HashMap<KmeId, BlockCache>,
 }
 
 impl DbWriter {
@@ -30,6 +33,7 @@ impl DbWriter {
         Self {
             pool,
             audit_head: None,
+            block_cache: HashMap::new(),
         }
     }
 }
@@ -48,17 +52,26 @@ impl Handler<WriteBatch> for DbWriter {
     type Result = Result<Vec<Result<Output>>>;
 
     fn handle(&mut self, msg: WriteBatch, _ctx: &mut SyncContext<Self>) -> Self::Result {
+        let started = std::time::Instant::now();
+        let result = self.write(msg.0);
+        log::trace!("transaction took {:?}", started.elapsed());
+        result
+    }
+}
+
+impl DbWriter {
+    fn write(&mut self, ops: Vec<Op>) -> Result<Vec<Result<Output>>> {
         let mut conn = self.pool.get()?;
         let mut tx = conn.transaction()?;
         let mut head = match self.audit_head.clone() {
             Some(head) => head,
             None => audit_head(&tx)?,
         };
-        let mut outcomes = Vec::with_capacity(msg.0.len());
-        for op in msg.0 {
+        let mut outcomes = Vec::with_capacity(ops.len());
+        for op in ops {
             let savepoint_head = head.clone();
             let mut sp = tx.savepoint()?;
-            let outcome = apply(&sp, op, &mut head);
+            let outcome = apply(&sp, op, &mut head, &mut self.block_cache);
             match outcome {
                 Ok(_) => sp.commit()?,
                 Err(_) => {
@@ -104,18 +117,23 @@ fn append_audit(tx: &Connection, head: &mut (i64, Vec<u8>), record: &AuditRecord
     Ok(())
 }
 
-fn apply(tx: &Connection, op: Op, head: &mut (i64, Vec<u8>)) -> Result<Output> {
+fn apply(
+    tx: &Connection,
+    op: Op,
+    head: &mut (i64, Vec<u8>),
+    block_cache: &mut HashMap<KmeId, BlockCache>,
+) -> Result<Output> {
     match op {
         Op::StoreBlocks {
             peer,
             blocks,
             confirmed,
         } => store_blocks(tx, &peer, blocks, confirmed).map(Output::Blocks),
-        Op::ConfirmBlocks { peer, owner, seqs } => {
+        Op::ConfirmBlocks { peer, blocks } => {
             let mut stmt = tx.prepare_cached(
                 "UPDATE link_blocks SET confirmed = 1 WHERE peer = ?1 AND owner = ?2 AND seq = ?3",
             )?;
-            for seq in seqs {
+            for (owner, seq) in blocks {
                 stmt.execute(params![peer.as_str(), owner.as_str(), to_i64(seq)])?;
             }
             Ok(Output::Done)
@@ -127,7 +145,8 @@ fn apply(tx: &Connection, op: Op, head: &mut (i64, Vec<u8>)) -> Result<Output> {
             block_bytes,
             bindings,
         } => {
-            if activate(tx, &peer, seq, &digest, block_bytes, &bindings)? {
+            let cache = block_cache.entry(peer.clone()).or_default();
+            if activate(tx, &peer, seq, &digest, block_bytes, &bindings, cache)? {
                 append_audit(tx, head, &bound_record(&peer, seq, &bindings))?;
             }
             Ok(Output::Done)
@@ -155,7 +174,13 @@ fn apply(tx: &Connection, op: Op, head: &mut (i64, Vec<u8>)) -> Result<Output> {
             caller,
             master,
             key_ids,
+            deadline,
         } => {
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Unavailable(
+                    "dec_keys expired before it reached storage".into(),
+                ));
+            }
             let keys = retrieve(tx, &caller, &master, &key_ids)?;
             let record = AuditRecord::new(
                 "keys_retrieved",
@@ -167,6 +192,22 @@ fn apply(tx: &Connection, op: Op, head: &mut (i64, Vec<u8>)) -> Result<Output> {
             );
             append_audit(tx, head, &record)?;
             Ok(Output::Keys(keys))
+        }
+        Op::ExpireKeys { created_before_ms } => {
+            let expired: Vec<Uuid> = tx
+                .prepare_cached("DELETE FROM keys WHERE created_ms < ?1 RETURNING key_id")?
+                .query_map(params![created_before_ms], |r| r.get::<_, Vec<u8>>(0))?
+                .filter_map(|id| id.ok().and_then(|id| Uuid::from_slice(&id).ok()))
+                .collect();
+            if !expired.is_empty() {
+                log::info!("{} keys expired unretrieved", expired.len());
+                let record = AuditRecord::new(
+                    "keys_expired",
+                    serde_json::json!({"count": expired.len(), "key_IDs": expired}),
+                );
+                append_audit(tx, head, &record)?;
+            }
+            Ok(Output::Done)
         }
         Op::Audit(record) => {
             append_audit(tx, head, &record)?;
@@ -225,9 +266,16 @@ fn store_blocks(
         }
         let state = crate::db::stream_state(tx, peer, &block.owner)?;
         if block.seq < state.next_seq {
+            // Held once and already consumed: a retried shipment (or a replay) changes nothing.
+            outcomes.push(BlockOutcome::Duplicate);
+            continue;
+        }
+        if block.seq != state.next_seq || block.seq >= MAX_POSITION {
             return Err(Error::PeerMessage(format!(
-                "block {} of {} was already used (replay)",
-                block.seq, block.owner
+                "block {} of {} does not follow block {}",
+                block.seq,
+                block.owner,
+                state.next_seq.saturating_sub(1)
             )));
         }
         tx.prepare_cached(
@@ -256,6 +304,10 @@ fn store_blocks(
     Ok(outcomes)
 }
 
+/// Positions and block numbers stay below this, so that they fit SQLite's signed integers and
+/// no arithmetic on values a peer sends can overflow.
+const MAX_POSITION: u64 = 1 << 62;
+
 /// Binds positions of the peer's stream to key_IDs. Returns false for an idempotent retry of
 /// the last batch (nothing changed), true when the batch was bound now.
 fn activate(
@@ -265,6 +317,7 @@ fn activate(
     digest: &[u8; 32],
     block_bytes: usize,
     bindings: &[Binding],
+    cache: &mut BlockCache,
 ) -> Result<bool> {
     let last: Option<(i64, Vec<u8>)> = tx
         .prepare_cached("SELECT last_seq, last_digest FROM peer_sequence WHERE peer = ?1")?
@@ -284,8 +337,14 @@ fn activate(
     let state = crate::db::stream_state(tx, peer, peer)?;
     let mut high_mark = state.position;
     let now = now_ms();
-    let mut cache = None;
     for binding in bindings {
+        let end = binding.start.saturating_add(u64::from(binding.len));
+        if binding.len == 0 || end >= MAX_POSITION {
+            return Err(Error::PeerMessage(format!(
+                "binding of {} is out of range",
+                binding.key_id
+            )));
+        }
         if binding.start < high_mark {
             return Err(Error::ActivationRejected {
                 peer: peer.to_string(),
@@ -293,14 +352,7 @@ fn activate(
                 reason: format!("position {} is already bound", binding.start),
             });
         }
-        let material = read_stream(
-            tx,
-            peer,
-            binding.start,
-            binding.len,
-            block_bytes,
-            &mut cache,
-        )?;
+        let material = read_stream(tx, peer, binding.start, binding.len, block_bytes, cache)?;
         insert_key(
             tx,
             &binding.key_id,
@@ -320,8 +372,7 @@ fn activate(
     Ok(true)
 }
 
-/// The last block read during one activation batch: bindings are in stream order, so
-/// consecutive keys usually come from the same block and it is read from SQLite once.
+/// The last block read of one peer stream (number and bytes).
 type BlockCache = Option<(u64, Vec<u8>)>;
 
 /// Reads `len` bytes at `start` of `owner`'s stream on the link to `owner`.
@@ -333,8 +384,8 @@ fn read_stream(
     block_bytes: usize,
     cache: &mut BlockCache,
 ) -> Result<Vec<u8>> {
-    let block = block_bytes as u64;
-    let end = start + u64::from(len);
+    let block = (block_bytes as u64).max(1);
+    let end = start.saturating_add(u64::from(len));
     let mut out = Vec::with_capacity(len as usize);
     let mut pos = start;
     while pos < end {
@@ -342,7 +393,8 @@ fn read_stream(
         if cache.as_ref().map(|(cached, _)| *cached) != Some(seq) {
             let data: Option<Vec<u8>> = tx
                 .prepare_cached(
-                    "SELECT data FROM link_blocks WHERE peer = ?1 AND owner = ?1 AND seq = ?2 AND confirmed = 1",
+                    // Not `confirmed`: the owner binding positions proves it holds the block.
+                    "SELECT data FROM link_blocks WHERE peer = ?1 AND owner = ?1 AND seq = ?2",
                 )?
                 .query_row(params![owner.as_str(), to_i64(seq)], |r| r.get(0))
                 .optional()?;
@@ -358,14 +410,15 @@ fn read_stream(
             .map(|(_, d)| d.as_slice())
             .unwrap_or_default();
         let from = usize::try_from(pos - seq * block).unwrap_or(usize::MAX);
-        let to = usize::try_from(end.min((seq + 1) * block) - seq * block).unwrap_or(usize::MAX);
+        let block_end = (seq + 1).saturating_mul(block);
+        let to = usize::try_from(end.min(block_end) - seq * block).unwrap_or(usize::MAX);
         let slice = data.get(from..to).ok_or_else(|| {
             Error::Storage(format!(
                 "block {seq} of {owner} is shorter than {block_bytes} bytes"
             ))
         })?;
         out.extend_from_slice(slice);
-        pos = (seq + 1) * block;
+        pos = block_end;
     }
     Ok(out)
 }
@@ -567,10 +620,19 @@ mod tests {
             store_blocks(&conn, &peer, vec![altered], true),
             Err(Error::PeerMessage(_))
         ));
-        // Block 0 is consumed (deleted); its number must never be accepted again.
+        // Block 0 is consumed (deleted): shipping it again changes nothing, it is not stored.
         advance_position(&conn, &peer, &peer, 16, 16).unwrap();
+        let replay = store_blocks(&conn, &peer, vec![block("kme-a", 0)], true).unwrap();
+        assert_eq!(replay, vec![BlockOutcome::Duplicate]);
+        let held: i64 = conn
+            .query_row("SELECT count(*) FROM link_blocks WHERE seq = 0", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(held, 0);
+        // Numbers must follow each other: a gap is refused.
         assert!(matches!(
-            store_blocks(&conn, &peer, vec![block("kme-a", 0)], true),
+            store_blocks(&conn, &peer, vec![block("kme-a", 5)], true),
             Err(Error::PeerMessage(_))
         ));
     }
@@ -588,9 +650,9 @@ mod tests {
         .unwrap();
         let first = vec![binding(0, &["sae-b"]), binding(12, &["sae-b"])];
         let digest = [1u8; 32];
-        assert!(activate(&conn, &peer, 10, &digest, 16, &first).unwrap());
+        assert!(activate(&conn, &peer, 10, &digest, 16, &first, &mut None).unwrap());
         // The identical batch again (a retry after a lost answer): accepted, nothing bound twice.
-        assert!(!activate(&conn, &peer, 10, &digest, 16, &first).unwrap());
+        assert!(!activate(&conn, &peer, 10, &digest, 16, &first, &mut None).unwrap());
         let count: i64 = conn
             .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
             .unwrap();
@@ -598,19 +660,53 @@ mod tests {
         // An older or equal sequence number with other content: a replay.
         let other = vec![binding(20, &["sae-b"])];
         assert!(matches!(
-            activate(&conn, &peer, 10, &[2u8; 32], 16, &other),
+            activate(&conn, &peer, 10, &[2u8; 32], 16, &other, &mut None),
             Err(Error::PeerMessage(_))
         ));
         assert!(matches!(
-            activate(&conn, &peer, 9, &[2u8; 32], 16, &other),
+            activate(&conn, &peer, 9, &[2u8; 32], 16, &other, &mut None),
             Err(Error::PeerMessage(_))
         ));
         // A newer batch reusing bound positions is refused with the high mark.
         let reuse = vec![binding(16, &["sae-b"])];
-        match activate(&conn, &peer, 11, &[3u8; 32], 16, &reuse) {
+        match activate(&conn, &peer, 11, &[3u8; 32], 16, &reuse, &mut None) {
             Err(Error::ActivationRejected { high_mark, .. }) => assert_eq!(high_mark, 20),
             other => panic!("expected a rejection, got {other:?}"),
         }
+        // Positions a peer cannot have: refused, no arithmetic overflow.
+        let mut huge = binding(u64::MAX, &["sae-b"]);
+        assert!(matches!(
+            activate(
+                &conn,
+                &peer,
+                12,
+                &[4u8; 32],
+                16,
+                std::slice::from_ref(&huge),
+                &mut None
+            ),
+            Err(Error::PeerMessage(_))
+        ));
+        huge.start = 1 << 62;
+        assert!(matches!(
+            activate(&conn, &peer, 12, &[4u8; 32], 16, &[huge], &mut None),
+            Err(Error::PeerMessage(_))
+        ));
+        // Positions a peer cannot have: refused, no arithmetic overflow.
+        let mut huge = binding(u64::MAX, &["sae-b"]);
+        let refused = activate(
+            &conn,
+            &peer,
+            12,
+            &[4u8; 32],
+            16,
+            std::slice::from_ref(&huge),
+            &mut None,
+        );
+        assert!(matches!(refused, Err(Error::PeerMessage(_))));
+        huge.start = 1 << 62;
+        let refused = activate(&conn, &peer, 12, &[4u8; 32], 16, &[huge], &mut None);
+        assert!(matches!(refused, Err(Error::PeerMessage(_))));
         // Material spans blocks 0 and 1 for the key at 12..20.
         let material = retrieve(
             &conn,
@@ -635,7 +731,16 @@ mod tests {
         let peer = kme("kme-a");
         store_blocks(&conn, &peer, vec![block("kme-a", 0)], true).unwrap();
         let key = binding(0, &["sae-b", "sae-b2"]);
-        activate(&conn, &peer, 1, &[0u8; 32], 16, std::slice::from_ref(&key)).unwrap();
+        activate(
+            &conn,
+            &peer,
+            1,
+            &[0u8; 32],
+            16,
+            std::slice::from_ref(&key),
+            &mut None,
+        )
+        .unwrap();
         let (a, b, b2, x) = (
             SaeId::new("sae-a"),
             SaeId::new("sae-b"),
@@ -665,6 +770,53 @@ mod tests {
             .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
             .unwrap();
         assert_eq!(left, 0, "the key is deleted once every slave has it");
+    }
+
+    #[test]
+    fn keys_not_retrieved_in_time_expire_with_an_audit_record() {
+        let (_dir, mut conn) = conn();
+        let peer = kme("kme-a");
+        store_blocks(&conn, &peer, vec![block("kme-a", 0)], true).unwrap();
+        let key = binding(0, &["sae-b"]);
+        activate(
+            &conn,
+            &peer,
+            1,
+            &[0u8; 32],
+            16,
+            std::slice::from_ref(&key),
+            &mut None,
+        )
+        .unwrap();
+        let tx = conn.transaction().unwrap();
+        let mut head = audit_head(&tx).unwrap();
+        let sweep = |before| Op::ExpireKeys {
+            created_before_ms: before,
+        };
+        apply(
+            &tx,
+            sweep(now_ms() - 60_000),
+            &mut head,
+            &mut HashMap::new(),
+        )
+        .unwrap();
+        let left: i64 = tx
+            .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 1, "a fresh key stays");
+        apply(&tx, sweep(now_ms() + 1), &mut head, &mut HashMap::new()).unwrap();
+        let left: i64 = tx
+            .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0);
+        let events: i64 = tx
+            .query_row(
+                "SELECT count(*) FROM audit WHERE event = 'keys_expired'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(events, 1);
     }
 
     #[test]

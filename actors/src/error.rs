@@ -19,7 +19,7 @@ pub enum Error {
     #[error("{0}")]
     NotAuthorized(String),
     /// The pool of the link cannot cover the request right now; it refills by itself.
-    #[error("not enough key material for this request on the link to {peer}; retry later")]
+    #[error("not enough key material for this request right now; retry later")]
     PoolExhausted { peer: String },
     /// The slave's KME is not reachable by any supported route.
     #[error("{0}")]

@@ -65,7 +65,7 @@ impl KeyPool {
     /// Bytes that can be handed out now.
     pub fn available(&self) -> u64 {
         match self.blocks.back() {
-            Some(last) => ((last.seq + 1) * self.block_bytes()).saturating_sub(self.cursor),
+            Some(last) => end_of(last.seq, self.block_bytes()).saturating_sub(self.cursor),
             None => 0,
         }
     }
@@ -73,7 +73,7 @@ impl KeyPool {
     fn add_blocks(&mut self, blocks: Vec<StoredBlock>) {
         let block = self.block_bytes();
         for b in blocks {
-            if b.data.len() as u64 != block || (b.seq + 1) * block <= self.cursor {
+            if b.data.len() as u64 != block || end_of(b.seq, block) <= self.cursor {
                 continue;
             }
             match self.blocks.back() {
@@ -87,9 +87,9 @@ impl KeyPool {
                         last.seq
                     );
                     self.blocks.clear();
-                    self.cursor = b.seq * block;
+                    self.cursor = b.seq.saturating_mul(block);
                 }
-                None => self.cursor = self.cursor.max(b.seq * block),
+                None => self.cursor = self.cursor.max(b.seq.saturating_mul(block)),
                 _ => {}
             }
             self.blocks.push_back(b);
@@ -105,14 +105,15 @@ impl KeyPool {
             let Some(front) = self.blocks.front() else {
                 break;
             };
-            let base = front.seq * block;
-            let from = usize::try_from(self.cursor - base).unwrap_or(usize::MAX);
-            let to = usize::try_from(end.min(base + block) - base).unwrap_or(usize::MAX);
+            let base = front.seq.saturating_mul(block);
+            let from = usize::try_from(self.cursor.saturating_sub(base)).unwrap_or(usize::MAX);
+            let to =
+                usize::try_from(end.min(base.saturating_add(block)) - base).unwrap_or(usize::MAX);
             if let Some(slice) = front.data.get(from..to) {
                 out.extend_from_slice(slice);
             }
-            self.cursor = (base + to as u64).min(end);
-            if self.cursor >= base + block {
+            self.cursor = base.saturating_add(to as u64).min(end);
+            if self.cursor >= base.saturating_add(block) {
                 self.blocks.pop_front();
             }
         }
@@ -150,6 +151,11 @@ impl KeyPool {
             limits,
         }
     }
+}
+
+/// First position after block `seq`.
+fn end_of(seq: u64, block: u64) -> u64 {
+    seq.saturating_add(1).saturating_mul(block)
 }
 
 impl Actor for KeyPool {
@@ -334,9 +340,10 @@ mod tests {
 
     #[actix::test]
     async fn take_crosses_blocks_and_never_repeats_bytes() {
-        let store = Store::new(SyncArbiter::start(1, || {
-            crate::db_writer::DbWriter::new(test_pool())
-        }))
+        let store = Store::new(
+            SyncArbiter::start(1, || crate::db_writer::DbWriter::new(test_pool())),
+            std::time::Duration::from_secs(3600),
+        )
         .start();
         let peer = PeerLink::new(
             KmeId::new("kme-b"),
@@ -368,9 +375,10 @@ mod tests {
 
     #[actix::test]
     async fn resumes_after_cursor_and_skips_gaps() {
-        let store = Store::new(SyncArbiter::start(1, || {
-            crate::db_writer::DbWriter::new(test_pool())
-        }))
+        let store = Store::new(
+            SyncArbiter::start(1, || crate::db_writer::DbWriter::new(test_pool())),
+            std::time::Duration::from_secs(3600),
+        )
         .start();
         let peer = PeerLink::new(
             KmeId::new("kme-b"),

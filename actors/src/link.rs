@@ -162,7 +162,6 @@ impl Link {
         self.busy = true;
         let store = self.store.clone();
         let peer = self.peer.clone();
-        let me = self.params.me.clone();
         let link_peer = self.params.peer.clone();
         let work = async move {
             let mut stored = stored;
@@ -177,21 +176,11 @@ impl Link {
                     stored = true;
                 }
                 let level = peer.send(ShipBlocks(blocks.clone())).await??;
-                for owner in [&me, &link_peer] {
-                    let seqs: Vec<u64> = blocks
-                        .iter()
-                        .filter(|b| &b.owner == owner)
-                        .map(|b| b.seq)
-                        .collect();
-                    if !seqs.is_empty() {
-                        let op = Op::ConfirmBlocks {
-                            peer: link_peer.clone(),
-                            owner: owner.clone(),
-                            seqs,
-                        };
-                        store.send(op.into()).await??;
-                    }
-                }
+                let op = Op::ConfirmBlocks {
+                    peer: link_peer.clone(),
+                    blocks: blocks.iter().map(|b| (b.owner.clone(), b.seq)).collect(),
+                };
+                store.send(op.into()).await??;
                 Ok(level)
             }
             .await;
@@ -318,6 +307,13 @@ impl Handler<ReceiveBlocks> for Link {
         let me = self.params.me.clone();
         let store = self.store.clone();
         let blocks = msg.0;
+        if self.params.is_generator() {
+            let err = Error::PeerMessage(format!(
+                "{} generates this link's material; it accepts no shipments",
+                self.params.me
+            ));
+            return Box::pin(fut::ready(Err(err)));
+        }
         if let Some(bad) = blocks
             .iter()
             .find(|b| (b.owner != me && b.owner != peer) || b.data.len() != self.params.block_bytes)

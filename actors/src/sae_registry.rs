@@ -132,7 +132,7 @@ impl SaeRegistry {
             }
             if home != slave_kme {
                 return Err(Error::Unreachable(format!(
-                    "additional slave {extra} is at KME {home}, not at {slave_kme}: multicast across KMEs needs trusted-node relay, not available yet"
+                    "additional slave {extra} is not at the KME of the first slave: multicast across KMEs needs trusted-node relay, not available yet"
                 )));
             }
             slaves.push(extra);
@@ -142,9 +142,9 @@ impl SaeRegistry {
         } else if let Some(route) = self.neighbours.get(&slave_kme) {
             Target::Neighbour(route.clone())
         } else {
-            return Err(Error::Unreachable(format!(
-                "KME {slave_kme} of the slave SAE is not a neighbour of this KME: trusted-node relay is not available yet"
-            )));
+            return Err(Error::Unreachable(
+                "the KME of the slave SAE is not a neighbour of this KME: trusted-node relay is not available yet".into(),
+            ));
         };
         let limit = target.limits().max_sae_id_count as usize;
         if additional.len() > limit {

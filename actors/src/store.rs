@@ -8,6 +8,8 @@
 //! outcome back, only after the transaction holding it is durable.
 //! Mailbox: bounded (capacity set in `started`); callers use `send` under their own timeout.
 
+use std::time::{Duration, Instant};
+
 use actix::prelude::*;
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -15,10 +17,13 @@ use uuid::Uuid;
 use crate::audit_log::AuditRecord;
 use crate::db_writer::{DbWriter, WriteBatch};
 use crate::error::{Error, Result};
-use crate::types::{Binding, Key, KmeId, SaeId};
+use crate::types::{now_ms, Binding, Key, KmeId, SaeId};
 
 /// Most operations committed in one transaction; bounds the latency of a batch.
 const MAX_BATCH: usize = 512;
+/// Most operations waiting for the writer; beyond it new ones are refused at once (503)
+/// instead of queueing without bound behind a slow disk.
+const MAX_QUEUE: usize = 16 * 1024;
 const MAILBOX_CAPACITY: usize = 4096;
 
 /// One block of link material to store.
@@ -55,11 +60,10 @@ pub enum Op {
         blocks: Vec<BlockRecord>,
         confirmed: bool,
     },
-    /// The other end holds these blocks durably: they may be used now.
+    /// The other end holds these blocks (owner, number) durably: they may be used now.
     ConfirmBlocks {
         peer: KmeId,
-        owner: KmeId,
-        seqs: Vec<u64>,
+        blocks: Vec<(KmeId, u64)>,
     },
     /// At the slave's KME: bind positions of the peer's stream to key_IDs (one peer batch).
     Activate {
@@ -82,12 +86,16 @@ pub enum Op {
         keys: Vec<LocalKey>,
         audit: AuditRecord,
     },
-    /// dec_keys: consume-once retrieval by a named slave.
+    /// dec_keys: consume-once retrieval by a named slave. Not applied after `deadline`: by
+    /// then the SAE has had its 503, and a key it never received must stay retrievable.
     Retrieve {
         caller: SaeId,
         master: SaeId,
         key_ids: Vec<Uuid>,
+        deadline: Instant,
     },
+    /// Delete keys bound before `created_before_ms` that some slave never retrieved.
+    ExpireKeys { created_before_ms: i64 },
     /// An audit event on its own.
     Audit(AuditRecord),
 }
@@ -117,15 +125,34 @@ pub struct Store {
     writer: Addr<DbWriter>,
     queue: Vec<(Op, Waiter)>,
     in_flight: bool,
+    key_ttl: Duration,
 }
 
 impl Store {
-    pub fn new(writer: Addr<DbWriter>) -> Self {
+    /// `key_ttl`: how long a bound key waits for its slaves before it is deleted.
+    pub fn new(writer: Addr<DbWriter>, key_ttl: Duration) -> Self {
         Self {
             writer,
             queue: Vec::new(),
             in_flight: false,
+            key_ttl,
         }
+    }
+
+    /// Queues the expiry sweep; its outcome is logged (and audited by the writer).
+    fn expire(&mut self, ctx: &mut Context<Self>) {
+        let ttl_ms = i64::try_from(self.key_ttl.as_millis()).unwrap_or(i64::MAX);
+        let (tx, rx) = oneshot::channel();
+        let op = Op::ExpireKeys {
+            created_before_ms: now_ms().saturating_sub(ttl_ms),
+        };
+        self.queue.push((op, tx));
+        self.flush(ctx);
+        ctx.spawn(fut::wrap_future(async move {
+            if let Ok(Err(err)) = rx.await {
+                log::error!("key expiry failed: {err}");
+            }
+        }));
     }
 
     fn flush(&mut self, ctx: &mut Context<Self>) {
@@ -167,6 +194,8 @@ impl Actor for Store {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        let every = (self.key_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        ctx.run_interval(every, |act, ctx| act.expire(ctx));
     }
 }
 
@@ -174,6 +203,10 @@ impl Handler<Exec> for Store {
     type Result = ResponseFuture<Result<Output>>;
 
     fn handle(&mut self, msg: Exec, ctx: &mut Context<Self>) -> Self::Result {
+        if self.queue.len() >= MAX_QUEUE {
+            log::warn!("storage queue full ({MAX_QUEUE} operations): refusing");
+            return Box::pin(async { Err(Error::Unavailable("storage queue full".into())) });
+        }
         let (tx, rx) = oneshot::channel();
         self.queue.push((msg.0, tx));
         self.flush(ctx);

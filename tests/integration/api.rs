@@ -80,6 +80,18 @@ async fn status_enc_and_dec_with_get_and_post() {
         assert_eq!(keys(&body), vec![(id.clone(), key.clone())]);
     }
 
+    // The other direction: sae-b at kme-b (the receiving end of the courier) is master.
+    net.wait_for_keys("sae-b", "kme-b", "sae-a", 16).await;
+    for _ in 0..20 {
+        let (code, body) = enc(&slave, &b, "sae-a", json!({"number": 4})).await;
+        assert_eq!(code, 200, "{body}");
+        let issued = keys(&body);
+        let ids: Vec<&str> = issued.iter().map(|(id, _)| id.as_str()).collect();
+        let (code, body) = dec(&master, &a, "sae-b", &ids).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(keys(&body), issued);
+    }
+
     // whoami
     let (code, body) = master.get(&format!("{a}/api/v1/sae/info/me")).await;
     assert_eq!((code, body["SAE_ID"].as_str()), (200, Some("sae-a")));

@@ -199,6 +199,34 @@ async fn bad_certificates_get_401_and_consume_nothing() {
         expect(&client, &status_url, None, 401, why).await;
         expect(&client, &enc_url, Some(json!({})), 401, why).await;
         expect(&client, &format!("{a}/api/v1/sae/info/me"), None, 401, why).await;
+        // 401 comes before any judgement of the request itself.
+        let (code, _) = client.post_raw(&enc_url, b"{not json".to_vec()).await;
+        assert_eq!(code, 401);
+        expect(
+            &client,
+            &enc_url,
+            Some(json!({"extension_mandatory": [{"x_y": 1}]})),
+            401,
+            "",
+        )
+        .await;
+        let dec_url = format!("{a}/api/v1/keys/sae-b/dec_keys");
+        expect(
+            &client,
+            &dec_url,
+            Some(json!({"key_IDs": [{"key_ID": "nope"}]})),
+            401,
+            "",
+        )
+        .await;
+        expect(
+            &client,
+            &format!("{dec_url}?key_ID=nope&x=1"),
+            None,
+            401,
+            "",
+        )
+        .await;
     }
     assert_eq!(settled(&net).await, before);
 }
@@ -295,13 +323,9 @@ async fn the_kme_to_kme_channel_accepts_only_neighbour_kmes() {
     let peer_b = net.setup.peer_url("kme-b");
     let body = json!({"seq": 1, "bindings": []});
     let url = format!("{peer_b}/peer/v1/activate");
-    // An SAE certificate of our CA completes TLS but is refused; no certificate fails TLS.
-    let (code, _) = net
-        .client(Some("sae-a"))
-        .try_post(&url, &body)
-        .await
-        .unwrap();
-    assert_eq!(code, 403);
+    // An SAE certificate of our CA (clientAuth only) or no certificate: no usable TLS session.
+    let sae = net.client(Some("sae-a")).try_post(&url, &body).await;
+    assert!(sae.is_err(), "{sae:?}");
     let anonymous = net.client(None).try_post(&url, &body).await;
     assert!(anonymous.map(|(code, _)| code != 200).unwrap_or(true));
     assert!(net
@@ -319,6 +343,19 @@ async fn the_kme_to_kme_channel_accepts_only_neighbour_kmes() {
         .await
         .unwrap();
     assert_eq!(code, 403);
+    // A neighbour may bind keys only of its own SAEs, and only for SAEs of this KME.
+    let kme_a = net.client(Some("kme-a"));
+    for (master, slave) in [
+        ("sae-c", "sae-b"),
+        ("sae-b2", "sae-b"),
+        ("sae-a", "sae-a"),
+        ("sae-a", "sae-c"),
+    ] {
+        let forged = json!({"seq": u64::MAX >> 2, "bindings": [{
+            "key_id": uuid::Uuid::now_v7(), "master": master, "slaves": [slave], "start": 0, "len": 32}]});
+        let (code, answer) = kme_a.try_post(&url, &forged).await.unwrap();
+        assert_eq!(code, 400, "{master}->{slave}: {answer}");
+    }
     // A replayed (old) sequence number from a real neighbour is rejected.
     net.wait_for_keys("sae-a", "kme-a", "sae-b", 1).await;
     let master = net.client(Some("sae-a"));
