@@ -431,18 +431,25 @@ fn advance_position(
     position: u64,
     block_bytes: usize,
 ) -> Result<()> {
+    let block = (block_bytes as u64).max(1);
+    let before = crate::db::stream_state(tx, peer, owner)?.position;
+    if position <= before {
+        return Ok(());
+    }
     tx.prepare_cached(
         "INSERT INTO link_streams(peer, owner, position) VALUES (?1, ?2, ?3)
          ON CONFLICT(peer, owner) DO UPDATE SET position = max(position, excluded.position)",
     )?
     .execute(params![peer.as_str(), owner.as_str(), to_i64(position)])?;
-    let consumed_blocks = position / block_bytes.max(1) as u64;
-    tx.prepare_cached("DELETE FROM link_blocks WHERE peer = ?1 AND owner = ?2 AND seq < ?3")?
-        .execute(params![
-            peer.as_str(),
-            owner.as_str(),
-            to_i64(consumed_blocks)
-        ])?;
+    // Only when a block boundary was crossed is there anything to delete.
+    if position / block > before / block {
+        tx.prepare_cached("DELETE FROM link_blocks WHERE peer = ?1 AND owner = ?2 AND seq < ?3")?
+            .execute(params![
+                peer.as_str(),
+                owner.as_str(),
+                to_i64(position / block)
+            ])?;
+    }
     Ok(())
 }
 

@@ -11,15 +11,18 @@ CREATE TABLE meta (
 -- `owner` is the end that allocates from the block (the two ends use disjoint blocks);
 -- `seq` numbers the owner's blocks 0, 1, 2, ... so a position in the owner's stream is
 -- seq * block_bytes + offset. `confirmed` = the other end has it durably too.
+-- A rowid table (not WITHOUT ROWID): lookups walk the small (peer, owner, seq) index and touch
+-- the large `data` only when it is read.
 CREATE TABLE link_blocks (
+    id        INTEGER PRIMARY KEY,
     peer      TEXT    NOT NULL,
     owner     TEXT    NOT NULL,
     seq       INTEGER NOT NULL,
     data      BLOB    NOT NULL,
     digest    BLOB    NOT NULL,
     confirmed INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (peer, owner, seq)
-) WITHOUT ROWID;
+    UNIQUE (peer, owner, seq)
+);
 
 -- Per link and owner stream:
 --   next_seq  = the next block number that may be produced (replays below it are rejected);
