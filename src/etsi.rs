@@ -1,7 +1,8 @@
 //! ETSI GS QKD 014 V1.1.1 data formats (clause 6) and the messages the standard fixes.
 //!
-//! Requests are parsed strictly ("parse, don't validate"): unknown fields and wrong types are
-//! refused with 400, and the validated values come out as `KeyCount` / `KeySizeBits`.
+//! Requests are parsed strictly: unknown fields and wrong types are refused with 400. The
+//! values are then validated against the link's limits by the domain (`KeyCount`,
+//! `KeySizeBits` in `kme_actors::types`).
 
 use std::collections::HashMap;
 
@@ -10,8 +11,6 @@ use uuid::Uuid;
 
 /// Clause 6.4 / table 5: unknown or already retrieved keys.
 pub const KEYS_NOT_FOUND: &str = "one or more keys specified are not found on KME";
-/// Clause 6.2, note on `size`.
-pub const SIZE_MULTIPLE_OF_8: &str = "size shall be a multiple of 8";
 /// Clause 6.2, `extension_mandatory`.
 pub const EXTENSION_UNSUPPORTED: &str = "not all extension_mandatory parameters are supported";
 
@@ -95,66 +94,9 @@ pub struct ErrorBody {
     pub details: Vec<serde_json::Value>,
 }
 
-/// Number of keys of one request, 1..=max_key_per_request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KeyCount(u32);
-
-impl KeyCount {
-    pub fn parse(number: Option<i64>, max: u32) -> Result<Self, String> {
-        let n = number.unwrap_or(1);
-        if n < 1 {
-            return Err("number shall be a positive integer".into());
-        }
-        if n > i64::from(max) {
-            return Err(format!("number exceeds max_key_per_request ({max})"));
-        }
-        Ok(Self(u32::try_from(n).unwrap_or(max)))
-    }
-    pub fn get(self) -> u32 {
-        self.0
-    }
-}
-
-/// Key size in bits: a multiple of 8 within min_key_size..=max_key_size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KeySizeBits(u32);
-
-impl KeySizeBits {
-    pub fn parse(size: Option<i64>, default: u32, min: u32, max: u32) -> Result<Self, String> {
-        let s = size.unwrap_or(i64::from(default));
-        if s % 8 != 0 {
-            return Err(SIZE_MULTIPLE_OF_8.into());
-        }
-        if s < i64::from(min) || s > i64::from(max) {
-            return Err(format!(
-                "size shall be between min_key_size ({min}) and max_key_size ({max}) bits"
-            ));
-        }
-        Ok(Self(u32::try_from(s).unwrap_or(max)))
-    }
-    pub fn get(self) -> u32 {
-        self.0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn count_and_size_bounds() {
-        assert_eq!(KeyCount::parse(None, 128).unwrap().get(), 1);
-        assert!(KeyCount::parse(Some(0), 128).is_err());
-        assert!(KeyCount::parse(Some(-3), 128).is_err());
-        assert!(KeyCount::parse(Some(129), 128).is_err());
-        assert_eq!(KeySizeBits::parse(None, 256, 64, 8192).unwrap().get(), 256);
-        assert_eq!(
-            KeySizeBits::parse(Some(12), 256, 64, 8192).unwrap_err(),
-            SIZE_MULTIPLE_OF_8
-        );
-        assert!(KeySizeBits::parse(Some(8), 256, 64, 8192).is_err());
-        assert!(KeySizeBits::parse(Some(8200), 256, 64, 8192).is_err());
-    }
 
     #[test]
     fn request_parsing_is_strict() {

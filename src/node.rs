@@ -165,6 +165,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     }
     let registry = SaeRegistry::new(
         me.clone(),
+        store.clone(),
         config.sae_homes.clone(),
         config.kmes.clone(),
         routes,
@@ -175,7 +176,6 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     let sae_state = web::Data::new(SaeState {
         me: me.clone(),
         registry,
-        store: store.clone(),
         timeout: config.request_timeout,
     });
     let peer_state = web::Data::new(PeerState {

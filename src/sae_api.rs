@@ -12,19 +12,13 @@ use actix::Addr;
 use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine;
 use futures_util::StreamExt;
-use kme_actors::audit_log::AuditRecord;
-use kme_actors::key_pool::{Deliver, PoolStatus};
-use kme_actors::link::LinkHealth;
-use kme_actors::sae_registry::{Identify, KeyRoute, RouteKeys, SaeRegistry, Target};
-use kme_actors::store::{Exec, LocalKey, Op, Output, Store};
-use kme_actors::types::{Key, KmeId, SaeId};
+use kme_actors::sae_registry::{DecKeys, EncKeys, Identify, KeyStatus, SaeRegistry};
+use kme_actors::types::{Key, KmeId};
 use uuid::Uuid;
 
-use crate::ask::{ask, ask_ok};
+use crate::ask::ask_ok;
 use crate::error::ApiError;
-use crate::etsi::{
-    self, KeyContainer, KeyCount, KeyEntry, KeyIds, KeyQuery, KeyRequest, KeySizeBits, Status,
-};
+use crate::etsi::{self, KeyContainer, KeyEntry, KeyIds, KeyQuery, KeyRequest, Status};
 use crate::tls::PeerIdentity;
 
 /// Largest request body read; anything larger is refused with 400 before it is parsed.
@@ -41,7 +35,6 @@ const ROUTE_TYPE_EXTENSION: &str = "kme_route_type";
 pub struct SaeState {
     pub me: KmeId,
     pub registry: Addr<SaeRegistry>,
-    pub store: Addr<Store>,
     pub timeout: Duration,
 }
 
@@ -124,67 +117,56 @@ fn parse_query<T: serde::de::DeserializeOwned>(req: &HttpRequest) -> Result<T, A
         .map_err(|err| ApiError::bad_request(format!("invalid query: {err}")))
 }
 
-async fn route(
-    state: &SaeState,
-    identity: String,
-    slave: String,
-    additional: Vec<String>,
-) -> Result<KeyRoute, ApiError> {
-    let msg = RouteKeys {
-        identity,
-        slave,
-        additional,
-    };
-    ask_ok(&state.registry, msg, state.timeout).await
-}
-
 async fn status(
     req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<SaeState>,
 ) -> Result<HttpResponse, ApiError> {
     let identity = caller(&req)?;
-    let route = route(&state, identity, path.into_inner(), Vec::new()).await?;
-    let limits = route.target.limits();
-    let (stored_key_count, extension) = match &route.target {
-        Target::Neighbour(link) => {
-            let counts = ask(&link.pool, PoolStatus, state.timeout).await?;
-            let health = ask(&link.link, LinkHealth, state.timeout).await?;
-            let extension = serde_json::json!({
-                "link": {
-                    "peer_KME_ID": link.peer.as_str(),
-                    "source": health.source,
-                    "state": if health.up { "up" } else { "down" },
-                    "reason": health.reason,
-                    "available_bytes": counts.available_bytes,
-                    "bytes_produced": health.bytes_produced,
-                }
-            });
-            (counts.stored_key_count, Some(extension))
-        }
-        Target::Local(limits) => (
-            limits.max_key_count,
-            Some(serde_json::json!({"route": "local"})),
-        ),
+    let msg = KeyStatus {
+        identity,
+        slave: path.into_inner(),
+    };
+    let report = ask_ok(&state.registry, msg, state.timeout).await?;
+    let limits = report.limits;
+    let extension = match &report.link {
+        Some((peer, health, available_bytes)) => serde_json::json!({
+            "link": {
+                "peer_KME_ID": peer.as_str(),
+                "source": health.source,
+                "state": if health.up { "up" } else { "down" },
+                "reason": health.reason,
+                "available_bytes": available_bytes,
+                "bytes_produced": health.bytes_produced,
+            }
+        }),
+        None => serde_json::json!({"route": "local"}),
     };
     Ok(HttpResponse::Ok().json(Status {
         source_KME_ID: state.me.to_string(),
-        target_KME_ID: route.slave_kme.to_string(),
-        master_SAE_ID: route.master.to_string(),
-        slave_SAE_ID: route
-            .slaves
-            .first()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
+        target_KME_ID: report.slave_kme.to_string(),
+        master_SAE_ID: report.master.to_string(),
+        slave_SAE_ID: report.slave.to_string(),
         key_size: limits.key_size,
-        stored_key_count,
+        stored_key_count: report.stored_key_count,
         max_key_count: limits.max_key_count,
         max_key_per_request: limits.max_key_per_request,
         max_key_size: limits.max_key_size,
         min_key_size: limits.min_key_size,
         max_SAE_ID_count: limits.max_sae_id_count,
-        status_extension: extension,
+        status_extension: Some(extension),
     }))
+}
+
+/// The 400 of a request that could not be parsed — after checking who sent it, so that an
+/// unauthorised caller gets 401 whatever it sent.
+async fn refuse(
+    state: &SaeState,
+    identity: String,
+    err: ApiError,
+) -> Result<HttpResponse, ApiError> {
+    ask_ok(&state.registry, Identify { identity }, state.timeout).await?;
+    Err(err)
 }
 
 async fn enc_keys_get(
@@ -245,49 +227,23 @@ async fn enc_keys(
 ) -> Result<HttpResponse, ApiError> {
     let request = match request.and_then(|r| mandatory_extensions(&r).map(|()| r)) {
         Ok(request) => request,
-        Err(err) => {
-            // An unauthorised caller learns nothing about what it sent: 401 comes first.
-            ask_ok(&state.registry, Identify { identity }, state.timeout).await?;
-            return Err(err);
-        }
+        Err(err) => return refuse(state, identity, err).await,
     };
-    let additional = request.additional_slave_SAE_IDs.clone().unwrap_or_default();
-    let route = route(state, identity, slave, additional).await?;
-    let limits = route.target.limits();
-    let number = KeyCount::parse(request.number, limits.max_key_per_request)
-        .map_err(ApiError::bad_request)?;
-    let size = KeySizeBits::parse(
-        request.size,
-        limits.key_size,
-        limits.min_key_size,
-        limits.max_key_size,
-    )
-    .map_err(ApiError::bad_request)?;
-    let capacity_bits = limits
-        .max_key_count
-        .saturating_mul(u64::from(limits.key_size));
-    let asked_bits = u64::from(number.get()) * u64::from(size.get());
-    if asked_bits > capacity_bits {
-        return Err(ApiError::bad_request(format!(
-            "number x size ({asked_bits} bits) exceeds the {capacity_bits} bits of key material this link's pool holds (max_key_count x key_size)"
-        )));
-    }
-    let request_id = Uuid::new_v4();
-    let keys = match &route.target {
-        Target::Neighbour(link) => {
-            let msg = Deliver {
-                master: route.master.clone(),
-                slaves: route.slaves.clone(),
-                number: number.get(),
-                size_bits: size.get(),
-                request_id,
-            };
-            ask_ok(&link.pool, msg, state.timeout).await?
-        }
-        Target::Local(_) => local_keys(state, &route, number, size, request_id).await?,
+    let msg = EncKeys {
+        identity,
+        slave,
+        additional: request.additional_slave_SAE_IDs.unwrap_or_default(),
+        number: request.number,
+        size: request.size,
+        request_id: Uuid::new_v4(),
     };
+    let keys = ask_ok(&state.registry, msg, state.timeout).await?;
+    Ok(key_container(keys))
+}
+
+fn key_container(keys: Vec<Key>) -> HttpResponse {
     let engine = &base64::engine::general_purpose::STANDARD;
-    Ok(HttpResponse::Ok().json(KeyContainer {
+    HttpResponse::Ok().json(KeyContainer {
         keys: keys
             .into_iter()
             .map(|k| KeyEntry {
@@ -295,54 +251,7 @@ async fn enc_keys(
                 key: engine.encode(&k.material),
             })
             .collect(),
-    }))
-}
-
-/// Keys between SAEs of this KME never leave it, so they need no link material: they come
-/// from the OS CSPRNG and are stored for the slaves like any other key.
-async fn local_keys(
-    state: &SaeState,
-    route: &KeyRoute,
-    number: KeyCount,
-    size: KeySizeBits,
-    request_id: Uuid,
-) -> Result<Vec<Key>, ApiError> {
-    let mut keys = Vec::with_capacity(number.get() as usize);
-    for _ in 0..number.get() {
-        let mut material = vec![0u8; size.get() as usize / 8];
-        openssl::rand::rand_bytes(&mut material).map_err(|err| {
-            log::error!("CSPRNG failed: {err}");
-            ApiError::unavailable("the KME cannot generate keys right now; retry later")
-        })?;
-        keys.push(Key {
-            id: Uuid::now_v7(),
-            material,
-        });
-    }
-    let audit = AuditRecord::new(
-        "keys_delivered",
-        serde_json::json!({
-            "request_id": request_id,
-            "master": route.master.as_str(),
-            "slaves": route.slaves.iter().map(SaeId::as_str).collect::<Vec<_>>(),
-            "link": "local", "size": size.get(),
-            "key_IDs": keys.iter().map(|k| k.id).collect::<Vec<_>>(),
-        }),
-    );
-    let op = Op::InsertLocalKeys {
-        keys: keys
-            .iter()
-            .map(|k| LocalKey {
-                id: k.id,
-                master: route.master.clone(),
-                slaves: route.slaves.clone(),
-                material: k.material.clone(),
-            })
-            .collect(),
-        audit,
-    };
-    ask_ok(&state.store, Exec(op), state.timeout).await?;
-    Ok(keys)
+    })
 }
 
 async fn dec_keys_get(
@@ -424,29 +333,18 @@ async fn dec_keys(
     ids: Result<Vec<String>, ApiError>,
     state: &SaeState,
 ) -> Result<HttpResponse, ApiError> {
-    // Who asks comes first: an unauthorised caller gets 401 whatever it sent.
-    let caller = ask_ok(&state.registry, Identify { identity }, state.timeout).await?;
-    let key_ids = ids.and_then(key_ids)?;
-    let op = Op::Retrieve {
-        caller,
-        master: SaeId::new(&master),
+    let key_ids = match ids.and_then(key_ids) {
+        Ok(key_ids) => key_ids,
+        Err(err) => return refuse(state, identity, err).await,
+    };
+    let msg = DecKeys {
+        identity,
+        master,
         key_ids,
         deadline: deadline(state.timeout),
     };
-    let keys = match ask_ok(&state.store, Exec(op), state.timeout).await? {
-        Output::Keys(keys) => keys,
-        _ => Vec::new(),
-    };
-    let engine = &base64::engine::general_purpose::STANDARD;
-    Ok(HttpResponse::Ok().json(KeyContainer {
-        keys: keys
-            .into_iter()
-            .map(|k| KeyEntry {
-                key_ID: k.id,
-                key: engine.encode(&k.material),
-            })
-            .collect(),
-    }))
+    let keys = ask_ok(&state.registry, msg, state.timeout).await?;
+    Ok(key_container(keys))
 }
 
 /// When a consuming write must have started for its answer to still reach the SAE: the

@@ -1,20 +1,26 @@
-//! SaeRegistry: who the callers are and where their keys go.
+//! SaeRegistry: the front door of every SAE request — who the caller is, where its keys go.
 //!
 //! Owns: certificate identity → SAE ID (the CN by default), SAE → home KME, the KMEs of the
 //! network, and the route to each neighbour (its `KeyPool`, `Link` and ETSI limits).
-//! Handles: `Identify` (whoami, dec_keys, every request), `RouteKeys` (status and enc_keys),
-//! sent by the HTTP edge, one message per request. Read-only after start-up, so it never
-//! waits on anything and answers in O(1).
+//! Handles, one message per HTTP request from the edge: `KeyStatus` (status), `EncKeys`
+//! (enc_keys), `DecKeys` (dec_keys), `Identify` (whoami, and refusals of bad requests). It
+//! authorises and validates synchronously, then forwards to the actor that owns the answer —
+//! `KeyPool`/`Link` of the route, or `Store` — on its own arbiter, so a request crosses
+//! threads once each way. Keys between SAEs of this KME are made here (OS CSPRNG) and stored.
 //! Mailbox: bounded; the edge uses `send` under its request timeout.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Instant;
 
 use actix::prelude::*;
+use uuid::Uuid;
 
+use crate::audit_log::AuditRecord;
 use crate::error::{Error, Result};
-use crate::key_pool::KeyPool;
-use crate::link::Link;
-use crate::types::{KeyLimits, KmeId, SaeId};
+use crate::key_pool::{Deliver, KeyPool, PoolStatus};
+use crate::link::{Health, Link, LinkHealth};
+use crate::store::{Exec, LocalKey, Op, Output, Store};
+use crate::types::{Key, KeyCount, KeyLimits, KeySizeBits, KmeId, SaeId};
 
 const MAILBOX_CAPACITY: usize = 4096;
 
@@ -57,6 +63,7 @@ pub struct KeyRoute {
 
 pub struct SaeRegistry {
     me: KmeId,
+    store: Addr<Store>,
     /// SAE ID → home KME, for every SAE of the network.
     homes: HashMap<SaeId, KmeId>,
     kmes: HashSet<KmeId>,
@@ -67,6 +74,7 @@ pub struct SaeRegistry {
 impl SaeRegistry {
     pub fn new(
         me: KmeId,
+        store: Addr<Store>,
         homes: HashMap<SaeId, KmeId>,
         kmes: HashSet<KmeId>,
         neighbours: Vec<NeighbourRoute>,
@@ -74,6 +82,7 @@ impl SaeRegistry {
     ) -> Self {
         Self {
             me,
+            store,
             homes,
             kmes,
             neighbours: neighbours
@@ -185,20 +194,212 @@ impl Handler<Identify> for SaeRegistry {
     }
 }
 
-/// Resolve status / enc_keys: caller, slaves and the source of the keys. Sent by the edge.
+/// What `status` reports for a master and slave.
+#[derive(Debug, Clone)]
+pub struct StatusReport {
+    pub master: SaeId,
+    pub slave: SaeId,
+    pub slave_kme: KmeId,
+    pub limits: KeyLimits,
+    pub stored_key_count: u64,
+    /// The link's peer, health and available bytes (None for keys local to this KME).
+    pub link: Option<(KmeId, Health, u64)>,
+}
+
+/// status: sent by the edge. Result: counts and limits of the route to the slave's KME.
 #[derive(Message)]
-#[rtype(result = "Result<KeyRoute>")]
-pub struct RouteKeys {
+#[rtype(result = "Result<StatusReport>")]
+pub struct KeyStatus {
+    pub identity: String,
+    pub slave: String,
+}
+
+impl Handler<KeyStatus> for SaeRegistry {
+    type Result = ResponseFuture<Result<StatusReport>>;
+
+    fn handle(&mut self, msg: KeyStatus, _ctx: &mut Context<Self>) -> Self::Result {
+        let route = match self.route(&msg.identity, &msg.slave, &[]) {
+            Ok(route) => route,
+            Err(err) => return Box::pin(async { Err(err) }),
+        };
+        let mut report = StatusReport {
+            master: route.master,
+            slave: route
+                .slaves
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| SaeId::new("")),
+            slave_kme: route.slave_kme,
+            limits: route.target.limits(),
+            stored_key_count: route.target.limits().max_key_count,
+            link: None,
+        };
+        match route.target {
+            Target::Local(_) => Box::pin(async move { Ok(report) }),
+            Target::Neighbour(link) => Box::pin(async move {
+                let counts = link.pool.send(PoolStatus).await?;
+                let health = link.link.send(LinkHealth).await?;
+                report.stored_key_count = counts.stored_key_count;
+                report.link = Some((link.peer, health, counts.available_bytes));
+                Ok(report)
+            }),
+        }
+    }
+}
+
+/// enc_keys: sent by the edge with the request's raw `number` and `size`. Result: the keys,
+/// durable at every KME involved; or why not (400/401/503 variants).
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Key>>")]
+pub struct EncKeys {
     pub identity: String,
     pub slave: String,
     pub additional: Vec<String>,
+    pub number: Option<i64>,
+    pub size: Option<i64>,
+    pub request_id: Uuid,
 }
 
-impl Handler<RouteKeys> for SaeRegistry {
-    type Result = Result<KeyRoute>;
+impl Handler<EncKeys> for SaeRegistry {
+    type Result = ResponseFuture<Result<Vec<Key>>>;
 
-    fn handle(&mut self, msg: RouteKeys, _ctx: &mut Context<Self>) -> Self::Result {
-        self.route(&msg.identity, &msg.slave, &msg.additional)
+    fn handle(&mut self, msg: EncKeys, _ctx: &mut Context<Self>) -> Self::Result {
+        let prepared = self
+            .route(&msg.identity, &msg.slave, &msg.additional)
+            .and_then(|route| {
+                let (number, size) = validate(route.target.limits(), msg.number, msg.size)?;
+                Ok((route, number, size))
+            });
+        let (route, number, size) = match prepared {
+            Ok(prepared) => prepared,
+            Err(err) => return Box::pin(async { Err(err) }),
+        };
+        match route.target {
+            Target::Neighbour(link) => {
+                let deliver = Deliver {
+                    master: route.master,
+                    slaves: route.slaves,
+                    number: number.get(),
+                    size_bits: size.get(),
+                    request_id: msg.request_id,
+                };
+                Box::pin(async move { link.pool.send(deliver).await? })
+            }
+            Target::Local(_) => {
+                let store = self.store.clone();
+                let op = local_keys(&route.master, &route.slaves, number, size, msg.request_id);
+                Box::pin(async move {
+                    let (keys, op) = op?;
+                    store.send(Exec(op)).await??;
+                    Ok(keys)
+                })
+            }
+        }
+    }
+}
+
+/// Checks `number` and `size` against the route's limits, and that the request fits in the pool.
+fn validate(
+    limits: KeyLimits,
+    number: Option<i64>,
+    size: Option<i64>,
+) -> Result<(KeyCount, KeySizeBits)> {
+    let number = KeyCount::parse(number, limits.max_key_per_request).map_err(Error::BadRequest)?;
+    let size = KeySizeBits::parse(
+        size,
+        limits.key_size,
+        limits.min_key_size,
+        limits.max_key_size,
+    )
+    .map_err(Error::BadRequest)?;
+    let capacity = limits
+        .max_key_count
+        .saturating_mul(u64::from(limits.key_size));
+    let asked = u64::from(number.get()) * u64::from(size.get());
+    if asked > capacity {
+        return Err(Error::BadRequest(format!(
+            "number x size ({asked} bits) exceeds the {capacity} bits of key material this link's pool holds (max_key_count x key_size)"
+        )));
+    }
+    Ok((number, size))
+}
+
+/// Keys between SAEs of this KME never leave it, so they need no link material: they come
+/// from the OS CSPRNG and are stored for the slaves like any other key.
+fn local_keys(
+    master: &SaeId,
+    slaves: &[SaeId],
+    number: KeyCount,
+    size: KeySizeBits,
+    request_id: Uuid,
+) -> Result<(Vec<Key>, Op)> {
+    let mut keys = Vec::with_capacity(number.get() as usize);
+    for _ in 0..number.get() {
+        let mut material = vec![0u8; size.get() as usize / 8];
+        openssl::rand::rand_bytes(&mut material)
+            .map_err(|err| Error::Unavailable(format!("CSPRNG failed: {err}")))?;
+        keys.push(Key {
+            id: Uuid::now_v7(),
+            material,
+        });
+    }
+    let audit = AuditRecord::new(
+        "keys_delivered",
+        serde_json::json!({
+            "request_id": request_id,
+            "master": master.as_str(),
+            "slaves": slaves.iter().map(SaeId::as_str).collect::<Vec<_>>(),
+            "link": "local", "size": size.get(),
+            "key_IDs": keys.iter().map(|k| k.id).collect::<Vec<_>>(),
+        }),
+    );
+    let op = Op::InsertLocalKeys {
+        keys: keys
+            .iter()
+            .map(|k| LocalKey {
+                id: k.id,
+                master: master.clone(),
+                slaves: slaves.to_vec(),
+                material: k.material.clone(),
+            })
+            .collect(),
+        audit,
+    };
+    Ok((keys, op))
+}
+
+/// dec_keys: sent by the edge with validated key_IDs and the time by which the retrieval must
+/// have reached storage. Result: the keys, consumed for this slave.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Key>>")]
+pub struct DecKeys {
+    pub identity: String,
+    pub master: String,
+    pub key_ids: Vec<Uuid>,
+    pub deadline: Instant,
+}
+
+impl Handler<DecKeys> for SaeRegistry {
+    type Result = ResponseFuture<Result<Vec<Key>>>;
+
+    fn handle(&mut self, msg: DecKeys, _ctx: &mut Context<Self>) -> Self::Result {
+        let caller = match self.identify(&msg.identity) {
+            Ok(caller) => caller,
+            Err(err) => return Box::pin(async { Err(err) }),
+        };
+        let op = Op::Retrieve {
+            caller,
+            master: SaeId::new(&msg.master),
+            key_ids: msg.key_ids,
+            deadline: msg.deadline,
+        };
+        let store = self.store.clone();
+        Box::pin(async move {
+            match store.send(Exec(op)).await?? {
+                Output::Keys(keys) => Ok(keys),
+                _ => Err(Error::Storage("retrieval returned no keys".into())),
+            }
+        })
     }
 }
 
@@ -231,11 +432,27 @@ mod tests {
             .into_iter()
             .map(KmeId::new)
             .collect();
-        SaeRegistry::new(KmeId::new("kme-b"), homes, kmes, Vec::new(), limits())
+        let writer = SyncArbiter::start(1, || crate::db_writer::DbWriter::new(test_pool()));
+        let store = Store::new(writer, std::time::Duration::from_secs(60)).start();
+        SaeRegistry::new(
+            KmeId::new("kme-b"),
+            store,
+            homes,
+            kmes,
+            Vec::new(),
+            limits(),
+        )
     }
 
-    #[test]
-    fn identities() {
+    fn test_pool() -> crate::db::DbPool {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, _) = crate::db::open(&dir.path().join("t.sqlite"), 1).unwrap();
+        std::mem::forget(dir);
+        writer
+    }
+
+    #[actix::test]
+    async fn identities() {
         let r = registry();
         assert_eq!(r.identify("sae-b").unwrap(), SaeId::new("sae-b"));
         assert!(matches!(r.identify("sae-a"), Err(Error::NotAuthorized(_))));
@@ -243,8 +460,8 @@ mod tests {
         assert!(matches!(r.identify("nobody"), Err(Error::NotAuthorized(_))));
     }
 
-    #[test]
-    fn routes_and_refusals() {
+    #[actix::test]
+    async fn routes_and_refusals() {
         let r = registry();
         let local = r.route("sae-b", "sae-b2", &[]).unwrap();
         assert!(matches!(local.target, Target::Local(_)));
