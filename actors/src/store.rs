@@ -162,9 +162,11 @@ impl Store {
         let take = self.queue.len().min(MAX_BATCH);
         let (ops, waiters): (Vec<Op>, Vec<Waiter>) = self.queue.drain(..take).unzip();
         self.in_flight = true;
+        let started = Instant::now();
         let batch = self.writer.send(WriteBatch(ops));
         ctx.spawn(
             fut::wrap_future(batch).map(move |result, act: &mut Self, ctx| {
+                log::trace!("batch of {take} operations committed in {:?}", started.elapsed());
                 match result {
                     Ok(Ok(outcomes)) => {
                         for (waiter, outcome) in waiters.into_iter().zip(outcomes) {
