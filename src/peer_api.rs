@@ -189,8 +189,11 @@ async fn activate(
     let body = read_body(payload).await?;
     let batch: ActivationBatch = parse(&body)?;
     for b in &batch.bindings {
-        if b.len == 0 || b.len > end.max_key_bytes || b.slaves.is_empty() {
-            let reason = format!("binding of {} has a bad length or no slave", b.key_id);
+        if b.len == 0 || b.len > end.max_key_bytes || b.slaves.is_empty() || b.key_ids.is_empty() {
+            let reason = format!(
+                "a binding of {} has a bad length, no key or no slave",
+                b.master
+            );
             return Err(Error::PeerMessage(reason).into());
         }
         // A neighbour binds keys of its own SAEs for SAEs of this KME, nothing else.

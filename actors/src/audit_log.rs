@@ -9,9 +9,12 @@
 
 use actix::prelude::*;
 use openssl::sha::Sha256;
+use serde::Serialize;
+use uuid::Uuid;
 
 use crate::error::Result;
 use crate::store::{Op, Store};
+use crate::types::{Binding, KmeId, SaeId};
 
 /// One audit event: a short machine-readable kind and a JSON detail. Never holds key bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,12 +24,46 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
-    pub fn new(event: &'static str, detail: serde_json::Value) -> Self {
-        Self {
-            event,
-            detail: detail.to_string(),
-        }
+    /// `detail` is serialised to JSON directly (hot paths pass plain structs, not `json!` maps).
+    pub fn new(event: &'static str, detail: impl Serialize) -> Self {
+        let detail = serde_json::to_string(&detail)
+            .unwrap_or_else(|err| format!("{{\"unserialisable_detail\":\"{err}\"}}"));
+        Self { event, detail }
     }
+}
+
+/// Detail of `keys_delivered`: keys handed to a master SAE (positions, never key bytes).
+#[derive(Serialize)]
+#[allow(non_snake_case)]
+pub struct Delivered<'a> {
+    pub request_id: Uuid,
+    pub master: &'a SaeId,
+    pub slaves: &'a [SaeId],
+    /// The neighbour KME whose link gave the material, or "local".
+    pub link: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end: Option<u64>,
+    pub size: u32,
+    pub key_IDs: Vec<Uuid>,
+}
+
+/// Detail of `keys_bound`: an activation batch from a neighbour, bound at this KME.
+#[derive(Serialize)]
+pub struct Bound<'a> {
+    pub from_kme: &'a KmeId,
+    pub seq: u64,
+    pub bindings: &'a [Binding],
+}
+
+/// Detail of `keys_retrieved`: keys consumed by a slave SAE.
+#[derive(Serialize)]
+#[allow(non_snake_case)]
+pub struct Retrieved<'a> {
+    pub slave: &'a SaeId,
+    pub master: &'a SaeId,
+    pub key_IDs: &'a [Uuid],
 }
 
 /// hash = SHA-256(prev_hash || id || at_ms || event || 0x00 || detail).

@@ -14,7 +14,7 @@ use openssl::sha::sha256;
 use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
 
-use crate::audit_log::{chain_hash, AuditRecord};
+use crate::audit_log::{chain_hash, AuditRecord, Bound, Retrieved};
 use crate::db::{to_i64, to_u64, DbPool};
 use crate::error::{Error, Result};
 use crate::store::{BlockOutcome, BlockRecord, Op, Output};
@@ -165,7 +165,9 @@ fn apply(
         Op::InsertLocalKeys { keys, audit } => {
             let now = now_ms();
             for key in keys {
-                insert_key(tx, &key.id, &key.master, &key.slaves, &key.material, now)?;
+                let slaves = serde_json::to_string(&key.slaves)
+                    .map_err(|e| Error::Storage(e.to_string()))?;
+                insert_key(tx, &key.id, &key.master, &slaves, &key.material, now)?;
             }
             append_audit(tx, head, &audit)?;
             Ok(Output::Done)
@@ -184,11 +186,11 @@ fn apply(
             let keys = retrieve(tx, &caller, &master, &key_ids)?;
             let record = AuditRecord::new(
                 "keys_retrieved",
-                serde_json::json!({
-                    "slave": caller.as_str(),
-                    "master": master.as_str(),
-                    "key_IDs": key_ids,
-                }),
+                Retrieved {
+                    slave: &caller,
+                    master: &master,
+                    key_IDs: &key_ids,
+                },
             );
             append_audit(tx, head, &record)?;
             Ok(Output::Keys(keys))
@@ -217,19 +219,13 @@ fn apply(
 }
 
 fn bound_record(peer: &KmeId, seq: u64, bindings: &[Binding]) -> AuditRecord {
-    let keys: Vec<serde_json::Value> = bindings
-        .iter()
-        .map(|b| {
-            serde_json::json!({
-                "key_ID": b.key_id, "master": b.master.as_str(),
-                "slaves": b.slaves.iter().map(SaeId::as_str).collect::<Vec<_>>(),
-                "start": b.start, "len": b.len,
-            })
-        })
-        .collect();
     AuditRecord::new(
         "keys_bound",
-        serde_json::json!({"from_kme": peer.as_str(), "seq": seq, "keys": keys}),
+        Bound {
+            from_kme: peer,
+            seq,
+            bindings,
+        },
     )
 }
 
@@ -338,13 +334,12 @@ fn activate(
     let mut high_mark = state.position;
     let now = now_ms();
     for binding in bindings {
-        let end = binding.start.saturating_add(u64::from(binding.len));
-        if binding.len == 0 || end >= MAX_POSITION {
-            return Err(Error::PeerMessage(format!(
-                "binding of {} is out of range",
-                binding.key_id
-            )));
-        }
+        let end = binding.end().filter(|end| *end < MAX_POSITION);
+        let Some(end) = end.filter(|_| binding.len > 0 && !binding.key_ids.is_empty()) else {
+            return Err(Error::PeerMessage(
+                "a binding is empty or out of range".into(),
+            ));
+        };
         if binding.start < high_mark {
             return Err(Error::ActivationRejected {
                 peer: peer.to_string(),
@@ -352,16 +347,15 @@ fn activate(
                 reason: format!("position {} is already bound", binding.start),
             });
         }
-        let material = read_stream(tx, peer, binding.start, binding.len, block_bytes, cache)?;
-        insert_key(
-            tx,
-            &binding.key_id,
-            &binding.master,
-            &binding.slaves,
-            &material,
-            now,
-        )?;
-        high_mark = binding.start + u64::from(binding.len);
+        let slaves =
+            serde_json::to_string(&binding.slaves).map_err(|e| Error::Storage(e.to_string()))?;
+        let mut start = binding.start;
+        for key_id in &binding.key_ids {
+            let material = read_stream(tx, peer, start, binding.len, block_bytes, cache)?;
+            insert_key(tx, key_id, &binding.master, &slaves, &material, now)?;
+            start += u64::from(binding.len);
+        }
+        high_mark = end;
     }
     advance_position(tx, peer, peer, high_mark, block_bytes)?;
     tx.prepare_cached(
@@ -453,15 +447,15 @@ fn advance_position(
     Ok(())
 }
 
+/// `slaves_json`: the JSON array of slave SAE IDs (made once per binding, not per key).
 fn insert_key(
     tx: &Connection,
     id: &Uuid,
     master: &SaeId,
-    slaves: &[SaeId],
+    slaves_json: &str,
     material: &[u8],
     now: i64,
 ) -> Result<()> {
-    let slaves_json = serde_json::to_string(slaves).map_err(|e| Error::Storage(e.to_string()))?;
     tx.prepare_cached(
         "INSERT INTO keys(key_id, master, slaves, pending, material, created_ms)
          VALUES (?1, ?2, ?3, ?3, ?4, ?5)",
@@ -599,11 +593,11 @@ mod tests {
 
     fn binding(start: u64, slaves: &[&str]) -> Binding {
         Binding {
-            key_id: Uuid::now_v7(),
             master: SaeId::new("sae-a"),
             slaves: slaves.iter().map(|s| SaeId::new(s)).collect(),
             start,
             len: 8,
+            key_ids: vec![Uuid::now_v7()],
         }
     }
 
@@ -719,7 +713,7 @@ mod tests {
             &conn,
             &SaeId::new("sae-b"),
             &SaeId::new("sae-a"),
-            &[first[1].key_id],
+            &[first[1].key_ids[0]],
         )
         .unwrap();
         let mut expected = block("kme-a", 0).data[12..].to_vec();
@@ -755,23 +749,23 @@ mod tests {
             SaeId::new("sae-x"),
         );
         assert!(matches!(
-            retrieve(&conn, &x, &a, &[key.key_id]),
+            retrieve(&conn, &x, &a, &[key.key_ids[0]]),
             Err(Error::NotAuthorized(_))
         ));
         assert!(matches!(
-            retrieve(&conn, &b, &x, &[key.key_id]),
+            retrieve(&conn, &b, &x, &[key.key_ids[0]]),
             Err(Error::KeysNotFound)
         ));
         assert!(matches!(
-            retrieve(&conn, &b, &a, &[key.key_id, Uuid::now_v7()]),
+            retrieve(&conn, &b, &a, &[key.key_ids[0], Uuid::now_v7()]),
             Err(Error::KeysNotFound)
         ));
-        let first = retrieve(&conn, &b, &a, &[key.key_id]).unwrap();
+        let first = retrieve(&conn, &b, &a, &[key.key_ids[0]]).unwrap();
         assert!(matches!(
-            retrieve(&conn, &b, &a, &[key.key_id]),
+            retrieve(&conn, &b, &a, &[key.key_ids[0]]),
             Err(Error::KeysNotFound)
         ));
-        let second = retrieve(&conn, &b2, &a, &[key.key_id]).unwrap();
+        let second = retrieve(&conn, &b2, &a, &[key.key_ids[0]]).unwrap();
         assert_eq!(first, second);
         let left: i64 = conn
             .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))

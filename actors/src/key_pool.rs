@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use actix::prelude::*;
 use uuid::Uuid;
 
-use crate::audit_log::AuditRecord;
+use crate::audit_log::{AuditRecord, Delivered};
 use crate::db::StoredBlock;
 use crate::error::{Error, Result};
 use crate::peer_link::{Activate, PeerLink};
@@ -197,32 +197,32 @@ impl Handler<Deliver> for KeyPool {
         let end = self.cursor;
         self.report_level();
 
-        let mut keys = Vec::with_capacity(msg.number as usize);
-        let mut bindings = Vec::with_capacity(msg.number as usize);
-        for (i, chunk) in material.chunks(key_bytes as usize).enumerate() {
-            let id = Uuid::now_v7();
-            bindings.push(Binding {
-                key_id: id,
-                master: msg.master.clone(),
-                slaves: msg.slaves.clone(),
-                start: start + i as u64 * u64::from(key_bytes),
-                len: key_bytes,
-            });
-            keys.push(Key {
-                id,
+        let keys: Vec<Key> = material
+            .chunks(key_bytes as usize)
+            .map(|chunk| Key {
+                id: Uuid::now_v7(),
                 material: chunk.to_vec(),
-            });
-        }
+            })
+            .collect();
+        let binding = Binding {
+            master: msg.master.clone(),
+            slaves: msg.slaves.clone(),
+            start,
+            len: key_bytes,
+            key_ids: keys.iter().map(|k| k.id).collect(),
+        };
         let audit = AuditRecord::new(
             "keys_delivered",
-            serde_json::json!({
-                "request_id": msg.request_id,
-                "master": msg.master.as_str(),
-                "slaves": msg.slaves.iter().map(SaeId::as_str).collect::<Vec<_>>(),
-                "link": self.params.peer.as_str(),
-                "start": start, "end": end, "size": msg.size_bits,
-                "key_IDs": keys.iter().map(|k| k.id).collect::<Vec<_>>(),
-            }),
+            Delivered {
+                request_id: msg.request_id,
+                master: &msg.master,
+                slaves: &msg.slaves,
+                link: self.params.peer.as_str(),
+                start: Some(start),
+                end: Some(end),
+                size: msg.size_bits,
+                key_IDs: binding.key_ids.clone(),
+            },
         );
         let commit = Op::CommitDelivery {
             peer: self.params.peer.clone(),
@@ -234,7 +234,7 @@ impl Handler<Deliver> for KeyPool {
         let peer = self.peer.clone();
         let store = self.store.clone();
         let work = async move {
-            peer.send(Activate(bindings)).await??;
+            peer.send(Activate(binding)).await??;
             store.send(commit.into()).await??;
             Ok(keys)
         };

@@ -23,8 +23,8 @@ use crate::store::BlockRecord;
 use crate::types::{Binding, KmeId};
 
 const MAILBOX_CAPACITY: usize = 1024;
-/// Largest activation batch, in bindings; bounds the size of one peer request.
-const MAX_BATCH_BINDINGS: usize = 8192;
+/// Largest activation batch, in keys; bounds the size of one peer request.
+const MAX_BATCH_KEYS: usize = 8192;
 /// Largest peer answer read (error bodies and small JSON replies).
 const MAX_REPLY_BYTES: usize = 64 * 1024;
 const COUNTER_MASK: u64 = (1 << 40) - 1;
@@ -108,7 +108,7 @@ pub struct PeerLink {
     timeout: Duration,
     epoch: u64,
     counter: u64,
-    pending: Vec<(Vec<Binding>, Waiter)>,
+    pending: Vec<(Binding, Waiter)>,
     in_flight: bool,
 }
 
@@ -149,16 +149,15 @@ impl PeerLink {
             .pending
             .iter()
             .take_while(|(b, _)| {
-                count += b.len();
-                count <= MAX_BATCH_BINDINGS
+                count += b.key_ids.len();
+                count <= MAX_BATCH_KEYS
             })
             .count()
             .max(1);
-        let (groups, waiters): (Vec<Vec<Binding>>, Vec<Waiter>) =
-            self.pending.drain(..take).unzip();
+        let (bindings, waiters): (Vec<Binding>, Vec<Waiter>) = self.pending.drain(..take).unzip();
         let batch = ActivationBatch {
             seq: self.next_seq(),
-            bindings: groups.into_iter().flatten().collect(),
+            bindings,
         };
         self.in_flight = true;
         let request = post_json(self.clone_request(), ACTIVATE_PATH, to_body(&batch), true);
@@ -272,7 +271,7 @@ impl Actor for PeerLink {
 /// Result: Ok once the neighbour holds the keys durably.
 #[derive(Message)]
 #[rtype(result = "Result<()>")]
-pub struct Activate(pub Vec<Binding>);
+pub struct Activate(pub Binding);
 
 impl Handler<Activate> for PeerLink {
     type Result = ResponseFuture<Result<()>>;

@@ -15,7 +15,7 @@ use std::time::Instant;
 use actix::prelude::*;
 use uuid::Uuid;
 
-use crate::audit_log::AuditRecord;
+use crate::audit_log::{AuditRecord, Delivered};
 use crate::error::{Error, Result};
 use crate::key_pool::{Deliver, KeyPool, PoolStatus};
 use crate::link::{Health, Link, LinkHealth};
@@ -345,13 +345,16 @@ fn local_keys(
     }
     let audit = AuditRecord::new(
         "keys_delivered",
-        serde_json::json!({
-            "request_id": request_id,
-            "master": master.as_str(),
-            "slaves": slaves.iter().map(SaeId::as_str).collect::<Vec<_>>(),
-            "link": "local", "size": size.get(),
-            "key_IDs": keys.iter().map(|k| k.id).collect::<Vec<_>>(),
-        }),
+        Delivered {
+            request_id,
+            master,
+            slaves,
+            link: "local",
+            start: None,
+            end: None,
+            size: size.get(),
+            key_IDs: keys.iter().map(|k| k.id).collect(),
+        },
     );
     let op = Op::InsertLocalKeys {
         keys: keys

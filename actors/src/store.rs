@@ -166,7 +166,10 @@ impl Store {
         let batch = self.writer.send(WriteBatch(ops));
         ctx.spawn(
             fut::wrap_future(batch).map(move |result, act: &mut Self, ctx| {
-                log::trace!("batch of {take} operations committed in {:?}", started.elapsed());
+                log::trace!(
+                    "batch of {take} operations committed in {:?}",
+                    started.elapsed()
+                );
                 match result {
                     Ok(Ok(outcomes)) => {
                         for (waiter, outcome) in waiters.into_iter().zip(outcomes) {

@@ -87,17 +87,29 @@ pub struct Key {
     pub material: Vec<u8>,
 }
 
-/// Binding of a range of the master's link stream to a key_ID, as sent to the slave's KME.
-/// Only positions travel, never key bytes.
+/// Binding of consecutive ranges of the master's link stream to key_IDs, as sent to the
+/// slave's KME: key `i` is the `len` bytes at `start + i * len`. Only positions travel, never
+/// key bytes. One binding per enc_keys request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Binding {
-    pub key_id: Uuid,
     pub master: SaeId,
     pub slaves: Vec<SaeId>,
     /// First byte in the owner's stream.
     pub start: u64,
-    /// Length in bytes.
+    /// Length of each key in bytes.
     pub len: u32,
+    pub key_ids: Vec<Uuid>,
+}
+
+impl Binding {
+    /// First position after the last key, or None if it does not fit in a u64.
+    pub fn end(&self) -> Option<u64> {
+        u64::try_from(self.key_ids.len())
+            .ok()?
+            .checked_mul(u64::from(self.len))?
+            .checked_add(self.start)
+    }
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).

@@ -352,7 +352,7 @@ async fn the_kme_to_kme_channel_accepts_only_neighbour_kmes() {
         ("sae-a", "sae-c"),
     ] {
         let forged = json!({"seq": u64::MAX >> 2, "bindings": [{
-            "key_id": uuid::Uuid::now_v7(), "master": master, "slaves": [slave], "start": 0, "len": 32}]});
+            "key_ids": [uuid::Uuid::now_v7()], "master": master, "slaves": [slave], "start": 0, "len": 32}]});
         let (code, answer) = kme_a.try_post(&url, &forged).await.unwrap();
         assert_eq!(code, 400, "{master}->{slave}: {answer}");
     }
