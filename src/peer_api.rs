@@ -180,14 +180,41 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, PeerRefusal> 
     })
 }
 
+/// A request from a neighbour: who sent it, its link end, the raw body and the parsed message.
+struct Incoming<'a, T> {
+    peer: KmeId,
+    end: &'a PeerEnd,
+    body: web::BytesMut,
+    message: T,
+}
+
+async fn incoming<'a, T: serde::de::DeserializeOwned>(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &'a PeerState,
+) -> Result<Incoming<'a, T>, PeerRefusal> {
+    let (peer, end) = neighbour(req, state)?;
+    let body = read_body(payload).await?;
+    let message = parse(&body)?;
+    Ok(Incoming {
+        peer,
+        end,
+        body,
+        message,
+    })
+}
+
 async fn activate(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<PeerState>,
 ) -> Result<HttpResponse, PeerRefusal> {
-    let (peer, end) = neighbour(&req, &state)?;
-    let body = read_body(payload).await?;
-    let batch: ActivationBatch = parse(&body)?;
+    let Incoming {
+        peer,
+        end,
+        body,
+        message: batch,
+    } = incoming::<ActivationBatch>(&req, payload, &state).await?;
     for b in &batch.bindings {
         if b.len == 0 || b.len > end.max_key_bytes || b.slaves.is_empty() || b.key_ids.is_empty() {
             let reason = format!(
@@ -226,9 +253,11 @@ async fn blocks(
     payload: web::Payload,
     state: web::Data<PeerState>,
 ) -> Result<HttpResponse, PeerRefusal> {
-    let (_, end) = neighbour(&req, &state)?;
-    let body = read_body(payload).await?;
-    let shipment: BlockShipment = parse(&body)?;
+    let Incoming {
+        end,
+        message: shipment,
+        ..
+    } = incoming::<BlockShipment>(&req, payload, &state).await?;
     let blocks = shipment
         .blocks
         .into_iter()
@@ -243,9 +272,11 @@ async fn level(
     payload: web::Payload,
     state: web::Data<PeerState>,
 ) -> Result<HttpResponse, PeerRefusal> {
-    let (_, end) = neighbour(&req, &state)?;
-    let body = read_body(payload).await?;
-    let report: LevelReport = parse(&body)?;
+    let Incoming {
+        end,
+        message: report,
+        ..
+    } = incoming::<LevelReport>(&req, payload, &state).await?;
     ask(&end.link, PeerLevel(report.level), state.timeout)
         .await
         .map_err(|err| PeerRefusal::new(StatusCode::SERVICE_UNAVAILABLE, err.message))?;

@@ -103,6 +103,17 @@ async fn read_body(mut payload: web::Payload) -> Result<web::BytesMut, ApiError>
     Ok(body)
 }
 
+/// The body of a POST, which carries all its parameters (a query string is refused).
+async fn post_body(req: &HttpRequest, payload: web::Payload) -> Result<web::BytesMut, ApiError> {
+    if req.query_string().is_empty() {
+        read_body(payload).await
+    } else {
+        Err(ApiError::bad_request(
+            "a POST takes its parameters in the JSON body, not in the query string",
+        ))
+    }
+}
+
 fn parse_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
@@ -190,13 +201,9 @@ async fn enc_keys_post(
     state: web::Data<SaeState>,
 ) -> Result<HttpResponse, ApiError> {
     let identity = caller(&req)?;
-    let request = if req.query_string().is_empty() {
-        read_body(payload).await.and_then(|body| parse_json(&body))
-    } else {
-        Err(ApiError::bad_request(
-            "POST enc_keys takes its parameters in the JSON body",
-        ))
-    };
+    let request = post_body(&req, payload)
+        .await
+        .and_then(|body| parse_json(&body));
     enc_keys(identity, path.into_inner(), request, &state).await
 }
 
@@ -288,17 +295,11 @@ async fn dec_keys_post(
     state: web::Data<SaeState>,
 ) -> Result<HttpResponse, ApiError> {
     let identity = caller(&req)?;
-    let ids = if req.query_string().is_empty() {
-        read_body(payload).await.and_then(|body| {
-            serde_json::from_slice::<KeyIds>(&body)
-                .map(|request| request.key_IDs.into_iter().map(|k| k.key_ID).collect())
-                .map_err(|err| ApiError::bad_request(format!("invalid JSON request: {err}")))
-        })
-    } else {
-        Err(ApiError::bad_request(
-            "POST dec_keys takes its parameters in the JSON body",
-        ))
-    };
+    let ids = post_body(&req, payload).await.and_then(|body| {
+        serde_json::from_slice::<KeyIds>(&body)
+            .map(|request| request.key_IDs.into_iter().map(|k| k.key_ID).collect())
+            .map_err(|err| ApiError::bad_request(format!("invalid JSON request: {err}")))
+    });
     dec_keys(identity, path.into_inner(), ids, &state).await
 }
 

@@ -13,8 +13,8 @@ use actix_tls::accept::openssl::TlsStream;
 use actix_web::rt::net::TcpStream;
 use openssl::nid::Nid;
 use openssl::ssl::{
-    SslAcceptor, SslAcceptorBuilder, SslConnector, SslFiletype, SslMethod, SslVerifyMode,
-    SslVersion,
+    SslAcceptor, SslAcceptorBuilder, SslConnector, SslContextBuilder, SslFiletype, SslMethod,
+    SslVerifyMode, SslVersion,
 };
 use openssl::x509::{X509PurposeId, X509Ref, X509VerifyResult};
 
@@ -43,8 +43,13 @@ pub enum PeerIdentity {
     Rejected(String),
 }
 
-fn base_acceptor(ca: &Path, cert: &Path, key: &Path) -> Result<SslAcceptorBuilder, TlsError> {
-    let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).map_err(at(cert))?;
+/// TLS 1.2+, our CA as the only trust anchor, and this KME's certificate and key.
+fn load_identity(
+    builder: &mut SslContextBuilder,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<(), TlsError> {
     builder
         .set_min_proto_version(Some(SslVersion::TLS1_2))
         .map_err(at(cert))?;
@@ -53,7 +58,12 @@ fn base_acceptor(ca: &Path, cert: &Path, key: &Path) -> Result<SslAcceptorBuilde
     builder
         .set_private_key_file(key, SslFiletype::PEM)
         .map_err(at(key))?;
-    builder.check_private_key().map_err(at(key))?;
+    builder.check_private_key().map_err(at(key))
+}
+
+fn base_acceptor(ca: &Path, cert: &Path, key: &Path) -> Result<SslAcceptorBuilder, TlsError> {
+    let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).map_err(at(cert))?;
+    load_identity(&mut builder, ca, cert, key)?;
     Ok(builder)
 }
 
@@ -92,14 +102,7 @@ pub fn peer_connector(
     expected_peer: &str,
 ) -> Result<SslConnector, TlsError> {
     let mut builder = SslConnector::builder(SslMethod::tls()).map_err(at(cert))?;
-    builder
-        .set_min_proto_version(Some(SslVersion::TLS1_2))
-        .map_err(at(cert))?;
-    builder.set_ca_file(ca).map_err(at(ca))?;
-    builder.set_certificate_chain_file(cert).map_err(at(cert))?;
-    builder
-        .set_private_key_file(key, SslFiletype::PEM)
-        .map_err(at(key))?;
+    load_identity(&mut builder, ca, cert, key)?;
     let expected = expected_peer.to_string();
     builder.set_verify_callback(SslVerifyMode::PEER, move |preverified, ctx| {
         if !preverified {

@@ -601,6 +601,24 @@ mod tests {
         }
     }
 
+    /// One block of kme-a's stream and one key bound on it for `slaves`.
+    fn bound_key(conn: &Connection, slaves: &[&str]) -> Binding {
+        let peer = kme("kme-a");
+        store_blocks(conn, &peer, vec![block("kme-a", 0)], true).unwrap();
+        let key = binding(0, slaves);
+        activate(
+            conn,
+            &peer,
+            1,
+            &[0u8; 32],
+            16,
+            std::slice::from_ref(&key),
+            &mut None,
+        )
+        .unwrap();
+        key
+    }
+
     #[test]
     fn blocks_are_idempotent_and_replays_of_consumed_ones_fail() {
         let (_dir, conn) = conn();
@@ -729,19 +747,7 @@ mod tests {
     #[test]
     fn retrieval_is_consume_once_per_named_slave() {
         let (_dir, conn) = conn();
-        let peer = kme("kme-a");
-        store_blocks(&conn, &peer, vec![block("kme-a", 0)], true).unwrap();
-        let key = binding(0, &["sae-b", "sae-b2"]);
-        activate(
-            &conn,
-            &peer,
-            1,
-            &[0u8; 32],
-            16,
-            std::slice::from_ref(&key),
-            &mut None,
-        )
-        .unwrap();
+        let key = bound_key(&conn, &["sae-b", "sae-b2"]);
         let (a, b, b2, x) = (
             SaeId::new("sae-a"),
             SaeId::new("sae-b"),
@@ -776,19 +782,7 @@ mod tests {
     #[test]
     fn keys_not_retrieved_in_time_expire_with_an_audit_record() {
         let (_dir, mut conn) = conn();
-        let peer = kme("kme-a");
-        store_blocks(&conn, &peer, vec![block("kme-a", 0)], true).unwrap();
-        let key = binding(0, &["sae-b"]);
-        activate(
-            &conn,
-            &peer,
-            1,
-            &[0u8; 32],
-            16,
-            std::slice::from_ref(&key),
-            &mut None,
-        )
-        .unwrap();
+        bound_key(&conn, &["sae-b"]);
         let tx = conn.transaction().unwrap();
         let mut head = audit_head(&tx).unwrap();
         let sweep = |before| Op::ExpireKeys {

@@ -340,26 +340,7 @@ mod tests {
 
     #[actix::test]
     async fn take_crosses_blocks_and_never_repeats_bytes() {
-        let store = Store::new(
-            SyncArbiter::start(1, || crate::db_writer::DbWriter::new(test_pool())),
-            std::time::Duration::from_secs(3600),
-        )
-        .start();
-        let peer = PeerLink::new(
-            KmeId::new("kme-b"),
-            "https://127.0.0.1:1".into(),
-            awc::Client::default(),
-            std::time::Duration::from_millis(100),
-            1,
-        )
-        .start();
-        let mut pool = KeyPool::new(
-            params(8),
-            0,
-            vec![block(0, 8), block(1, 8), block(2, 8)],
-            store,
-            peer,
-        );
+        let mut pool = pool(0, vec![block(0, 8), block(1, 8), block(2, 8)]);
         assert_eq!(pool.available(), 24);
         let a = pool.take(5);
         let b = pool.take(6);
@@ -375,11 +356,17 @@ mod tests {
 
     #[actix::test]
     async fn resumes_after_cursor_and_skips_gaps() {
-        let store = Store::new(
-            SyncArbiter::start(1, || crate::db_writer::DbWriter::new(test_pool())),
-            std::time::Duration::from_secs(3600),
-        )
-        .start();
+        let mut pool = pool(12, vec![block(1, 8), block(2, 8)]);
+        assert_eq!(pool.available(), 12);
+        pool.add_blocks(vec![block(5, 8)]);
+        assert_eq!(pool.available(), 8, "material before a gap is not used");
+        assert_eq!(pool.take(8), block(5, 8).data);
+    }
+
+    /// A pool of 8-byte blocks whose store and peer are real actors that the test never uses.
+    fn pool(cursor: u64, blocks: Vec<StoredBlock>) -> KeyPool {
+        let writer = SyncArbiter::start(1, || crate::db_writer::DbWriter::new(test_pool()));
+        let store = Store::new(writer, std::time::Duration::from_secs(3600)).start();
         let peer = PeerLink::new(
             KmeId::new("kme-b"),
             "https://127.0.0.1:1".into(),
@@ -388,11 +375,7 @@ mod tests {
             1,
         )
         .start();
-        let mut pool = KeyPool::new(params(8), 12, vec![block(1, 8), block(2, 8)], store, peer);
-        assert_eq!(pool.available(), 12);
-        pool.add_blocks(vec![block(5, 8)]);
-        assert_eq!(pool.available(), 8, "material before a gap is not used");
-        assert_eq!(pool.take(8), block(5, 8).data);
+        KeyPool::new(params(8), cursor, blocks, store, peer)
     }
 
     fn test_pool() -> crate::db::DbPool {
