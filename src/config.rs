@@ -97,6 +97,7 @@ struct RawKme {
     sae_listen: SocketAddr,
     peer_listen: SocketAddr,
     data_dir: PathBuf,
+    master_key: Option<PathBuf>,
     workers: Option<usize>,
 }
 
@@ -132,6 +133,8 @@ pub struct KmeSpec {
     pub sae_listen: SocketAddr,
     pub peer_listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// 32-byte master key of encryption at rest (created on first start if missing).
+    pub master_key: PathBuf,
     pub workers: usize,
 }
 
@@ -296,6 +299,11 @@ impl Validator<'_> {
                 sae_listen: k.sae_listen,
                 peer_listen: k.peer_listen,
                 data_dir: self.path(&k.data_dir),
+                master_key: k
+                    .master_key
+                    .as_deref()
+                    .map(|p| self.path(p))
+                    .unwrap_or_else(|| self.path(&k.data_dir).join("master.key")),
                 workers: k.workers.unwrap_or(2).clamp(1, 64),
             });
         }

@@ -19,6 +19,7 @@ use kme_actors::key_pool::{KeyPool, WatchLevel};
 use kme_actors::link::{Link, LinkState};
 use kme_actors::peer_link::PeerLink;
 use kme_actors::sae_registry::{NeighbourRoute, SaeRegistry};
+use kme_actors::sealing::Sealer;
 use kme_actors::store::{BlockRecord, Store};
 
 use crate::config::NodeConfig;
@@ -82,7 +83,11 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     let me = config.me.id.clone();
     let (writer_pool, reader_pool) = db::open(&config.me.data_dir.join("kme.sqlite"), 2)?;
     let epoch = db::next_epoch(&*writer_pool.get().map_err(kme_actors::Error::from)?)?;
-    let writer = SyncArbiter::start(1, move || DbWriter::new(writer_pool.clone()));
+    let sealer = Arc::new(Sealer::from_key_file(&config.me.master_key)?);
+    let writer_sealer = sealer.clone();
+    let writer = SyncArbiter::start(1, move || {
+        DbWriter::new(writer_pool.clone(), writer_sealer.clone())
+    });
     let store = Store::new(writer, config.key_ttl).start();
     let audit = AuditLog::new(store.clone()).start();
 
@@ -108,10 +113,10 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         let own = db::stream_state(&conn, &peer, &me)?;
         let theirs = db::stream_state(&conn, &peer, &peer)?;
         let block = params.block_bytes as u64;
-        let own_blocks = db::blocks(&conn, &peer, &me, own.position / block, true)?;
+        let own_blocks = db::blocks(&conn, &sealer, &peer, &me, own.position / block, true)?;
         let mut unshipped = Vec::new();
         for owner in [&me, &peer] {
-            for b in db::blocks(&conn, &peer, owner, 0, false)? {
+            for b in db::blocks(&conn, &sealer, &peer, owner, 0, false)? {
                 unshipped.push(BlockRecord {
                     owner: owner.clone(),
                     seq: b.seq,

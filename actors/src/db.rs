@@ -11,6 +11,7 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::{Error, Result};
+use crate::sealing::{block_aad, Purpose, Sealer};
 use crate::types::KmeId;
 
 pub type DbPool = Pool<SqliteConnectionManager>;
@@ -116,6 +117,7 @@ pub struct StoredBlock {
 /// blocks the other end holds too (usable) or blocks still to be shipped.
 pub fn blocks(
     conn: &Connection,
+    sealer: &Sealer,
     peer: &KmeId,
     owner: &KmeId,
     from_seq: u64,
@@ -127,14 +129,18 @@ pub fn blocks(
     )?;
     let rows = stmt.query_map(
         params![peer.as_str(), owner.as_str(), to_i64(from_seq), confirmed],
-        |r| {
-            Ok(StoredBlock {
-                seq: to_u64(r.get::<_, i64>(0)?),
-                data: r.get(1)?,
-            })
-        },
+        |r| Ok((to_u64(r.get::<_, i64>(0)?), r.get::<_, Vec<u8>>(1)?)),
     )?;
-    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    let mut blocks = Vec::new();
+    for row in rows {
+        let (seq, sealed) = row?;
+        let aad = block_aad(peer.as_str(), owner.as_str(), seq);
+        blocks.push(StoredBlock {
+            seq,
+            data: sealer.open(Purpose::LinkBlock, &aad, &sealed)?,
+        });
+    }
+    Ok(blocks)
 }
 
 /// Checks the audit hash chain from the first record; returns the number of records.

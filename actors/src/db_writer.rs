@@ -8,6 +8,7 @@
 //! Mailbox: SyncArbiter queues are unbounded; `Store` keeps at most one batch in flight.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use actix::prelude::*;
 use openssl::sha::sha256;
@@ -17,11 +18,13 @@ use uuid::Uuid;
 use crate::audit_log::{chain_hash, AuditRecord, Bound, Retrieved};
 use crate::db::{to_i64, to_u64, DbPool};
 use crate::error::{Error, Result};
+use crate::sealing::{block_aad, Purpose, Sealer};
 use crate::store::{BlockOutcome, BlockRecord, Op, Output};
 use crate::types::{now_ms, Binding, Key, KmeId, SaeId};
 
 pub struct DbWriter {
     pool: DbPool,
+    sealer: Arc<Sealer>,
     audit_head: Option<(i64, Vec<u8>)>,
     /// The last block read per peer stream. Blocks never change once stored, and bindings
     /// arrive in stream order, so consecutive activations mostly hit it.
@@ -29,9 +32,11 @@ pub struct DbWriter {
 }
 
 impl DbWriter {
-    pub fn new(pool: DbPool) -> Self {
+    /// `sealer` encrypts key material before it reaches the file (see `sealing.rs`).
+    pub fn new(pool: DbPool, sealer: Arc<Sealer>) -> Self {
         Self {
             pool,
+            sealer,
             audit_head: None,
             block_cache: HashMap::new(),
         }
@@ -71,7 +76,7 @@ impl DbWriter {
         for op in ops {
             let savepoint_head = head.clone();
             let mut sp = tx.savepoint()?;
-            let outcome = apply(&sp, op, &mut head, &mut self.block_cache);
+            let outcome = apply(&sp, &self.sealer, op, &mut head, &mut self.block_cache);
             match outcome {
                 Ok(_) => sp.commit()?,
                 Err(_) => {
@@ -119,6 +124,7 @@ fn append_audit(tx: &Connection, head: &mut (i64, Vec<u8>), record: &AuditRecord
 
 fn apply(
     tx: &Connection,
+    sealer: &Sealer,
     op: Op,
     head: &mut (i64, Vec<u8>),
     block_cache: &mut HashMap<KmeId, BlockCache>,
@@ -128,7 +134,7 @@ fn apply(
             peer,
             blocks,
             confirmed,
-        } => store_blocks(tx, &peer, blocks, confirmed).map(Output::Blocks),
+        } => store_blocks(tx, sealer, &peer, blocks, confirmed).map(Output::Blocks),
         Op::ConfirmBlocks { peer, blocks } => {
             let mut stmt = tx.prepare_cached(
                 "UPDATE link_blocks SET confirmed = 1 WHERE peer = ?1 AND owner = ?2 AND seq = ?3",
@@ -146,7 +152,16 @@ fn apply(
             bindings,
         } => {
             let cache = block_cache.entry(peer.clone()).or_default();
-            if activate(tx, &peer, seq, &digest, block_bytes, &bindings, cache)? {
+            if activate(
+                tx,
+                sealer,
+                &peer,
+                seq,
+                &digest,
+                block_bytes,
+                &bindings,
+                cache,
+            )? {
                 append_audit(tx, head, &bound_record(&peer, seq, &bindings))?;
             }
             Ok(Output::Done)
@@ -167,7 +182,15 @@ fn apply(
             for key in keys {
                 let slaves = serde_json::to_string(&key.slaves)
                     .map_err(|e| Error::Storage(e.to_string()))?;
-                insert_key(tx, &key.id, &key.master, &slaves, &key.material, now)?;
+                insert_key(
+                    tx,
+                    sealer,
+                    &key.id,
+                    &key.master,
+                    &slaves,
+                    &key.material,
+                    now,
+                )?;
             }
             append_audit(tx, head, &audit)?;
             Ok(Output::Done)
@@ -183,7 +206,7 @@ fn apply(
                     "dec_keys expired before it reached storage".into(),
                 ));
             }
-            let keys = retrieve(tx, &caller, &master, &key_ids)?;
+            let keys = retrieve(tx, sealer, &caller, &master, &key_ids)?;
             let record = AuditRecord::new(
                 "keys_retrieved",
                 Retrieved {
@@ -231,6 +254,7 @@ fn bound_record(peer: &KmeId, seq: u64, bindings: &[Binding]) -> AuditRecord {
 
 fn store_blocks(
     tx: &Connection,
+    sealer: &Sealer,
     peer: &KmeId,
     blocks: Vec<BlockRecord>,
     confirmed: bool,
@@ -282,7 +306,11 @@ fn store_blocks(
             peer.as_str(),
             block.owner.as_str(),
             to_i64(block.seq),
-            block.data,
+            sealer.seal(
+                Purpose::LinkBlock,
+                &block_aad(peer.as_str(), block.owner.as_str(), block.seq),
+                &block.data
+            )?,
             digest.as_slice(),
             confirmed
         ])?;
@@ -306,8 +334,10 @@ const MAX_POSITION: u64 = 1 << 62;
 
 /// Binds positions of the peer's stream to key_IDs. Returns false for an idempotent retry of
 /// the last batch (nothing changed), true when the batch was bound now.
+#[allow(clippy::too_many_arguments)]
 fn activate(
     tx: &Connection,
+    sealer: &Sealer,
     peer: &KmeId,
     seq: u64,
     digest: &[u8; 32],
@@ -351,8 +381,8 @@ fn activate(
             serde_json::to_string(&binding.slaves).map_err(|e| Error::Storage(e.to_string()))?;
         let mut start = binding.start;
         for key_id in &binding.key_ids {
-            let material = read_stream(tx, peer, start, binding.len, block_bytes, cache)?;
-            insert_key(tx, key_id, &binding.master, &slaves, &material, now)?;
+            let material = read_stream(tx, sealer, peer, start, binding.len, block_bytes, cache)?;
+            insert_key(tx, sealer, key_id, &binding.master, &slaves, &material, now)?;
             start += u64::from(binding.len);
         }
         high_mark = end;
@@ -372,6 +402,7 @@ type BlockCache = Option<(u64, Vec<u8>)>;
 /// Reads `len` bytes at `start` of `owner`'s stream on the link to `owner`.
 fn read_stream(
     tx: &Connection,
+    sealer: &Sealer,
     owner: &KmeId,
     start: u64,
     len: u32,
@@ -397,7 +428,8 @@ fn read_stream(
                 high_mark: 0,
                 reason: format!("block {seq} is not held here"),
             })?;
-            *cache = Some((seq, data));
+            let aad = block_aad(owner.as_str(), owner.as_str(), seq);
+            *cache = Some((seq, sealer.open(Purpose::LinkBlock, &aad, &data)?));
         }
         let data = cache
             .as_ref()
@@ -450,6 +482,7 @@ fn advance_position(
 /// `slaves_json`: the JSON array of slave SAE IDs (made once per binding, not per key).
 fn insert_key(
     tx: &Connection,
+    sealer: &Sealer,
     id: &Uuid,
     master: &SaeId,
     slaves_json: &str,
@@ -464,7 +497,7 @@ fn insert_key(
         id.as_bytes().as_slice(),
         master.as_str(),
         slaves_json,
-        material,
+        sealer.seal(Purpose::Key, id.as_bytes(), material)?,
         now
     ])
     .map_err(|err| match err {
@@ -479,7 +512,13 @@ fn insert_key(
 }
 
 /// Consume-once retrieval by a slave. Nothing changes unless every key can be returned.
-fn retrieve(tx: &Connection, caller: &SaeId, master: &SaeId, key_ids: &[Uuid]) -> Result<Vec<Key>> {
+fn retrieve(
+    tx: &Connection,
+    sealer: &Sealer,
+    caller: &SaeId,
+    master: &SaeId,
+    key_ids: &[Uuid],
+) -> Result<Vec<Key>> {
     struct Row {
         master: String,
         slaves: Vec<String>,
@@ -554,7 +593,7 @@ fn retrieve(tx: &Connection, caller: &SaeId, master: &SaeId, key_ids: &[Uuid]) -
         }
         keys.push(Key {
             id: *id,
-            material: row.material,
+            material: sealer.open(Purpose::Key, id.as_bytes(), &row.material)?,
         });
     }
     Ok(keys)
@@ -577,6 +616,10 @@ mod tests {
         let (writer, _) = db::open(&dir.path().join("t.sqlite"), 1).unwrap();
         let conn = writer.get().unwrap();
         (dir, conn)
+    }
+
+    fn sealer() -> Sealer {
+        Sealer::from_master(&[9u8; 32]).unwrap()
     }
 
     fn kme(id: &str) -> KmeId {
@@ -604,10 +647,11 @@ mod tests {
     /// One block of kme-a's stream and one key bound on it for `slaves`.
     fn bound_key(conn: &Connection, slaves: &[&str]) -> Binding {
         let peer = kme("kme-a");
-        store_blocks(conn, &peer, vec![block("kme-a", 0)], true).unwrap();
+        store_blocks(conn, &sealer(), &peer, vec![block("kme-a", 0)], true).unwrap();
         let key = binding(0, slaves);
         activate(
             conn,
+            &sealer(),
             &peer,
             1,
             &[0u8; 32],
@@ -625,23 +669,24 @@ mod tests {
         let peer = kme("kme-a");
         let stored = store_blocks(
             &conn,
+            &sealer(),
             &peer,
             vec![block("kme-a", 0), block("kme-a", 1)],
             true,
         )
         .unwrap();
         assert_eq!(stored, vec![BlockOutcome::Stored, BlockOutcome::Stored]);
-        let again = store_blocks(&conn, &peer, vec![block("kme-a", 1)], true).unwrap();
+        let again = store_blocks(&conn, &sealer(), &peer, vec![block("kme-a", 1)], true).unwrap();
         assert_eq!(again, vec![BlockOutcome::Duplicate]);
         let mut altered = block("kme-a", 1);
         altered.data[0] ^= 1;
         assert!(matches!(
-            store_blocks(&conn, &peer, vec![altered], true),
+            store_blocks(&conn, &sealer(), &peer, vec![altered], true),
             Err(Error::PeerMessage(_))
         ));
         // Block 0 is consumed (deleted): shipping it again changes nothing, it is not stored.
         advance_position(&conn, &peer, &peer, 16, 16).unwrap();
-        let replay = store_blocks(&conn, &peer, vec![block("kme-a", 0)], true).unwrap();
+        let replay = store_blocks(&conn, &sealer(), &peer, vec![block("kme-a", 0)], true).unwrap();
         assert_eq!(replay, vec![BlockOutcome::Duplicate]);
         let held: i64 = conn
             .query_row("SELECT count(*) FROM link_blocks WHERE seq = 0", [], |r| {
@@ -651,7 +696,7 @@ mod tests {
         assert_eq!(held, 0);
         // Numbers must follow each other: a gap is refused.
         assert!(matches!(
-            store_blocks(&conn, &peer, vec![block("kme-a", 5)], true),
+            store_blocks(&conn, &sealer(), &peer, vec![block("kme-a", 5)], true),
             Err(Error::PeerMessage(_))
         ));
     }
@@ -662,6 +707,7 @@ mod tests {
         let peer = kme("kme-a");
         store_blocks(
             &conn,
+            &sealer(),
             &peer,
             vec![block("kme-a", 0), block("kme-a", 1)],
             true,
@@ -669,9 +715,9 @@ mod tests {
         .unwrap();
         let first = vec![binding(0, &["sae-b"]), binding(12, &["sae-b"])];
         let digest = [1u8; 32];
-        assert!(activate(&conn, &peer, 10, &digest, 16, &first, &mut None).unwrap());
+        assert!(activate(&conn, &sealer(), &peer, 10, &digest, 16, &first, &mut None).unwrap());
         // The identical batch again (a retry after a lost answer): accepted, nothing bound twice.
-        assert!(!activate(&conn, &peer, 10, &digest, 16, &first, &mut None).unwrap());
+        assert!(!activate(&conn, &sealer(), &peer, 10, &digest, 16, &first, &mut None).unwrap());
         let count: i64 = conn
             .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
             .unwrap();
@@ -679,16 +725,43 @@ mod tests {
         // An older or equal sequence number with other content: a replay.
         let other = vec![binding(20, &["sae-b"])];
         assert!(matches!(
-            activate(&conn, &peer, 10, &[2u8; 32], 16, &other, &mut None),
+            activate(
+                &conn,
+                &sealer(),
+                &peer,
+                10,
+                &[2u8; 32],
+                16,
+                &other,
+                &mut None
+            ),
             Err(Error::PeerMessage(_))
         ));
         assert!(matches!(
-            activate(&conn, &peer, 9, &[2u8; 32], 16, &other, &mut None),
+            activate(
+                &conn,
+                &sealer(),
+                &peer,
+                9,
+                &[2u8; 32],
+                16,
+                &other,
+                &mut None
+            ),
             Err(Error::PeerMessage(_))
         ));
         // A newer batch reusing bound positions is refused with the high mark.
         let reuse = vec![binding(16, &["sae-b"])];
-        match activate(&conn, &peer, 11, &[3u8; 32], 16, &reuse, &mut None) {
+        match activate(
+            &conn,
+            &sealer(),
+            &peer,
+            11,
+            &[3u8; 32],
+            16,
+            &reuse,
+            &mut None,
+        ) {
             Err(Error::ActivationRejected { high_mark, .. }) => assert_eq!(high_mark, 20),
             other => panic!("expected a rejection, got {other:?}"),
         }
@@ -697,6 +770,7 @@ mod tests {
         assert!(matches!(
             activate(
                 &conn,
+                &sealer(),
                 &peer,
                 12,
                 &[4u8; 32],
@@ -708,13 +782,23 @@ mod tests {
         ));
         huge.start = 1 << 62;
         assert!(matches!(
-            activate(&conn, &peer, 12, &[4u8; 32], 16, &[huge], &mut None),
+            activate(
+                &conn,
+                &sealer(),
+                &peer,
+                12,
+                &[4u8; 32],
+                16,
+                &[huge],
+                &mut None
+            ),
             Err(Error::PeerMessage(_))
         ));
         // Positions a peer cannot have: refused, no arithmetic overflow.
         let mut huge = binding(u64::MAX, &["sae-b"]);
         let refused = activate(
             &conn,
+            &sealer(),
             &peer,
             12,
             &[4u8; 32],
@@ -724,11 +808,21 @@ mod tests {
         );
         assert!(matches!(refused, Err(Error::PeerMessage(_))));
         huge.start = 1 << 62;
-        let refused = activate(&conn, &peer, 12, &[4u8; 32], 16, &[huge], &mut None);
+        let refused = activate(
+            &conn,
+            &sealer(),
+            &peer,
+            12,
+            &[4u8; 32],
+            16,
+            &[huge],
+            &mut None,
+        );
         assert!(matches!(refused, Err(Error::PeerMessage(_))));
         // Material spans blocks 0 and 1 for the key at 12..20.
         let material = retrieve(
             &conn,
+            &sealer(),
             &SaeId::new("sae-b"),
             &SaeId::new("sae-a"),
             &[first[1].key_ids[0]],
@@ -755,23 +849,23 @@ mod tests {
             SaeId::new("sae-x"),
         );
         assert!(matches!(
-            retrieve(&conn, &x, &a, &[key.key_ids[0]]),
+            retrieve(&conn, &sealer(), &x, &a, &[key.key_ids[0]]),
             Err(Error::NotAuthorized(_))
         ));
         assert!(matches!(
-            retrieve(&conn, &b, &x, &[key.key_ids[0]]),
+            retrieve(&conn, &sealer(), &b, &x, &[key.key_ids[0]]),
             Err(Error::KeysNotFound)
         ));
         assert!(matches!(
-            retrieve(&conn, &b, &a, &[key.key_ids[0], Uuid::now_v7()]),
+            retrieve(&conn, &sealer(), &b, &a, &[key.key_ids[0], Uuid::now_v7()]),
             Err(Error::KeysNotFound)
         ));
-        let first = retrieve(&conn, &b, &a, &[key.key_ids[0]]).unwrap();
+        let first = retrieve(&conn, &sealer(), &b, &a, &[key.key_ids[0]]).unwrap();
         assert!(matches!(
-            retrieve(&conn, &b, &a, &[key.key_ids[0]]),
+            retrieve(&conn, &sealer(), &b, &a, &[key.key_ids[0]]),
             Err(Error::KeysNotFound)
         ));
-        let second = retrieve(&conn, &b2, &a, &[key.key_ids[0]]).unwrap();
+        let second = retrieve(&conn, &sealer(), &b2, &a, &[key.key_ids[0]]).unwrap();
         assert_eq!(first, second);
         let left: i64 = conn
             .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
@@ -790,6 +884,7 @@ mod tests {
         };
         apply(
             &tx,
+            &sealer(),
             sweep(now_ms() - 60_000),
             &mut head,
             &mut HashMap::new(),
@@ -799,7 +894,14 @@ mod tests {
             .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
             .unwrap();
         assert_eq!(left, 1, "a fresh key stays");
-        apply(&tx, sweep(now_ms() + 1), &mut head, &mut HashMap::new()).unwrap();
+        apply(
+            &tx,
+            &sealer(),
+            sweep(now_ms() + 1),
+            &mut head,
+            &mut HashMap::new(),
+        )
+        .unwrap();
         let left: i64 = tx
             .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
             .unwrap();

@@ -365,7 +365,9 @@ mod tests {
 
     /// A pool of 8-byte blocks whose store and peer are real actors that the test never uses.
     fn pool(cursor: u64, blocks: Vec<StoredBlock>) -> KeyPool {
-        let writer = SyncArbiter::start(1, || crate::db_writer::DbWriter::new(test_pool()));
+        let writer = SyncArbiter::start(1, || {
+            crate::db_writer::DbWriter::new(test_pool(), test_sealer())
+        });
         let store = Store::new(writer, std::time::Duration::from_secs(3600)).start();
         let peer = PeerLink::new(
             KmeId::new("kme-b"),
@@ -376,6 +378,10 @@ mod tests {
         )
         .start();
         KeyPool::new(params(8), cursor, blocks, store, peer)
+    }
+
+    fn test_sealer() -> std::sync::Arc<crate::sealing::Sealer> {
+        std::sync::Arc::new(crate::sealing::Sealer::from_master(&[1u8; 32]).unwrap())
     }
 
     fn test_pool() -> crate::db::DbPool {

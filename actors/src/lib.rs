@@ -24,6 +24,7 @@ pub mod key_source;
 pub mod link;
 pub mod peer_link;
 pub mod sae_registry;
+pub mod sealing;
 pub mod store;
 pub mod types;
 

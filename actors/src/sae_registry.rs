@@ -435,7 +435,9 @@ mod tests {
             .into_iter()
             .map(KmeId::new)
             .collect();
-        let writer = SyncArbiter::start(1, || crate::db_writer::DbWriter::new(test_pool()));
+        let writer = SyncArbiter::start(1, || {
+            crate::db_writer::DbWriter::new(test_pool(), test_sealer())
+        });
         let store = Store::new(writer, std::time::Duration::from_secs(60)).start();
         SaeRegistry::new(
             KmeId::new("kme-b"),
@@ -445,6 +447,10 @@ mod tests {
             Vec::new(),
             limits(),
         )
+    }
+
+    fn test_sealer() -> std::sync::Arc<crate::sealing::Sealer> {
+        std::sync::Arc::new(crate::sealing::Sealer::from_master(&[1u8; 32]).unwrap())
     }
 
     fn test_pool() -> crate::db::DbPool {

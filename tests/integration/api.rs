@@ -45,6 +45,23 @@ async fn status_enc_and_dec_with_get_and_post() {
     let (code, body) = dec(&slave, &b, "sae-a", &ids).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(keys(&body), issued);
+    // Key material is encrypted at rest: not one key appears in the slave's database files.
+    let data = net.setup.path().join("data/kme-b");
+    let mut files = Vec::new();
+    for name in ["kme.sqlite", "kme.sqlite-wal"] {
+        files.extend(std::fs::read(data.join(name)).unwrap_or_default());
+    }
+    assert!(files.len() > 4096);
+    let (code, body) = enc(&master, &a, "sae-b", json!({"number": 4, "size": 256})).await;
+    assert_eq!(code, 200, "{body}");
+    let mut files = Vec::new();
+    for name in ["kme.sqlite", "kme.sqlite-wal"] {
+        files.extend(std::fs::read(data.join(name)).unwrap_or_default());
+    }
+    for (_, key) in keys(&body) {
+        let raw = base64::engine::general_purpose::STANDARD.decode(key).unwrap();
+        assert!(!files.windows(raw.len()).any(|w| w == raw.as_slice()), "plaintext key on disk");
+    }
     // Consumed once.
     let (code, body) = dec(&slave, &b, "sae-a", &ids[..1]).await;
     assert_eq!(code, 400);
