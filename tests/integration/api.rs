@@ -59,8 +59,13 @@ async fn status_enc_and_dec_with_get_and_post() {
         files.extend(std::fs::read(data.join(name)).unwrap_or_default());
     }
     for (_, key) in keys(&body) {
-        let raw = base64::engine::general_purpose::STANDARD.decode(key).unwrap();
-        assert!(!files.windows(raw.len()).any(|w| w == raw.as_slice()), "plaintext key on disk");
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .unwrap();
+        assert!(
+            !files.windows(raw.len()).any(|w| w == raw.as_slice()),
+            "plaintext key on disk"
+        );
     }
     // Consumed once.
     let (code, body) = dec(&slave, &b, "sae-a", &ids[..1]).await;
