@@ -52,7 +52,8 @@ start() {
   if [[ "$mode" != "--background" ]]; then trap 'echo; stop_all; exit 0' INT TERM; fi
   for entry in "${kmes[@]}"; do
     read -r id _ <<<"$entry"
-    "$KME" run --config "$config" --kme "$id" >"$RUN/$id.log" 2>&1 &
+    # A session of its own: Ctrl-C reaches this script, which stops the KMEs in order.
+    setsid "$KME" run --config "$config" --kme "$id" >"$RUN/$id.log" 2>&1 &
     echo $! >"$RUN/$id.pid"
   done
   for entry in "${kmes[@]}"; do

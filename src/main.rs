@@ -71,10 +71,15 @@ fn run(command: Command) -> Result<(), String> {
         Command::Run { config, kme } => {
             let node = load(config)?.node(&kme).map_err(|err| err.to_string())?;
             actix::System::new().block_on(async move {
-                let node = kme::node::start(node, None)
-                    .await
-                    .map_err(|err| err.to_string())?;
-                node.wait().await.map_err(|err| err.to_string())
+                match kme::node::start(node, None).await {
+                    Ok(node) => node.wait().await.map_err(|err| err.to_string()),
+                    Err(err) => {
+                        // Leave at once: tearing down a System whose actors hold timers is
+                        // not clean in actix (actix/actix#531), and nothing needs flushing.
+                        eprintln!("kme: cannot start: {err}");
+                        std::process::exit(1)
+                    }
+                }
             })
         }
         Command::CheckConfig { config } => {

@@ -79,44 +79,35 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     })
 }
 
-pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<Node, StartError> {
-    let me = config.me.id.clone();
-    let (writer_pool, reader_pool) = db::open(&config.me.data_dir.join("kme.sqlite"), 2)?;
-    let epoch = db::next_epoch(&*writer_pool.get().map_err(kme_actors::Error::from)?)?;
-    let sealer = Arc::new(Sealer::from_key_file(&config.me.master_key)?);
-    let writer_sealer = sealer.clone();
-    let writer = SyncArbiter::start(1, move || {
-        DbWriter::new(writer_pool.clone(), writer_sealer.clone())
-    });
-    let store = Store::new(writer, config.key_ttl).start();
-    let audit = AuditLog::new(store.clone()).start();
+/// What one link resumes from, read before any actor starts.
+struct Resume {
+    params: kme_actors::types::LinkParams,
+    url: String,
+    connector: openssl::ssl::SslConnector,
+    position: u64,
+    own_blocks: Vec<db::StoredBlock>,
+    link_state: LinkState,
+}
 
-    let mut routes = Vec::new();
-    let mut ends = HashMap::new();
+fn resume(
+    config: &NodeConfig,
+    reader: &db::DbPool,
+    sealer: &Sealer,
+) -> Result<Vec<Resume>, StartError> {
+    let me = &config.me.id;
+    let conn = reader.get().map_err(kme_actors::Error::from)?;
+    let mut links = Vec::new();
     for neighbour in &config.neighbours {
         let params = neighbour.params.clone();
         let peer = params.peer.clone();
         let connector = tls::peer_connector(&config.ca, &config.cert, &config.key, peer.as_str())?;
-        // Half the SAE request timeout: a slow neighbour yields a 503 before the SAE gives up.
-        let peer_timeout = config.request_timeout / 2;
-        let client = tls::https_client(connector, 64, peer_timeout);
-        let peer_link = PeerLink::new(
-            peer.clone(),
-            neighbour.url.clone(),
-            client,
-            peer_timeout,
-            epoch,
-        )
-        .start();
-
-        let conn = reader_pool.get().map_err(kme_actors::Error::from)?;
-        let own = db::stream_state(&conn, &peer, &me)?;
+        let own = db::stream_state(&conn, &peer, me)?;
         let theirs = db::stream_state(&conn, &peer, &peer)?;
         let block = params.block_bytes as u64;
-        let own_blocks = db::blocks(&conn, &sealer, &peer, &me, own.position / block, true)?;
+        let own_blocks = db::blocks(&conn, sealer, &peer, me, own.position / block, true)?;
         let mut unshipped = Vec::new();
-        for owner in [&me, &peer] {
-            for b in db::blocks(&conn, &sealer, &peer, owner, 0, false)? {
+        for owner in [me, &peer] {
+            for b in db::blocks(&conn, sealer, &peer, owner, 0, false)? {
                 unshipped.push(BlockRecord {
                     owner: owner.clone(),
                     seq: b.seq,
@@ -124,29 +115,71 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
                 });
             }
         }
-        drop(conn);
         log::info!(
             "link {me} — {peer}: resuming at position {} with {} own blocks, {} to ship",
             own.position,
             own_blocks.len(),
             unshipped.len()
         );
+        links.push(Resume {
+            url: neighbour.url.clone(),
+            connector,
+            position: own.position,
+            own_blocks,
+            link_state: LinkState {
+                next_own_seq: own.next_seq,
+                next_peer_seq: theirs.next_seq,
+                unshipped,
+            },
+            params,
+        });
+    }
+    Ok(links)
+}
+
+/// Starts one KME. Everything that can fail (storage, keys, certificates, listeners) is done
+/// before the first actor starts, so a failed start leaves nothing running.
+pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<Node, StartError> {
+    let me = config.me.id.clone();
+    let (writer_pool, reader_pool) = db::open(&config.me.data_dir.join("kme.sqlite"), 2)?;
+    let epoch = db::next_epoch(&*writer_pool.get().map_err(kme_actors::Error::from)?)?;
+    let sealer = Arc::new(Sealer::from_key_file(&config.me.master_key)?);
+    let links = resume(&config, &reader_pool, &sealer)?;
+    let sae_tls = tls::sae_acceptor(&config.ca, &config.cert, &config.key)?;
+    let peer_tls = tls::peer_acceptor(&config.ca, &config.cert, &config.key)?;
+    let (sae_listener, peer_listener) = match listeners {
+        Some(l) => (l.sae, l.peer),
+        None => (bind(config.me.sae_listen)?, bind(config.me.peer_listen)?),
+    };
+    let sae_addr = local_addr(&sae_listener)?;
+    let peer_addr = local_addr(&peer_listener)?;
+
+    let writer_sealer = sealer.clone();
+    let writer = SyncArbiter::start(1, move || {
+        DbWriter::new(writer_pool.clone(), writer_sealer.clone())
+    });
+    let store = Store::new(writer, config.key_ttl).start();
+    let audit = AuditLog::new(store.clone()).start();
+    // Half the SAE request timeout: a slow neighbour yields a 503 before the SAE gives up.
+    let peer_timeout = config.request_timeout / 2;
+    let mut routes = Vec::new();
+    let mut ends = HashMap::new();
+    for link in links {
+        let params = link.params;
+        let peer = params.peer.clone();
+        let client = tls::https_client(link.connector, 64, peer_timeout);
+        let peer_link = PeerLink::new(peer.clone(), link.url, client, peer_timeout, epoch).start();
         let pool = KeyPool::new(
             params.clone(),
-            own.position,
-            own_blocks,
+            link.position,
+            link.own_blocks,
             store.clone(),
             peer_link.clone(),
         )
         .start();
-        let state = LinkState {
-            next_own_seq: own.next_seq,
-            next_peer_seq: theirs.next_seq,
-            unshipped,
-        };
         let link = Link::new(
             params.clone(),
-            state,
+            link.link_state,
             pool.clone(),
             peer_link,
             store.clone(),
@@ -190,14 +223,6 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         store,
         timeout: config.request_timeout,
     });
-    let (sae_listener, peer_listener) = match listeners {
-        Some(l) => (l.sae, l.peer),
-        None => (bind(config.me.sae_listen)?, bind(config.me.peer_listen)?),
-    };
-    let sae_addr = local_addr(&sae_listener)?;
-    let peer_addr = local_addr(&peer_listener)?;
-
-    let sae_tls = tls::sae_acceptor(&config.ca, &config.cert, &config.key)?;
     let sae_server = HttpServer::new(move || {
         App::new()
             .app_data(sae_state.clone())
@@ -214,7 +239,6 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         source,
     })?
     .run();
-    let peer_tls = tls::peer_acceptor(&config.ca, &config.cert, &config.key)?;
     let peer_server = HttpServer::new(move || {
         App::new()
             .app_data(peer_state.clone())
