@@ -4,7 +4,7 @@ CARGO ?= cargo
 KME := target/release/kme
 
 .DEFAULT_GOAL := help
-.PHONY: help build certs run start stop demo test lint fmt bench clean
+.PHONY: help build certs run start stop demo test lint fmt bench bench-link clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n",$$1,$$2}'
@@ -41,6 +41,9 @@ fmt: ## format the code
 
 bench: build certs ## load benchmark on the network of bench/kme.toml: keys/s and latency (var/bench/*.json)
 	@scripts/bench.sh
+
+bench-link: build ## BB84 post-processing benchmark per QBER, unpaced (var/bench/link.json)
+	$(KME) bench-link --out var/bench/link.json
 
 clean: ## remove build output and runtime data (var/)
 	$(CARGO) clean

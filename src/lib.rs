@@ -12,6 +12,7 @@
 //! | `error.rs` | the one error → HTTP mapping (400 / 401 / 503, ETSI Error JSON) |
 //! | `ask.rs` | one actor message per request, under a hard timeout |
 //! | `node.rs` | starting one KME (storage, actors, listeners) |
+//! | `link_bench.rs` | `kme bench-link`: BB84 post-processing unpaced, per QBER, and key rate vs distance |
 //! | `loadgen.rs` | the `kme bench` load generator (mTLS, keep-alive, verified enc/dec pairs) |
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
@@ -20,6 +21,7 @@ pub mod ask;
 pub mod config;
 pub mod error;
 pub mod etsi;
+pub mod link_bench;
 pub mod loadgen;
 pub mod node;
 pub mod peer_api;

@@ -37,6 +37,18 @@ enum Command {
     /// Load generator: drive running KMEs over mTLS and print keys/s and latency percentiles.
     /// Exit status 2 if any key differed between enc_keys and dec_keys, 3 if nothing succeeded.
     Bench(Box<kme::loadgen::LoadOptions>),
+    /// Benchmark the BB84 post-processing of one link, unpaced, at QBER 1, 2, 3, 5 and 8 %.
+    BenchLink {
+        /// JSON report (per QBER: qber, efficiency, frame_error_rate, sifted/secret bits/s).
+        #[arg(long, default_value = "var/bench/link.json")]
+        out: PathBuf,
+        /// Full frames (simulation + all stages) per QBER.
+        #[arg(long, default_value_t = 8)]
+        frames: usize,
+        /// Cascade-only frames of 2^20 bits per QBER, for the frame error rate.
+        #[arg(long, default_value_t = 1000)]
+        cascade_frames: usize,
+    },
     /// Verify the hash chain of a KME's audit trail.
     AuditVerify {
         #[arg(long)]
@@ -105,6 +117,11 @@ fn run(command: Command) -> Result<(), String> {
             Ok(())
         }
         Command::Bench(_) => Ok(()),
+        Command::BenchLink {
+            out,
+            frames,
+            cascade_frames,
+        } => kme::link_bench::run(&out, frames, cascade_frames),
         Command::CurlExample { config } => {
             print!("{}", curl_example(&load(config)?));
             Ok(())

@@ -16,6 +16,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod audit_log;
+pub mod bb84;
 pub mod db;
 pub mod db_writer;
 pub mod error;

@@ -1,0 +1,361 @@
+//! Bit-packed vector used for keys, bases and parity masks everywhere in the crate.
+//!
+//! Post-processing works on 10^5..10^7 bits per frame; packing 64 bits per `u64`
+//! word makes XOR, popcount and range parities word-parallel, which is what keeps
+//! sifting, Cascade and hashing fast. The struct is serde-serialisable so it can
+//! travel inside protocol messages (the length is explicit; bits beyond it are
+//! always kept zero so equality and hashing are well defined).
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Errors from constructing a [`BitVec`] from untrusted parts (e.g. a received message).
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum BitsError {
+    /// The word buffer does not match the declared bit length.
+    #[error("bit vector of {len} bits needs {expected} words, got {got}")]
+    WordCount {
+        /// Declared length in bits.
+        len: usize,
+        /// Words required for that length.
+        expected: usize,
+        /// Words supplied.
+        got: usize,
+    },
+    /// Bits beyond the declared length were set (malformed encoding).
+    #[error("bits set beyond the declared length")]
+    DirtyTail,
+}
+
+/// A fixed-length vector of bits packed little-endian into `u64` words.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BitVec {
+    words: Vec<u64>,
+    len: usize,
+}
+
+#[inline]
+fn words_for(len: usize) -> usize {
+    len.div_ceil(64)
+}
+
+impl BitVec {
+    /// All-zero vector of `len` bits.
+    pub fn zeros(len: usize) -> Self {
+        BitVec {
+            words: vec![0; words_for(len)],
+            len,
+        }
+    }
+
+    /// Empty vector with room for `cap` bits.
+    pub fn with_capacity(cap: usize) -> Self {
+        BitVec {
+            words: Vec::with_capacity(words_for(cap)),
+            len: 0,
+        }
+    }
+
+    /// Build from packed words; validates the word count and that the tail is clean,
+    /// because the parts may come from the network.
+    pub fn from_words(words: Vec<u64>, len: usize) -> Result<Self, BitsError> {
+        let expected = words_for(len);
+        if words.len() != expected {
+            return Err(BitsError::WordCount {
+                len,
+                expected,
+                got: words.len(),
+            });
+        }
+        let v = BitVec { words, len };
+        if v.tail_dirty() {
+            return Err(BitsError::DirtyTail);
+        }
+        Ok(v)
+    }
+
+    /// Build from booleans (convenience for tests and small inputs).
+    pub fn from_bools<I: IntoIterator<Item = bool>>(bits: I) -> Self {
+        let mut v = BitVec::default();
+        for b in bits {
+            v.push(b);
+        }
+        v
+    }
+
+    /// Number of bits.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when there are no bits.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Packed words (bits beyond `len` are zero).
+    #[inline]
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// Bit `i`; out-of-range reads return `false` rather than panicking.
+    #[inline]
+    pub fn get(&self, i: usize) -> bool {
+        if i >= self.len {
+            return false;
+        }
+        self.words
+            .get(i >> 6)
+            .is_some_and(|w| (w >> (i & 63)) & 1 == 1)
+    }
+
+    /// Set bit `i` (ignored when out of range).
+    #[inline]
+    pub fn set(&mut self, i: usize, v: bool) {
+        if i >= self.len {
+            return;
+        }
+        if let Some(w) = self.words.get_mut(i >> 6) {
+            let m = 1u64 << (i & 63);
+            if v {
+                *w |= m;
+            } else {
+                *w &= !m;
+            }
+        }
+    }
+
+    /// Flip bit `i` (ignored when out of range).
+    #[inline]
+    pub fn flip(&mut self, i: usize) {
+        if i >= self.len {
+            return;
+        }
+        if let Some(w) = self.words.get_mut(i >> 6) {
+            *w ^= 1u64 << (i & 63);
+        }
+    }
+
+    /// Append one bit.
+    #[inline]
+    pub fn push(&mut self, v: bool) {
+        if self.len & 63 == 0 {
+            self.words.push(0);
+        }
+        let i = self.len;
+        self.len += 1;
+        if v {
+            if let Some(w) = self.words.last_mut() {
+                *w |= 1u64 << (i & 63);
+            }
+        }
+    }
+
+    /// Number of set bits.
+    pub fn count_ones(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// Hamming distance to `other` over the common prefix, plus the length difference.
+    pub fn hamming(&self, other: &BitVec) -> usize {
+        let common: usize = self
+            .words
+            .iter()
+            .zip(other.words.iter())
+            .map(|(a, b)| (a ^ b).count_ones() as usize)
+            .sum();
+        common + self.len.abs_diff(other.len)
+    }
+
+    /// Parity (XOR) of bits in `[start, end)`, word-parallel.
+    pub fn parity_range(&self, start: usize, end: usize) -> bool {
+        let end = end.min(self.len);
+        if start >= end {
+            return false;
+        }
+        let ws = start >> 6;
+        let we = (end - 1) >> 6;
+        let lo_mask = !0u64 << (start & 63);
+        let hi_mask = !0u64 >> (63 - ((end - 1) & 63));
+        let Some(slice) = self.words.get(ws..=we) else {
+            return false;
+        };
+        let acc = if ws == we {
+            slice.first().map_or(0, |w| w & lo_mask & hi_mask)
+        } else {
+            let mut acc = 0u64;
+            let last = slice.len() - 1;
+            for (k, w) in slice.iter().enumerate() {
+                let mut v = *w;
+                if k == 0 {
+                    v &= lo_mask;
+                }
+                if k == last {
+                    v &= hi_mask;
+                }
+                acc ^= v;
+            }
+            acc
+        };
+        acc.count_ones() & 1 == 1
+    }
+
+    /// Parity of the whole vector.
+    pub fn parity(&self) -> bool {
+        self.words.iter().fold(0u64, |a, w| a ^ w).count_ones() & 1 == 1
+    }
+
+    /// Bits at the positions where `mask` is set (mask beyond `self` reads as zero bits).
+    pub fn select(&self, mask: &BitVec) -> BitVec {
+        let mut out = BitVec::with_capacity(mask.count_ones());
+        for_each_one(mask, |i| out.push(self.get(i)));
+        out
+    }
+
+    /// Iterate over indices of set bits.
+    pub fn ones(&self) -> impl Iterator<Item = usize> + '_ {
+        self.words.iter().enumerate().flat_map(|(wi, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let t = w.trailing_zeros() as usize;
+                w &= w - 1;
+                Some((wi << 6) | t)
+            })
+        })
+    }
+
+    /// Keep only the first `len` bits (no-op if already shorter).
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len {
+            return;
+        }
+        self.len = len;
+        self.words.truncate(words_for(len));
+        self.clean_tail();
+    }
+
+    /// Bitwise NOT restricted to `len` bits.
+    pub fn not(&self) -> BitVec {
+        let mut v = BitVec {
+            words: self.words.iter().map(|w| !w).collect(),
+            len: self.len,
+        };
+        v.clean_tail();
+        v
+    }
+
+    /// Bitwise XOR; the result has the length of the shorter operand.
+    pub fn xor(&self, other: &BitVec) -> BitVec {
+        let len = self.len.min(other.len);
+        let mut v = BitVec {
+            words: self
+                .words
+                .iter()
+                .zip(other.words.iter())
+                .map(|(a, b)| a ^ b)
+                .take(words_for(len))
+                .collect(),
+            len,
+        };
+        v.clean_tail();
+        v
+    }
+
+    fn tail_mask(&self) -> u64 {
+        match self.len & 63 {
+            0 => !0,
+            r => (1u64 << r) - 1,
+        }
+    }
+
+    fn tail_dirty(&self) -> bool {
+        self.words
+            .last()
+            .is_some_and(|w| w & !self.tail_mask() != 0)
+    }
+
+    fn clean_tail(&mut self) {
+        let m = self.tail_mask();
+        if let Some(w) = self.words.last_mut() {
+            *w &= m;
+        }
+    }
+}
+
+/// Call `f` for every set bit of `v`, in increasing order (faster than the iterator
+/// in hot loops because it avoids the nested closure state).
+#[inline]
+pub fn for_each_one<F: FnMut(usize)>(v: &BitVec, mut f: F) {
+    for (wi, &w) in v.words.iter().enumerate() {
+        let mut w = w;
+        while w != 0 {
+            let t = w.trailing_zeros() as usize;
+            f((wi << 6) | t);
+            w &= w - 1;
+        }
+    }
+}
+
+/// Pack values in `0..4` two bits each (used for intensity classes on the wire).
+pub fn pack2(vals: &[u8]) -> BitVec {
+    let mut v = BitVec::zeros(vals.len() * 2);
+    for (i, &c) in vals.iter().enumerate() {
+        v.set(2 * i, c & 1 == 1);
+        v.set(2 * i + 1, c & 2 == 2);
+    }
+    v
+}
+
+/// Inverse of [`pack2`].
+pub fn unpack2(v: &BitVec) -> Vec<u8> {
+    (0..v.len() / 2)
+        .map(|i| u8::from(v.get(2 * i)) | (u8::from(v.get(2 * i + 1)) << 1))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_get_parity() {
+        let bools: Vec<bool> = (0..300).map(|i| (i * 7 + i / 3) % 5 == 0).collect();
+        let v = BitVec::from_bools(bools.iter().copied());
+        assert_eq!(v.len(), 300);
+        for (i, b) in bools.iter().enumerate() {
+            assert_eq!(v.get(i), *b);
+        }
+        for s in [0usize, 1, 63, 64, 65, 100, 250] {
+            for e in [s, s + 1, s + 63, s + 64, s + 130, 300] {
+                let expect = bools[s..e.min(300).max(s)].iter().filter(|b| **b).count() % 2 == 1;
+                assert_eq!(v.parity_range(s, e), expect, "{s}..{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn from_words_validates() {
+        assert!(BitVec::from_words(vec![0, 0], 65).is_ok());
+        assert!(BitVec::from_words(vec![0], 65).is_err());
+        assert_eq!(
+            BitVec::from_words(vec![0, 4], 65),
+            Err(BitsError::DirtyTail)
+        );
+    }
+
+    #[test]
+    fn select_and_pack() {
+        let v = BitVec::from_bools([true, false, true, true]);
+        let m = BitVec::from_bools([true, true, false, true]);
+        assert_eq!(v.select(&m), BitVec::from_bools([true, false, true]));
+        let vals = vec![0u8, 1, 2, 3, 2];
+        assert_eq!(unpack2(&pack2(&vals)), vals);
+        assert_eq!(m.ones().collect::<Vec<_>>(), vec![0, 1, 3]);
+    }
+}
