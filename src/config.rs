@@ -98,6 +98,7 @@ struct RawKme {
     peer_listen: SocketAddr,
     data_dir: PathBuf,
     master_key: Option<PathBuf>,
+    max_db_mb: Option<u64>,
     workers: Option<usize>,
 }
 
@@ -135,6 +136,8 @@ pub struct KmeSpec {
     pub data_dir: PathBuf,
     /// 32-byte master key of encryption at rest (created on first start if missing).
     pub master_key: PathBuf,
+    /// Size limit of the database file in MiB (None: the disk is the limit).
+    pub max_db_mb: Option<u64>,
     pub workers: usize,
 }
 
@@ -304,6 +307,7 @@ impl Validator<'_> {
                     .as_deref()
                     .map(|p| self.path(p))
                     .unwrap_or_else(|| self.path(&k.data_dir).join("master.key")),
+                max_db_mb: k.max_db_mb,
                 workers: k.workers.unwrap_or(2).clamp(1, 64),
             });
         }

@@ -58,7 +58,7 @@ impl From<Error> for ApiError {
             | Error::ActivationRejected { .. }
             | Error::PeerMessage(_) => {
                 log::warn!("peer failure: {err}");
-                Self::unavailable("the slave's KME could not be reached; retry later")
+                Self::unavailable("the slave's KME could not take the keys; retry later")
             }
             Error::Storage(_) => {
                 log::error!("storage failure: {err}");

@@ -141,7 +141,11 @@ fn resume(
 /// before the first actor starts, so a failed start leaves nothing running.
 pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<Node, StartError> {
     let me = config.me.id.clone();
-    let (writer_pool, reader_pool) = db::open(&config.me.data_dir.join("kme.sqlite"), 2)?;
+    let (writer_pool, reader_pool) = db::open_with_quota(
+        &config.me.data_dir.join("kme.sqlite"),
+        2,
+        config.me.max_db_mb,
+    )?;
     let epoch = db::next_epoch(&*writer_pool.get().map_err(kme_actors::Error::from)?)?;
     let sealer = Arc::new(Sealer::from_key_file(&config.me.master_key)?);
     let links = resume(&config, &reader_pool, &sealer)?;

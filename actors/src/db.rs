@@ -38,6 +38,16 @@ fn configure(conn: &mut Connection) -> rusqlite::Result<()> {
 /// Opens (creating if needed) the database, applies migrations, and returns the writer pool
 /// (one connection) and a reader pool.
 pub fn open(path: &Path, readers: u32) -> Result<(DbPool, DbPool)> {
+    open_with_quota(path, readers, None)
+}
+
+/// As `open`, with the database file limited to `quota_mb` MiB (`PRAGMA max_page_count`):
+/// beyond it writes fail as on a full disk, and the KME answers 503 while it keeps serving.
+pub fn open_with_quota(
+    path: &Path,
+    readers: u32,
+    quota_mb: Option<u64>,
+) -> Result<(DbPool, DbPool)> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|err| {
             Error::Storage(format!(
@@ -46,14 +56,21 @@ pub fn open(path: &Path, readers: u32) -> Result<(DbPool, DbPool)> {
             ))
         })?;
     }
-    let writer = pool(path, 1)?;
+    let writer = pool(path, 1, quota_mb)?;
     migrate(&mut *writer.get()?)?;
-    let reader = pool(path, readers.max(1))?;
+    let reader = pool(path, readers.max(1), quota_mb)?;
     Ok((writer, reader))
 }
 
-fn pool(path: &Path, size: u32) -> Result<DbPool> {
-    let manager = SqliteConnectionManager::file(path).with_init(configure);
+fn pool(path: &Path, size: u32, quota_mb: Option<u64>) -> Result<DbPool> {
+    let manager = SqliteConnectionManager::file(path).with_init(move |conn| {
+        configure(conn)?;
+        if let Some(mb) = quota_mb {
+            // Pages are 4 KiB (SQLite's default, never changed here).
+            conn.pragma_update(None, "max_page_count", to_i64(mb.saturating_mul(256)))?;
+        }
+        Ok(())
+    });
     Ok(Pool::builder().max_size(size).build(manager)?)
 }
 

@@ -372,3 +372,48 @@ async fn the_kme_to_kme_channel_accepts_only_neighbour_kmes() {
         "{answer}"
     );
 }
+
+#[actix::test]
+async fn a_full_disk_answers_503_loses_nothing_and_recovers() {
+    let net = Net::start(LinkOptions {
+        max_key_count: 2048,
+        max_db_mb: Some(1),
+        ..LinkOptions::default()
+    });
+    let (a, b) = (net.url("kme-a"), net.url("kme-b"));
+    let master = net.client(Some("sae-a"));
+    let slave = net.client(Some("sae-b"));
+    let mut issued: Vec<(String, String)> = Vec::new();
+    let mut full = None;
+    for _ in 0..400 {
+        net.wait_for_keys("sae-a", "kme-a", "sae-b", 64).await;
+        let (code, body) = enc(&master, &a, "sae-b", json!({"number": 64})).await;
+        match code {
+            200 => issued.extend(keys(&body)),
+            503 => {
+                full = Some(body);
+                break;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    let full = full.expect("kme-b's database never filled up");
+    assert!(
+        full["message"].as_str().unwrap().contains("retry later"),
+        "{full}"
+    );
+    assert!(!issued.is_empty());
+    // kme-b keeps serving: status, and every key handed out before is still there, once.
+    let (code, _) = slave.get(&format!("{b}/api/v1/keys/sae-a/status")).await;
+    assert_eq!(code, 200);
+    for chunk in issued.chunks(256) {
+        let ids: Vec<&str> = chunk.iter().map(|(id, _)| id.as_str()).collect();
+        let (code, body) = dec(&slave, &b, "sae-a", &ids).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(keys(&body), chunk.to_vec());
+    }
+    // With the keys retrieved there is room again.
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 64).await;
+    let (code, body) = enc(&master, &a, "sae-b", json!({"number": 64})).await;
+    assert_eq!(code, 200, "{body}");
+}

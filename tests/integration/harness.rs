@@ -29,6 +29,8 @@ pub struct LinkOptions {
     pub max_key_count: u64,
     pub max_sae_id_count: u32,
     pub tick_ms: u64,
+    /// Size limit of every KME's database (MiB), to play a full disk.
+    pub max_db_mb: Option<u64>,
 }
 
 impl Default for LinkOptions {
@@ -39,6 +41,7 @@ impl Default for LinkOptions {
             max_key_count: 4096,
             max_sae_id_count: 1,
             tick_ms: 5,
+            max_db_mb: None,
         }
     }
 }
@@ -88,6 +91,9 @@ impl Setup {
             text += &format!(
                 "[[kme]]\nid = \"{kme}\"\nsae_listen = \"127.0.0.1:{sae}\"\npeer_listen = \"127.0.0.1:{peer}\"\ndata_dir = \"data/{kme}\"\n"
             );
+            if let Some(mb) = options.max_db_mb {
+                text += &format!("max_db_mb = {mb}\n");
+            }
         }
         for (sae, kme) in SAES {
             text += &format!("[[sae]]\nid = \"{sae}\"\nkme = \"{kme}\"\n");
