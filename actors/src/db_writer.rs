@@ -67,7 +67,7 @@ impl Handler<WriteBatch> for DbWriter {
 impl DbWriter {
     fn write(&mut self, ops: Vec<Op>) -> Result<Vec<Result<Output>>> {
         let mut conn = self.pool.get()?;
-        let mut tx = conn.transaction()?;
+        let tx = conn.transaction()?;
         let mut head = match self.audit_head.clone() {
             Some(head) => head,
             None => audit_head(&tx)?,
@@ -75,15 +75,15 @@ impl DbWriter {
         let mut outcomes = Vec::with_capacity(ops.len());
         for op in ops {
             let savepoint_head = head.clone();
-            let mut sp = tx.savepoint()?;
-            let outcome = apply(&sp, &self.sealer, op, &mut head, &mut self.block_cache);
-            match outcome {
-                Ok(_) => sp.commit()?,
-                Err(_) => {
-                    sp.rollback()?;
-                    head = savepoint_head;
-                }
+            // Cached statements: `Transaction::savepoint` parses its SQL on every call, which
+            // showed up as a tenth of the writer's time.
+            tx.prepare_cached("SAVEPOINT op")?.execute([])?;
+            let outcome = apply(&tx, &self.sealer, op, &mut head, &mut self.block_cache);
+            if outcome.is_err() {
+                tx.prepare_cached("ROLLBACK TO op")?.execute([])?;
+                head = savepoint_head;
             }
+            tx.prepare_cached("RELEASE op")?.execute([])?;
             outcomes.push(outcome);
         }
         match tx.commit() {
@@ -871,6 +871,56 @@ mod tests {
             .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
             .unwrap();
         assert_eq!(left, 0, "the key is deleted once every slave has it");
+    }
+
+    #[test]
+    fn a_refused_operation_leaves_the_rest_of_its_batch_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, _) = db::open(&dir.path().join("t.sqlite"), 1).unwrap();
+        let mut writer = DbWriter::new(pool.clone(), Arc::new(sealer()));
+        let peer = kme("kme-a");
+        let good = binding(0, &["sae-b"]);
+        let outcomes = writer
+            .write(vec![
+                Op::StoreBlocks {
+                    peer: peer.clone(),
+                    blocks: vec![block("kme-a", 0)],
+                    confirmed: true,
+                },
+                Op::Activate {
+                    peer: peer.clone(),
+                    seq: 5,
+                    digest: [1; 32],
+                    block_bytes: 16,
+                    bindings: vec![good.clone()],
+                },
+                // Refused: the same positions again under a newer number.
+                Op::Activate {
+                    peer: peer.clone(),
+                    seq: 6,
+                    digest: [2; 32],
+                    block_bytes: 16,
+                    bindings: vec![binding(0, &["sae-b"])],
+                },
+                Op::Audit(AuditRecord::new("test", serde_json::json!({}))),
+            ])
+            .unwrap();
+        assert!(outcomes[0].is_ok() && outcomes[1].is_ok() && outcomes[3].is_ok());
+        assert!(matches!(outcomes[2], Err(Error::ActivationRejected { .. })));
+        let conn = pool.get().unwrap();
+        let keys: i64 = conn
+            .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(keys, 1);
+        let last: i64 = conn
+            .query_row("SELECT last_seq FROM peer_sequence", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(last, 5, "the refused batch left no trace");
+        assert_eq!(
+            db::verify_audit_chain(&conn).unwrap(),
+            2,
+            "audit chain intact across the rollback"
+        );
     }
 
     #[test]
