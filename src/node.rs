@@ -14,6 +14,7 @@ use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpServer};
 use kme_actors::audit_log::{AuditLog, AuditRecord, Record};
 use kme_actors::db;
+use kme_actors::db_checkpointer::DbCheckpointer;
 use kme_actors::db_writer::DbWriter;
 use kme_actors::key_pool::{KeyPool, WatchLevel};
 use kme_actors::link::{Link, LinkState};
@@ -162,7 +163,11 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     let writer = SyncArbiter::start(1, move || {
         DbWriter::new(writer_pool.clone(), writer_sealer.clone())
     });
-    let store = Store::new(writer, config.key_ttl).start();
+    let checkpoint_pool = reader_pool.clone();
+    let checkpointer = SyncArbiter::start(1, move || DbCheckpointer::new(checkpoint_pool.clone()));
+    let store = Store::new(writer, config.key_ttl)
+        .with_checkpointer(checkpointer)
+        .start();
     let audit = AuditLog::new(store.clone()).start();
     // Half the SAE request timeout: a slow neighbour yields a 503 before the SAE gives up.
     let peer_timeout = config.request_timeout / 2;

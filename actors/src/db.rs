@@ -31,7 +31,8 @@ fn configure(conn: &mut Connection) -> rusqlite::Result<()> {
          PRAGMA synchronous = FULL;
          PRAGMA foreign_keys = ON;
          PRAGMA secure_delete = ON;
-         PRAGMA busy_timeout = 5000;",
+         PRAGMA busy_timeout = 5000;
+         PRAGMA wal_autocheckpoint = 16384;",
     )
 }
 

@@ -237,19 +237,21 @@ impl Handler<Deliver> for KeyPool {
         let work = async move {
             // Both at once: the slave's KME binds the keys while this KME records the delivery
             // (the cursor moves past the material either way, so a failure only burns it).
-            let (bound, committed) = futures_util::future::join(
-                async { peer.send(Activate(binding)).await? },
-                async { store.send(commit.into()).await? },
-            )
-            .await;
+            let (bound, committed) =
+                futures_util::future::join(async { peer.send(Activate(binding)).await? }, async {
+                    store.send(commit.into()).await?
+                })
+                .await;
             if let (Err(err), Ok(_)) = (&bound, &committed) {
                 // The delivery record stands; say in the trail that the SAE never got the keys.
                 let withdrawn = AuditRecord::new(
                     "keys_withdrawn",
                     serde_json::json!({"request_id": request_id, "reason": err.to_string()}),
                 );
-                if let Ok(Err(audit_err)) | Err(audit_err) =
-                    store.send(Op::Audit(withdrawn).into()).await.map_err(Error::from)
+                if let Ok(Err(audit_err)) | Err(audit_err) = store
+                    .send(Op::Audit(withdrawn).into())
+                    .await
+                    .map_err(Error::from)
                 {
                     log::error!("cannot audit a withdrawn delivery: {audit_err}");
                 }

@@ -12,12 +12,14 @@
 //! | `audit_log.rs` | `AuditLog` | the hash-chained audit trail |
 //! | `store.rs` | `Store` | group commit in front of the writer |
 //! | `db_writer.rs` | `DbWriter` (SyncArbiter of 1) | the SQLite write connection |
+//! | `db_checkpointer.rs` | `DbCheckpointer` (SyncArbiter of 1) | WAL checkpoints off the writer's path |
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod audit_log;
 pub mod bb84;
 pub mod db;
+pub mod db_checkpointer;
 pub mod db_writer;
 pub mod error;
 pub mod key_pool;

@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::audit_log::AuditRecord;
+use crate::db_checkpointer::{Checkpoint, DbCheckpointer};
 use crate::db_writer::{DbWriter, WriteBatch};
 use crate::error::{Error, Result};
 use crate::types::{now_ms, Binding, Key, KmeId, SaeId};
@@ -25,6 +26,8 @@ const MAX_BATCH: usize = 512;
 /// instead of queueing without bound behind a slow disk.
 const MAX_QUEUE: usize = 16 * 1024;
 const MAILBOX_CAPACITY: usize = 4096;
+/// How often the WAL is checkpointed off the writer's path.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
 /// One block of link material to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +126,8 @@ type Waiter = oneshot::Sender<Result<Output>>;
 
 pub struct Store {
     writer: Addr<DbWriter>,
+    checkpointer: Option<Addr<DbCheckpointer>>,
+    checkpointing: bool,
     queue: Vec<(Op, Waiter)>,
     in_flight: bool,
     key_ttl: Duration,
@@ -133,10 +138,31 @@ impl Store {
     pub fn new(writer: Addr<DbWriter>, key_ttl: Duration) -> Self {
         Self {
             writer,
+            checkpointer: None,
+            checkpointing: false,
             queue: Vec::new(),
             in_flight: false,
             key_ttl,
         }
+    }
+
+    /// Checkpoints the WAL every `CHECKPOINT_EVERY` through `checkpointer`.
+    pub fn with_checkpointer(mut self, checkpointer: Addr<DbCheckpointer>) -> Self {
+        self.checkpointer = Some(checkpointer);
+        self
+    }
+
+    /// Starts a checkpoint unless the previous one still runs (they never queue up).
+    fn checkpoint(&mut self, ctx: &mut Context<Self>) {
+        let Some(checkpointer) = self.checkpointer.clone().filter(|_| !self.checkpointing) else {
+            return;
+        };
+        self.checkpointing = true;
+        ctx.spawn(
+            fut::wrap_future(checkpointer.send(Checkpoint)).map(|_, act: &mut Self, _| {
+                act.checkpointing = false;
+            }),
+        );
     }
 
     /// Queues the expiry sweep; its outcome is logged (and audited by the writer).
@@ -201,6 +227,9 @@ impl Actor for Store {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
         let every = (self.key_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
         ctx.run_interval(every, |act, ctx| act.expire(ctx));
+        if self.checkpointer.is_some() {
+            ctx.run_interval(CHECKPOINT_EVERY, |act, ctx| act.checkpoint(ctx));
+        }
     }
 }
 
