@@ -16,7 +16,7 @@
 //! with one complex FFT of the packed sequence `t + i x` and one inverse FFT
 //! (O((n+m) log(n+m))). [`toeplitz_hash_naive`] is the O(nm) reference for tests.
 
-use crate::bb84::bits::{for_each_one, BitVec};
+use crate::bb84::bits::BitVec;
 use crate::bb84::fft::FftPlan;
 use crate::bb84::math::h2;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -135,6 +135,48 @@ pub fn toeplitz_hash_naive(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitV
     })))
 }
 
+/// Set `dst[u] = bit(lo + u)` of `v` (0.0 / 1.0) for `u < dst.len()`; bits outside
+/// `v` (including negative positions `lo + u < 0`) read as 0.
+fn fill_bits(v: &BitVec, lo: isize, dst: &mut [f64]) {
+    let words = v.words();
+    let len = v.len() as isize;
+    for (u, d) in dst.iter_mut().enumerate() {
+        let p = lo + u as isize;
+        *d = if p >= 0 && p < len {
+            let p = p as usize;
+            words
+                .get(p >> 6)
+                .map_or(0.0, |w| ((w >> (p & 63)) & 1) as f64)
+        } else {
+            0.0
+        };
+    }
+}
+
+/// Split of the key into `pieces` blocks of `block` bits and the transform size.
+///
+/// `T x = sum_k T_k x_k` where `T_k` is the `m x block` Toeplitz matrix of a seed
+/// segment, so the spectra of the `pieces` convolutions (each of size
+/// `>= m + block - 1`) are summed and inverted once. Smaller transforms can win
+/// when `m` is small compared with `n`; the cost model counts one complex FFT per
+/// piece plus a half-size inverse.
+fn split_plan(n: usize, m: usize) -> (usize, usize, usize) {
+    let mut best = (f64::MAX, 1, n, 4);
+    for pieces in 1..=32usize {
+        let block = n.div_ceil(pieces);
+        if pieces > 1 && block * (pieces - 1) >= n {
+            continue;
+        }
+        let l = (m + block - 1).next_power_of_two().max(4);
+        let lf = l as f64;
+        let cost = (pieces as f64 + 0.5) * lf * lf.log2() + pieces as f64 * 3.0 * lf;
+        if cost < best.0 {
+            best = (cost, pieces, block, l);
+        }
+    }
+    (best.1, best.2, best.3)
+}
+
 /// Fast Toeplitz hash via FFT convolution.
 pub fn toeplitz_hash(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitVec, PaError> {
     check(key, seed, m)?;
@@ -147,63 +189,91 @@ pub fn toeplitz_hash(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitVec, Pa
     if n >= 1 << 27 {
         return Err(PaError::TooLarge(n));
     }
-    let total = n + m - 1;
-    let l = total.next_power_of_two().max(2);
+    let (pieces, block, l) = split_plan(n, m);
     let plan = FftPlan::get(l);
+    let half_plan = FftPlan::get(l / 2);
+    let mut acc_re = vec![0f64; l];
+    let mut acc_im = vec![0f64; l];
     let mut re = vec![0f64; l];
     let mut im = vec![0f64; l];
-    for_each_one(seed, |k| {
-        if let Some(v) = re.get_mut(k) {
-            *v = 1.0;
-        }
-    });
-    for_each_one(key, |j| {
-        if let Some(v) = im.get_mut(j) {
-            *v = 1.0;
-        }
-    });
-    plan.forward_dif(&mut re, &mut im);
     // Z = FFT(t + i x). With A = Z_k, B = Z_{-k}: T_k X_k = -i (A^2 - conj(B)^2) / 4.
-    // In bit-reversed storage the partner of slot s in octave [2^j, 2^{j+1}) is the
-    // mirrored slot 3*2^j - 1 - s (and slot 0 pairs with itself), so the pass reads
-    // two sequential streams instead of doing random accesses.
     let prod = |xr: f64, xi: f64, yr: f64, yi: f64| {
         // D = x^2 - conj(y)^2; P = -i D / 4 = (D.im, -D.re) / 4.
         let d_re = xr * xr - xi * xi - (yr * yr - yi * yi);
         let d_im = 2.0 * xr * xi + 2.0 * yr * yi;
         (0.25 * d_im, -0.25 * d_re)
     };
-    if let (Some(r0), Some(i0)) = (re.first_mut(), im.first_mut()) {
-        let p = prod(*r0, *i0, *r0, *i0);
-        *r0 = p.0;
-        *i0 = p.1;
-    }
-    let mut oct = 1;
-    while oct < l {
-        let (_, hi_re) = re.split_at_mut(oct);
-        let (_, hi_im) = im.split_at_mut(oct);
-        let seg_re = &mut hi_re[..oct];
-        let seg_im = &mut hi_im[..oct];
-        for a in 0..oct.div_ceil(2) {
-            let b = oct - 1 - a;
-            let (ar, ai, br, bi) = (seg_re[a], seg_im[a], seg_re[b], seg_im[b]);
-            let p1 = prod(ar, ai, br, bi);
-            let p2 = prod(br, bi, ar, ai);
-            seg_re[a] = p1.0;
-            seg_im[a] = p1.1;
-            seg_re[b] = p2.0;
-            seg_im[b] = p2.1;
+    for k in 0..pieces {
+        // Piece k: key bits [k*block, (k+1)*block) (zero-padded past n); its seed
+        // segment s_u = t_{u + n - k*block - block}, u < m + block - 1, so that
+        // y_i gets entry i + block - 1 of s * x_k.
+        let x_lo = (k * block) as isize;
+        let t_lo = n as isize - x_lo - block as isize;
+        let seg = m + block - 1;
+        fill_bits(seed, t_lo, &mut re[..seg]);
+        re[seg..].fill(0.0);
+        fill_bits(key, x_lo, &mut im[..block]);
+        im[block..].fill(0.0);
+        plan.forward_dif(&mut re, &mut im);
+        // In bit-reversed storage the partner of slot s in octave [2^j, 2^{j+1}) is the
+        // mirrored slot 3*2^j - 1 - s (and slot 0 pairs with itself), so the pass reads
+        // two sequential streams instead of doing random accesses.
+        if let (Some(r0), Some(i0), Some(ar), Some(ai)) = (
+            re.first(),
+            im.first(),
+            acc_re.first_mut(),
+            acc_im.first_mut(),
+        ) {
+            let p = prod(*r0, *i0, *r0, *i0);
+            *ar += p.0;
+            *ai += p.1;
         }
-        oct *= 2;
+        let mut oct = 1;
+        while oct < l {
+            let seg_re = &re[oct..2 * oct];
+            let seg_im = &im[oct..2 * oct];
+            let acc_r = &mut acc_re[oct..2 * oct];
+            let acc_i = &mut acc_im[oct..2 * oct];
+            for a in 0..oct.div_ceil(2) {
+                let b = oct - 1 - a;
+                let (ar, ai, br, bi) = (seg_re[a], seg_im[a], seg_re[b], seg_im[b]);
+                let p1 = prod(ar, ai, br, bi);
+                acc_r[a] += p1.0;
+                acc_i[a] += p1.1;
+                if b != a {
+                    let p2 = prod(br, bi, ar, ai);
+                    acc_r[b] += p2.0;
+                    acc_i[b] += p2.1;
+                }
+            }
+            oct *= 2;
+        }
     }
-    plan.inverse_dit(&mut re, &mut im);
+    drop((re, im));
+    // Real-output inverse through a half-size complex transform: slot j of the
+    // result holds l * (c_{2j} + i c_{2j+1}).
+    plan.real_inverse_pre(&mut acc_re, &mut acc_im);
+    half_plan.inverse_dit(&mut acc_re[..l / 2], &mut acc_im[..l / 2]);
     let scale = 1.0 / l as f64;
-    let out = re
-        .get(n - 1..n - 1 + m)
-        .unwrap_or(&[])
-        .iter()
-        .map(|v| ((v * scale).round() as i64) & 1 == 1);
-    Ok(BitVec::from_bools(out))
+    let off = block - 1;
+    let bit = |v: f64| ((v * scale).round() as i64) & 1 == 1;
+    let mut words = vec![0u64; m.div_ceil(64)];
+    for (i, w) in words.iter_mut().enumerate() {
+        let mut acc = 0u64;
+        for b in 0..64.min(m - 64 * i) {
+            let idx = off + 64 * i + b;
+            let v = if idx & 1 == 0 {
+                acc_re.get(idx >> 1)
+            } else {
+                acc_im.get(idx >> 1)
+            };
+            if v.is_some_and(|&v| bit(v)) {
+                acc |= 1u64 << b;
+            }
+        }
+        *w = acc;
+    }
+    BitVec::from_words(words, m).map_err(|_| PaError::TooLarge(n))
 }
 
 #[cfg(test)]
@@ -223,6 +293,10 @@ mod tests {
             (513, 200),
             (1000, 999),
             (2049, 1500),
+            (5000, 10),
+            (3000, 100),
+            (4097, 1),
+            (6000, 700),
         ] {
             let key = random_key(n, &mut rng);
             let seed = toeplitz_seed_bits(n, m, rng.next_u64());
@@ -230,6 +304,15 @@ mod tests {
             let slow = toeplitz_hash_naive(&key, &seed, m).unwrap();
             assert_eq!(fast, slow, "n={n} m={m}");
         }
+    }
+
+    #[test]
+    fn split_plan_uses_pieces_for_short_outputs() {
+        assert_eq!(split_plan(1000, 999).0, 1);
+        let (pieces, block, l) = split_plan(1_050_000, 60_000);
+        assert!(pieces > 1);
+        assert!(block * pieces >= 1_050_000 && l >= 60_000 + block - 1);
+        assert!(split_plan(5000, 10).0 > 1);
     }
 
     #[test]
