@@ -142,7 +142,7 @@ fn bind_all() -> HashMap<&'static str, (TcpListener, TcpListener)> {
 /// Three KMEs running in this process.
 pub struct Net {
     pub setup: Setup,
-    nodes: Vec<SpawnedNode>,
+    nodes: Vec<(&'static str, SpawnedNode)>,
 }
 
 impl Net {
@@ -154,9 +154,19 @@ impl Net {
         for kme in KMES {
             let (sae, peer) = listeners.remove(kme).unwrap();
             let node_config = config.node(kme).unwrap();
-            nodes.push(node::spawn(node_config, Some(Listeners { sae, peer })).unwrap());
+            nodes.push((
+                kme,
+                node::spawn(node_config, Some(Listeners { sae, peer })).unwrap(),
+            ));
         }
         Net { setup, nodes }
+    }
+
+    /// Stops one KME (its listeners close; a peer of it sees connections refused).
+    pub fn stop(&mut self, kme: &str) {
+        if let Some(i) = self.nodes.iter().position(|(id, _)| *id == kme) {
+            self.nodes.remove(i).1.stop();
+        }
     }
 
     pub fn url(&self, kme: &str) -> String {
@@ -199,7 +209,7 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        for node in self.nodes.drain(..) {
+        for (_, node) in self.nodes.drain(..) {
             node.stop();
         }
     }

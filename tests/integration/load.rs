@@ -86,3 +86,38 @@ async fn exhaustion_answers_503_then_the_pool_refills() {
         actix_web::rt::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[actix::test]
+async fn a_dead_peer_gives_503_and_the_kme_keeps_serving() {
+    let mut net = Net::start(LinkOptions::default());
+    let a = net.url("kme-a");
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 64).await;
+    let master = net.client(Some("sae-a"));
+    let (code, body) = enc(&master, &a, "sae-b", json!({"number": 2})).await;
+    assert_eq!(code, 200, "{body}");
+    net.stop("kme-b");
+    let (code, body) = enc(&master, &a, "sae-b", json!({"number": 2})).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("retry later"),
+        "{body}"
+    );
+    // kme-a keeps serving everything that does not need kme-b.
+    let (code, status) = master.get(&format!("{a}/api/v1/keys/sae-b/status")).await;
+    assert_eq!(code, 200);
+    assert_eq!(status["status_extension"]["link"]["peer_KME_ID"], "kme-b");
+    let (code, _) = master.get(&format!("{a}/api/v1/sae/info/me")).await;
+    assert_eq!(code, 200);
+    // The trail says the keys of the failed request never reached the SAE.
+    let db = net.setup.path().join("data/kme-a/kme.sqlite");
+    let (_, reader) = kme_actors::db::open(&db, 1).unwrap();
+    let conn = reader.get().unwrap();
+    let withdrawn: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM audit WHERE event = 'keys_withdrawn'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(withdrawn, 1);
+}
