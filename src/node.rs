@@ -201,6 +201,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
                 link: link.clone(),
                 block_bytes: params.block_bytes,
                 max_key_bytes: params.limits.max_key_size / 8,
+                max_keys: params.limits.max_key_per_request as usize,
             },
         );
         routes.push(NeighbourRoute {

@@ -31,6 +31,8 @@ pub struct PeerEnd {
     pub block_bytes: usize,
     /// Largest key of the link, in bytes: no binding may be longer.
     pub max_key_bytes: u32,
+    /// Most keys in one binding (one enc_keys request).
+    pub max_keys: usize,
 }
 
 pub struct PeerState {
@@ -216,7 +218,12 @@ async fn activate(
         message: batch,
     } = incoming::<ActivationBatch>(&req, payload, &state).await?;
     for b in &batch.bindings {
-        if b.len == 0 || b.len > end.max_key_bytes || b.slaves.is_empty() || b.key_ids.is_empty() {
+        if b.len == 0
+            || b.len > end.max_key_bytes
+            || b.slaves.is_empty()
+            || b.key_ids.is_empty()
+            || b.key_ids.len() > end.max_keys
+        {
             let reason = format!(
                 "a binding of {} has a bad length, no key or no slave",
                 b.master

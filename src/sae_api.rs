@@ -351,7 +351,7 @@ async fn dec_keys(
 /// When a consuming write must have started for its answer to still reach the SAE: the
 /// request timeout less a margin for the commit and the response.
 fn deadline(timeout: Duration) -> std::time::Instant {
-    std::time::Instant::now() + timeout - (timeout / 4).min(Duration::from_millis(500))
+    std::time::Instant::now() + timeout - timeout / 4
 }
 
 async fn whoami(req: HttpRequest, state: web::Data<SaeState>) -> Result<HttpResponse, ApiError> {

@@ -22,6 +22,9 @@ use crate::sealing::{block_aad, Purpose, Sealer};
 use crate::store::{BlockOutcome, BlockRecord, Op, Output};
 use crate::types::{now_ms, Binding, Key, KmeId, SaeId};
 
+/// Most keys deleted by one expiry sweep.
+const EXPIRY_CHUNK: i64 = 10_000;
+
 pub struct DbWriter {
     pool: DbPool,
     sealer: Arc<Sealer>,
@@ -220,8 +223,16 @@ fn apply(
         }
         Op::ExpireKeys { created_before_ms } => {
             let expired: Vec<Uuid> = tx
-                .prepare_cached("DELETE FROM keys WHERE created_ms < ?1 RETURNING key_id")?
-                .query_map(params![created_before_ms], |r| r.get::<_, Vec<u8>>(0))?
+                // At most EXPIRY_CHUNK per sweep, so that a long-offline slave's backlog never
+                // makes one huge transaction that stalls every request; the next sweep goes on.
+                .prepare_cached(
+                    "DELETE FROM keys WHERE key_id IN
+                     (SELECT key_id FROM keys WHERE created_ms < ?1 ORDER BY created_ms LIMIT ?2)
+                     RETURNING key_id",
+                )?
+                .query_map(params![created_before_ms, EXPIRY_CHUNK], |r| {
+                    r.get::<_, Vec<u8>>(0)
+                })?
                 .filter_map(|id| id.ok().and_then(|id| Uuid::from_slice(&id).ok()))
                 .collect();
             if !expired.is_empty() {
@@ -497,7 +508,11 @@ fn insert_key(
         id.as_bytes().as_slice(),
         master.as_str(),
         slaves_json,
-        sealer.seal(Purpose::Key, id.as_bytes(), material)?,
+        sealer.seal(
+            Purpose::Key,
+            &key_aad(id, master.as_str(), slaves_json),
+            material
+        )?,
         now
     ])
     .map_err(|err| match err {
@@ -511,6 +526,17 @@ fn insert_key(
     Ok(())
 }
 
+/// Associated data of a sealed key: its ID, master and slaves, so that rewriting those columns
+/// in the file makes the key fail to open rather than go to another SAE.
+fn key_aad(id: &Uuid, master: &str, slaves_json: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(16 + master.len() + slaves_json.len() + 2);
+    aad.extend_from_slice(id.as_bytes());
+    aad.extend_from_slice(master.as_bytes());
+    aad.push(0);
+    aad.extend_from_slice(slaves_json.as_bytes());
+    aad
+}
+
 /// Consume-once retrieval by a slave. Nothing changes unless every key can be returned.
 fn retrieve(
     tx: &Connection,
@@ -522,6 +548,7 @@ fn retrieve(
     struct Row {
         master: String,
         slaves: Vec<String>,
+        slaves_json: String,
         pending: Vec<String>,
         material: Vec<u8>,
     }
@@ -550,6 +577,7 @@ fn retrieve(
             let row = Row {
                 master: row_master,
                 slaves: parse_ids(&slaves)?,
+                slaves_json: slaves,
                 pending: parse_ids(&pending)?,
                 material,
             };
@@ -593,7 +621,11 @@ fn retrieve(
         }
         keys.push(Key {
             id: *id,
-            material: sealer.open(Purpose::Key, id.as_bytes(), &row.material)?,
+            material: sealer.open(
+                Purpose::Key,
+                &key_aad(id, &row.master, &row.slaves_json),
+                &row.material,
+            )?,
         });
     }
     Ok(keys)
