@@ -147,8 +147,25 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         2,
         config.me.max_db_mb,
     )?;
-    let epoch = db::next_epoch(&*writer_pool.get().map_err(kme_actors::Error::from)?)?;
-    let sealer = Arc::new(Sealer::from_key_file(&config.me.master_key)?);
+    let sealer = {
+        let conn = writer_pool.get().map_err(kme_actors::Error::from)?;
+        let epoch = db::next_epoch(&conn)?;
+        let stored = db::master_key_check(&conn)?;
+        let sealer = Sealer::from_key_file(&config.me.master_key, stored.is_none(), epoch)?;
+        let check = sealer.check_value()?;
+        match stored {
+            None => db::set_master_key_check(&conn, check)?,
+            Some(stored) if stored != check => {
+                return Err(StartError::Storage(kme_actors::Error::Storage(format!(
+                    "master key {} is not the key of this database",
+                    config.me.master_key.display()
+                ))))
+            }
+            Some(_) => {}
+        }
+        (Arc::new(sealer), epoch)
+    };
+    let (sealer, epoch) = sealer;
     let links = resume(&config, &reader_pool, &sealer)?;
     let sae_tls = tls::sae_acceptor(&config.ca, &config.cert, &config.key)?;
     let peer_tls = tls::peer_acceptor(&config.ca, &config.cert, &config.key)?;

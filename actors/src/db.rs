@@ -109,6 +109,27 @@ pub fn next_epoch(conn: &Connection) -> Result<u64> {
     Ok(u64::try_from(epoch).unwrap_or(0))
 }
 
+/// The stored check value of the master key (`Sealer::check_value`), if any value was ever
+/// sealed in this database.
+pub fn master_key_check(conn: &Connection) -> Result<Option<i64>> {
+    Ok(conn
+        .query_row(
+            "SELECT value FROM meta WHERE name = 'master_key_check'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+/// Records the master key's check value; from then on only that key opens this database.
+pub fn set_master_key_check(conn: &Connection, check: i64) -> Result<()> {
+    conn.execute(
+        "INSERT INTO meta(name, value) VALUES('master_key_check', ?1)",
+        params![check],
+    )?;
+    Ok(())
+}
+
 /// State of one owner's stream on one link, as stored.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StreamState {

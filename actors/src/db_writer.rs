@@ -651,7 +651,7 @@ mod tests {
     }
 
     fn sealer() -> Sealer {
-        Sealer::from_master(&[9u8; 32]).unwrap()
+        Sealer::from_master(&[9u8; 32], 1).unwrap()
     }
 
     fn kme(id: &str) -> KmeId {

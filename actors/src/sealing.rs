@@ -1,12 +1,18 @@
 //! Encryption at rest of key material: AES-256-GCM under data keys derived with HKDF-SHA256
 //! from a master key that lives outside the database (a file of the KME, mode 600).
 //!
-//! Every sealed value is `nonce (12) || ciphertext || tag (16)`, with a fresh random nonce and
-//! the row's identity as associated data, so a value copied into another row fails to open.
+//! A sealed value is `key epoch (8) || nonce (12) || ciphertext || tag (16)`, with a fresh
+//! random nonce and the row's identity as associated data, so a value copied into another row
+//! fails to open. Random 96-bit nonces are safe for about 2^32 seals per key (NIST SP 800-38D),
+//! so the data key changes every `SEALS_PER_KEY` seals and at every start (the epoch combines
+//! the KME's boot epoch and a seal counter); opening derives the key of the value's epoch.
 //! A stolen database file alone reveals no key material.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use openssl::cipher::Cipher;
 use openssl::cipher_ctx::CipherCtx;
@@ -16,11 +22,14 @@ use openssl::pkey_ctx::PkeyCtx;
 
 use crate::error::{Error, Result};
 
+const EPOCH: usize = 8;
 const NONCE: usize = 12;
 const TAG: usize = 16;
+/// Seals under one data key: 2^30 keeps random-nonce collisions below 2^-37 per key.
+const SEALS_PER_KEY: u64 = 1 << 30;
 
-/// What a sealed value is: each purpose has its own data key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a sealed value is: each purpose has its own data keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Purpose {
     /// `link_blocks.data`
     LinkBlock,
@@ -28,64 +37,96 @@ pub enum Purpose {
     Key,
 }
 
+impl Purpose {
+    fn label(self) -> &'static [u8] {
+        match self {
+            Purpose::LinkBlock => b"kme at rest v1: link blocks",
+            Purpose::Key => b"kme at rest v1: keys",
+        }
+    }
+}
+
 /// Seals and opens values with the data keys of this KME.
 pub struct Sealer {
+    master: [u8; 32],
+    boot_epoch: u64,
+    seals: AtomicU64,
     /// Fetched once: OpenSSL 3 looks an algorithm up by name on every implicit use, which
     /// costs more than sealing a 32-byte key.
     cipher: Cipher,
-    block_key: [u8; 32],
-    key_key: [u8; 32],
+    /// Derived data keys by (purpose, key epoch); a handful per run.
+    keys: Mutex<HashMap<(Purpose, u64), [u8; 32]>>,
 }
 
 impl Sealer {
-    /// Loads the master key from `path`, creating it (32 random bytes, mode 600) if missing.
-    pub fn from_key_file(path: &Path) -> Result<Self> {
+    /// Loads the master key from `path`. Creates it (32 random bytes, mode 600, written
+    /// atomically) only if `create` is set, i.e. for a database that holds no sealed value yet:
+    /// a missing key for an existing database is an error, never silently replaced.
+    pub fn from_key_file(path: &Path, create: bool, boot_epoch: u64) -> Result<Self> {
         let fail = |what: &str, err: &dyn std::fmt::Display| {
             Error::Storage(format!("master key {}: {what}: {err}", path.display()))
         };
         if !path.exists() {
-            let mut key = [0u8; 32];
-            openssl::rand::rand_bytes(&mut key).map_err(|err| fail("generate", &err))?;
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|err| fail("create directory", &err))?;
+            if !create {
+                return Err(fail(
+                    "missing",
+                    &"the database holds material sealed under it",
+                ));
             }
-            let mut file = open_new_private(path).map_err(|err| fail("create", &err))?;
-            file.write_all(&key).map_err(|err| fail("write", &err))?;
-            file.sync_all().map_err(|err| fail("sync", &err))?;
+            create_key_file(path).map_err(|err| fail("create", &err))?;
             log::info!("created master key {}", path.display());
         }
         let master = std::fs::read(path).map_err(|err| fail("read", &err))?;
-        if master.len() != 32 {
-            return Err(fail(
-                "length",
-                &format!("{} bytes, expected 32", master.len()),
-            ));
-        }
-        Self::from_master(&master)
+        Self::from_master(&master, boot_epoch).map_err(|err| fail("load", &err))
     }
 
-    /// Derives the data keys from a 32-byte master key.
-    pub fn from_master(master: &[u8]) -> Result<Self> {
+    /// A sealer over a 32-byte master key; `boot_epoch` must differ at every start.
+    pub fn from_master(master: &[u8], boot_epoch: u64) -> Result<Self> {
+        let master: [u8; 32] = master
+            .try_into()
+            .map_err(|_| Error::Storage(format!("{} bytes, expected 32", master.len())))?;
         Ok(Self {
+            master,
+            boot_epoch,
+            seals: AtomicU64::new(0),
             cipher: Cipher::fetch(None, "AES-256-GCM", None).map_err(crypto)?,
-            block_key: hkdf(master, b"kme at rest v1: link blocks")?,
-            key_key: hkdf(master, b"kme at rest v1: keys")?,
+            keys: Mutex::new(HashMap::new()),
         })
     }
 
-    fn key(&self, purpose: Purpose) -> &[u8; 32] {
-        match purpose {
-            Purpose::LinkBlock => &self.block_key,
-            Purpose::Key => &self.key_key,
+    /// A value that identifies the master key without revealing it (stored in the database,
+    /// so that a KME started with another key refuses to run).
+    pub fn check_value(&self) -> Result<i64> {
+        let check = hkdf(&self.master, b"kme master key check", &[])?;
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(check.get(..8).unwrap_or(&[0; 8]));
+        Ok(i64::from_be_bytes(bytes))
+    }
+
+    fn key(&self, purpose: Purpose, epoch: u64) -> Result<[u8; 32]> {
+        let mut keys = self
+            .keys
+            .lock()
+            .map_err(|_| Error::Storage("data key cache poisoned".into()))?;
+        if let Some(key) = keys.get(&(purpose, epoch)) {
+            return Ok(*key);
         }
+        let key = hkdf(&self.master, purpose.label(), &epoch.to_be_bytes())?;
+        keys.insert((purpose, epoch), key);
+        Ok(key)
     }
 
     pub fn seal(&self, purpose: Purpose, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
-        let mut sealed = Vec::with_capacity(NONCE + plaintext.len() + TAG);
-        sealed.resize(NONCE, 0);
-        openssl::rand::rand_bytes(&mut sealed).map_err(crypto)?;
+        let count = self.seals.fetch_add(1, Ordering::Relaxed);
+        let epoch = (self.boot_epoch << 32) | (count / SEALS_PER_KEY);
+        let key = self.key(purpose, epoch)?;
+        let mut sealed = Vec::with_capacity(EPOCH + NONCE + plaintext.len() + TAG);
+        sealed.extend_from_slice(&epoch.to_be_bytes());
+        let mut nonce = [0u8; NONCE];
+        openssl::rand::rand_bytes(&mut nonce).map_err(crypto)?;
+        sealed.extend_from_slice(&nonce);
         let mut ctx = CipherCtx::new().map_err(crypto)?;
-        ctx.encrypt_init(Some(&self.cipher), Some(self.key(purpose)), Some(&sealed))
+        ctx.encrypt_init(Some(&self.cipher), Some(&key), Some(&nonce))
             .map_err(crypto)?;
         ctx.cipher_update(aad, None).map_err(crypto)?;
         ctx.cipher_update_vec(plaintext, &mut sealed)
@@ -98,15 +139,19 @@ impl Sealer {
     }
 
     pub fn open(&self, purpose: Purpose, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>> {
-        if sealed.len() < NONCE + TAG {
+        if sealed.len() < EPOCH + NONCE + TAG {
             return Err(Error::Storage("sealed value too short".into()));
         }
-        let (nonce, rest) = sealed.split_at(NONCE);
+        let (epoch, rest) = sealed.split_at(EPOCH);
+        let (nonce, rest) = rest.split_at(NONCE);
         let (ciphertext, tag) = rest.split_at(rest.len() - TAG);
+        let mut epoch_bytes = [0u8; EPOCH];
+        epoch_bytes.copy_from_slice(epoch);
+        let key = self.key(purpose, u64::from_be_bytes(epoch_bytes))?;
         let mut plaintext = Vec::with_capacity(ciphertext.len());
         let opened = (|| {
             let mut ctx = CipherCtx::new()?;
-            ctx.decrypt_init(Some(&self.cipher), Some(self.key(purpose)), Some(nonce))?;
+            ctx.decrypt_init(Some(&self.cipher), Some(&key), Some(nonce))?;
             ctx.set_tag(tag)?;
             ctx.cipher_update(aad, None)?;
             ctx.cipher_update_vec(ciphertext, &mut plaintext)?;
@@ -125,16 +170,33 @@ fn crypto(err: openssl::error::ErrorStack) -> Error {
     Error::Storage(format!("encryption at rest: {err}"))
 }
 
-fn hkdf(master: &[u8], info: &[u8]) -> Result<[u8; 32]> {
+fn hkdf(master: &[u8], label: &[u8], context: &[u8]) -> Result<[u8; 32]> {
     let mut ctx = PkeyCtx::new_id(Id::HKDF).map_err(crypto)?;
     ctx.derive_init().map_err(crypto)?;
     ctx.set_hkdf_md(Md::sha256()).map_err(crypto)?;
     ctx.set_hkdf_key(master).map_err(crypto)?;
     ctx.set_hkdf_salt(b"kme").map_err(crypto)?;
-    ctx.add_hkdf_info(info).map_err(crypto)?;
+    ctx.add_hkdf_info(label).map_err(crypto)?;
+    ctx.add_hkdf_info(context).map_err(crypto)?;
     let mut out = [0u8; 32];
     ctx.derive(Some(&mut out)).map_err(crypto)?;
     Ok(out)
+}
+
+/// Writes a new random key to a temporary file, syncs it, and renames it into place, so a
+/// crash never leaves an empty or partial key file behind.
+fn create_key_file(path: &Path) -> std::io::Result<()> {
+    let mut key = [0u8; 32];
+    openssl::rand::rand_bytes(&mut key).map_err(std::io::Error::other)?;
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = open_new_private(&tmp)?;
+    file.write_all(&key)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(unix)]
@@ -166,7 +228,7 @@ mod tests {
 
     #[test]
     fn sealed_values_open_only_with_their_key_purpose_and_row() {
-        let sealer = Sealer::from_master(&[7u8; 32]).unwrap();
+        let sealer = Sealer::from_master(&[7u8; 32], 1).unwrap();
         let sealed = sealer.seal(Purpose::Key, b"row-1", b"secret").unwrap();
         assert!(!sealed.windows(6).any(|w| w == b"secret"));
         assert_eq!(
@@ -175,21 +237,38 @@ mod tests {
         );
         assert!(sealer.open(Purpose::Key, b"row-2", &sealed).is_err());
         assert!(sealer.open(Purpose::LinkBlock, b"row-1", &sealed).is_err());
-        let other = Sealer::from_master(&[8u8; 32]).unwrap();
+        let other = Sealer::from_master(&[8u8; 32], 1).unwrap();
         assert!(other.open(Purpose::Key, b"row-1", &sealed).is_err());
         let mut tampered = sealed.clone();
-        tampered[14] ^= 1;
+        tampered[20] ^= 1;
         assert!(sealer.open(Purpose::Key, b"row-1", &tampered).is_err());
+        // After a restart (another boot epoch) the old values still open.
+        let restarted = Sealer::from_master(&[7u8; 32], 2).unwrap();
+        assert_eq!(
+            restarted.open(Purpose::Key, b"row-1", &sealed).unwrap(),
+            b"secret"
+        );
+        let fresh = restarted.seal(Purpose::Key, b"row-1", b"secret").unwrap();
+        assert_ne!(
+            fresh[..EPOCH],
+            sealed[..EPOCH],
+            "a new start seals under a new data key"
+        );
     }
 
     #[test]
-    fn the_master_key_file_is_created_private_and_reused() {
+    fn the_master_key_file_is_created_private_only_when_allowed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("master.key");
-        let first = Sealer::from_key_file(&path).unwrap();
+        assert!(
+            Sealer::from_key_file(&path, false, 1).is_err(),
+            "never created silently"
+        );
+        let first = Sealer::from_key_file(&path, true, 1).unwrap();
         let sealed = first.seal(Purpose::LinkBlock, b"", b"x").unwrap();
-        let again = Sealer::from_key_file(&path).unwrap();
+        let again = Sealer::from_key_file(&path, false, 2).unwrap();
         assert_eq!(again.open(Purpose::LinkBlock, b"", &sealed).unwrap(), b"x");
+        assert_eq!(first.check_value().unwrap(), again.check_value().unwrap());
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

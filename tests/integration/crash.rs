@@ -145,3 +145,35 @@ async fn kill_9_at_any_moment_loses_and_repeats_nothing() {
     drop(kme_a);
     drop(kme_b);
 }
+
+#[actix::test]
+async fn a_wrong_or_missing_master_key_refuses_to_start() {
+    let mut net = super::harness::Net::start(LinkOptions::default());
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 1).await;
+    net.stop("kme-a");
+    let config = kme::config::Config::load(&net.setup.config_file()).unwrap();
+    let key = net.setup.path().join("data/kme-a/master.key");
+    let start = || {
+        let listeners = kme::node::Listeners {
+            sae: TcpListener::bind("127.0.0.1:0").unwrap(),
+            peer: TcpListener::bind("127.0.0.1:0").unwrap(),
+        };
+        kme::node::spawn(config.node("kme-a").unwrap(), Some(listeners))
+    };
+    let original = std::fs::read(&key).unwrap();
+    std::fs::write(&key, [42u8; 32]).unwrap();
+    let err = start()
+        .err()
+        .expect("a foreign master key must not open the database");
+    assert!(
+        err.to_string().contains("not the key of this database"),
+        "{err}"
+    );
+    std::fs::remove_file(&key).unwrap();
+    let err = start()
+        .err()
+        .expect("a missing master key must not be replaced");
+    assert!(err.to_string().contains("missing"), "{err}");
+    std::fs::write(&key, original).unwrap();
+    start().expect("the right key starts again").stop();
+}
