@@ -242,8 +242,9 @@ impl Handler<Deliver> for KeyPool {
                     store.send(commit.into()).await?
                 })
                 .await;
-            if let (Err(err), Ok(_)) = (&bound, &committed) {
-                // The delivery record stands; say in the trail that the SAE never got the keys.
+            if let Some(err) = bound.as_ref().err().or(committed.as_ref().err()) {
+                // Whatever half stands (a delivery record here, keys bound at the slave's KME),
+                // say in the trail that the SAE never got these keys.
                 let withdrawn = AuditRecord::new(
                     "keys_withdrawn",
                     serde_json::json!({"request_id": request_id, "reason": err.to_string()}),

@@ -237,7 +237,8 @@ impl Handler<Exec> for Store {
     type Result = ResponseFuture<Result<Output>>;
 
     fn handle(&mut self, msg: Exec, ctx: &mut Context<Self>) -> Self::Result {
-        if self.queue.len() >= MAX_QUEUE {
+        // Audit records are small and must not be lost to load: they skip the limit.
+        if self.queue.len() >= MAX_QUEUE && !matches!(msg.0, Op::Audit(_)) {
             log::warn!("storage queue full ({MAX_QUEUE} operations): refusing");
             return Box::pin(async { Err(Error::Unavailable("storage queue full".into())) });
         }
