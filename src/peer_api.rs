@@ -230,6 +230,11 @@ async fn activate(
             );
             return Err(Error::PeerMessage(reason).into());
         }
+        // UUIDv7 only: their time prefix orders keys for expiry (`ExpireKeys`).
+        if b.key_ids.iter().any(|id| id.get_version_num() != 7) {
+            let reason = format!("a binding of {} has key_IDs that are not UUIDv7", b.master);
+            return Err(Error::PeerMessage(reason).into());
+        }
         // A neighbour binds keys of its own SAEs for SAEs of this KME, nothing else.
         if state.homes.get(&b.master) != Some(&peer) {
             let reason = format!("master {} is not an SAE of {peer}", b.master);

@@ -22,6 +22,16 @@ use crate::sealing::{block_aad, Purpose, Sealer};
 use crate::store::{BlockOutcome, BlockRecord, Op, Output};
 use crate::types::{now_ms, Binding, Key, KmeId, SaeId};
 
+/// The smallest UUIDv7 (as stored bytes) created at `ms`: its first 48 bits are the time.
+fn v7_floor(ms: i64) -> Vec<u8> {
+    let mut bytes = vec![0u8; 16];
+    let ms = u64::try_from(ms).unwrap_or(0).to_be_bytes();
+    if let (Some(dst), Some(src)) = (bytes.get_mut(..6), ms.get(2..)) {
+        dst.copy_from_slice(src);
+    }
+    bytes
+}
+
 /// Most keys deleted by one expiry sweep.
 const EXPIRY_CHUNK: i64 = 10_000;
 
@@ -225,12 +235,14 @@ fn apply(
             let expired: Vec<Uuid> = tx
                 // At most EXPIRY_CHUNK per sweep, so that a long-offline slave's backlog never
                 // makes one huge transaction that stalls every request; the next sweep goes on.
+                // key_IDs are UUIDv7 (checked where they enter), whose bytes start with their
+                // creation time in ms: the primary key itself is the time index.
                 .prepare_cached(
                     "DELETE FROM keys WHERE key_id IN
-                     (SELECT key_id FROM keys WHERE created_ms < ?1 ORDER BY created_ms LIMIT ?2)
+                     (SELECT key_id FROM keys WHERE key_id < ?1 ORDER BY key_id LIMIT ?2)
                      RETURNING key_id",
                 )?
-                .query_map(params![created_before_ms, EXPIRY_CHUNK], |r| {
+                .query_map(params![v7_floor(created_before_ms), EXPIRY_CHUNK], |r| {
                     r.get::<_, Vec<u8>>(0)
                 })?
                 .filter_map(|id| id.ok().and_then(|id| Uuid::from_slice(&id).ok()))
