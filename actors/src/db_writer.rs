@@ -838,31 +838,6 @@ mod tests {
             ),
             Err(Error::PeerMessage(_))
         ));
-        // Positions a peer cannot have: refused, no arithmetic overflow.
-        let mut huge = binding(u64::MAX, &["sae-b"]);
-        let refused = activate(
-            &conn,
-            &sealer(),
-            &peer,
-            12,
-            &[4u8; 32],
-            16,
-            std::slice::from_ref(&huge),
-            &mut None,
-        );
-        assert!(matches!(refused, Err(Error::PeerMessage(_))));
-        huge.start = 1 << 62;
-        let refused = activate(
-            &conn,
-            &sealer(),
-            &peer,
-            12,
-            &[4u8; 32],
-            16,
-            &[huge],
-            &mut None,
-        );
-        assert!(matches!(refused, Err(Error::PeerMessage(_))));
         // Material spans blocks 0 and 1 for the key at 12..20.
         let material = retrieve(
             &conn,
