@@ -64,7 +64,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .default_service(web::to(unsupported));
 }
 
-async fn unsupported(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+async fn unsupported(req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    // Read (and drop) any body first, so that an HTTP/2 client still sending gets the answer.
+    let _ = read_body(payload).await;
     Err(ApiError::bad_request(format!(
         "unsupported method or path: {} {}",
         req.method(),

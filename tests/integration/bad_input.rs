@@ -169,6 +169,13 @@ async fn bad_enc_keys_requests_consume_nothing() {
     assert_eq!(code, 400);
     let (code, _) = master.get(&format!("{a}/api/v2/whatever")).await;
     assert_eq!(code, 400);
+    let (code, _) = master
+        .post(
+            &format!("{a}/api/v1/keys/sae-b/status"),
+            &json!({"number": 1}),
+        )
+        .await;
+    assert_eq!(code, 400, "status takes GET only");
 
     assert_eq!(
         settled(&net).await,
