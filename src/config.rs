@@ -107,6 +107,7 @@ struct RawKme {
 struct RawSae {
     id: String,
     kme: String,
+    cert_sha256: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -152,6 +153,8 @@ pub struct Config {
     pub key_ttl: Duration,
     pub kmes: Vec<KmeSpec>,
     pub sae_homes: HashMap<SaeId, KmeId>,
+    /// SAEs identified by certificate fingerprint (SHA-256, lowercase hex) instead of CN.
+    pub pinned: HashMap<String, SaeId>,
     pub links: Vec<LinkSpec>,
     /// Limits for keys between SAEs of one KME (from `[defaults]`).
     pub local_limits: KeyLimits,
@@ -176,6 +179,7 @@ pub struct NodeConfig {
     pub key_ttl: Duration,
     pub neighbours: Vec<Neighbour>,
     pub sae_homes: HashMap<SaeId, KmeId>,
+    pub pinned: HashMap<String, SaeId>,
     pub kmes: HashSet<KmeId>,
     pub local_limits: KeyLimits,
 }
@@ -247,6 +251,7 @@ impl Config {
             key_ttl: self.key_ttl,
             neighbours,
             sae_homes: self.sae_homes.clone(),
+            pinned: self.pinned.clone(),
             kmes: self.kmes.iter().map(|k| k.id.clone()).collect(),
             local_limits: self.local_limits,
         })
@@ -313,6 +318,7 @@ impl Validator<'_> {
         }
         let kme_ids: HashSet<&str> = raw.kme.iter().map(|k| k.id.as_str()).collect();
         let mut sae_homes = HashMap::new();
+        let mut pinned = HashMap::new();
         for s in &raw.sae {
             self.id("sae.id", &s.id)?;
             if !ids.insert(s.id.clone()) {
@@ -331,6 +337,22 @@ impl Validator<'_> {
                 ));
             }
             sae_homes.insert(SaeId::new(&s.id), KmeId::new(&s.kme));
+            if let Some(fingerprint) = &s.cert_sha256 {
+                let hex: String = fingerprint
+                    .chars()
+                    .filter(|c| *c != ':')
+                    .collect::<String>()
+                    .to_ascii_lowercase();
+                if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(self.err(
+                        "sae.cert_sha256",
+                        format!("SAE \"{}\": a SHA-256 fingerprint is 64 hex digits", s.id),
+                    ));
+                }
+                if pinned.insert(hex, SaeId::new(&s.id)).is_some() {
+                    return Err(self.err("sae.cert_sha256", "one certificate pinned to two SAEs"));
+                }
+            }
         }
         let defaults = raw.defaults.clone();
         let mut links = Vec::new();
@@ -381,6 +403,7 @@ impl Validator<'_> {
             ),
             kmes,
             sae_homes,
+            pinned,
             links,
             local_limits,
         })

@@ -236,6 +236,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         routes,
         config.local_limits,
     )
+    .with_pinned(config.pinned.clone())
     .start();
 
     let sae_state = web::Data::new(SaeState {

@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use kme_actors::link::{Link, PeerLevel, ReceiveBlocks};
 use kme_actors::peer_link::{self, ActivationBatch, BlockShipment, LevelReport, PeerReply};
 use kme_actors::store::{Exec, Op, Store};
-use kme_actors::types::{KmeId, SaeId};
+use kme_actors::types::{CertIdentity, KmeId, SaeId};
 use kme_actors::Error;
 
 use crate::ask::ask;
@@ -138,7 +138,9 @@ fn neighbour<'a>(
     req: &HttpRequest,
     state: &'a PeerState,
 ) -> Result<(KmeId, &'a PeerEnd), PeerRefusal> {
-    let Some(PeerIdentity::Verified(cn)) = req.conn_data::<PeerIdentity>() else {
+    let Some(PeerIdentity::Verified(CertIdentity { cn: Some(cn), .. })) =
+        req.conn_data::<PeerIdentity>()
+    else {
         return Err(PeerRefusal::new(
             StatusCode::FORBIDDEN,
             "a KME certificate is required",

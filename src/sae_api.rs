@@ -13,7 +13,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine;
 use futures_util::StreamExt;
 use kme_actors::sae_registry::{DecKeys, EncKeys, Identify, KeyStatus, SaeRegistry};
-use kme_actors::types::{Key, KmeId};
+use kme_actors::types::{CertIdentity, Key, KmeId};
 use uuid::Uuid;
 
 use crate::ask::ask_ok;
@@ -75,9 +75,9 @@ async fn unsupported(req: HttpRequest, payload: web::Payload) -> Result<HttpResp
 }
 
 /// The verified certificate identity of the caller, or 401.
-fn caller(req: &HttpRequest) -> Result<String, ApiError> {
+fn caller(req: &HttpRequest) -> Result<CertIdentity, ApiError> {
     match req.conn_data::<PeerIdentity>() {
-        Some(PeerIdentity::Verified(cn)) => Ok(cn.clone()),
+        Some(PeerIdentity::Verified(identity)) => Ok(identity.clone()),
         Some(PeerIdentity::Rejected(reason)) => Err(ApiError::unauthorized(reason.clone())),
         _ => Err(ApiError::unauthorized("a client certificate is required")),
     }
@@ -175,7 +175,7 @@ async fn status(
 /// unauthorised caller gets 401 whatever it sent.
 async fn refuse(
     state: &SaeState,
-    identity: String,
+    identity: CertIdentity,
     err: ApiError,
 ) -> Result<HttpResponse, ApiError> {
     ask_ok(&state.registry, Identify { identity }, state.timeout).await?;
@@ -229,7 +229,7 @@ fn mandatory_extensions(request: &KeyRequest) -> Result<(), ApiError> {
 }
 
 async fn enc_keys(
-    identity: String,
+    identity: CertIdentity,
     slave: String,
     request: Result<KeyRequest, ApiError>,
     state: &SaeState,
@@ -331,7 +331,7 @@ fn key_ids(ids: Vec<String>) -> Result<Vec<Uuid>, ApiError> {
 }
 
 async fn dec_keys(
-    identity: String,
+    identity: CertIdentity,
     master: String,
     ids: Result<Vec<String>, ApiError>,
     state: &SaeState,

@@ -11,6 +11,8 @@ use std::path::Path;
 
 use actix_tls::accept::openssl::TlsStream;
 use actix_web::rt::net::TcpStream;
+use kme_actors::types::CertIdentity;
+use openssl::hash::MessageDigest;
 use openssl::nid::Nid;
 use openssl::ssl::{
     SslAcceptor, SslAcceptorBuilder, SslConnector, SslContextBuilder, SslFiletype, SslMethod,
@@ -35,11 +37,11 @@ fn at(file: &Path) -> impl Fn(openssl::error::ErrorStack) -> TlsError + '_ {
 /// Who is on the other end of a connection, as far as TLS could tell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerIdentity {
-    /// A certificate chaining to our CA, valid now, with this CN.
-    Verified(String),
+    /// A certificate chaining to our CA, valid now.
+    Verified(CertIdentity),
     /// No client certificate.
     Missing,
-    /// A certificate that failed verification, or has no usable CN.
+    /// A certificate that failed verification.
     Rejected(String),
 }
 
@@ -141,10 +143,14 @@ pub fn identify(connection: &dyn Any) -> PeerIdentity {
             verified.error_string()
         ));
     }
-    match common_name(&cert) {
-        Some(cn) => PeerIdentity::Verified(cn),
-        None => PeerIdentity::Rejected("client certificate has no usable CN".into()),
-    }
+    let sha256 = match cert.digest(MessageDigest::sha256()) {
+        Ok(digest) => digest.iter().map(|b| format!("{b:02x}")).collect(),
+        Err(_) => return PeerIdentity::Rejected("client certificate cannot be hashed".into()),
+    };
+    PeerIdentity::Verified(CertIdentity {
+        cn: common_name(&cert),
+        sha256,
+    })
 }
 
 /// TCP connector for our HTTPS clients (KME-to-KME, `kme bench`) that sets TCP_NODELAY.

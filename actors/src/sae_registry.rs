@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::key_pool::{Deliver, KeyPool, PoolStatus};
 use crate::link::{Health, Link, LinkHealth};
 use crate::store::{Exec, LocalKey, Op, Output, Store};
-use crate::types::{Key, KeyCount, KeyLimits, KeySizeBits, KmeId, SaeId};
+use crate::types::{CertIdentity, Key, KeyCount, KeyLimits, KeySizeBits, KmeId, SaeId};
 
 const MAILBOX_CAPACITY: usize = 4096;
 
@@ -69,6 +69,8 @@ pub struct SaeRegistry {
     kmes: HashSet<KmeId>,
     neighbours: HashMap<KmeId, NeighbourRoute>,
     local_limits: KeyLimits,
+    /// SAEs identified by their certificate's SHA-256 instead of its CN.
+    pinned: HashMap<String, SaeId>,
 }
 
 impl SaeRegistry {
@@ -90,22 +92,46 @@ impl SaeRegistry {
                 .map(|r| (r.peer.clone(), r))
                 .collect(),
             local_limits,
+            pinned: HashMap::new(),
         }
     }
 
+    /// Identify these SAEs by certificate fingerprint (SHA-256, lowercase hex) only: their CN
+    /// alone no longer suffices.
+    pub fn with_pinned(mut self, pinned: HashMap<String, SaeId>) -> Self {
+        self.pinned = pinned;
+        self
+    }
+
     /// The SAE behind a verified certificate identity, if it is homed on this KME.
-    pub fn identify(&self, identity: &str) -> Result<SaeId> {
-        let id = SaeId::new(identity);
+    pub fn identify(&self, identity: &CertIdentity) -> Result<SaeId> {
+        let id = match (self.pinned.get(&identity.sha256), &identity.cn) {
+            (Some(sae), _) => sae.clone(),
+            (None, None) => {
+                return Err(Error::NotAuthorized(
+                    "client certificate has no usable CN".into(),
+                ))
+            }
+            (None, Some(cn)) => {
+                let sae = SaeId::new(cn);
+                if self.pinned.values().any(|pinned| *pinned == sae) {
+                    return Err(Error::NotAuthorized(format!(
+                        "SAE {cn} is bound to another certificate"
+                    )));
+                }
+                sae
+            }
+        };
         match self.homes.get(&id) {
             Some(home) if *home == self.me => Ok(id),
             Some(home) => Err(Error::NotAuthorized(format!(
-                "SAE {identity} is registered at KME {home}, not at this KME"
+                "SAE {id} is registered at KME {home}, not at this KME"
             ))),
-            None if self.kmes.contains(&KmeId::new(identity)) => Err(Error::NotAuthorized(
+            None if self.kmes.contains(&KmeId::new(id.as_str())) => Err(Error::NotAuthorized(
                 "KME certificates are not accepted on the SAE API".into(),
             )),
             None => Err(Error::NotAuthorized(format!(
-                "certificate identity {identity} is not a registered SAE"
+                "certificate identity {id} is not a registered SAE"
             ))),
         }
     }
@@ -118,7 +144,12 @@ impl SaeRegistry {
         }
     }
 
-    pub fn route(&self, identity: &str, slave: &str, additional: &[String]) -> Result<KeyRoute> {
+    pub fn route(
+        &self,
+        identity: &CertIdentity,
+        slave: &str,
+        additional: &[String],
+    ) -> Result<KeyRoute> {
         let master = self.identify(identity)?;
         let (slave, slave_kme) = self.known_sae(slave, "slave_SAE_ID")?;
         if slave == master {
@@ -183,7 +214,7 @@ impl Actor for SaeRegistry {
 #[derive(Message)]
 #[rtype(result = "Result<SaeId>")]
 pub struct Identify {
-    pub identity: String,
+    pub identity: CertIdentity,
 }
 
 impl Handler<Identify> for SaeRegistry {
@@ -210,7 +241,7 @@ pub struct StatusReport {
 #[derive(Message)]
 #[rtype(result = "Result<StatusReport>")]
 pub struct KeyStatus {
-    pub identity: String,
+    pub identity: CertIdentity,
     pub slave: String,
 }
 
@@ -252,7 +283,7 @@ impl Handler<KeyStatus> for SaeRegistry {
 #[derive(Message)]
 #[rtype(result = "Result<Vec<Key>>")]
 pub struct EncKeys {
-    pub identity: String,
+    pub identity: CertIdentity,
     pub slave: String,
     pub additional: Vec<String>,
     pub number: Option<i64>,
@@ -376,7 +407,7 @@ fn local_keys(
 #[derive(Message)]
 #[rtype(result = "Result<Vec<Key>>")]
 pub struct DecKeys {
-    pub identity: String,
+    pub identity: CertIdentity,
     pub master: String,
     pub key_ids: Vec<Uuid>,
     pub deadline: Instant,
@@ -460,40 +491,71 @@ mod tests {
         writer
     }
 
+    fn cert(cn: &str) -> CertIdentity {
+        CertIdentity {
+            cn: Some(cn.to_string()),
+            sha256: format!("{:064x}", cn.len()),
+        }
+    }
+
     #[actix::test]
     async fn identities() {
         let r = registry();
-        assert_eq!(r.identify("sae-b").unwrap(), SaeId::new("sae-b"));
-        assert!(matches!(r.identify("sae-a"), Err(Error::NotAuthorized(_))));
-        assert!(matches!(r.identify("kme-a"), Err(Error::NotAuthorized(_))));
-        assert!(matches!(r.identify("nobody"), Err(Error::NotAuthorized(_))));
+        assert_eq!(r.identify(&cert("sae-b")).unwrap(), SaeId::new("sae-b"));
+        assert!(matches!(
+            r.identify(&cert("sae-a")),
+            Err(Error::NotAuthorized(_))
+        ));
+        assert!(matches!(
+            r.identify(&cert("kme-a")),
+            Err(Error::NotAuthorized(_))
+        ));
+        assert!(matches!(
+            r.identify(&cert("nobody")),
+            Err(Error::NotAuthorized(_))
+        ));
+        // Pinned: only the certificate with that fingerprint is sae-b2, whatever its CN.
+        let pinned = [("f".repeat(64), SaeId::new("sae-b2"))]
+            .into_iter()
+            .collect();
+        let r = registry().with_pinned(pinned);
+        let holder = CertIdentity {
+            cn: None,
+            sha256: "f".repeat(64),
+        };
+        assert_eq!(r.identify(&holder).unwrap(), SaeId::new("sae-b2"));
+        assert!(matches!(
+            r.identify(&cert("sae-b2")),
+            Err(Error::NotAuthorized(_))
+        ));
+        assert_eq!(r.identify(&cert("sae-b")).unwrap(), SaeId::new("sae-b"));
     }
 
     #[actix::test]
     async fn routes_and_refusals() {
         let r = registry();
-        let local = r.route("sae-b", "sae-b2", &[]).unwrap();
+        let local = r.route(&cert("sae-b"), "sae-b2", &[]).unwrap();
         assert!(matches!(local.target, Target::Local(_)));
         assert!(matches!(
-            r.route("sae-b", "sae-b", &[]),
+            r.route(&cert("sae-b"), "sae-b", &[]),
             Err(Error::BadRequest(_))
         ));
         assert!(matches!(
-            r.route("sae-b", "ghost", &[]),
+            r.route(&cert("sae-b"), "ghost", &[]),
             Err(Error::BadRequest(_))
         ));
         assert!(matches!(
-            r.route("sae-b", "sae-a", &[]),
+            r.route(&cert("sae-b"), "sae-a", &[]),
             Err(Error::Unreachable(_))
         ));
         let dup = vec!["sae-b2".to_string()];
         assert!(matches!(
-            r.route("sae-b", "sae-b2", &dup),
+            r.route(&cert("sae-b"), "sae-b2", &dup),
             Err(Error::BadRequest(_))
         ));
         let own = vec!["sae-b".to_string()];
         assert!(matches!(
-            r.route("sae-b", "sae-b2", &own),
+            r.route(&cert("sae-b"), "sae-b2", &own),
             Err(Error::BadRequest(_))
         ));
     }

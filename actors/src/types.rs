@@ -36,6 +36,15 @@ macro_rules! string_id {
 string_id!(KmeId);
 string_id!(SaeId);
 
+/// What a verified client certificate says about its holder.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CertIdentity {
+    /// Subject CN, if the certificate has a usable one.
+    pub cn: Option<String>,
+    /// SHA-256 of the certificate (DER), lowercase hex.
+    pub sha256: String,
+}
+
 /// ETSI limits of one link (or of local keys), as announced in `status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyLimits {

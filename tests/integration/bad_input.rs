@@ -429,3 +429,36 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers() {
     let (code, body) = enc(&master, &a, "sae-b", json!({"number": 64})).await;
     assert_eq!(code, 200, "{body}");
 }
+
+#[actix::test]
+async fn an_sae_pinned_to_a_certificate_fingerprint() {
+    let net = Net::start(LinkOptions {
+        pins: vec![("sae-b2", "no-cn")],
+        ..LinkOptions::default()
+    });
+    let b = net.url("kme-b");
+    // The pinned certificate is sae-b2 although it has no CN ...
+    let (code, body) = net
+        .client(Some("no-cn"))
+        .get(&format!("{b}/api/v1/sae/info/me"))
+        .await;
+    assert_eq!(
+        (code, body["SAE_ID"].as_str()),
+        (200, Some("sae-b2")),
+        "{body}"
+    );
+    // ... and a certificate that merely says CN=sae-b2 is not.
+    expect(
+        &net.client(Some("sae-b2")),
+        &format!("{b}/api/v1/sae/info/me"),
+        None,
+        401,
+        "another certificate",
+    )
+    .await;
+    let (code, _) = net
+        .client(Some("sae-b"))
+        .get(&format!("{b}/api/v1/sae/info/me"))
+        .await;
+    assert_eq!(code, 200, "SAEs without a pin keep their CN identity");
+}

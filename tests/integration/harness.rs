@@ -31,6 +31,8 @@ pub struct LinkOptions {
     pub tick_ms: u64,
     /// Size limit of every KME's database (MiB), to play a full disk.
     pub max_db_mb: Option<u64>,
+    /// (SAE, certificate file): identify the SAE by that certificate's fingerprint.
+    pub pins: Vec<(&'static str, &'static str)>,
 }
 
 impl Default for LinkOptions {
@@ -42,6 +44,7 @@ impl Default for LinkOptions {
             max_sae_id_count: 1,
             tick_ms: 5,
             max_db_mb: None,
+            pins: Vec::new(),
         }
     }
 }
@@ -97,6 +100,13 @@ impl Setup {
         }
         for (sae, kme) in SAES {
             text += &format!("[[sae]]\nid = \"{sae}\"\nkme = \"{kme}\"\n");
+            if let Some((_, file)) = options.pins.iter().find(|(pinned, _)| *pinned == sae) {
+                let pem = std::fs::read(dir.path().join(format!("{file}.crt"))).unwrap();
+                let cert = openssl::x509::X509::from_pem(&pem).unwrap();
+                let digest = cert.digest(openssl::hash::MessageDigest::sha256()).unwrap();
+                let hex: Vec<String> = digest.iter().map(|b| format!("{b:02X}")).collect();
+                text += &format!("cert_sha256 = \"{}\"\n", hex.join(":"));
+            }
         }
         for ends in [["kme-a", "kme-b"], ["kme-b", "kme-c"]] {
             text += &format!(
