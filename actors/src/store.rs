@@ -27,7 +27,7 @@ const MAX_BATCH: usize = 512;
 const MAX_QUEUE: usize = 16 * 1024;
 const MAILBOX_CAPACITY: usize = 4096;
 /// How often the WAL is checkpointed off the writer's path.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(1000);
 
 /// One block of link material to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
