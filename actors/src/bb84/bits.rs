@@ -209,10 +209,47 @@ impl BitVec {
     }
 
     /// Bits at the positions where `mask` is set (mask beyond `self` reads as zero bits).
+    ///
+    /// Word-parallel: each 64-bit word is compacted with a software `pext`.
     pub fn select(&self, mask: &BitVec) -> BitVec {
         let mut out = BitVec::with_capacity(mask.count_ones());
-        for_each_one(mask, |i| out.push(self.get(i)));
+        for (wi, &m) in mask.words.iter().enumerate() {
+            if m == 0 {
+                continue;
+            }
+            let x = self.words.get(wi).copied().unwrap_or(0);
+            out.append_low(compress(x, m), m.count_ones());
+        }
         out
+    }
+
+    /// Build from words, clearing any bits beyond `len` (crate-internal; the word
+    /// count must already be `ceil(len / 64)`, otherwise the vector is resized).
+    pub(crate) fn from_words_lossy(mut words: Vec<u64>, len: usize) -> Self {
+        words.resize(words_for(len), 0);
+        let mut v = BitVec { words, len };
+        v.clean_tail();
+        v
+    }
+
+    /// Append the low `k` bits of `v` (`k <= 64`; higher bits of `v` must be zero).
+    #[inline]
+    fn append_low(&mut self, v: u64, k: u32) {
+        if k == 0 {
+            return;
+        }
+        let off = self.len & 63;
+        if off == 0 {
+            self.words.push(v);
+        } else {
+            if let Some(last) = self.words.last_mut() {
+                *last |= v << off;
+            }
+            if off + k as usize > 64 {
+                self.words.push(v >> (64 - off));
+            }
+        }
+        self.len += k as usize;
     }
 
     /// Iterate over indices of set bits.
@@ -302,21 +339,94 @@ pub fn for_each_one<F: FnMut(usize)>(v: &BitVec, mut f: F) {
     }
 }
 
+/// Software `pext`: gather the bits of `x` at the set positions of `m` into the low
+/// bits of the result, in order (Hacker's Delight, `compress`, 6 log-steps).
+#[inline]
+pub(crate) fn compress(x: u64, m: u64) -> u64 {
+    if m == !0 {
+        return x;
+    }
+    let mut x = x & m;
+    let mut m = m;
+    let mut mk = !m << 1;
+    for i in 0..6u32 {
+        let mut mp = mk ^ (mk << 1);
+        mp ^= mp << 2;
+        mp ^= mp << 4;
+        mp ^= mp << 8;
+        mp ^= mp << 16;
+        mp ^= mp << 32;
+        let mv = mp & m;
+        let sh = 1u32 << i;
+        m = (m ^ mv) | (mv >> sh);
+        let t = x & mv;
+        x = (x ^ t) | (t >> sh);
+        mk &= !mp;
+    }
+    x
+}
+
+/// Mask over `vals` with bit `i` set where `vals[i] == target` (word at a time).
+pub(crate) fn byte_eq_mask(vals: &[u8], target: u8) -> BitVec {
+    let words = vals
+        .chunks(64)
+        .map(|chunk| {
+            let mut w = 0u64;
+            let mut groups = chunk.chunks_exact(8);
+            let mut shift = 0u32;
+            for g in groups.by_ref() {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(g);
+                w |= eq_bytes8(u64::from_le_bytes(b), target) << shift;
+                shift += 8;
+            }
+            for (j, &c) in groups.remainder().iter().enumerate() {
+                w |= u64::from(c == target) << (shift as usize + j);
+            }
+            w
+        })
+        .collect();
+    BitVec::from_words_lossy(words, vals.len())
+}
+
+/// SWAR: 8-bit mask of the bytes of `x` equal to `target` (bit `j` = byte `j`).
+#[inline]
+fn eq_bytes8(x: u64, target: u8) -> u64 {
+    const LO7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    let y = x ^ (u64::from(target) * 0x0101_0101_0101_0101);
+    // High bit of each byte set iff that byte of `y` is non-zero (exact, no carries).
+    let nonzero = ((y & LO7) + LO7) | y;
+    let zero = !nonzero & 0x8080_8080_8080_8080;
+    // Gather the 8 high bits into one byte.
+    (zero >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56
+}
+
 /// Pack values in `0..4` two bits each (used for intensity classes on the wire).
 pub fn pack2(vals: &[u8]) -> BitVec {
-    let mut v = BitVec::zeros(vals.len() * 2);
-    for (i, &c) in vals.iter().enumerate() {
-        v.set(2 * i, c & 1 == 1);
-        v.set(2 * i + 1, c & 2 == 2);
-    }
-    v
+    let words = vals
+        .chunks(32)
+        .map(|chunk| {
+            chunk
+                .iter()
+                .enumerate()
+                .fold(0u64, |w, (j, &c)| w | (u64::from(c & 3) << (2 * j)))
+        })
+        .collect();
+    BitVec::from_words_lossy(words, vals.len() * 2)
 }
 
 /// Inverse of [`pack2`].
 pub fn unpack2(v: &BitVec) -> Vec<u8> {
-    (0..v.len() / 2)
-        .map(|i| u8::from(v.get(2 * i)) | (u8::from(v.get(2 * i + 1)) << 1))
-        .collect()
+    let n = v.len() / 2;
+    let mut out = Vec::with_capacity(n);
+    for &w in &v.words {
+        let k = (n - out.len()).min(32);
+        out.extend((0..k).map(|j| ((w >> (2 * j)) & 3) as u8));
+        if out.len() == n {
+            break;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -347,6 +457,61 @@ mod tests {
             BitVec::from_words(vec![0, 4], 65),
             Err(BitsError::DirtyTail)
         );
+    }
+
+    fn xorshift(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[test]
+    fn word_parallel_matches_bitwise_reference() {
+        let mut st = 0x9e37_79b9_7f4a_7c15u64;
+        for n in [0usize, 1, 5, 63, 64, 65, 127, 128, 129, 1000, 4097] {
+            for density in [0u64, 1, 2, 3] {
+                let bits = BitVec::from_bools((0..n).map(|_| xorshift(&mut st) & 1 == 1));
+                let mask = BitVec::from_bools((0..n + density as usize * 3).map(|_| {
+                    let r = xorshift(&mut st) & 3;
+                    if density == 3 {
+                        r != 0
+                    } else {
+                        r < density
+                    }
+                }));
+                let mut reference = BitVec::default();
+                for i in mask.ones() {
+                    reference.push(bits.get(i));
+                }
+                let got = bits.select(&mask);
+                assert_eq!(got, reference, "n={n} d={density}");
+                assert!(!got.tail_dirty());
+                let vals: Vec<u8> = (0..n).map(|_| (xorshift(&mut st) % 4) as u8).collect();
+                let packed = pack2(&vals);
+                let mut ref_packed = BitVec::zeros(n * 2);
+                for (i, &c) in vals.iter().enumerate() {
+                    ref_packed.set(2 * i, c & 1 == 1);
+                    ref_packed.set(2 * i + 1, c & 2 == 2);
+                }
+                assert_eq!(packed, ref_packed);
+                assert_eq!(unpack2(&packed), vals);
+                let eq1 = byte_eq_mask(&vals, 1);
+                assert_eq!(eq1, BitVec::from_bools(vals.iter().map(|&c| c == 1)));
+            }
+        }
+        for _ in 0..10_000 {
+            let (x, m) = (xorshift(&mut st), xorshift(&mut st) & xorshift(&mut st));
+            let mut r = 0u64;
+            let mut k = 0;
+            for i in 0..64 {
+                if (m >> i) & 1 == 1 {
+                    r |= ((x >> i) & 1) << k;
+                    k += 1;
+                }
+            }
+            assert_eq!(compress(x, m), r);
+        }
     }
 
     #[test]

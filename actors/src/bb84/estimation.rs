@@ -16,7 +16,7 @@
 //!
 //! Abort if the QBER upper bound exceeds the threshold (default 11 %).
 
-use crate::bb84::bits::{for_each_one, BitVec};
+use crate::bb84::bits::{byte_eq_mask, for_each_one, BitVec};
 use crate::bb84::math::{chernoff_lower, chernoff_upper};
 use crate::bb84::sifting::SiftedKey;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -100,23 +100,39 @@ pub struct ClassSplit {
 }
 
 /// Split a sifted key by class code.
+///
+/// Word-parallel: builds per-class masks 64 codes at a time, then compacts the bits.
 pub fn split_by_class(s: &SiftedKey) -> ClassSplit {
-    let mut out = ClassSplit::default();
-    for (i, c) in s.classes.iter().enumerate() {
-        match c {
-            0 => out.signal.push(s.bits.get(i)),
-            1 => out.decoy.push(s.bits.get(i)),
-            _ => out.vacuum_count += 1,
-        }
+    let signal_mask = byte_eq_mask(&s.classes, 0);
+    let decoy_mask = byte_eq_mask(&s.classes, 1);
+    let signal = s.bits.select(&signal_mask);
+    let decoy = s.bits.select(&decoy_mask);
+    let vacuum_count = s.classes.len() - signal.len() - decoy.len();
+    ClassSplit {
+        signal,
+        decoy,
+        vacuum_count,
     }
-    out
 }
 
 /// Sample mask over `n` positions: each chosen independently with probability `fraction`.
 pub fn sample_mask(n: usize, fraction: f64, seed: u64) -> BitVec {
     let mut rng = StdRng::seed_from_u64(seed);
     let threshold = (fraction.clamp(0.0, 1.0) * 18_446_744_073_709_551_615.0) as u64;
-    BitVec::from_bools((0..n).map(|_| rng.next_u64() < threshold))
+    // One PRNG draw per position, in order (the sequence is part of the protocol);
+    // results are packed a word at a time.
+    let mut words = Vec::with_capacity(n.div_ceil(64));
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(64);
+        let mut w = 0u64;
+        for j in 0..k {
+            w |= u64::from(rng.next_u64() < threshold) << j;
+        }
+        words.push(w);
+        left -= k;
+    }
+    BitVec::from_words_lossy(words, n)
 }
 
 /// Split `bits` into (sampled, remaining key) according to `mask`.
@@ -294,6 +310,31 @@ mod tests {
         let u2 = qber_upper_bound(100_000, 2_000, 1_900_000, 1e-10);
         assert!(u1 > 0.02 && u2 > 0.02 && u2 < u1);
         assert!(u2 < 0.025);
+    }
+
+    #[test]
+    fn word_parallel_split_and_sample_match_bitwise_reference() {
+        let mut rng = StdRng::seed_from_u64(99);
+        for n in [0usize, 1, 63, 64, 65, 1000, 10_007] {
+            let classes: Vec<u8> = (0..n).map(|_| (rng.next_u64() % 4) as u8).collect();
+            let bits = BitVec::from_bools((0..n).map(|_| rng.next_u64() & 1 == 1));
+            let s = SiftedKey { bits, classes };
+            let mut reference = ClassSplit::default();
+            for (i, c) in s.classes.iter().enumerate() {
+                match c {
+                    0 => reference.signal.push(s.bits.get(i)),
+                    1 => reference.decoy.push(s.bits.get(i)),
+                    _ => reference.vacuum_count += 1,
+                }
+            }
+            assert_eq!(split_by_class(&s), reference);
+            for fraction in [0.0, 0.05, 0.5, 1.0] {
+                let mut r = StdRng::seed_from_u64(7);
+                let threshold = (fraction * 18_446_744_073_709_551_615.0) as u64;
+                let reference = BitVec::from_bools((0..n).map(|_| r.next_u64() < threshold));
+                assert_eq!(sample_mask(n, fraction, 7), reference);
+            }
+        }
     }
 
     #[test]

@@ -1036,12 +1036,50 @@ where
 mod tests {
     use super::*;
 
+    const GOLDEN: (u64, u64, u64, u64, u64, usize, u64) = (
+        317_734,
+        285_020,
+        81_347,
+        42_604,
+        4_584_226_023_501_840_036,
+        81_347,
+        6_248_962_863_384_902_257,
+    );
+
     fn small_params(misalignment: f64, eve: f64) -> SimParams {
         let mut p = SimParams::default();
         p.channel.misalignment = misalignment;
         p.channel.eve_fraction = eve;
         p.pulses = p.channel.pulses_for_sifted(300_000.0);
         p
+    }
+
+    fn fnv_words(words: &[u64]) -> u64 {
+        words.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, w| {
+            (h ^ w).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+
+    /// Golden values recorded before sifting/estimation were made word-parallel:
+    /// the whole frame outcome (sifted count, sample, estimates, key) must not change.
+    #[test]
+    fn frame_outcome_matches_recorded_values() {
+        let mut rng = StdRng::seed_from_u64(20_241_123);
+        let o = run_frame_in_process(&small_params(0.02, 0.0), &mut rng).unwrap();
+        assert_eq!(o.aborted, None, "{o:?}");
+        let key = o.alice_key.clone().unwrap();
+        assert_eq!(Some(&key), o.bob_key.as_ref());
+        let got = (
+            o.sifted_bits,
+            o.n_key,
+            o.secret_bits,
+            o.leaked_bits,
+            o.qber_upper.to_bits(),
+            key.len(),
+            fnv_words(key.words()),
+        );
+        println!("GOLDEN {got:?}");
+        assert_eq!(got, GOLDEN);
     }
 
     #[test]

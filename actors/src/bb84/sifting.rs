@@ -7,7 +7,7 @@
 //! estimation. Both sides then keep the matching positions. The messages are plain
 //! serde structs so they can cross any transport.
 
-use crate::bb84::bits::{for_each_one, pack2, unpack2, BitVec};
+use crate::bb84::bits::{byte_eq_mask, pack2, unpack2, BitVec};
 use crate::bb84::channel::{AliceRecord, BobRecord};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -87,23 +87,28 @@ pub fn alice_reply(
     }
     // XNOR of the two basis vectors, word-parallel.
     let matches = alice.bases.xor(&req.bob_bases).not();
-    let mut detections = [0u64; 3];
-    for &c in &alice.classes {
-        let slot = detections
-            .get_mut(usize::from(c))
-            .ok_or(SiftError::BadClass(c))?;
-        *slot += 1;
+    // Class histogram from word-parallel masks; a code > 2 is reported (first one).
+    let counts = [0u8, 1, 2].map(|c| byte_eq_mask(&alice.classes, c).count_ones() as u64);
+    if counts.iter().sum::<u64>() != n as u64 {
+        if let Some(&c) = alice.classes.iter().find(|c| **c > 2) {
+            return Err(SiftError::BadClass(c));
+        }
     }
-    let mut sifted = SiftedKey {
-        bits: BitVec::with_capacity(matches.count_ones()),
-        classes: Vec::with_capacity(matches.count_ones()),
+    let detections = [counts[0], counts[1], counts[2]];
+    let m = matches.count_ones();
+    let mut classes = Vec::with_capacity(m);
+    for (w, chunk) in matches.words().iter().zip(alice.classes.chunks(64)) {
+        let mut w = *w;
+        while w != 0 {
+            let t = w.trailing_zeros() as usize;
+            classes.push(chunk.get(t).copied().unwrap_or(0));
+            w &= w - 1;
+        }
+    }
+    let sifted = SiftedKey {
+        bits: alice.bits.select(&matches),
+        classes,
     };
-    for_each_one(&matches, |i| {
-        sifted.bits.push(alice.bits.get(i));
-        sifted
-            .classes
-            .push(alice.classes.get(i).copied().unwrap_or(0));
-    });
     let reply = SiftReply {
         classes: pack2(&sifted.classes),
         matches,
