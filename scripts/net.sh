@@ -49,11 +49,11 @@ start() {
   rm -f "$RUN"/*.pid
   mapfile -t kmes < <("$KME" check-config --config "$config" | awk '$1 == "KME" { print $2, $5 }')
   (( ${#kmes[@]} > 0 )) || { say "no [[kme]] in $config"; exit 1; }
-  if [[ "$mode" != "--background" ]]; then trap 'echo; stop_all; exit 0' INT TERM; fi
+  if [[ "$mode" != "--background" ]]; then trap 'stopping=1; echo; stop_all; exit 0' INT TERM; fi
   for entry in "${kmes[@]}"; do
     read -r id _ <<<"$entry"
-    # A session of its own: Ctrl-C reaches this script, which stops the KMEs in order.
-    setsid "$KME" run --config "$config" --kme "$id" >"$RUN/$id.log" 2>&1 &
+    # Same process group: Ctrl-C reaches the KMEs too, and each shuts down by itself.
+    "$KME" run --config "$config" --kme "$id" >"$RUN/$id.log" 2>&1 &
     echo $! >"$RUN/$id.pid"
   done
   for entry in "${kmes[@]}"; do
@@ -77,6 +77,10 @@ start() {
     for entry in "${kmes[@]}"; do
       read -r id _ <<<"$entry"
       if ! kill -0 "$(cat "$RUN/$id.pid" 2>/dev/null || echo 0)" 2>/dev/null; then
+        # Ctrl-C reaches the KMEs too; one that stopped on it is no failure.
+        if [[ -n "${stopping:-}" ]] || grep -q "SIGINT received" "$RUN/$id.log"; then
+          echo; stop_all; exit 0
+        fi
         say "$id exited; its log ends with:"; tail -n 20 "$RUN/$id.log" >&2; stop_all; exit 1
       fi
     done

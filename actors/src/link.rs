@@ -85,6 +85,9 @@ impl Link {
             own_level_bytes: 0,
             peer_level_bytes: 0,
         };
+        // One block for each end at once: a fresh network serves its first keys right after
+        // start instead of one block-time later.
+        let initial_budget = (params.block_bytes * 16) as f64;
         Self {
             params,
             source,
@@ -96,7 +99,7 @@ impl Link {
             own_level: 0,
             peer_level: 0,
             reported_level: None,
-            budget_bits: 0.0,
+            budget_bits: initial_budget,
             last_tick: Instant::now(),
             busy: false,
             unshipped: state.unshipped,
