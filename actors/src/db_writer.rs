@@ -688,22 +688,26 @@ mod tests {
         }
     }
 
+    /// Activation of a batch from kme-a (blocks of 16 bytes), with a cold block cache.
+    fn bind(conn: &Connection, seq: u64, digest: &[u8; 32], bindings: &[Binding]) -> Result<bool> {
+        activate(
+            conn,
+            &sealer(),
+            &kme("kme-a"),
+            seq,
+            digest,
+            16,
+            bindings,
+            &mut None,
+        )
+    }
+
     /// One block of kme-a's stream and one key bound on it for `slaves`.
     fn bound_key(conn: &Connection, slaves: &[&str]) -> Binding {
         let peer = kme("kme-a");
         store_blocks(conn, &sealer(), &peer, vec![block("kme-a", 0)], true).unwrap();
         let key = binding(0, slaves);
-        activate(
-            conn,
-            &sealer(),
-            &peer,
-            1,
-            &[0u8; 32],
-            16,
-            std::slice::from_ref(&key),
-            &mut None,
-        )
-        .unwrap();
+        bind(conn, 1, &[0u8; 32], std::slice::from_ref(&key)).unwrap();
         key
     }
 
@@ -759,9 +763,9 @@ mod tests {
         .unwrap();
         let first = vec![binding(0, &["sae-b"]), binding(12, &["sae-b"])];
         let digest = [1u8; 32];
-        assert!(activate(&conn, &sealer(), &peer, 10, &digest, 16, &first, &mut None).unwrap());
+        assert!(bind(&conn, 10, &digest, &first).unwrap());
         // The identical batch again (a retry after a lost answer): accepted, nothing bound twice.
-        assert!(!activate(&conn, &sealer(), &peer, 10, &digest, 16, &first, &mut None).unwrap());
+        assert!(!bind(&conn, 10, &digest, &first).unwrap());
         let count: i64 = conn
             .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
             .unwrap();
@@ -769,73 +773,28 @@ mod tests {
         // An older or equal sequence number with other content: a replay.
         let other = vec![binding(20, &["sae-b"])];
         assert!(matches!(
-            activate(
-                &conn,
-                &sealer(),
-                &peer,
-                10,
-                &[2u8; 32],
-                16,
-                &other,
-                &mut None
-            ),
+            bind(&conn, 10, &[2u8; 32], &other),
             Err(Error::PeerMessage(_))
         ));
         assert!(matches!(
-            activate(
-                &conn,
-                &sealer(),
-                &peer,
-                9,
-                &[2u8; 32],
-                16,
-                &other,
-                &mut None
-            ),
+            bind(&conn, 9, &[2u8; 32], &other),
             Err(Error::PeerMessage(_))
         ));
         // A newer batch reusing bound positions is refused with the high mark.
         let reuse = vec![binding(16, &["sae-b"])];
-        match activate(
-            &conn,
-            &sealer(),
-            &peer,
-            11,
-            &[3u8; 32],
-            16,
-            &reuse,
-            &mut None,
-        ) {
+        match bind(&conn, 11, &[3u8; 32], &reuse) {
             Err(Error::ActivationRejected { high_mark, .. }) => assert_eq!(high_mark, 20),
             other => panic!("expected a rejection, got {other:?}"),
         }
         // Positions a peer cannot have: refused, no arithmetic overflow.
         let mut huge = binding(u64::MAX, &["sae-b"]);
         assert!(matches!(
-            activate(
-                &conn,
-                &sealer(),
-                &peer,
-                12,
-                &[4u8; 32],
-                16,
-                std::slice::from_ref(&huge),
-                &mut None
-            ),
+            bind(&conn, 12, &[4u8; 32], std::slice::from_ref(&huge)),
             Err(Error::PeerMessage(_))
         ));
         huge.start = 1 << 62;
         assert!(matches!(
-            activate(
-                &conn,
-                &sealer(),
-                &peer,
-                12,
-                &[4u8; 32],
-                16,
-                &[huge],
-                &mut None
-            ),
+            bind(&conn, 12, &[4u8; 32], &[huge]),
             Err(Error::PeerMessage(_))
         ));
         // Material spans blocks 0 and 1 for the key at 12..20.

@@ -216,15 +216,7 @@ impl FftPlan {
         let (w3r, w3i) = self.stage3(h);
         let (w1r, w1i) = (&w1r[..q], &w1i[..q]);
         let (w2r, w2i, w3r, w3i) = (&w2r[..q], &w2i[..q], &w3r[..q], &w3i[..q]);
-        for (cr, ci) in re.chunks_exact_mut(2 * h).zip(im.chunks_exact_mut(2 * h)) {
-            let (abr, cdr) = cr.split_at_mut(h);
-            let (abi, cdi) = ci.split_at_mut(h);
-            let (ar, br) = abr.split_at_mut(q);
-            let (cr, dr) = cdr.split_at_mut(q);
-            let (ai, bi) = abi.split_at_mut(q);
-            let (ci, di) = cdi.split_at_mut(q);
-            let (ar, br, cr, dr) = (&mut ar[..q], &mut br[..q], &mut cr[..q], &mut dr[..q]);
-            let (ai, bi, ci, di) = (&mut ai[..q], &mut bi[..q], &mut ci[..q], &mut di[..q]);
+        for_each_quarters(re, im, h, |[ar, br, cr, dr], [ai, bi, ci, di]| {
             for j in 0..q {
                 let (a_r, a_i, b_r, b_i) = (ar[j], ai[j], br[j], bi[j]);
                 let (c_r, c_i, d_r, d_i) = (cr[j], ci[j], dr[j], di[j]);
@@ -245,7 +237,7 @@ impl FftPlan {
                 dr[j] = xr * w3r[j] - xi * w3i[j];
                 di[j] = xr * w3i[j] + xi * w3r[j];
             }
-        }
+        });
     }
 
     /// Fused DIT stages `h/2` and `h` (`h >= 2`, conjugate twiddles) over blocks of `2h`.
@@ -276,15 +268,7 @@ impl FftPlan {
         let (w3r, w3i) = self.stage3(h);
         let (w1r, w1i) = (&w1r[..q], &w1i[..q]);
         let (w2r, w2i, w3r, w3i) = (&w2r[..q], &w2i[..q], &w3r[..q], &w3i[..q]);
-        for (cr, ci) in re.chunks_exact_mut(2 * h).zip(im.chunks_exact_mut(2 * h)) {
-            let (abr, cdr) = cr.split_at_mut(h);
-            let (abi, cdi) = ci.split_at_mut(h);
-            let (ar, br) = abr.split_at_mut(q);
-            let (cr, dr) = cdr.split_at_mut(q);
-            let (ai, bi) = abi.split_at_mut(q);
-            let (ci, di) = cdi.split_at_mut(q);
-            let (ar, br, cr, dr) = (&mut ar[..q], &mut br[..q], &mut cr[..q], &mut dr[..q]);
-            let (ai, bi, ci, di) = (&mut ai[..q], &mut bi[..q], &mut ci[..q], &mut di[..q]);
+        for_each_quarters(re, im, h, |[ar, br, cr, dr], [ai, bi, ci, di]| {
             for j in 0..q {
                 let (a_r, a_i, b_r, b_i) = (ar[j], ai[j], br[j], bi[j]);
                 let (c_r, c_i, d_r, d_i) = (cr[j], ci[j], dr[j], di[j]);
@@ -306,7 +290,7 @@ impl FftPlan {
                 dr[j] = b1r - t2r;
                 di[j] = b1i - t2i;
             }
-        }
+        });
     }
 
     /// Real-output inverse, step 1. `re`/`im` (length `n`, bit-reversed order) hold the
@@ -360,6 +344,31 @@ pub fn bit_reverse(k: usize, bits: u32) -> usize {
         return 0;
     }
     k.reverse_bits() >> (usize::BITS - bits)
+}
+
+/// Calls `f` on every block of `2h` points, split into its four quarters of `h/2` points
+/// (real parts, then imaginary parts): the shape both fused radix-4 passes walk.
+#[inline(always)]
+fn for_each_quarters(
+    re: &mut [f64],
+    im: &mut [f64],
+    h: usize,
+    mut f: impl FnMut([&mut [f64]; 4], [&mut [f64]; 4]),
+) {
+    let q = h / 2;
+    for (cr, ci) in re.chunks_exact_mut(2 * h).zip(im.chunks_exact_mut(2 * h)) {
+        let (abr, cdr) = cr.split_at_mut(h);
+        let (abi, cdi) = ci.split_at_mut(h);
+        let (ar, br) = abr.split_at_mut(q);
+        let (cr, dr) = cdr.split_at_mut(q);
+        let (ai, bi) = abi.split_at_mut(q);
+        let (ci, di) = cdi.split_at_mut(q);
+        // Exactly q long each, so the callers' index loops need no bounds checks.
+        f(
+            [&mut ar[..q], &mut br[..q], &mut cr[..q], &mut dr[..q]],
+            [&mut ai[..q], &mut bi[..q], &mut ci[..q], &mut di[..q]],
+        );
+    }
 }
 
 #[cfg(test)]

@@ -419,6 +419,29 @@ enum AliceState {
     Finished,
 }
 
+/// What both ends expose of a frame; each keeps `wire`, `key` and `report` alike.
+macro_rules! frame_results {
+    () => {
+        /// Current status.
+        pub fn status(&self) -> &FrameStatus {
+            &self.wire.status
+        }
+
+        /// Statistics.
+        pub fn report(&self) -> FrameReport {
+            FrameReport {
+                times: self.wire.times,
+                ..self.report
+            }
+        }
+
+        /// Take the released key (once).
+        pub fn take_key(&mut self) -> Option<BitVec> {
+            self.key.take()
+        }
+    };
+}
+
 /// Alice's end of one frame.
 #[derive(Debug)]
 pub struct AliceFrame {
@@ -458,23 +481,7 @@ impl AliceFrame {
         }
     }
 
-    /// Current status.
-    pub fn status(&self) -> &FrameStatus {
-        &self.wire.status
-    }
-
-    /// Statistics.
-    pub fn report(&self) -> FrameReport {
-        FrameReport {
-            times: self.wire.times,
-            ..self.report
-        }
-    }
-
-    /// Take the released key (once).
-    pub fn take_key(&mut self) -> Option<BitVec> {
-        self.key.take()
-    }
+    frame_results!();
 
     /// Caller-initiated abort (e.g. timeout); returns the notification to send.
     pub fn abort(&mut self, auth: &mut AuthChannel, reason: AbortReason) -> Vec<Envelope> {
@@ -647,23 +654,7 @@ impl BobFrame {
         }
     }
 
-    /// Current status.
-    pub fn status(&self) -> &FrameStatus {
-        &self.wire.status
-    }
-
-    /// Statistics.
-    pub fn report(&self) -> FrameReport {
-        FrameReport {
-            times: self.wire.times,
-            ..self.report
-        }
-    }
-
-    /// Take the released key (once).
-    pub fn take_key(&mut self) -> Option<BitVec> {
-        self.key.take()
-    }
+    frame_results!();
 
     /// Begin the frame: returns the sifting request.
     pub fn start(&mut self, auth: &mut AuthChannel) -> Vec<Envelope> {
