@@ -60,12 +60,8 @@ enum Command {
 
 fn main() -> ExitCode {
     env_logger::init_from_env(env_logger::Env::new().default_filter_or("info"));
-    let command = Cli::parse().command;
-    if let Command::Bench(options) = &command {
-        return bench(options);
-    }
-    match run(command) {
-        Ok(()) => ExitCode::SUCCESS,
+    match run(Cli::parse().command) {
+        Ok(code) => code,
         Err(message) => {
             eprintln!("kme: {message}");
             ExitCode::FAILURE
@@ -78,7 +74,7 @@ fn load(config: Option<PathBuf>) -> Result<Config, String> {
     Config::load(&file).map_err(|err| err.to_string())
 }
 
-fn run(command: Command) -> Result<(), String> {
+fn run(command: Command) -> Result<ExitCode, String> {
     match command {
         Command::Run { config, kme } => {
             let node = load(config)?.node(&kme).map_err(|err| err.to_string())?;
@@ -116,7 +112,8 @@ fn run(command: Command) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::Bench(_) => Ok(()),
+        // The benchmark has exit codes of its own (mismatch, nothing succeeded).
+        Command::Bench(options) => return Ok(bench(&options)),
         Command::BenchLink {
             out,
             frames,
@@ -136,6 +133,7 @@ fn run(command: Command) -> Result<(), String> {
             Ok(())
         }
     }
+    .map(|()| ExitCode::SUCCESS)
 }
 
 /// An enc_keys / dec_keys pair between two SAEs on neighbouring KMEs of `config`.
