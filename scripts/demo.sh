@@ -9,6 +9,14 @@ sae() { local who=$1; shift; curl -sS --http1.1 --cacert certs/ca.crt --cert "ce
 step() { printf '\n== %s\n' "$*"; }
 json() { python3 -c 'import sys,json; d=json.load(sys.stdin); print(eval(sys.argv[1]))' "$1"; }
 
+# A fresh network's first BB84 frames take about a second: wait (at most 20 s) for keys.
+for _ in $(seq 40); do
+  n=$(curl -sS --http1.1 --cacert certs/ca.crt --cert certs/sae-a.crt --key certs/sae-a.key \
+    "$A/api/v1/keys/sae-b/status" 2>/dev/null | json 'd["stored_key_count"]' 2>/dev/null) || n=0
+  [[ "${n:-0}" -gt 2 ]] && break
+  sleep 0.5
+done
+
 step "status: sae-a asks kme-a about keys for sae-b"
 sae sae-a "$A/api/v1/keys/sae-b/status"
 

@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kme_actors::types::{KeyLimits, KmeId, LinkParams, SaeId, SourceKind};
+use kme_actors::bb84::channel::ChannelParams;
+use kme_actors::bb84::pipeline::PpConfig;
+use kme_actors::types::{Bb84Settings, KeyLimits, KmeId, LinkParams, SaeId, SourceKind};
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +71,48 @@ struct RawLinkSettings {
     max_key_count: Option<u64>,
     max_key_per_request: Option<u32>,
     max_sae_id_count: Option<u32>,
+    bb84: Option<RawBb84>,
+}
+
+/// `[link.bb84]` / `[defaults.bb84]`: the simulated quantum channel of a BB84 link.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBb84 {
+    pulse_rate_hz: Option<f64>,
+    mean_photon_number: Option<f64>,
+    decoy_photon_number: Option<f64>,
+    vacuum_photon_number: Option<f64>,
+    intensity_probabilities: Option<[f64; 3]>,
+    fibre_km: Option<f64>,
+    attenuation_db_per_km: Option<f64>,
+    detector_efficiency: Option<f64>,
+    dark_count_probability: Option<f64>,
+    misalignment: Option<f64>,
+    eavesdropper: Option<f64>,
+    frame_sifted_bits: Option<u64>,
+    paced: Option<bool>,
+    qber_threshold: Option<f64>,
+}
+
+impl RawBb84 {
+    fn or(&self, d: &RawBb84) -> RawBb84 {
+        RawBb84 {
+            pulse_rate_hz: self.pulse_rate_hz.or(d.pulse_rate_hz),
+            mean_photon_number: self.mean_photon_number.or(d.mean_photon_number),
+            decoy_photon_number: self.decoy_photon_number.or(d.decoy_photon_number),
+            vacuum_photon_number: self.vacuum_photon_number.or(d.vacuum_photon_number),
+            intensity_probabilities: self.intensity_probabilities.or(d.intensity_probabilities),
+            fibre_km: self.fibre_km.or(d.fibre_km),
+            attenuation_db_per_km: self.attenuation_db_per_km.or(d.attenuation_db_per_km),
+            detector_efficiency: self.detector_efficiency.or(d.detector_efficiency),
+            dark_count_probability: self.dark_count_probability.or(d.dark_count_probability),
+            misalignment: self.misalignment.or(d.misalignment),
+            eavesdropper: self.eavesdropper.or(d.eavesdropper),
+            frame_sifted_bits: self.frame_sifted_bits.or(d.frame_sifted_bits),
+            paced: self.paced.or(d.paced),
+            qber_threshold: self.qber_threshold.or(d.qber_threshold),
+        }
+    }
 }
 
 impl RawLinkSettings {
@@ -86,6 +130,10 @@ impl RawLinkSettings {
             max_key_count: self.max_key_count.or(d.max_key_count),
             max_key_per_request: self.max_key_per_request.or(d.max_key_per_request),
             max_sae_id_count: self.max_sae_id_count.or(d.max_sae_id_count),
+            bb84: match (&self.bb84, &d.bb84) {
+                (Some(own), Some(d)) => Some(own.or(d)),
+                (own, d) => own.clone().or_else(|| d.clone()),
+            },
         }
     }
 }
@@ -233,7 +281,7 @@ impl Config {
                 params: LinkParams {
                     me: me.id.clone(),
                     peer: peer.clone(),
-                    source: link.source,
+                    source: link.source.clone(),
                     rate_bits_per_s: link.rate_bits_per_s,
                     block_bytes: link.block_bytes,
                     tick_ms: link.tick_ms,
@@ -463,10 +511,13 @@ impl Validator<'_> {
         let at = format!("link[{} — {}]", ends[0], ends[1]);
         let source = match s.source.as_deref().unwrap_or("courier") {
             "courier" => SourceKind::Courier,
+            "bb84" => SourceKind::Bb84(Box::new(
+                self.bb84_settings(&at, s.bb84.clone().unwrap_or_default())?,
+            )),
             other => {
                 return Err(self.err(
                     format!("{at}.source"),
-                    format!("unknown source \"{other}\" (known: courier)"),
+                    format!("unknown source \"{other}\" (known: bb84, courier)"),
                 ))
             }
         };
@@ -489,6 +540,66 @@ impl Validator<'_> {
     }
 }
 
+impl Validator<'_> {
+    /// Channel and post-processing settings of a BB84 link; unset values take the defaults of
+    /// `ChannelParams` (a 20 km link at 1 GHz with decoy states 0.5 / 0.1 / 0).
+    fn bb84_settings(&self, at: &str, b: RawBb84) -> Result<Bb84Settings, ConfigError> {
+        let d = ChannelParams::default();
+        let channel = ChannelParams {
+            pulse_rate_hz: b.pulse_rate_hz.unwrap_or(d.pulse_rate_hz),
+            intensities: [
+                b.mean_photon_number.unwrap_or(d.intensities[0]),
+                b.decoy_photon_number.unwrap_or(d.intensities[1]),
+                b.vacuum_photon_number.unwrap_or(d.intensities[2]),
+            ],
+            class_probs: b.intensity_probabilities.unwrap_or(d.class_probs),
+            fibre_km: b.fibre_km.unwrap_or(d.fibre_km),
+            atten_db_per_km: b.attenuation_db_per_km.unwrap_or(d.atten_db_per_km),
+            detector_efficiency: b.detector_efficiency.unwrap_or(d.detector_efficiency),
+            dark_count_prob: b.dark_count_probability.unwrap_or(d.dark_count_prob),
+            misalignment: b.misalignment.unwrap_or(d.misalignment),
+            eve_fraction: b.eavesdropper.unwrap_or(d.eve_fraction),
+        };
+        channel
+            .validate()
+            .map_err(|err| self.err(format!("{at}.bb84"), err.to_string()))?;
+        if channel.fibre_km > 500.0 {
+            return Err(self.err(format!("{at}.bb84.fibre_km"), "at most 500 km"));
+        }
+        if !(channel.pulse_rate_hz > 0.0 && channel.pulse_rate_hz <= 1e11) {
+            return Err(self.err(format!("{at}.bb84.pulse_rate_hz"), "must be in (0, 1e11]"));
+        }
+        let sifted = b.frame_sifted_bits.unwrap_or(200_000);
+        if !(20_000..=10_000_000).contains(&sifted) {
+            return Err(self.err(
+                format!("{at}.bb84.frame_sifted_bits"),
+                "must be 20000..=10000000",
+            ));
+        }
+        let pulses_per_frame = channel.pulses_for_sifted(sifted as f64);
+        if pulses_per_frame == 0 || pulses_per_frame > 1 << 50 {
+            return Err(self.err(
+                format!("{at}.bb84"),
+                "the channel detects (almost) nothing: shorten the fibre or raise the efficiency",
+            ));
+        }
+        let mut pp = PpConfig::default();
+        pp.estimation.intensities = channel.intensities;
+        if let Some(threshold) = b.qber_threshold {
+            if !(0.0..0.5).contains(&threshold) {
+                return Err(self.err(format!("{at}.bb84.qber_threshold"), "must be in [0, 0.5)"));
+            }
+            pp.estimation.qber_threshold = threshold;
+        }
+        Ok(Bb84Settings {
+            channel,
+            pulses_per_frame,
+            paced: b.paced.unwrap_or(true),
+            pp,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,6 +615,37 @@ mod tests {
         assert_eq!(a.neighbours.len(), 1);
         assert_eq!(a.neighbours[0].url, "https://127.0.0.1:9442");
         assert_eq!(config.sae_homes.len(), 4);
+    }
+
+    #[test]
+    fn bb84_links_take_defaults_and_refuse_impossible_channels() {
+        let file = Path::new("x.toml");
+        let base = "[tls]\nca = \"ca.crt\"\ncert_dir = \".\"\n[[kme]]\nid=\"a\"\nsae_listen=\"127.0.0.1:1\"\npeer_listen=\"127.0.0.1:2\"\ndata_dir=\"d\"\n[[kme]]\nid=\"b\"\nsae_listen=\"127.0.0.1:3\"\npeer_listen=\"127.0.0.1:4\"\ndata_dir=\"e\"\n[[link]]\nends=[\"a\",\"b\"]\nsource=\"bb84\"\n";
+        let config = Config::parse(base, file).unwrap();
+        let SourceKind::Bb84(b) = &config.links[0].source else {
+            panic!("not bb84");
+        };
+        assert_eq!(b.channel, ChannelParams::default());
+        assert!(b.paced);
+        let with = |extra: &str| Config::parse(&format!("{base}[link.bb84]\n{extra}\n"), file);
+        let eve = with("eavesdropper = 1.0").unwrap();
+        assert!(
+            matches!(&eve.links[0].source, SourceKind::Bb84(b) if b.channel.eve_fraction == 1.0)
+        );
+        for bad in [
+            "eavesdropper = 2.0",
+            "mean_photon_number = 0.05",
+            "qber_threshold = 0.6",
+            "frame_sifted_bits = 10",
+            "fibre_km = 5000.0",
+            "colour = 1",
+        ] {
+            let err = with(bad).unwrap_err();
+            assert!(
+                err.to_string().contains("bb84") || err.to_string().contains("colour"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

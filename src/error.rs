@@ -56,6 +56,7 @@ impl From<Error> for ApiError {
             }
             Error::PeerUnavailable { .. }
             | Error::ActivationRejected { .. }
+            | Error::FrameLost { .. }
             | Error::PeerMessage(_) => {
                 log::warn!("peer failure: {err}");
                 Self::unavailable("the slave's KME could not take the keys; retry later")
@@ -114,6 +115,7 @@ mod tests {
                 503,
             ),
             (Error::PeerMessage("x".into()), 503),
+            (Error::FrameLost { peer: "p".into() }, 503),
             (Error::Storage("disk full".into()), 503),
             (Error::Unavailable("x".into()), 503),
         ];

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kme::config::Config;
+use kme_actors::types::SourceKind;
 
 #[derive(Parser)]
 #[command(name = "kme", version, about = "ETSI GS QKD 014 Key Management Entity")]
@@ -100,10 +101,20 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 );
             }
             for l in &config.links {
-                println!(
-                    "  link {} — {} ({:?}, {} bit/s)",
-                    l.ends[0], l.ends[1], l.source, l.rate_bits_per_s
-                );
+                match &l.source {
+                    SourceKind::Bb84(b) => println!(
+                        "  link {} — {} (bb84, {} km, eavesdropper {}, {} pulses/frame)",
+                        l.ends[0],
+                        l.ends[1],
+                        b.channel.fibre_km,
+                        b.channel.eve_fraction,
+                        b.pulses_per_frame
+                    ),
+                    SourceKind::Courier => println!(
+                        "  link {} — {} (courier, {} bit/s)",
+                        l.ends[0], l.ends[1], l.rate_bits_per_s
+                    ),
+                }
             }
             let mut saes: Vec<_> = config.sae_homes.iter().collect();
             saes.sort();

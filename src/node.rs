@@ -13,15 +13,18 @@ use actix::prelude::*;
 use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpServer};
 use kme_actors::audit_log::{AuditLog, AuditRecord, Record};
+use kme_actors::bb84_engine::Bb84Engine;
 use kme_actors::db;
 use kme_actors::db_checkpointer::DbCheckpointer;
 use kme_actors::db_writer::DbWriter;
 use kme_actors::key_pool::{KeyPool, WatchLevel};
 use kme_actors::link::{Link, LinkState};
+use kme_actors::link_auth::{auth_owner, AuthStream};
 use kme_actors::peer_link::PeerLink;
 use kme_actors::sae_registry::{NeighbourRoute, SaeRegistry};
 use kme_actors::sealing::Sealer;
 use kme_actors::store::{BlockRecord, Store};
+use kme_actors::types::SourceKind;
 
 use crate::config::NodeConfig;
 use crate::peer_api::{self, PeerEnd, PeerState};
@@ -104,10 +107,20 @@ fn resume(
         let connector = tls::peer_connector(&config.ca, &config.cert, &config.key, peer.as_str())?;
         let own = db::stream_state(&conn, &peer, me)?;
         let theirs = db::stream_state(&conn, &peer, &peer)?;
+        let auth_owner = auth_owner();
+        let auth = db::stream_state(&conn, &peer, &auth_owner)?;
         let block = params.block_bytes as u64;
         let own_blocks = db::blocks(&conn, sealer, &peer, me, own.position / block, true)?;
+        let auth_blocks = db::blocks(
+            &conn,
+            sealer,
+            &peer,
+            &auth_owner,
+            auth.position / block,
+            true,
+        )?;
         let mut unshipped = Vec::new();
-        for owner in [me, &peer] {
+        for owner in [me, &peer, &auth_owner] {
             for b in db::blocks(&conn, sealer, &peer, owner, 0, false)? {
                 unshipped.push(BlockRecord {
                     owner: owner.clone(),
@@ -130,7 +143,9 @@ fn resume(
             link_state: LinkState {
                 next_own_seq: own.next_seq,
                 next_peer_seq: theirs.next_seq,
+                next_auth_seq: auth.next_seq,
                 unshipped,
+                auth: AuthStream::new(params.block_bytes, auth.position, auth_blocks),
             },
             params,
         });
@@ -203,9 +218,22 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
             peer_link.clone(),
         )
         .start();
+        let engine = match &params.source {
+            SourceKind::Bb84(settings) => {
+                let settings = (**settings).clone();
+                let mut seed = [0u8; 32];
+                openssl::rand::rand_bytes(&mut seed)
+                    .map_err(|err| kme_actors::Error::Unavailable(format!("CSPRNG: {err}")))?;
+                Some(SyncArbiter::start(1, move || {
+                    Bb84Engine::new(settings.clone(), seed)
+                }))
+            }
+            SourceKind::Courier => None,
+        };
         let link = Link::new(
             params.clone(),
             link.link_state,
+            engine,
             pool.clone(),
             peer_link,
             store.clone(),

@@ -1,5 +1,5 @@
-//! The KME-to-KME channel (server side): activations, courier blocks and pool levels from
-//! neighbour KMEs.
+//! The KME-to-KME channel (server side): activations, courier blocks, BB84 post-processing
+//! and pool levels from neighbour KMEs.
 //!
 //! Only neighbours named in `[[link]]` get here: the TLS handshake requires a certificate of
 //! our CA, and each request's certificate CN must be a neighbour. Activations are checked
@@ -13,8 +13,10 @@ use actix::Addr;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
-use kme_actors::link::{Link, PeerLevel, ReceiveBlocks};
-use kme_actors::peer_link::{self, ActivationBatch, BlockShipment, LevelReport, PeerReply};
+use kme_actors::link::{Bb84FromPeer, Link, PeerLevel, ReceiveBlocks};
+use kme_actors::peer_link::{
+    self, ActivationBatch, Bb84Request, BlockShipment, LevelReport, PeerReply,
+};
 use kme_actors::store::{Exec, Op, Store};
 use kme_actors::types::{CertIdentity, KmeId, SaeId};
 use kme_actors::Error;
@@ -48,6 +50,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route(peer_link::ACTIVATE_PATH, web::post().to(activate))
         .route(peer_link::BLOCKS_PATH, web::post().to(blocks))
         .route(peer_link::LEVEL_PATH, web::post().to(level))
+        .route(peer_link::BB84_PATH, web::post().to(bb84))
         .default_service(web::to(|| async {
             Err::<HttpResponse, _>(PeerRefusal::new(
                 StatusCode::NOT_FOUND,
@@ -63,6 +66,7 @@ pub struct PeerRefusal {
     status: StatusCode,
     message: String,
     high_mark: Option<u64>,
+    frame_lost: bool,
 }
 
 impl PeerRefusal {
@@ -71,6 +75,7 @@ impl PeerRefusal {
             status,
             message: message.into(),
             high_mark: None,
+            frame_lost: false,
         }
     }
 }
@@ -78,6 +83,10 @@ impl PeerRefusal {
 impl From<Error> for PeerRefusal {
     fn from(err: Error) -> Self {
         match err {
+            Error::FrameLost { .. } => Self {
+                frame_lost: true,
+                ..Self::new(StatusCode::GONE, err.to_string())
+            },
             Error::ActivationRejected {
                 high_mark, reason, ..
             } => Self {
@@ -104,9 +113,10 @@ impl ResponseError for PeerRefusal {
     fn error_response(&self) -> HttpResponse {
         HttpResponse::build(self.status).json(PeerReply {
             ok: false,
-            level: None,
             high_mark: self.high_mark,
             error: Some(self.message.clone()),
+            frame_lost: self.frame_lost,
+            ..PeerReply::default()
         })
     }
 }
@@ -295,4 +305,18 @@ async fn level(
         .await
         .map_err(|err| PeerRefusal::new(StatusCode::SERVICE_UNAVAILABLE, err.message))?;
     Ok(ok(None))
+}
+
+async fn bb84(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<PeerState>,
+) -> Result<HttpResponse, PeerRefusal> {
+    let Incoming {
+        end,
+        message: request,
+        ..
+    } = incoming::<Bb84Request>(&req, payload, &state).await?;
+    let reply = ask_domain(&end.link, Bb84FromPeer(request), state.timeout).await?;
+    Ok(HttpResponse::Ok().json(reply))
 }

@@ -147,10 +147,11 @@ async fn status(
             "link": {
                 "peer_KME_ID": peer.as_str(),
                 "source": health.source,
-                "state": if health.up { "up" } else { "down" },
+                "state": health.state,
                 "reason": health.reason,
                 "available_bytes": available_bytes,
                 "bytes_produced": health.bytes_produced,
+                "qkd": health.qkd,
             }
         }),
         None => serde_json::json!({"route": "local"}),

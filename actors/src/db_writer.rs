@@ -157,6 +157,22 @@ fn apply(
             }
             Ok(Output::Done)
         }
+        Op::DiscardBlocks { peer, audit } => {
+            tx.prepare_cached(
+                "UPDATE link_streams SET next_seq = (SELECT min(b.seq) FROM link_blocks b
+                     WHERE b.peer = link_streams.peer AND b.owner = link_streams.owner
+                       AND b.confirmed = 0)
+                 WHERE peer = ?1 AND EXISTS (SELECT 1 FROM link_blocks b
+                     WHERE b.peer = link_streams.peer AND b.owner = link_streams.owner
+                       AND b.confirmed = 0)",
+            )?
+            .execute(params![peer.as_str()])?;
+            tx.prepare_cached("DELETE FROM link_blocks WHERE peer = ?1 AND confirmed = 0")?
+                .execute(params![peer.as_str()])?;
+            block_cache.remove(&peer);
+            append_audit(tx, head, &audit)?;
+            Ok(Output::Done)
+        }
         Op::Activate {
             peer,
             seq,
@@ -849,6 +865,55 @@ mod tests {
             .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
             .unwrap();
         assert_eq!(left, 0, "the key is deleted once every slave has it");
+    }
+
+    #[test]
+    fn discarding_a_lost_frame_rewinds_only_unconfirmed_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, _) = db::open(&dir.path().join("t.sqlite"), 1).unwrap();
+        let mut writer = DbWriter::new(pool.clone(), Arc::new(sealer()));
+        let peer = kme("kme-b");
+        let store = |blocks, confirmed| Op::StoreBlocks {
+            peer: peer.clone(),
+            blocks,
+            confirmed,
+        };
+        let outcomes = writer.write(vec![
+            store(vec![block("kme-a", 0), block("kme-a", 1)], true),
+            store(vec![block("kme-a", 2), block("#auth", 0)], false),
+            Op::DiscardBlocks {
+                peer: peer.clone(),
+                audit: AuditRecord::new("bb84_frame_lost", serde_json::json!({})),
+            },
+        ]);
+        let outcomes = outcomes.unwrap();
+        assert!(outcomes.iter().all(|o| o.is_ok()), "{outcomes:?}");
+        let conn = pool.get().unwrap();
+        assert_eq!(
+            db::stream_state(&conn, &peer, &kme("kme-a"))
+                .unwrap()
+                .next_seq,
+            2
+        );
+        assert_eq!(
+            db::stream_state(&conn, &peer, &kme("#auth"))
+                .unwrap()
+                .next_seq,
+            0
+        );
+        let left: Vec<i64> = conn
+            .prepare("SELECT seq FROM link_blocks ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<std::result::Result<_, _>>()
+            .unwrap();
+        assert_eq!(left, vec![0, 1]);
+        // The rewound numbers can be stored again, with other bytes.
+        let mut other = block("kme-a", 2);
+        other.data[0] ^= 0xff;
+        let again = store_blocks(&conn, &sealer(), &peer, vec![other], false).unwrap();
+        assert_eq!(again, vec![BlockOutcome::Stored]);
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub enum Error {
         high_mark: u64,
         reason: String,
     },
+    /// The neighbour no longer holds the key of a BB84 frame (it restarted before the frame was
+    /// committed): the frame's blocks are discarded at both ends.
+    #[error("peer KME {peer} no longer holds the frame's key")]
+    FrameLost { peer: String },
     /// A message from a peer KME is invalid or a replay.
     #[error("peer message rejected: {0}")]
     PeerMessage(String),

@@ -1,14 +1,14 @@
 //! Key sources: where a link's secret material comes from, behind one trait.
 //!
-//! `Link` asks its source for blocks at the generating end of a link. The only source today is
-//! `Courier`: a stand-in that is NOT quantum key distribution. It draws blocks from the OS
-//! CSPRNG (OpenSSL's RAND_bytes) and `Link` ships them to the other end over the authenticated
-//! KME-to-KME TLS channel, so both ends hold identical, identically numbered material and the
-//! pools, relay and API above can be exercised. A BB84 or device source replaces it here
-//! without touching the pools.
+//! A source here hands out blocks at the driving end of a link, which `Link` ships to the
+//! other end over the authenticated KME-to-KME TLS channel. The one such source is `Courier`:
+//! a stand-in that is NOT quantum key distribution. It draws blocks from the OS CSPRNG
+//! (OpenSSL's RAND_bytes), so both ends hold identical, identically numbered material and the
+//! pools, relay and API above can be exercised; BB84 links use it only for their first
+//! authentication key. BB84 itself is interactive (both ends compute the key, none ships it):
+//! `Link` drives it through `Bb84Engine`, and it feeds the same blocks and pools.
 
 use crate::error::{Error, Result};
-use crate::types::SourceKind;
 
 pub trait KeySource {
     /// Short name for logs and status.
@@ -33,11 +33,9 @@ impl KeySource for Courier {
     }
 }
 
-/// The source configured for a link.
-pub fn for_kind(kind: SourceKind) -> Box<dyn KeySource> {
-    match kind {
-        SourceKind::Courier => Box::new(Courier),
-    }
+/// The CSPRNG courier.
+pub fn courier() -> Box<dyn KeySource> {
+    Box::new(Courier)
 }
 
 #[cfg(test)]

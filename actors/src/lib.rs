@@ -7,17 +7,22 @@
 //! |---|---|---|
 //! | `sae_registry.rs` | `SaeRegistry` | identities, SAE homes, routes to neighbours |
 //! | `key_pool.rs` | `KeyPool` (one per link) | this end's available material, allocation cursor |
-//! | `link.rs` | `Link` (one per link) | key source, production pacing, link health |
+//! | `link.rs` | `Link` (one per link) | key source, production pacing, delivery, link health |
+//! | `bb84_engine.rs` | `Bb84Engine` (SyncArbiter of 1 per BB84 link) | channel simulation, the frame's post-processing |
 //! | `peer_link.rs` | `PeerLink` (one per neighbour) | mTLS client, batching, sequence numbers |
 //! | `audit_log.rs` | `AuditLog` | the hash-chained audit trail |
 //! | `store.rs` | `Store` | group commit in front of the writer |
 //! | `db_writer.rs` | `DbWriter` (SyncArbiter of 1) | the SQLite write connection |
 //! | `db_checkpointer.rs` | `DbCheckpointer` (SyncArbiter of 1) | WAL checkpoints off the writer's path |
+//!
+//! Not actors: `bb84/` (the post-processing library), `link_auth.rs` (a BB84 link's
+//! authentication key stream), `key_source.rs`, `sealing.rs`, `db.rs`, `types.rs`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod audit_log;
 pub mod bb84;
+pub mod bb84_engine;
 pub mod db;
 pub mod db_checkpointer;
 pub mod db_writer;
@@ -25,6 +30,7 @@ pub mod error;
 pub mod key_pool;
 pub mod key_source;
 pub mod link;
+pub mod link_auth;
 pub mod peer_link;
 pub mod sae_registry;
 pub mod sealing;

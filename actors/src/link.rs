@@ -1,41 +1,178 @@
 //! Link: one end of a QKD link to a neighbour KME; produces the material its pool hands out.
 //!
-//! Owns: the link's key source, production pacing (a bit budget filled at the configured rate
-//! on every tick), the next block numbers, the last known pool levels of both ends, blocks
-//! still to be shipped, and link health for `status`. Handles: `Tick` (its own interval),
-//! `PoolLevel` (from its `KeyPool`), `ReceiveBlocks` and `PeerLevel` (from the KME-to-KME edge,
-//! on the receiving end), `LinkHealth` (status). Sends: `ShipBlocks`/`ReportLevel` to
-//! `PeerLink`, `Exec` to `Store`, `AddBlocks` to `KeyPool`.
-//! Courier protocol: the lower-ID end generates a block, stores it (unconfirmed), ships it; the
-//! other end stores it and acks with its level; the generator then marks it confirmed and
-//! only then either end may allocate from it. Each block gets an owner, the end whose pool is
-//! emptier, and only its owner allocates from it. A restart re-ships unconfirmed blocks,
-//! which the receiver answers idempotently.
-//! Mailbox: bounded; one shipment in flight at a time.
+//! Owns: the link's key source, production pacing, the next block numbers, the last known
+//! pool levels of both ends, blocks still to be delivered, the BB84 authentication stream and
+//! link health for `status`. Handles: `Tick` (its own interval), `PoolLevel` (from its
+//! `KeyPool`), `ReceiveBlocks`, `PeerLevel` and `Bb84FromPeer` (from the KME-to-KME edge, at
+//! the receiving end), `LinkHealth` (status). Sends: `ShipBlocks`/`Bb84Exchange`/`ReportLevel`
+//! to `PeerLink`, `Exec` to `Store`, `AddBlocks` to `KeyPool`, frame work to `Bb84Engine`.
+//!
+//! The lower-ID end drives production. Every block gets an owner, the end whose pool is
+//! emptier, and only its owner allocates from it. Delivery is two-phase: the driving end
+//! stores a block unconfirmed, the other end stores it for good, then the driving end
+//! confirms it; only then may either end allocate from it.
+//! - courier: the driving end draws blocks from its `KeySource` and ships their bytes. A
+//!   restart re-ships unconfirmed blocks, which the receiver answers idempotently.
+//! - bb84: the driving end is Alice. Per frame it burns an authentication window (durably, at
+//!   both ends, before the first tag), has its engine simulate the pulses, sends Bob's
+//!   detection record in place of the quantum channel, then carries the post-processing
+//!   messages between the two engines. Once both ends hold the verified, amplified key, it
+//!   cuts it into blocks and sends only their numbers (`Commit`); the other end cuts its own
+//!   copy the same way. Key bytes never cross the network. If the other end restarted before
+//!   the commit it has lost its copy and answers `FrameLost`: the driving end discards the
+//!   unconfirmed blocks and reuses their numbers. An aborted frame (QBER above threshold,
+//!   failed verification or authentication, lost message) yields nothing at either end; the
+//!   link backs off and tries again, so it recovers by itself once the channel is clean.
+//!
+//! Mailbox: bounded; one delivery or frame in flight at a time. `Bb84FromPeer` is handled
+//! atomically, so a commit never races a frame.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use serde::Serialize;
 
+use crate::audit_log::AuditRecord;
+use crate::bb84::pipeline::{AbortReason, Envelope, FrameReport};
+use crate::bb84_engine::{
+    AbortFrame, Bb84Engine, BeginAlice, BeginBob, DetectionRecord, FrameState, Progress, Step,
+};
 use crate::db::StoredBlock;
 use crate::error::{Error, Result};
 use crate::key_pool::{AddBlocks, KeyPool, PoolLevel};
 use crate::key_source::{self, KeySource};
-use crate::peer_link::{PeerLink, ReportLevel, ShipBlocks};
+use crate::link_auth::{auth_owner, AuthStream, WINDOW_BYTES};
+use crate::peer_link::{
+    Bb84Exchange, Bb84Request, BlockId, PeerLink, PeerReply, ReportLevel, ShipBlocks,
+};
 use crate::store::{BlockOutcome, BlockRecord, Op, Output, Store};
-use crate::types::LinkParams;
+use crate::types::{Bb84Settings, KmeId, LinkParams, SourceKind};
 
-/// Most blocks per shipment.
+/// Most blocks per courier shipment.
 const MAX_BLOCKS_PER_SHIPMENT: u64 = 16;
+/// Authentication windows shipped at bootstrap (and at a re-key after exhaustion).
+const AUTH_BOOTSTRAP_WINDOWS: u64 = 256;
+/// Below this many windows, the next frame's key refills the authentication stream first.
+const AUTH_LOW_WINDOWS: u64 = 64;
+/// After this many aborted frames in a row the link counts as down (before: degraded).
+const DOWN_AFTER_ABORTS: u64 = 3;
+/// Longest wait between frames after aborts (the wait doubles from 100 ms per abort).
+const MAX_ABORT_BACKOFF: Duration = Duration::from_secs(10);
+/// Frames over which the sifted and secret key rates are averaged.
+const RATE_FRAMES: usize = 16;
+/// How often a running BB84 link logs a summary at info level (and at its first frame).
+const SUMMARY_EVERY: Duration = Duration::from_secs(10);
+
+/// Link health, for logs and `status_extension`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Health {
+    pub state: Condition,
+    pub reason: Option<String>,
+    pub source: &'static str,
+    pub blocks_produced: u64,
+    pub bytes_produced: u64,
+    pub own_level_bytes: u64,
+    pub peer_level_bytes: u64,
+    /// BB84 links only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qkd: Option<QkdHealth>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Condition {
+    Up,
+    /// BB84: the last frames aborted, fewer than `DOWN_AFTER_ABORTS` in a row.
+    Degraded,
+    Down,
+}
+
+/// What a BB84 link measures, frame by frame.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct QkdHealth {
+    pub frames_ok: u64,
+    pub frames_aborted: u64,
+    pub consecutive_aborts: u64,
+    pub last_abort: Option<String>,
+    /// QBER observed on the disclosed sample of the last frame that got that far.
+    pub qber: Option<f64>,
+    /// Its upper confidence bound (the value compared with the abort threshold).
+    pub qber_upper: Option<f64>,
+    /// Reconciliation efficiency f = leaked / (n h(QBER)) of the last reconciled frame.
+    pub efficiency: Option<f64>,
+    /// Over the last frames: bits / frame time (a paced frame lasts at least its pulses /
+    /// pulse rate, so a paced link shows its physical rate; idle time is not counted).
+    pub sifted_bits_per_s: f64,
+    pub secret_bits_per_s: f64,
+    pub auth_windows_left: u64,
+    pub fibre_km: f64,
+    pub eavesdropper: f64,
+}
+
+/// Start-up state read from the database.
+pub struct LinkState {
+    pub next_own_seq: u64,
+    pub next_peer_seq: u64,
+    pub next_auth_seq: u64,
+    /// Blocks stored here but not yet acknowledged by the peer (driving end).
+    pub unshipped: Vec<BlockRecord>,
+    /// The BB84 authentication stream as stored (empty on courier links).
+    pub auth: AuthStream,
+}
+
+/// How blocks reach the other end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// With their bytes (courier blocks, the first authentication key).
+    Bytes,
+    /// By number only: the other end holds the same key from BB84 frame `Some(id)`, or, after
+    /// a restart here, perhaps already stored them (`None`).
+    Commit(Option<u64>),
+}
+
+/// The BB84 part of a link end.
+struct Bb84End {
+    settings: Bb84Settings,
+    engine: Addr<Bb84Engine>,
+    auth: AuthStream,
+    /// Bob end: the key of the last frame finished here, until the Alice end commits it.
+    held_key: Option<(u64, Vec<u8>)>,
+    next_frame_at: Instant,
+    /// (duration, sifted bits, secret bits) of the last frames.
+    recent: VecDeque<(Duration, u64, u64)>,
+    /// Bob end: when the running frame started here.
+    bob_started: Instant,
+    stats: QkdHealth,
+    /// When the last summary was logged (None: log the next frame).
+    last_summary: Option<Instant>,
+}
+
+/// How one frame ended at the Alice end.
+enum FrameEnd {
+    Key(Vec<u8>),
+    Aborted(AbortReason),
+    /// Not the channel's fault: the peer or the storage failed.
+    Failed(Error),
+}
+
+struct FrameRun {
+    frame_id: u64,
+    end: FrameEnd,
+    alice: FrameReport,
+    bob: Option<FrameReport>,
+}
 
 pub struct Link {
     params: LinkParams,
     source: Box<dyn KeySource>,
+    bb84: Option<Bb84End>,
     pool: Addr<KeyPool>,
     peer: Addr<PeerLink>,
     store: Addr<Store>,
     next_own_seq: u64,
     next_peer_seq: u64,
+    next_auth_seq: u64,
     own_level: u64,
     peer_level: u64,
     reported_level: Option<u64>,
@@ -44,58 +181,60 @@ pub struct Link {
     busy: bool,
     unshipped: Vec<BlockRecord>,
     unshipped_stored: bool,
-    health: Health,
-}
-
-/// Link health, for logs and `status_extension`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Health {
-    pub up: bool,
-    pub reason: Option<String>,
-    pub source: &'static str,
-    pub blocks_produced: u64,
-    pub bytes_produced: u64,
-    pub own_level_bytes: u64,
-    pub peer_level_bytes: u64,
-}
-
-/// Start-up state read from the database.
-pub struct LinkState {
-    pub next_own_seq: u64,
-    pub next_peer_seq: u64,
-    /// Blocks stored here but not yet acknowledged by the peer (generating end).
-    pub unshipped: Vec<BlockRecord>,
+    unshipped_delivery: Delivery,
+    /// The last failure to reach the peer or the storage, until the next success.
+    failure: Option<String>,
+    blocks_produced: u64,
+    bytes_produced: u64,
 }
 
 impl Link {
+    /// `engine`: the BB84 engine of this end, for BB84 links.
     pub fn new(
         params: LinkParams,
         state: LinkState,
+        engine: Option<Addr<Bb84Engine>>,
         pool: Addr<KeyPool>,
         peer: Addr<PeerLink>,
         store: Addr<Store>,
     ) -> Self {
-        let source = key_source::for_kind(params.source);
-        let health = Health {
-            up: true,
-            reason: None,
-            source: source.name(),
-            blocks_produced: 0,
-            bytes_produced: 0,
-            own_level_bytes: 0,
-            peer_level_bytes: 0,
+        let bb84 = match (&params.source, engine) {
+            (SourceKind::Bb84(settings), Some(engine)) => Some(Bb84End {
+                stats: QkdHealth {
+                    fibre_km: settings.channel.fibre_km,
+                    eavesdropper: settings.channel.eve_fraction,
+                    ..QkdHealth::default()
+                },
+                settings: (**settings).clone(),
+                engine,
+                auth: state.auth,
+                held_key: None,
+                next_frame_at: Instant::now(),
+                recent: VecDeque::new(),
+                bob_started: Instant::now(),
+                last_summary: None,
+            }),
+            _ => None,
+        };
+        // After a restart, BB84 blocks left unconfirmed are committed by number: their key
+        // bytes must never travel.
+        let unshipped_delivery = if bb84.is_some() {
+            Delivery::Commit(None)
+        } else {
+            Delivery::Bytes
         };
         // One block for each end at once: a fresh network serves its first keys right after
         // start instead of one block-time later.
         let initial_budget = (params.block_bytes * 16) as f64;
         Self {
-            params,
-            source,
+            source: key_source::courier(),
+            bb84,
             pool,
             peer,
             store,
             next_own_seq: state.next_own_seq,
             next_peer_seq: state.next_peer_seq,
+            next_auth_seq: state.next_auth_seq,
             own_level: 0,
             peer_level: 0,
             reported_level: None,
@@ -104,64 +243,114 @@ impl Link {
             busy: false,
             unshipped: state.unshipped,
             unshipped_stored: true,
-            health,
+            unshipped_delivery,
+            failure: None,
+            blocks_produced: 0,
+            bytes_produced: 0,
+            params,
         }
     }
 
     fn set_health(&mut self, result: &Result<()>) {
         match result {
             Ok(()) => {
-                if !self.health.up {
+                if self.failure.take().is_some() {
                     log::info!("link to {} is up again", self.params.peer);
                 }
-                self.health.up = true;
-                self.health.reason = None;
             }
             Err(err) => {
-                if self.health.up {
+                if self.failure.is_none() {
                     log::warn!("link to {} is down: {err}", self.params.peer);
                 }
-                self.health.up = false;
-                self.health.reason = Some(err.to_string());
+                self.failure = Some(err.to_string());
             }
         }
     }
 
-    /// Generating end: turn the bit budget into blocks for whichever end needs them.
+    fn health(&self) -> Health {
+        let qkd = self.bb84.as_ref().map(|b| QkdHealth {
+            auth_windows_left: b.auth.windows_left(),
+            ..b.stats.clone()
+        });
+        let (state, reason) = match (&self.failure, &qkd) {
+            (Some(failure), _) => (Condition::Down, Some(failure.clone())),
+            (None, Some(q)) if q.consecutive_aborts >= DOWN_AFTER_ABORTS => {
+                (Condition::Down, q.last_abort.clone())
+            }
+            (None, Some(q)) if q.consecutive_aborts > 0 => {
+                (Condition::Degraded, q.last_abort.clone())
+            }
+            _ => (Condition::Up, None),
+        };
+        Health {
+            state,
+            reason,
+            source: self.params.source.name(),
+            blocks_produced: self.blocks_produced,
+            bytes_produced: self.bytes_produced,
+            own_level_bytes: self.own_level,
+            peer_level_bytes: self.peer_level,
+            qkd,
+        }
+    }
+
+    fn next_seq(&mut self, owner: &KmeId) -> &mut u64 {
+        if *owner == self.params.me {
+            &mut self.next_own_seq
+        } else if *owner == self.params.peer {
+            &mut self.next_peer_seq
+        } else {
+            &mut self.next_auth_seq
+        }
+    }
+
+    /// Owner of the next block: the emptier end (its level is raised by one block).
+    fn next_owner(&self, own: &mut u64, peer: &mut u64) -> KmeId {
+        let block = self.params.block_bytes as u64;
+        if *own <= *peer {
+            *own += block;
+            self.params.me.clone()
+        } else {
+            *peer += block;
+            self.params.peer.clone()
+        }
+    }
+
+    /// Numbers the next block of `owner`.
+    fn take_seq(&mut self, owner: &KmeId) -> u64 {
+        let next = self.next_seq(owner);
+        let seq = *next;
+        *next += 1;
+        seq
+    }
+
+    /// Courier, driving end: turn the bit budget into blocks for whichever end needs them.
     fn produce(&mut self) -> Result<Vec<BlockRecord>> {
         let block_bits = (self.params.block_bytes * 8) as f64;
         let high = self.params.high_water_bytes();
-        let block = self.params.block_bytes as u64;
-        let mut own = self.own_level;
-        let mut peer = self.peer_level;
+        let (mut own, mut peer) = (self.own_level, self.peer_level);
         let mut blocks = Vec::new();
-        while self.budget_bits >= block_bits && (blocks.len() as u64) < MAX_BLOCKS_PER_SHIPMENT {
-            let owner = if own < high && own <= peer {
-                own += block;
-                let seq = self.next_own_seq;
-                self.next_own_seq += 1;
-                (self.params.me.clone(), seq)
-            } else if peer < high {
-                peer += block;
-                let seq = self.next_peer_seq;
-                self.next_peer_seq += 1;
-                (self.params.peer.clone(), seq)
-            } else {
-                break;
-            };
+        while self.budget_bits >= block_bits
+            && (blocks.len() as u64) < MAX_BLOCKS_PER_SHIPMENT
+            && own.min(peer) < high
+        {
+            let owner = self.next_owner(&mut own, &mut peer);
+            let seq = self.take_seq(&owner);
             let data = self.source.next_block(self.params.block_bytes)?;
             self.budget_bits -= block_bits;
-            blocks.push(BlockRecord {
-                owner: owner.0,
-                seq: owner.1,
-                data,
-            });
+            blocks.push(BlockRecord { owner, seq, data });
         }
         Ok(blocks)
     }
 
-    /// Store (unless already stored), ship, confirm, then hand own blocks to the pool.
-    fn ship(&mut self, ctx: &mut Context<Self>, blocks: Vec<BlockRecord>, stored: bool) {
+    /// Store (unless already stored), deliver, confirm, then hand the blocks to their users.
+    fn ship(
+        &mut self,
+        ctx: &mut Context<Self>,
+        blocks: Vec<BlockRecord>,
+        stored: bool,
+        delivery: Delivery,
+    ) {
         self.busy = true;
         let store = self.store.clone();
         let peer = self.peer.clone();
@@ -178,7 +367,42 @@ impl Link {
                     store.send(op.into()).await??;
                     stored = true;
                 }
-                let level = peer.send(ShipBlocks(blocks.clone())).await??;
+                let level = match delivery {
+                    Delivery::Bytes => peer.send(ShipBlocks(blocks.clone())).await??,
+                    Delivery::Commit(frame_id) => {
+                        let ids = blocks
+                            .iter()
+                            .map(|b| BlockId {
+                                owner: b.owner.clone(),
+                                seq: b.seq,
+                            })
+                            .collect();
+                        let commit = Bb84Request::Commit {
+                            frame_id,
+                            blocks: ids,
+                        };
+                        match peer.send(Bb84Exchange(commit)).await? {
+                            Ok(reply) => reply.level.unwrap_or(0),
+                            Err(lost @ Error::FrameLost { .. }) => {
+                                let audit = AuditRecord::new(
+                                    "bb84_frame_discarded",
+                                    serde_json::json!({
+                                        "peer": link_peer.as_str(),
+                                        "frame_id": frame_id,
+                                        "blocks": blocks.len(),
+                                    }),
+                                );
+                                let op = Op::DiscardBlocks {
+                                    peer: link_peer.clone(),
+                                    audit,
+                                };
+                                store.send(op.into()).await??;
+                                return Err(lost);
+                            }
+                            Err(err) => return Err(err),
+                        }
+                    }
+                };
                 let op = Op::ConfirmBlocks {
                     peer: link_peer.clone(),
                     blocks: blocks.iter().map(|b| (b.owner.clone(), b.seq)).collect(),
@@ -189,40 +413,72 @@ impl Link {
             .await;
             (result, blocks, stored)
         };
-        ctx.spawn(
-            fut::wrap_future(work).map(|(result, blocks, stored), act: &mut Self, _| {
+        ctx.spawn(fut::wrap_future(work).map(
+            move |(result, blocks, stored), act: &mut Self, _| {
                 act.busy = false;
                 match result {
                     Ok(level) => act.shipped(level, blocks),
+                    Err(Error::FrameLost { .. }) => act.discarded(&blocks),
                     Err(err) => {
                         // Kept and retried on a later tick, with the same numbers and bytes.
                         act.unshipped = blocks;
                         act.unshipped_stored = stored;
+                        act.unshipped_delivery = delivery;
                         act.set_health(&Err(err));
                     }
                 }
-            }),
-        );
+            },
+        ));
     }
 
     fn shipped(&mut self, peer_level: u64, blocks: Vec<BlockRecord>) {
         self.peer_level = peer_level;
-        self.health.peer_level_bytes = peer_level;
-        self.health.blocks_produced += blocks.len() as u64;
-        self.health.bytes_produced += (blocks.len() * self.params.block_bytes) as u64;
-        let own: Vec<StoredBlock> = blocks
-            .into_iter()
-            .filter(|b| b.owner == self.params.me)
-            .map(|b| StoredBlock {
+        self.set_health(&Ok(()));
+        self.accept(blocks);
+    }
+
+    /// The other end lost the frame: its blocks are gone here too, their numbers free again.
+    fn discarded(&mut self, blocks: &[BlockRecord]) {
+        log::warn!(
+            "link to {}: the peer lost a frame before its commit; {} blocks discarded",
+            self.params.peer,
+            blocks.len()
+        );
+        for block in blocks {
+            let next = self.next_seq(&block.owner);
+            *next = (*next).min(block.seq);
+        }
+    }
+
+    /// Blocks now held at both ends: own ones to the pool, authentication ones to the stream.
+    fn accept(&mut self, blocks: Vec<BlockRecord>) {
+        let auth = auth_owner();
+        let mut own = Vec::new();
+        let mut auth_blocks = Vec::new();
+        for b in blocks {
+            if b.owner != auth {
+                self.blocks_produced += 1;
+                self.bytes_produced += b.data.len() as u64;
+            }
+            let seq = self.next_seq(&b.owner);
+            *seq = (*seq).max(b.seq + 1);
+            let stored = StoredBlock {
                 seq: b.seq,
                 data: b.data,
-            })
-            .collect();
+            };
+            if b.owner == self.params.me {
+                own.push(stored);
+            } else if b.owner == auth {
+                auth_blocks.push(stored);
+            }
+        }
+        if let Some(bb84) = self.bb84.as_mut() {
+            bb84.auth.append(auth_blocks);
+        }
         if !own.is_empty() {
             self.own_level += (own.len() * self.params.block_bytes) as u64;
             self.pool.do_send(AddBlocks(own));
         }
-        self.set_health(&Ok(()));
     }
 }
 
@@ -255,11 +511,15 @@ impl Link {
         if !self.unshipped.is_empty() {
             let blocks = std::mem::take(&mut self.unshipped);
             let stored = self.unshipped_stored;
-            self.ship(ctx, blocks, stored);
+            self.ship(ctx, blocks, stored, self.unshipped_delivery);
+            return;
+        }
+        if self.bb84.is_some() {
+            self.bb84_tick(ctx, now);
             return;
         }
         match self.produce() {
-            Ok(blocks) if !blocks.is_empty() => self.ship(ctx, blocks, false),
+            Ok(blocks) if !blocks.is_empty() => self.ship(ctx, blocks, false, Delivery::Bytes),
             Ok(_) => {}
             Err(err) => self.set_health(&Err(err)),
         }
@@ -288,16 +548,359 @@ impl Link {
     }
 }
 
+/// BB84, Alice (driving) end.
+impl Link {
+    fn bb84_tick(&mut self, ctx: &mut Context<Self>, now: Instant) {
+        let Some(bb84) = self.bb84.as_ref() else {
+            return;
+        };
+        if bb84.auth.windows_left() == 0 {
+            self.bootstrap_auth(ctx);
+            return;
+        }
+        let high = self.params.high_water_bytes();
+        if self.own_level.min(self.peer_level) >= high || now < bb84.next_frame_at {
+            return;
+        }
+        self.run_frame(ctx, now);
+    }
+
+    /// The first authentication key, or a new one after exhaustion, shipped over the TLS
+    /// channel: it stands in for the key an operator installs at both ends out of band.
+    fn bootstrap_auth(&mut self, ctx: &mut Context<Self>) {
+        let block = self.params.block_bytes as u64;
+        let count = (AUTH_BOOTSTRAP_WINDOWS * WINDOW_BYTES).div_ceil(block);
+        let owner = auth_owner();
+        let mut blocks = Vec::new();
+        for _ in 0..count {
+            let data = match self.source.next_block(self.params.block_bytes) {
+                Ok(data) => data,
+                Err(err) => return self.set_health(&Err(err)),
+            };
+            let seq = self.take_seq(&owner);
+            blocks.push(BlockRecord {
+                owner: owner.clone(),
+                seq,
+                data,
+            });
+        }
+        log::info!(
+            "link to {}: shipping {} authentication windows over TLS (bootstrap)",
+            self.params.peer,
+            AUTH_BOOTSTRAP_WINDOWS
+        );
+        self.ship(ctx, blocks, false, Delivery::Bytes);
+    }
+
+    fn run_frame(&mut self, ctx: &mut Context<Self>, now: Instant) {
+        let Some(bb84) = self.bb84.as_mut() else {
+            return;
+        };
+        let window = bb84.auth.next_window();
+        let Some(material) = bb84.auth.window(window) else {
+            return;
+        };
+        // Burned here first: whatever happens to the frame, this window never serves again.
+        bb84.auth.burn(window);
+        let engine = bb84.engine.clone();
+        let peer = self.peer.clone();
+        let store = self.store.clone();
+        let link_peer = self.params.peer.clone();
+        let block_bytes = self.params.block_bytes;
+        self.busy = true;
+        let work = async move {
+            let mut run = FrameRun {
+                frame_id: 0,
+                end: FrameEnd::Failed(Error::Unavailable("frame not started".into())),
+                alice: FrameReport::default(),
+                bob: None,
+            };
+            let burn = Op::CommitDelivery {
+                peer: link_peer.clone(),
+                owner: auth_owner(),
+                position: AuthStream::position_after(window),
+                block_bytes,
+                audit: AuditRecord::new(
+                    "bb84_frame_started",
+                    serde_json::json!({"peer": link_peer.as_str(), "auth_window": window}),
+                ),
+            };
+            if let Err(err) = store
+                .send(burn.into())
+                .await
+                .map_err(Error::from)
+                .and_then(|r| r)
+            {
+                run.end = FrameEnd::Failed(err);
+                return run;
+            }
+            let begin = engine.send(BeginAlice { auth: material }).await;
+            let (frame_id, record) = match begin.map_err(Error::from).and_then(|r| r) {
+                Ok(begun) => begun,
+                Err(err) => {
+                    run.end = FrameEnd::Failed(err);
+                    return run;
+                }
+            };
+            run.frame_id = frame_id;
+            let mut request = Bb84Request::Start {
+                frame_id,
+                window,
+                record,
+            };
+            loop {
+                let sent = peer.send(Bb84Exchange(request)).await;
+                let reply = match sent.map_err(Error::from).and_then(|r| r) {
+                    Ok(reply) => reply,
+                    Err(err) => {
+                        let _ = engine
+                            .send(AbortFrame {
+                                frame_id,
+                                reason: AbortReason::Timeout,
+                            })
+                            .await;
+                        run.end = FrameEnd::Failed(err);
+                        return run;
+                    }
+                };
+                run.bob = reply.report.or(run.bob);
+                let step = Step {
+                    frame_id,
+                    envelopes: reply.envelopes,
+                };
+                let progress = match engine.send(step).await.map_err(Error::from).and_then(|r| r) {
+                    Ok(progress) => progress,
+                    Err(err) => {
+                        run.end = FrameEnd::Failed(err);
+                        return run;
+                    }
+                };
+                run.alice = progress.report;
+                match progress.state {
+                    FrameState::Running if !progress.out.is_empty() => {
+                        request = Bb84Request::Step {
+                            frame_id,
+                            envelopes: progress.out,
+                        };
+                    }
+                    FrameState::Running => {
+                        // The peer answered nothing while the frame expects an answer.
+                        let notice = engine
+                            .send(AbortFrame {
+                                frame_id,
+                                reason: AbortReason::Timeout,
+                            })
+                            .await
+                            .unwrap_or_default();
+                        notify_abort(&peer, frame_id, notice).await;
+                        run.end = FrameEnd::Aborted(AbortReason::Timeout);
+                        return run;
+                    }
+                    FrameState::Done(key) => {
+                        run.end = FrameEnd::Key(key);
+                        return run;
+                    }
+                    FrameState::Aborted(reason) => {
+                        notify_abort(&peer, frame_id, progress.out).await;
+                        run.end = FrameEnd::Aborted(reason);
+                        return run;
+                    }
+                }
+            }
+        };
+        ctx.spawn(
+            fut::wrap_future(work).map(move |run: FrameRun, act: &mut Self, ctx| {
+                act.busy = false;
+                let frame_id = run.frame_id;
+                let key = act.frame_finished(run, now);
+                if let Some(key) = key {
+                    let blocks = act.cut(key);
+                    if !blocks.is_empty() {
+                        act.ship(ctx, blocks, false, Delivery::Commit(Some(frame_id)));
+                    }
+                }
+            }),
+        );
+    }
+
+    /// Records the frame in health and pacing; returns its key if it has one.
+    fn frame_finished(&mut self, run: FrameRun, started: Instant) -> Option<Vec<u8>> {
+        let bob_report = run.bob.unwrap_or_default();
+        let (key, outcome) = match run.end {
+            FrameEnd::Key(key) => (Some(key), Ok(())),
+            FrameEnd::Aborted(reason) => (None, Err(reason)),
+            FrameEnd::Failed(err) => {
+                self.set_health(&Err(err));
+                if let Some(bb84) = self.bb84.as_mut() {
+                    bb84.next_frame_at = Instant::now() + Duration::from_secs(1);
+                }
+                return None;
+            }
+        };
+        self.set_health(&Ok(()));
+        let peer = self.params.peer.clone();
+        let bb84 = self.bb84.as_mut()?;
+        let took = bb84.frame_time(started);
+        bb84.record(&peer, &bob_report, run.alice.secret_bits, took, outcome);
+        let earliest = if bb84.settings.paced {
+            started + bb84.physical_frame_time()
+        } else {
+            started
+        };
+        bb84.next_frame_at = earliest.max(Instant::now() + bb84.backoff());
+        key
+    }
+
+    /// Cuts a frame's key into blocks: authentication blocks first while the stream runs low,
+    /// then blocks for the emptier end. A remainder below one block is dropped (at both ends).
+    fn cut(&mut self, key: Vec<u8>) -> Vec<BlockRecord> {
+        let block = self.params.block_bytes;
+        let window_per_block = (block as u64 / WINDOW_BYTES).max(1);
+        let mut auth_windows = self
+            .bb84
+            .as_ref()
+            .map_or(u64::MAX, |b| b.auth.windows_left());
+        let (mut own, mut peer) = (self.own_level, self.peer_level);
+        let auth = auth_owner();
+        let mut blocks = Vec::new();
+        for chunk in key.chunks_exact(block) {
+            let owner = if auth_windows < AUTH_LOW_WINDOWS {
+                auth_windows += window_per_block;
+                auth.clone()
+            } else {
+                self.next_owner(&mut own, &mut peer)
+            };
+            let seq = self.take_seq(&owner);
+            blocks.push(BlockRecord {
+                owner,
+                seq,
+                data: chunk.to_vec(),
+            });
+        }
+        blocks
+    }
+}
+
+/// Best effort: tell the other end that this frame is over (it drops it anyway at the next
+/// `Start`).
+async fn notify_abort(peer: &Addr<PeerLink>, frame_id: u64, envelopes: Vec<Envelope>) {
+    if !envelopes.is_empty() {
+        let _ = peer
+            .send(Bb84Exchange(Bb84Request::Step {
+                frame_id,
+                envelopes,
+            }))
+            .await;
+    }
+}
+
+impl Bb84End {
+    /// The time a frame started at `started` took: on a paced link at least its pulses' time.
+    fn frame_time(&self, started: Instant) -> Duration {
+        let took = started.elapsed();
+        if self.settings.paced {
+            took.max(self.physical_frame_time())
+        } else {
+            took
+        }
+    }
+
+    fn physical_frame_time(&self) -> Duration {
+        let channel = &self.settings.channel;
+        Duration::from_secs_f64(self.settings.pulses_per_frame as f64 / channel.pulse_rate_hz)
+    }
+
+    /// Wait before the next frame: none after a success, doubling from 100 ms per abort.
+    fn backoff(&self) -> Duration {
+        match self.stats.consecutive_aborts {
+            0 => Duration::ZERO,
+            n => Duration::from_millis(100u64 << (n - 1).min(16)).min(MAX_ABORT_BACKOFF),
+        }
+    }
+
+    /// Health and logs after a frame, from the Bob end's report (which holds the estimates).
+    fn record(
+        &mut self,
+        peer: &KmeId,
+        report: &FrameReport,
+        secret_bits: u64,
+        took: Duration,
+        outcome: std::result::Result<(), AbortReason>,
+    ) {
+        let stats = &mut self.stats;
+        if let Some(est) = &report.estimates {
+            stats.qber = Some(est.qber_sample);
+            stats.qber_upper = Some(est.qber_upper);
+        }
+        if let Some(cascade) = &report.cascade {
+            stats.efficiency = Some(cascade.efficiency());
+        }
+        let now = Instant::now();
+        match outcome {
+            Ok(()) => {
+                if stats.consecutive_aborts > 0 {
+                    log::info!(
+                        "link to {peer}: frames succeed again (QBER {:?})",
+                        stats.qber
+                    );
+                }
+                stats.frames_ok += 1;
+                stats.consecutive_aborts = 0;
+                self.recent
+                    .push_back((took, report.sifted_bits, secret_bits));
+            }
+            Err(reason) => {
+                if let AbortReason::QberTooHigh(upper) = reason {
+                    stats.qber_upper = Some(upper);
+                }
+                stats.frames_aborted += 1;
+                stats.consecutive_aborts += 1;
+                log::warn!(
+                    "link to {peer}: frame aborted ({reason}); {} in a row",
+                    stats.consecutive_aborts
+                );
+                stats.last_abort = Some(reason.to_string());
+                self.recent.push_back((took, report.sifted_bits, 0));
+            }
+        }
+        while self.recent.len() > RATE_FRAMES {
+            self.recent.pop_front();
+        }
+        let (time, sifted, secret) = self.recent.iter().fold((0.0, 0, 0), |(t, a, b), r| {
+            (t + r.0.as_secs_f64(), a + r.1, b + r.2)
+        });
+        if time > 0.0 {
+            stats.sifted_bits_per_s = sifted as f64 / time;
+            stats.secret_bits_per_s = secret as f64 / time;
+        }
+        if self
+            .last_summary
+            .is_none_or(|at| now.duration_since(at) >= SUMMARY_EVERY)
+        {
+            self.last_summary = Some(now);
+            log::info!(
+                "link to {peer}: {} frames ok, {} aborted; QBER {:.2}%, f {:.3}, sifted {:.0} bit/s, secret {:.0} bit/s",
+                stats.frames_ok,
+                stats.frames_aborted,
+                stats.qber.unwrap_or(0.0) * 100.0,
+                stats.efficiency.unwrap_or(0.0),
+                stats.sifted_bits_per_s,
+                stats.secret_bits_per_s
+            );
+        }
+    }
+}
+
 impl Handler<PoolLevel> for Link {
     type Result = ();
 
     fn handle(&mut self, msg: PoolLevel, _ctx: &mut Context<Self>) {
         self.own_level = msg.0;
-        self.health.own_level_bytes = msg.0;
     }
 }
 
-/// Blocks shipped by the generating end. Sent by the KME-to-KME edge. Result: our pool level.
+/// Blocks shipped with their bytes by the driving end (courier blocks; on a BB84 link only the
+/// bootstrap authentication key). Sent by the KME-to-KME edge. Result: our pool level.
 #[derive(Message)]
 #[rtype(result = "Result<u64>")]
 pub struct ReceiveBlocks(pub Vec<BlockRecord>);
@@ -306,9 +909,6 @@ impl Handler<ReceiveBlocks> for Link {
     type Result = ResponseActFuture<Self, Result<u64>>;
 
     fn handle(&mut self, msg: ReceiveBlocks, _ctx: &mut Context<Self>) -> Self::Result {
-        let peer = self.params.peer.clone();
-        let me = self.params.me.clone();
-        let store = self.store.clone();
         let blocks = msg.0;
         if self.params.is_generator() {
             let err = Error::PeerMessage(format!(
@@ -317,9 +917,14 @@ impl Handler<ReceiveBlocks> for Link {
             ));
             return Box::pin(fut::ready(Err(err)));
         }
+        let auth = auth_owner();
+        let allowed = |owner: &KmeId| match self.bb84 {
+            Some(_) => *owner == auth,
+            None => *owner == self.params.me || *owner == self.params.peer,
+        };
         if let Some(bad) = blocks
             .iter()
-            .find(|b| (b.owner != me && b.owner != peer) || b.data.len() != self.params.block_bytes)
+            .find(|b| !allowed(&b.owner) || b.data.len() != self.params.block_bytes)
         {
             let err = Error::PeerMessage(format!(
                 "block {} of {} does not belong to this link",
@@ -327,42 +932,235 @@ impl Handler<ReceiveBlocks> for Link {
             ));
             return Box::pin(fut::ready(Err(err)));
         }
+        self.store_received(blocks)
+    }
+}
+
+impl Link {
+    /// Receiving end: stores blocks for good, then hands the new ones to their users.
+    /// Result: our pool level.
+    fn store_received(&mut self, blocks: Vec<BlockRecord>) -> ResponseActFuture<Self, Result<u64>> {
+        let store = self.store.clone();
+        let op = Op::StoreBlocks {
+            peer: self.params.peer.clone(),
+            blocks: blocks.clone(),
+            confirmed: true,
+        };
         let work = async move {
-            let op = Op::StoreBlocks {
-                peer,
-                blocks: blocks.clone(),
-                confirmed: true,
-            };
             let outcomes = match store.send(op.into()).await?? {
                 Output::Blocks(outcomes) => outcomes,
                 _ => Vec::new(),
             };
-            let fresh: Vec<StoredBlock> = blocks
+            let fresh: Vec<BlockRecord> = blocks
                 .into_iter()
                 .zip(outcomes)
-                .filter(|(b, outcome)| b.owner == me && *outcome == BlockOutcome::Stored)
-                .map(|(b, _)| StoredBlock {
-                    seq: b.seq,
-                    data: b.data,
-                })
+                .filter(|(_, outcome)| *outcome == BlockOutcome::Stored)
+                .map(|(b, _)| b)
                 .collect();
             Ok(fresh)
         };
         Box::pin(fut::wrap_future(work).map(
-            |result: Result<Vec<StoredBlock>>, act: &mut Self, _| {
-                let fresh = result?;
-                let added = (fresh.len() * act.params.block_bytes) as u64;
-                act.health.blocks_produced += fresh.len() as u64;
-                act.health.bytes_produced += added;
-                if !fresh.is_empty() {
-                    act.pool.do_send(AddBlocks(fresh));
-                }
-                act.own_level += added;
+            |result: Result<Vec<BlockRecord>>, act: &mut Self, _| {
+                act.accept(result?);
                 act.reported_level = Some(act.own_level);
                 act.set_health(&Ok(()));
                 Ok(act.own_level)
             },
         ))
+    }
+}
+
+/// A BB84 post-processing message from the Alice end. Sent by the KME-to-KME edge.
+/// Result: our answer (envelopes, our report once our part of the frame is over, level).
+#[derive(Message)]
+#[rtype(result = "Result<PeerReply>")]
+pub struct Bb84FromPeer(pub Bb84Request);
+
+impl Handler<Bb84FromPeer> for Link {
+    type Result = AtomicResponse<Self, Result<PeerReply>>;
+
+    fn handle(&mut self, msg: Bb84FromPeer, _ctx: &mut Context<Self>) -> Self::Result {
+        let work = match (&self.bb84, self.params.is_generator()) {
+            (Some(_), false) => match msg.0 {
+                Bb84Request::Start {
+                    frame_id,
+                    window,
+                    record,
+                } => self.bob_start(frame_id, window, record),
+                Bb84Request::Step {
+                    frame_id,
+                    envelopes,
+                } => self.bob_step(frame_id, envelopes),
+                Bb84Request::Commit { frame_id, blocks } => self.bob_commit(frame_id, blocks),
+            },
+            _ => Box::pin(fut::ready(Err(Error::PeerMessage(format!(
+                "{} is not the Bob end of a BB84 link with {}",
+                self.params.me, self.params.peer
+            ))))),
+        };
+        AtomicResponse::new(work)
+    }
+}
+
+type Reply = ResponseActFuture<Link, Result<PeerReply>>;
+
+fn refuse(message: String) -> Reply {
+    Box::pin(fut::ready(Err(Error::PeerMessage(message))))
+}
+
+/// BB84, Bob end.
+impl Link {
+    fn bob_start(&mut self, frame_id: u64, window: u64, record: DetectionRecord) -> Reply {
+        let Some(bb84) = self.bb84.as_mut() else {
+            return refuse("not a BB84 link".into());
+        };
+        let Some(material) = bb84.auth.window(window) else {
+            return refuse(format!(
+                "authentication window {window} is burned or not held here (next: {})",
+                bb84.auth.next_window()
+            ));
+        };
+        bb84.auth.burn(window);
+        bb84.held_key = None;
+        bb84.bob_started = Instant::now();
+        let engine = bb84.engine.clone();
+        let store = self.store.clone();
+        let burn = Op::CommitDelivery {
+            peer: self.params.peer.clone(),
+            owner: auth_owner(),
+            position: AuthStream::position_after(window),
+            block_bytes: self.params.block_bytes,
+            audit: AuditRecord::new(
+                "bb84_frame_started",
+                serde_json::json!({
+                    "peer": self.params.peer.as_str(),
+                    "frame_id": frame_id,
+                    "auth_window": window,
+                }),
+            ),
+        };
+        let work = async move {
+            store.send(burn.into()).await??;
+            let begin = BeginBob {
+                frame_id,
+                auth: material,
+                record,
+            };
+            Ok(engine.send(begin).await?)
+        };
+        Box::pin(fut::wrap_future(work).map(
+            move |progress: Result<Progress>, act: &mut Self, _| {
+                act.bob_progress(frame_id, progress?)
+            },
+        ))
+    }
+
+    fn bob_step(&mut self, frame_id: u64, envelopes: Vec<Envelope>) -> Reply {
+        let Some(bb84) = self.bb84.as_ref() else {
+            return refuse("not a BB84 link".into());
+        };
+        let engine = bb84.engine.clone();
+        let work = async move {
+            engine
+                .send(Step {
+                    frame_id,
+                    envelopes,
+                })
+                .await?
+        };
+        Box::pin(fut::wrap_future(work).map(
+            move |progress: Result<Progress>, act: &mut Self, _| {
+                act.bob_progress(frame_id, progress?)
+            },
+        ))
+    }
+
+    fn bob_progress(&mut self, frame_id: u64, progress: Progress) -> Result<PeerReply> {
+        let peer = self.params.peer.clone();
+        let finished = progress.state != FrameState::Running;
+        if let Some(bb84) = self.bb84.as_mut() {
+            match progress.state {
+                FrameState::Running => {}
+                FrameState::Done(key) => {
+                    let took = bb84.frame_time(bb84.bob_started);
+                    let bits = progress.report.secret_bits;
+                    bb84.record(&peer, &progress.report, bits, took, Ok(()));
+                    bb84.held_key = Some((frame_id, key));
+                }
+                FrameState::Aborted(reason) => {
+                    let took = bb84.frame_time(bb84.bob_started);
+                    bb84.record(&peer, &progress.report, 0, took, Err(reason));
+                }
+            }
+        }
+        Ok(PeerReply {
+            ok: true,
+            envelopes: progress.out,
+            report: finished.then_some(progress.report),
+            ..PeerReply::default()
+        })
+    }
+
+    /// Stores the held frame key as the blocks the Alice end names; without the key, answers
+    /// from what is stored: all named blocks held (a retried commit) or the frame is lost.
+    fn bob_commit(&mut self, frame_id: Option<u64>, ids: Vec<BlockId>) -> Reply {
+        let auth = auth_owner();
+        let (me, peer) = (self.params.me.clone(), self.params.peer.clone());
+        if let Some(bad) = ids
+            .iter()
+            .find(|id| id.owner != me && id.owner != peer && id.owner != auth)
+        {
+            return refuse(format!("block owner {} is not of this link", bad.owner));
+        }
+        let held = match (self.bb84.as_mut(), frame_id) {
+            (Some(bb84), Some(id)) if bb84.held_key.as_ref().is_some_and(|(f, _)| *f == id) => {
+                bb84.held_key.take().map(|(_, key)| key)
+            }
+            _ => None,
+        };
+        let Some(key) = held else {
+            let held: Vec<bool> = ids
+                .iter()
+                .map(|id| id.seq < *self.next_seq(&id.owner))
+                .collect();
+            return if held.iter().all(|h| *h) {
+                Box::pin(fut::ready(Ok(PeerReply {
+                    ok: true,
+                    level: Some(self.own_level),
+                    ..PeerReply::default()
+                })))
+            } else if held.iter().any(|h| *h) {
+                refuse("commit names blocks stored here and blocks not stored here".into())
+            } else {
+                Box::pin(fut::ready(Err(Error::FrameLost {
+                    peer: self.params.me.to_string(),
+                })))
+            };
+        };
+        let block = self.params.block_bytes;
+        if ids.len() > key.len() / block {
+            return refuse(format!(
+                "commit names {} blocks, the frame's key holds {}",
+                ids.len(),
+                key.len() / block
+            ));
+        }
+        let blocks = ids
+            .into_iter()
+            .zip(key.chunks_exact(block))
+            .map(|(id, data)| BlockRecord {
+                owner: id.owner,
+                seq: id.seq,
+                data: data.to_vec(),
+            })
+            .collect();
+        Box::pin(self.store_received(blocks).map(|level, _, _| {
+            Ok(PeerReply {
+                ok: true,
+                level: Some(level?),
+                ..PeerReply::default()
+            })
+        }))
     }
 }
 
@@ -376,7 +1174,6 @@ impl Handler<PeerLevel> for Link {
 
     fn handle(&mut self, msg: PeerLevel, _ctx: &mut Context<Self>) {
         self.peer_level = msg.0;
-        self.health.peer_level_bytes = msg.0;
     }
 }
 
@@ -389,6 +1186,6 @@ impl Handler<LinkHealth> for Link {
     type Result = MessageResult<LinkHealth>;
 
     fn handle(&mut self, _msg: LinkHealth, _ctx: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.health.clone())
+        MessageResult(self.health())
     }
 }

@@ -18,6 +18,8 @@ use openssl::sha::sha256;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::bb84::pipeline::{Envelope, FrameReport};
+use crate::bb84_engine::DetectionRecord;
 use crate::error::{Error, Result};
 use crate::store::BlockRecord;
 use crate::types::{Binding, KmeId};
@@ -32,6 +34,9 @@ const COUNTER_MASK: u64 = (1 << 40) - 1;
 pub const ACTIVATE_PATH: &str = "/peer/v1/activate";
 pub const BLOCKS_PATH: &str = "/peer/v1/blocks";
 pub const LEVEL_PATH: &str = "/peer/v1/level";
+pub const BB84_PATH: &str = "/peer/v1/bb84";
+/// Largest answer to a BB84 post-processing message (Cascade parities of a large frame).
+const MAX_BB84_REPLY_BYTES: usize = 64 * 1024 * 1024;
 
 /// Body of an activation: bind these positions of the sender's stream to key_IDs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,6 +69,39 @@ pub struct LevelReport {
     pub level: u64,
 }
 
+/// A block by owner and number (its bytes are known at both ends).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockId {
+    pub owner: KmeId,
+    pub seq: u64,
+}
+
+/// BB84 post-processing, from the Alice end (the lower KME ID) to the Bob end.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum Bb84Request {
+    /// A new frame: Bob's detection record (in place of the quantum channel) and the
+    /// authentication window that keys its tags.
+    Start {
+        frame_id: u64,
+        window: u64,
+        record: DetectionRecord,
+    },
+    /// Post-processing messages of the running frame.
+    Step {
+        frame_id: u64,
+        envelopes: Vec<Envelope>,
+    },
+    /// Store the frame's key as these blocks, in order (a remainder below one block is
+    /// dropped at both ends). `frame_id` is None when the Alice end restarted in between:
+    /// then the Bob end answers from what it stored.
+    Commit {
+        frame_id: Option<u64>,
+        blocks: Vec<BlockId>,
+    },
+}
+
 /// Answer of every peer endpoint.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PeerReply {
@@ -74,6 +112,15 @@ pub struct PeerReply {
     pub high_mark: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// BB84: the answering end's post-processing messages.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub envelopes: Vec<Envelope>,
+    /// BB84: the answering end's statistics, once its part of the frame is over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<FrameReport>,
+    /// BB84: the answering end no longer holds the committed frame's key.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub frame_lost: bool,
 }
 
 impl WireBlock {
@@ -207,6 +254,16 @@ async fn post_json(
     body: Result<Vec<u8>>,
     retry: bool,
 ) -> Result<PeerReply> {
+    post_json_limited(target, path, body, retry, MAX_REPLY_BYTES).await
+}
+
+async fn post_json_limited(
+    target: Target,
+    path: &str,
+    body: Result<Vec<u8>>,
+    retry: bool,
+    limit: usize,
+) -> Result<PeerReply> {
     let bytes = body?;
     let url = format!("{}{}", target.base_url, path);
     let attempts = if retry { 2 } else { 1 };
@@ -227,7 +284,7 @@ async fn post_json(
             }
         };
         let status = response.status();
-        let reply: PeerReply = match response.json().limit(MAX_REPLY_BYTES).await {
+        let reply: PeerReply = match response.json().limit(limit).await {
             Ok(reply) => reply,
             Err(err) => return Err(target.unavailable(format!("HTTP {status}: {err}"))),
         };
@@ -238,6 +295,11 @@ async fn post_json(
             .error
             .clone()
             .unwrap_or_else(|| format!("HTTP {status}"));
+        if reply.frame_lost {
+            return Err(Error::FrameLost {
+                peer: target.peer.to_string(),
+            });
+        }
         return Err(match reply.high_mark {
             Some(high_mark) => Error::ActivationRejected {
                 peer: target.peer.to_string(),
@@ -323,5 +385,28 @@ impl Handler<ReportLevel> for PeerLink {
         let target = self.clone_request();
         let body = to_body(&LevelReport { level: msg.0 });
         Box::pin(async move { post_json(target, LEVEL_PATH, body, false).await.map(|_| ()) })
+    }
+}
+
+/// A BB84 post-processing message for the Bob end. Sent by `Link` at the Alice end.
+/// Result: the Bob end's answer. Only a commit (idempotent) is retried after a transport error.
+#[derive(Message)]
+#[rtype(result = "Result<PeerReply>")]
+pub struct Bb84Exchange(pub Bb84Request);
+
+impl Handler<Bb84Exchange> for PeerLink {
+    type Result = ResponseFuture<Result<PeerReply>>;
+
+    fn handle(&mut self, msg: Bb84Exchange, _ctx: &mut Context<Self>) -> Self::Result {
+        let retry = matches!(msg.0, Bb84Request::Commit { .. });
+        let body = to_body(&msg.0);
+        let target = self.clone_request();
+        Box::pin(post_json_limited(
+            target,
+            BB84_PATH,
+            body,
+            retry,
+            MAX_BB84_REPLY_BYTES,
+        ))
     }
 }

@@ -68,6 +68,10 @@ pub enum Op {
         peer: KmeId,
         blocks: Vec<(KmeId, u64)>,
     },
+    /// BB84, Alice end: the Bob end lost the frame these unconfirmed blocks came from. Delete
+    /// every unconfirmed block of the link and rewind each stream to its first deleted number
+    /// (nobody allocated from them, and the Bob end never stored them).
+    DiscardBlocks { peer: KmeId, audit: AuditRecord },
     /// At the slave's KME: bind positions of the peer's stream to key_IDs (one peer batch).
     Activate {
         peer: KmeId,

@@ -6,6 +6,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::bb84::channel::ChannelParams;
+use crate::bb84::pipeline::PpConfig;
+
 /// ID of a KME (a trusted node). Cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -57,10 +60,33 @@ pub struct KeyLimits {
 }
 
 /// Which key source feeds a link.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SourceKind {
     /// Stand-in, not QKD: the lower-ID end draws blocks from the OS CSPRNG and ships them.
     Courier,
+    /// BB84: simulated quantum channel, real post-processing between the two ends.
+    Bb84(Box<Bb84Settings>),
+}
+
+impl SourceKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            SourceKind::Courier => "courier",
+            SourceKind::Bb84(_) => "bb84",
+        }
+    }
+}
+
+/// How a BB84 link runs: its simulated channel and its post-processing parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bb84Settings {
+    pub channel: ChannelParams,
+    /// Pulse slots per frame (chosen from the wanted sifted bits per frame).
+    pub pulses_per_frame: u64,
+    /// Real time: a frame takes at least pulses / pulse rate of wall time. Otherwise frames
+    /// run as fast as the CPU allows (tests, benchmarks).
+    pub paced: bool,
+    pub pp: PpConfig,
 }
 
 /// Everything one end needs to know about its link to a neighbour.
@@ -79,7 +105,7 @@ pub struct LinkParams {
 }
 
 impl LinkParams {
-    /// The lower-ID end generates material for the courier source.
+    /// The lower-ID end generates the material (courier) or runs the frames as Alice (BB84).
     pub fn is_generator(&self) -> bool {
         self.me < self.peer
     }

@@ -33,6 +33,20 @@ pub struct LinkOptions {
     pub max_db_mb: Option<u64>,
     /// (SAE, certificate file): identify the SAE by that certificate's fingerprint.
     pub pins: Vec<(&'static str, &'static str)>,
+    /// Both links on BB84 with these `[link.bb84]` settings (TOML lines); None: courier.
+    pub bb84: Option<String>,
+}
+
+impl LinkOptions {
+    /// BB84 links, unpaced, with small frames; `extra`: more `[link.bb84]` lines.
+    pub fn bb84(extra: &str) -> Self {
+        Self {
+            block_bytes: 1024,
+            max_key_count: 512,
+            bb84: Some(format!("paced = false\nframe_sifted_bits = 60000\n{extra}")),
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for LinkOptions {
@@ -45,6 +59,7 @@ impl Default for LinkOptions {
             tick_ms: 5,
             max_db_mb: None,
             pins: Vec::new(),
+            bb84: None,
         }
     }
 }
@@ -85,35 +100,7 @@ impl Setup {
                 )
             })
             .collect();
-        let mut text = format!(
-            "[tls]\nca = \"ca.crt\"\ncert_dir = \".\"\n[defaults]\nrequest_timeout_ms = 5000\nmax_sae_id_count = {}\n",
-            options.max_sae_id_count
-        );
-        for kme in KMES {
-            let (sae, peer) = ports[kme];
-            text += &format!(
-                "[[kme]]\nid = \"{kme}\"\nsae_listen = \"127.0.0.1:{sae}\"\npeer_listen = \"127.0.0.1:{peer}\"\ndata_dir = \"data/{kme}\"\n"
-            );
-            if let Some(mb) = options.max_db_mb {
-                text += &format!("max_db_mb = {mb}\n");
-            }
-        }
-        for (sae, kme) in SAES {
-            text += &format!("[[sae]]\nid = \"{sae}\"\nkme = \"{kme}\"\n");
-            if let Some((_, file)) = options.pins.iter().find(|(pinned, _)| *pinned == sae) {
-                let pem = std::fs::read(dir.path().join(format!("{file}.crt"))).unwrap();
-                let cert = openssl::x509::X509::from_pem(&pem).unwrap();
-                let digest = cert.digest(openssl::hash::MessageDigest::sha256()).unwrap();
-                let hex: Vec<String> = digest.iter().map(|b| format!("{b:02X}")).collect();
-                text += &format!("cert_sha256 = \"{}\"\n", hex.join(":"));
-            }
-        }
-        for ends in [["kme-a", "kme-b"], ["kme-b", "kme-c"]] {
-            text += &format!(
-                "[[link]]\nends = [\"{}\", \"{}\"]\nrate_bits_per_s = {}\nblock_bytes = {}\nmax_key_count = {}\nmax_sae_id_count = {}\ntick_ms = {}\n",
-                ends[0], ends[1], options.rate_bits_per_s, options.block_bytes, options.max_key_count, options.max_sae_id_count, options.tick_ms
-            );
-        }
+        let text = network_file(options, &ports, dir.path());
         std::fs::write(dir.path().join("kme.toml"), text).unwrap();
         Setup { dir, ports }
     }
@@ -133,6 +120,47 @@ impl Setup {
     pub fn peer_url(&self, kme: &str) -> String {
         format!("https://localhost:{}", self.ports[kme].1)
     }
+}
+
+/// The network file of kme-a — kme-b — kme-c for these options and ports (`dir`: the PKI).
+fn network_file(
+    options: &LinkOptions,
+    ports: &HashMap<&'static str, (u16, u16)>,
+    dir: &Path,
+) -> String {
+    let mut text = format!(
+        "[tls]\nca = \"ca.crt\"\ncert_dir = \".\"\n[defaults]\nrequest_timeout_ms = 5000\nmax_sae_id_count = {}\n",
+        options.max_sae_id_count
+    );
+    for kme in KMES {
+        let (sae, peer) = ports[kme];
+        text += &format!(
+            "[[kme]]\nid = \"{kme}\"\nsae_listen = \"127.0.0.1:{sae}\"\npeer_listen = \"127.0.0.1:{peer}\"\ndata_dir = \"data/{kme}\"\n"
+        );
+        if let Some(mb) = options.max_db_mb {
+            text += &format!("max_db_mb = {mb}\n");
+        }
+    }
+    for (sae, kme) in SAES {
+        text += &format!("[[sae]]\nid = \"{sae}\"\nkme = \"{kme}\"\n");
+        if let Some((_, file)) = options.pins.iter().find(|(pinned, _)| *pinned == sae) {
+            let pem = std::fs::read(dir.join(format!("{file}.crt"))).unwrap();
+            let cert = openssl::x509::X509::from_pem(&pem).unwrap();
+            let digest = cert.digest(openssl::hash::MessageDigest::sha256()).unwrap();
+            let hex: Vec<String> = digest.iter().map(|b| format!("{b:02X}")).collect();
+            text += &format!("cert_sha256 = \"{}\"\n", hex.join(":"));
+        }
+    }
+    for ends in [["kme-a", "kme-b"], ["kme-b", "kme-c"]] {
+        text += &format!(
+            "[[link]]\nends = [\"{}\", \"{}\"]\nrate_bits_per_s = {}\nblock_bytes = {}\nmax_key_count = {}\nmax_sae_id_count = {}\ntick_ms = {}\n",
+            ends[0], ends[1], options.rate_bits_per_s, options.block_bytes, options.max_key_count, options.max_sae_id_count, options.tick_ms
+        );
+        if let Some(bb84) = &options.bb84 {
+            text += &format!("source = \"bb84\"\n[link.bb84]\n{bb84}\n");
+        }
+    }
+    text
 }
 
 fn bind_all() -> HashMap<&'static str, (TcpListener, TcpListener)> {
@@ -170,6 +198,54 @@ impl Net {
             ));
         }
         Net { setup, nodes }
+    }
+
+    /// Restarts every KME with new link options on the same ports and data (e.g. with the
+    /// eavesdropper gone).
+    pub fn restart_all(&mut self, options: &LinkOptions) {
+        for (_, node) in self.nodes.drain(..) {
+            node.stop();
+        }
+        let listeners: HashMap<_, _> = KMES
+            .iter()
+            .map(|k| {
+                let (sae, peer) = self.setup.ports[k];
+                let bind = |port| TcpListener::bind(("127.0.0.1", port)).unwrap();
+                (*k, (bind(sae), bind(peer)))
+            })
+            .collect();
+        let text = network_file(options, &self.setup.ports, self.setup.path());
+        std::fs::write(self.setup.config_file(), text).unwrap();
+        let config = Config::load(&self.setup.config_file()).unwrap();
+        let mut listeners = listeners;
+        for kme in KMES {
+            let (sae, peer) = listeners.remove(kme).unwrap();
+            let node = node::spawn(config.node(kme).unwrap(), Some(Listeners { sae, peer }));
+            self.nodes.push((kme, node.unwrap()));
+        }
+    }
+
+    /// Polls `master`'s status towards `slave` until `done` holds for it (30 s at most).
+    pub async fn wait_for_status(
+        &self,
+        master: &str,
+        master_kme: &str,
+        slave: &str,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let client = self.client(Some(master));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let url = format!("{}/api/v1/keys/{slave}/status", self.url(master_kme));
+            let (status, body) = client.get(&url).await;
+            assert_eq!(status, 200, "{body}");
+            if done(&body) {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "{what} did not happen: {body}");
+            actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Stops one KME (its listeners close; a peer of it sees connections refused).

@@ -5,6 +5,7 @@
 
 mod api;
 mod bad_input;
+mod bb84;
 mod crash;
 mod harness;
 mod load;

@@ -28,10 +28,28 @@ pub enum BitsError {
 }
 
 /// A fixed-length vector of bits packed little-endian into `u64` words.
+/// Deserialisation goes through [`BitVec::from_words`], so a vector received from the network
+/// always has the right word count and a clean tail.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "WireBits")]
 pub struct BitVec {
     words: Vec<u64>,
     len: usize,
+}
+
+/// The serialised form of a [`BitVec`], checked before it becomes one.
+#[derive(Deserialize)]
+struct WireBits {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl TryFrom<WireBits> for BitVec {
+    type Error = BitsError;
+
+    fn try_from(wire: WireBits) -> Result<Self, BitsError> {
+        BitVec::from_words(wire.words, wire.len)
+    }
 }
 
 #[inline]
@@ -432,6 +450,20 @@ pub fn unpack2(v: &BitVec) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deserialisation_rejects_malformed_vectors() {
+        let v = BitVec::from_bools([true, false, true]);
+        let json = serde_json::to_string(&v).unwrap();
+        assert_eq!(serde_json::from_str::<BitVec>(&json).unwrap(), v);
+        for bad in [
+            r#"{"words":[],"len":3}"#,
+            r#"{"words":[1,2],"len":3}"#,
+            r#"{"words":[255],"len":3}"#,
+        ] {
+            assert!(serde_json::from_str::<BitVec>(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn push_get_parity() {

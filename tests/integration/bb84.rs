@@ -1,0 +1,165 @@
+//! BB84 links end to end: keys SAEs get come from frames post-processed between two KMEs, an
+//! eavesdropper makes the link abort (503 for its SAEs) and the link recovers without it.
+
+use serde_json::{json, Value};
+
+use super::harness::{dec, enc, keys, LinkOptions, Net};
+
+fn qkd(status: &Value) -> &Value {
+    &status["status_extension"]["link"]["qkd"]
+}
+
+#[actix::test]
+async fn sae_keys_come_from_bb84_frames_and_status_shows_the_link() {
+    let net = Net::start(LinkOptions::bb84(""));
+    let status = net
+        .wait_for_status("sae-a", "kme-a", "sae-b", "two good frames", |s| {
+            qkd(s)["frames_ok"].as_u64() >= Some(2) && s["stored_key_count"].as_u64() >= Some(8)
+        })
+        .await;
+    let link = &status["status_extension"]["link"];
+    assert_eq!(link["source"], "bb84");
+    assert_eq!(link["state"], "up", "{status}");
+    let q = qkd(&status);
+    // Misalignment 1 % plus dark counts at 20 km.
+    let qber = q["qber"].as_f64().unwrap();
+    assert!((0.002..0.03).contains(&qber), "{q}");
+    let f = q["efficiency"].as_f64().unwrap();
+    assert!((1.0..1.3).contains(&f), "{q}");
+    assert!(q["secret_bits_per_s"].as_f64().unwrap() > 0.0, "{q}");
+    assert!(q["auth_windows_left"].as_u64().unwrap() > 0, "{q}");
+
+    // Both directions over the link; every key identical at both ends.
+    let (a, b) = (net.url("kme-a"), net.url("kme-b"));
+    let (sae_a, sae_b) = (net.client(Some("sae-a")), net.client(Some("sae-b")));
+    let (code, body) = enc(&sae_a, &a, "sae-b", json!({"number": 4})).await;
+    assert_eq!(code, 200, "{body}");
+    let sent = keys(&body);
+    let ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
+    let (code, body) = dec(&sae_b, &b, "sae-a", &ids).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(keys(&body), sent);
+    net.wait_for_keys("sae-b", "kme-b", "sae-a", 4).await;
+    let (code, body) = enc(&sae_b, &b, "sae-a", json!({"number": 4})).await;
+    assert_eq!(code, 200, "{body}");
+    let sent = keys(&body);
+    let ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
+    let (code, body) = dec(&sae_a, &a, "sae-b", &ids).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(keys(&body), sent);
+
+    // The Bob end sees the same link.
+    let status = net
+        .wait_for_status("sae-b", "kme-b", "sae-a", "frames at the Bob end", |s| {
+            qkd(s)["frames_ok"].as_u64() >= Some(2)
+        })
+        .await;
+    assert!(qkd(&status)["qber"].as_f64().unwrap() < 0.03, "{status}");
+}
+
+#[actix::test]
+async fn an_eavesdropper_aborts_the_link_its_saes_get_503_and_it_recovers_without_her() {
+    let mut net = Net::start(LinkOptions::bb84("eavesdropper = 1.0"));
+    let status = net
+        .wait_for_status("sae-a", "kme-a", "sae-b", "three aborted frames", |s| {
+            qkd(s)["frames_aborted"].as_u64() >= Some(3)
+        })
+        .await;
+    let q = qkd(&status);
+    assert_eq!(
+        status["status_extension"]["link"]["state"], "down",
+        "{status}"
+    );
+    assert_eq!(q["frames_ok"], 0, "{q}");
+    // Intercept-resend on every photon: about 25 % errors on the sifted key.
+    let upper = q["qber_upper"].as_f64().unwrap();
+    assert!((0.2..0.35).contains(&upper), "{q}");
+    assert!(q["last_abort"].as_str().unwrap().contains("QBER"), "{q}");
+    assert_eq!(
+        status["stored_key_count"], 0,
+        "no key from an attacked link"
+    );
+    let (a, sae_a) = (net.url("kme-a"), net.client(Some("sae-a")));
+    let (code, body) = enc(&sae_a, &a, "sae-b", json!({"number": 1})).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body["message"].is_string(), "{body}");
+
+    // The eavesdropper leaves: the same KMEs (same data, same authentication stream) recover.
+    net.restart_all(&LinkOptions::bb84(""));
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 1).await;
+    let (code, body) = enc(&sae_a, &a, "sae-b", json!({"number": 1})).await;
+    assert_eq!(code, 200, "{body}");
+    let status = net
+        .wait_for_status("sae-a", "kme-a", "sae-b", "the link is up", |s| {
+            s["status_extension"]["link"]["state"] == "up"
+        })
+        .await;
+    assert!(qkd(&status)["qber"].as_f64().unwrap() < 0.03, "{status}");
+}
+
+#[actix::test]
+async fn the_bob_end_refuses_stale_or_forged_bb84_messages_and_keeps_working() {
+    let net = Net::start(LinkOptions::bb84(""));
+    net.wait_for_status("sae-b", "kme-b", "sae-a", "a good frame", |s| {
+        qkd(s)["frames_ok"].as_u64() >= Some(1)
+    })
+    .await;
+    let kme_a = net.client(Some("kme-a"));
+    let url = format!("{}/peer/v1/bb84", net.setup.peer_url("kme-b"));
+    let empty = json!({"words": [], "len": 0});
+    // Window 0 keyed the first frame: it never serves again.
+    let start =
+        json!({"start": {"frame_id": 1, "window": 0, "record": {"bits": empty, "bases": empty}}});
+    let (code, answer) = kme_a.try_post(&url, &start).await.unwrap();
+    assert_eq!(code, 400, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("burned"),
+        "{answer}"
+    );
+    // A malformed bit vector never reaches the pipeline.
+    let bad = json!({"start": {"frame_id": 1, "window": 9, "record": {
+        "bits": {"words": [255], "len": 3}, "bases": empty}}});
+    let (code, answer) = kme_a.try_post(&url, &bad).await.unwrap();
+    assert_eq!(code, 400, "{answer}");
+    // Messages for a frame that is not running.
+    let step = json!({"step": {"frame_id": 12345, "envelopes": []}});
+    let (code, answer) = kme_a.try_post(&url, &step).await.unwrap();
+    assert_eq!(code, 400, "{answer}");
+    // A commit of blocks this end never got a key for: the frame is lost, nothing is stored.
+    let lost =
+        json!({"commit": {"frame_id": null, "blocks": [{"owner": "kme-a", "seq": 1000000}]}});
+    let (code, answer) = kme_a.try_post(&url, &lost).await.unwrap();
+    assert_eq!(code, 410, "{answer}");
+    assert_eq!(answer["frame_lost"], true, "{answer}");
+    // A retried commit of blocks already stored is acknowledged.
+    let held = json!({"commit": {"frame_id": null, "blocks": [{"owner": "#auth", "seq": 0}]}});
+    let (code, answer) = kme_a.try_post(&url, &held).await.unwrap();
+    assert_eq!(code, 200, "{answer}");
+    let foreign = json!({"commit": {"frame_id": null, "blocks": [{"owner": "kme-c", "seq": 0}]}});
+    let (code, answer) = kme_a.try_post(&url, &foreign).await.unwrap();
+    assert_eq!(code, 400, "{answer}");
+    // Key bytes never travel on a BB84 link: a shipment of key blocks is refused.
+    let shipment = json!({"blocks": [{"owner": "kme-b", "seq": 999, "data": "AAAA"}]});
+    let blocks_url = format!("{}/peer/v1/blocks", net.setup.peer_url("kme-b"));
+    let (code, answer) = kme_a.try_post(&blocks_url, &shipment).await.unwrap();
+    assert_eq!(code, 400, "{answer}");
+
+    // The link goes on producing matching keys.
+    let before = net
+        .wait_for_status("sae-a", "kme-a", "sae-b", "status", |_| true)
+        .await;
+    let frames = qkd(&before)["frames_ok"].as_u64().unwrap();
+    net.wait_for_status("sae-a", "kme-a", "sae-b", "more good frames", |s| {
+        qkd(s)["frames_ok"].as_u64() > Some(frames + 1)
+            || s["stored_key_count"].as_u64() >= Some(16)
+    })
+    .await;
+    let (sae_a, sae_b) = (net.client(Some("sae-a")), net.client(Some("sae-b")));
+    let (code, body) = enc(&sae_a, &net.url("kme-a"), "sae-b", json!({"number": 2})).await;
+    assert_eq!(code, 200, "{body}");
+    let sent = keys(&body);
+    let ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
+    let (code, body) = dec(&sae_b, &net.url("kme-b"), "sae-a", &ids).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(keys(&body), sent);
+}
