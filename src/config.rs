@@ -146,6 +146,7 @@ struct RawKme {
     peer_listen: SocketAddr,
     data_dir: PathBuf,
     master_key: Option<PathBuf>,
+    key_drop_dir: Option<PathBuf>,
     max_db_mb: Option<u64>,
     workers: Option<usize>,
 }
@@ -185,6 +186,8 @@ pub struct KmeSpec {
     pub data_dir: PathBuf,
     /// 32-byte master key of encryption at rest (created on first start if missing).
     pub master_key: PathBuf,
+    /// Where QKD devices of `file-drop` links write key files: `<key_drop_dir>/<peer KME>/`.
+    pub key_drop_dir: PathBuf,
     /// Size limit of the database file in MiB (None: the disk is the limit).
     pub max_db_mb: Option<u64>,
     pub workers: usize,
@@ -286,6 +289,7 @@ impl Config {
                     block_bytes: link.block_bytes,
                     tick_ms: link.tick_ms,
                     limits: link.limits,
+                    key_drop_dir: me.key_drop_dir.join(peer.as_str()),
                 },
                 url: format!("https://{}", peer_spec.peer_listen),
             });
@@ -360,6 +364,11 @@ impl Validator<'_> {
                     .as_deref()
                     .map(|p| self.path(p))
                     .unwrap_or_else(|| self.path(&k.data_dir).join("master.key")),
+                key_drop_dir: k
+                    .key_drop_dir
+                    .as_deref()
+                    .map(|p| self.path(p))
+                    .unwrap_or_else(|| self.path(&k.data_dir).join("key-drop")),
                 max_db_mb: k.max_db_mb,
                 workers: k.workers.unwrap_or(2).clamp(1, 64),
             });
@@ -514,10 +523,11 @@ impl Validator<'_> {
             "bb84" => SourceKind::Bb84(Box::new(
                 self.bb84_settings(&at, s.bb84.clone().unwrap_or_default())?,
             )),
+            "file-drop" => SourceKind::FileDrop,
             other => {
                 return Err(self.err(
                     format!("{at}.source"),
-                    format!("unknown source \"{other}\" (known: bb84, courier)"),
+                    format!("unknown source \"{other}\" (known: bb84, courier, file-drop)"),
                 ))
             }
         };

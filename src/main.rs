@@ -114,6 +114,10 @@ fn run(command: Command) -> Result<ExitCode, String> {
                         "  link {} — {} (courier, {} bit/s)",
                         l.ends[0], l.ends[1], l.rate_bits_per_s
                     ),
+                    SourceKind::FileDrop => println!(
+                        "  link {} — {} (file-drop: key files in <key_drop_dir>/<peer>/)",
+                        l.ends[0], l.ends[1]
+                    ),
                 }
             }
             let mut saes: Vec<_> = config.sae_homes.iter().collect();

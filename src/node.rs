@@ -228,7 +228,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
                     Bb84Engine::new(settings.clone(), seed)
                 }))
             }
-            SourceKind::Courier => None,
+            SourceKind::Courier | SourceKind::FileDrop => None,
         };
         let link = Link::new(
             params.clone(),

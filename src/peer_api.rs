@@ -13,9 +13,9 @@ use actix::Addr;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
-use kme_actors::link::{Bb84FromPeer, Link, PeerLevel, ReceiveBlocks};
+use kme_actors::link::{Link, PeerLevel, ReceiveBlocks, SourceFromPeer};
 use kme_actors::peer_link::{
-    self, ActivationBatch, Bb84Request, BlockShipment, LevelReport, PeerReply,
+    self, ActivationBatch, BlockShipment, LevelReport, PeerReply, SourceRequest,
 };
 use kme_actors::store::{Exec, Op, Store};
 use kme_actors::types::{CertIdentity, KmeId, SaeId};
@@ -50,7 +50,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route(peer_link::ACTIVATE_PATH, web::post().to(activate))
         .route(peer_link::BLOCKS_PATH, web::post().to(blocks))
         .route(peer_link::LEVEL_PATH, web::post().to(level))
-        .route(peer_link::BB84_PATH, web::post().to(bb84))
+        .route(peer_link::SOURCE_PATH, web::post().to(bb84))
         .default_service(web::to(|| async {
             Err::<HttpResponse, _>(PeerRefusal::new(
                 StatusCode::NOT_FOUND,
@@ -316,7 +316,7 @@ async fn bb84(
         end,
         message: request,
         ..
-    } = incoming::<Bb84Request>(&req, payload, &state).await?;
-    let reply = ask_domain(&end.link, Bb84FromPeer(request), state.timeout).await?;
+    } = incoming::<SourceRequest>(&req, payload, &state).await?;
+    let reply = ask_domain(&end.link, SourceFromPeer(request), state.timeout).await?;
     Ok(HttpResponse::Ok().json(reply))
 }

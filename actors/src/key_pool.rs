@@ -343,6 +343,7 @@ mod tests {
             rate_bits_per_s: 1000,
             block_bytes,
             tick_ms: 100,
+            key_drop_dir: std::path::PathBuf::new(),
             limits: KeyLimits {
                 key_size: 256,
                 min_key_size: 64,

@@ -27,6 +27,7 @@ pub mod db;
 pub mod db_checkpointer;
 pub mod db_writer;
 pub mod error;
+pub mod key_drop;
 pub mod key_pool;
 pub mod key_source;
 pub mod link;

@@ -3,8 +3,8 @@
 //! Owns: the link's key source, production pacing, the next block numbers, the last known
 //! pool levels of both ends, blocks still to be delivered, the BB84 authentication stream and
 //! link health for `status`. Handles: `Tick` (its own interval), `PoolLevel` (from its
-//! `KeyPool`), `ReceiveBlocks`, `PeerLevel` and `Bb84FromPeer` (from the KME-to-KME edge, at
-//! the receiving end), `LinkHealth` (status). Sends: `ShipBlocks`/`Bb84Exchange`/`ReportLevel`
+//! `KeyPool`), `ReceiveBlocks`, `PeerLevel` and `SourceFromPeer` (from the KME-to-KME edge, at
+//! the receiving end), `LinkHealth` (status). Sends: `ShipBlocks`/`SourceExchange`/`ReportLevel`
 //! to `PeerLink`, `Exec` to `Store`, `AddBlocks` to `KeyPool`, frame work to `Bb84Engine`.
 //!
 //! The lower-ID end drives production. Every block gets an owner, the end whose pool is
@@ -24,10 +24,11 @@
 //!   failed verification or authentication, lost message) yields nothing at either end; the
 //!   link backs off and tries again, so it recovers by itself once the channel is clean.
 //!
-//! Mailbox: bounded; one delivery or frame in flight at a time. `Bb84FromPeer` is handled
+//! Mailbox: bounded; one delivery or frame in flight at a time. `SourceFromPeer` is handled
 //! atomically, so a commit never races a frame.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -40,11 +41,12 @@ use crate::bb84_engine::{
 };
 use crate::db::StoredBlock;
 use crate::error::{Error, Result};
+use crate::key_drop::{self, KeyFile};
 use crate::key_pool::{AddBlocks, KeyPool, PoolLevel};
 use crate::key_source::{self, KeySource};
 use crate::link_auth::{auth_owner, AuthStream, WINDOW_BYTES};
 use crate::peer_link::{
-    Bb84Exchange, Bb84Request, BlockId, PeerLink, PeerReply, ReportLevel, ShipBlocks,
+    BlockId, FileMatch, PeerLink, PeerReply, ReportLevel, ShipBlocks, SourceExchange, SourceRequest,
 };
 use crate::store::{BlockOutcome, BlockRecord, Op, Output, Store};
 use crate::types::{Bb84Settings, KmeId, LinkParams, SourceKind};
@@ -122,13 +124,17 @@ pub struct LinkState {
 }
 
 /// How blocks reach the other end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Delivery {
     /// With their bytes (courier blocks, the first authentication key).
     Bytes,
-    /// By number only: the other end holds the same key from BB84 frame `Some(id)`, or, after
-    /// a restart here, perhaps already stored them (`None`).
-    Commit(Option<u64>),
+    /// By number only: the other end holds the same key from BB84 frame or key file
+    /// `Some(id)`, or, after a restart here, perhaps already stored them (`None`). `file`: the
+    /// key file to destroy once the other end has stored the blocks.
+    Commit {
+        frame: Option<u64>,
+        file: Option<PathBuf>,
+    },
 }
 
 /// The BB84 part of a link end.
@@ -136,8 +142,6 @@ struct Bb84End {
     settings: Bb84Settings,
     engine: Addr<Bb84Engine>,
     auth: AuthStream,
-    /// Bob end: the key of the last frame finished here, until the Alice end commits it.
-    held_key: Option<(u64, Vec<u8>)>,
     next_frame_at: Instant,
     /// (duration, sifted bits, secret bits) of the last frames.
     recent: VecDeque<(Duration, u64, u64)>,
@@ -146,6 +150,15 @@ struct Bb84End {
     stats: QkdHealth,
     /// When the last summary was logged (None: log the next frame).
     last_summary: Option<Instant>,
+}
+
+/// Bob end: the key of the last frame (or key file) finished here, until the Alice end
+/// commits it.
+struct HeldKey {
+    frame_id: u64,
+    key: Vec<u8>,
+    /// file-drop: the file to destroy once the key is stored.
+    file: Option<PathBuf>,
 }
 
 /// How one frame ended at the Alice end.
@@ -182,6 +195,9 @@ pub struct Link {
     unshipped: Vec<BlockRecord>,
     unshipped_stored: bool,
     unshipped_delivery: Delivery,
+    held: Option<HeldKey>,
+    /// file-drop, driving end: no offer before this instant.
+    next_offer_at: Instant,
     /// The last failure to reach the peer or the storage, until the next success.
     failure: Option<String>,
     blocks_produced: u64,
@@ -208,7 +224,6 @@ impl Link {
                 settings: (**settings).clone(),
                 engine,
                 auth: state.auth,
-                held_key: None,
                 next_frame_at: Instant::now(),
                 recent: VecDeque::new(),
                 bob_started: Instant::now(),
@@ -216,12 +231,14 @@ impl Link {
             }),
             _ => None,
         };
-        // After a restart, BB84 blocks left unconfirmed are committed by number: their key
-        // bytes must never travel.
-        let unshipped_delivery = if bb84.is_some() {
-            Delivery::Commit(None)
-        } else {
-            Delivery::Bytes
+        // After a restart, BB84 and file-drop blocks left unconfirmed are committed by number:
+        // their key bytes must never travel.
+        let unshipped_delivery = match params.source {
+            SourceKind::Courier => Delivery::Bytes,
+            SourceKind::Bb84(_) | SourceKind::FileDrop => Delivery::Commit {
+                frame: None,
+                file: None,
+            },
         };
         // One block for each end at once: a fresh network serves its first keys right after
         // start instead of one block-time later.
@@ -244,6 +261,8 @@ impl Link {
             unshipped: state.unshipped,
             unshipped_stored: true,
             unshipped_delivery,
+            held: None,
+            next_offer_at: Instant::now(),
             failure: None,
             blocks_produced: 0,
             bytes_produced: 0,
@@ -355,8 +374,10 @@ impl Link {
         let store = self.store.clone();
         let peer = self.peer.clone();
         let link_peer = self.params.peer.clone();
+        let pending = delivery.clone();
         let work = async move {
             let mut stored = stored;
+            let delivery = &pending;
             let result: Result<u64> = async {
                 if !stored {
                     let op = Op::StoreBlocks {
@@ -369,7 +390,7 @@ impl Link {
                 }
                 let level = match delivery {
                     Delivery::Bytes => peer.send(ShipBlocks(blocks.clone())).await??,
-                    Delivery::Commit(frame_id) => {
+                    Delivery::Commit { frame, file } => {
                         let ids = blocks
                             .iter()
                             .map(|b| BlockId {
@@ -377,18 +398,18 @@ impl Link {
                                 seq: b.seq,
                             })
                             .collect();
-                        let commit = Bb84Request::Commit {
-                            frame_id,
+                        let commit = SourceRequest::Commit {
+                            frame_id: *frame,
                             blocks: ids,
                         };
-                        match peer.send(Bb84Exchange(commit)).await? {
+                        let level = match peer.send(SourceExchange(commit)).await? {
                             Ok(reply) => reply.level.unwrap_or(0),
                             Err(lost @ Error::FrameLost { .. }) => {
                                 let audit = AuditRecord::new(
-                                    "bb84_frame_discarded",
+                                    "key_frame_discarded",
                                     serde_json::json!({
                                         "peer": link_peer.as_str(),
-                                        "frame_id": frame_id,
+                                        "frame_id": frame,
                                         "blocks": blocks.len(),
                                     }),
                                 );
@@ -400,7 +421,22 @@ impl Link {
                                 return Err(lost);
                             }
                             Err(err) => return Err(err),
+                        };
+                        // Both ends hold the blocks: the file must go before they are used,
+                        // so that it can never be offered again.
+                        if let Some(path) = file {
+                            let shown = path.display().to_string();
+                            let path = path.clone();
+                            actix_rt::task::spawn_blocking(move || key_drop::destroy(&path))
+                                .await
+                                .map_err(|err| Error::Storage(err.to_string()))?
+                                .map_err(|err| {
+                                    Error::Storage(format!(
+                                        "cannot destroy used key file {shown}: {err}"
+                                    ))
+                                })?;
                         }
+                        level
                     }
                 };
                 let op = Op::ConfirmBlocks {
@@ -511,11 +547,15 @@ impl Link {
         if !self.unshipped.is_empty() {
             let blocks = std::mem::take(&mut self.unshipped);
             let stored = self.unshipped_stored;
-            self.ship(ctx, blocks, stored, self.unshipped_delivery);
+            self.ship(ctx, blocks, stored, self.unshipped_delivery.clone());
             return;
         }
         if self.bb84.is_some() {
             self.bb84_tick(ctx, now);
+            return;
+        }
+        if self.params.source == SourceKind::FileDrop {
+            self.file_drop_tick(ctx, now);
             return;
         }
         match self.produce() {
@@ -643,13 +683,13 @@ impl Link {
                 }
             };
             run.frame_id = frame_id;
-            let mut request = Bb84Request::Start {
+            let mut request = SourceRequest::Start {
                 frame_id,
                 window,
                 record,
             };
             loop {
-                let sent = peer.send(Bb84Exchange(request)).await;
+                let sent = peer.send(SourceExchange(request)).await;
                 let reply = match sent.map_err(Error::from).and_then(|r| r) {
                     Ok(reply) => reply,
                     Err(err) => {
@@ -678,7 +718,7 @@ impl Link {
                 run.alice = progress.report;
                 match progress.state {
                     FrameState::Running if !progress.out.is_empty() => {
-                        request = Bb84Request::Step {
+                        request = SourceRequest::Step {
                             frame_id,
                             envelopes: progress.out,
                         };
@@ -716,7 +756,11 @@ impl Link {
                 if let Some(key) = key {
                     let blocks = act.cut(key);
                     if !blocks.is_empty() {
-                        act.ship(ctx, blocks, false, Delivery::Commit(Some(frame_id)));
+                        let delivery = Delivery::Commit {
+                            frame: Some(frame_id),
+                            file: None,
+                        };
+                        act.ship(ctx, blocks, false, delivery);
                     }
                 }
             }),
@@ -781,12 +825,99 @@ impl Link {
     }
 }
 
+/// How long the driving end of a file-drop link waits after finding no usable file.
+const FILE_DROP_IDLE: Duration = Duration::from_millis(500);
+
+/// file-drop, driving end.
+impl Link {
+    fn file_drop_tick(&mut self, ctx: &mut Context<Self>, now: Instant) {
+        let high = self.params.high_water_bytes();
+        if self.own_level.min(self.peer_level) >= high || now < self.next_offer_at {
+            return;
+        }
+        self.busy = true;
+        let dir = self.params.key_drop_dir.clone();
+        let peer = self.peer.clone();
+        let work = async move {
+            let found = actix_rt::task::spawn_blocking(move || key_drop::next_file(&dir))
+                .await
+                .map_err(|err| Error::Storage(err.to_string()))?
+                .map_err(|err| Error::Storage(format!("key files: {err}")))?;
+            let Some(file) = found else {
+                return Ok(None);
+            };
+            let offer = SourceRequest::FileOffer {
+                name: file.name.clone(),
+                bytes: file.bytes.len() as u64,
+                sha256: hex(&file.sha256),
+            };
+            let reply = peer.send(SourceExchange(offer)).await??;
+            Ok(Some((file, reply.file)))
+        };
+        ctx.spawn(fut::wrap_future(work).map(
+            |result: Result<Option<(KeyFile, Option<FileMatch>)>>, act: &mut Self, ctx| {
+                act.busy = false;
+                act.next_offer_at = Instant::now() + FILE_DROP_IDLE;
+                match result {
+                    Ok(Some((file, Some(FileMatch::Matched)))) => act.use_file(ctx, file),
+                    Ok(Some((file, answer))) => act.file_refused(file, answer),
+                    Ok(None) => act.set_health(&Ok(())),
+                    Err(err) => act.set_health(&Err(err)),
+                }
+            },
+        ));
+    }
+
+    /// Both ends hold the same file: its key becomes blocks, committed by number.
+    fn use_file(&mut self, ctx: &mut Context<Self>, file: KeyFile) {
+        self.set_health(&Ok(()));
+        let frame = Some(file.frame_id());
+        let blocks = self.cut(file.bytes);
+        log::info!(
+            "link to {}: key file {} gives {} blocks",
+            self.params.peer,
+            file.name,
+            blocks.len()
+        );
+        // Even with no whole block (a file smaller than one), the commit tells the other end
+        // that the file is used, so both ends destroy it.
+        let delivery = Delivery::Commit {
+            frame,
+            file: Some(file.path),
+        };
+        self.ship(ctx, blocks, false, delivery);
+    }
+
+    fn file_refused(&mut self, file: KeyFile, answer: Option<FileMatch>) {
+        let err = match answer {
+            Some(FileMatch::Mismatch) => {
+                log::error!(
+                    "link to {}: key file {} differs from the peer's; both set aside as .rejected",
+                    self.params.peer,
+                    file.name
+                );
+                if let Err(err) = key_drop::reject(&file.path) {
+                    log::error!("cannot set {} aside: {err}", file.path.display());
+                }
+                format!("key file {} differs at {}", file.name, self.params.peer)
+            }
+            _ => format!("{} has no key file {} yet", self.params.peer, file.name),
+        };
+        self.set_health(&Err(Error::Unavailable(err)));
+    }
+}
+
+/// Lowercase hex of a digest.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Best effort: tell the other end that this frame is over (it drops it anyway at the next
 /// `Start`).
 async fn notify_abort(peer: &Addr<PeerLink>, frame_id: u64, envelopes: Vec<Envelope>) {
     if !envelopes.is_empty() {
         let _ = peer
-            .send(Bb84Exchange(Bb84Request::Step {
+            .send(SourceExchange(SourceRequest::Step {
                 frame_id,
                 envelopes,
             }))
@@ -974,29 +1105,48 @@ impl Link {
 /// Result: our answer (envelopes, our report once our part of the frame is over, level).
 #[derive(Message)]
 #[rtype(result = "Result<PeerReply>")]
-pub struct Bb84FromPeer(pub Bb84Request);
+pub struct SourceFromPeer(pub SourceRequest);
 
-impl Handler<Bb84FromPeer> for Link {
+impl Handler<SourceFromPeer> for Link {
     type Result = AtomicResponse<Self, Result<PeerReply>>;
 
-    fn handle(&mut self, msg: Bb84FromPeer, _ctx: &mut Context<Self>) -> Self::Result {
-        let work = match (&self.bb84, self.params.is_generator()) {
-            (Some(_), false) => match msg.0 {
-                Bb84Request::Start {
+    fn handle(&mut self, msg: SourceFromPeer, _ctx: &mut Context<Self>) -> Self::Result {
+        let work = match (msg.0, &self.params.source, self.params.is_generator()) {
+            (_, _, true) | (_, SourceKind::Courier, _) => refuse(format!(
+                "{} drives the link with {}; it takes no key-source messages",
+                self.params.me, self.params.peer
+            )),
+            (
+                SourceRequest::Start {
                     frame_id,
                     window,
                     record,
-                } => self.bob_start(frame_id, window, record),
-                Bb84Request::Step {
+                },
+                SourceKind::Bb84(_),
+                _,
+            ) => self.bob_start(frame_id, window, record),
+            (
+                SourceRequest::Step {
                     frame_id,
                     envelopes,
-                } => self.bob_step(frame_id, envelopes),
-                Bb84Request::Commit { frame_id, blocks } => self.bob_commit(frame_id, blocks),
-            },
-            _ => Box::pin(fut::ready(Err(Error::PeerMessage(format!(
-                "{} is not the Bob end of a BB84 link with {}",
-                self.params.me, self.params.peer
-            ))))),
+                },
+                SourceKind::Bb84(_),
+                _,
+            ) => self.bob_step(frame_id, envelopes),
+            (
+                SourceRequest::FileOffer {
+                    name,
+                    bytes,
+                    sha256,
+                },
+                SourceKind::FileDrop,
+                _,
+            ) => self.file_offer(name, bytes, sha256),
+            (SourceRequest::Commit { frame_id, blocks }, _, _) => self.bob_commit(frame_id, blocks),
+            (_, source, _) => refuse(format!(
+                "not a message of the {} source of this link",
+                source.name()
+            )),
         };
         AtomicResponse::new(work)
     }
@@ -1021,9 +1171,9 @@ impl Link {
             ));
         };
         bb84.auth.burn(window);
-        bb84.held_key = None;
         bb84.bob_started = Instant::now();
         let engine = bb84.engine.clone();
+        self.held = None;
         let store = self.store.clone();
         let burn = Op::CommitDelivery {
             peer: self.params.peer.clone(),
@@ -1078,6 +1228,7 @@ impl Link {
     fn bob_progress(&mut self, frame_id: u64, progress: Progress) -> Result<PeerReply> {
         let peer = self.params.peer.clone();
         let finished = progress.state != FrameState::Running;
+        let mut held = None;
         if let Some(bb84) = self.bb84.as_mut() {
             match progress.state {
                 FrameState::Running => {}
@@ -1085,13 +1236,20 @@ impl Link {
                     let took = bb84.frame_time(bb84.bob_started);
                     let bits = progress.report.secret_bits;
                     bb84.record(&peer, &progress.report, bits, took, Ok(()));
-                    bb84.held_key = Some((frame_id, key));
+                    held = Some(HeldKey {
+                        frame_id,
+                        key,
+                        file: None,
+                    });
                 }
                 FrameState::Aborted(reason) => {
                     let took = bb84.frame_time(bb84.bob_started);
                     bb84.record(&peer, &progress.report, 0, took, Err(reason));
                 }
             }
+        }
+        if held.is_some() {
+            self.held = held;
         }
         Ok(PeerReply {
             ok: true,
@@ -1112,13 +1270,11 @@ impl Link {
         {
             return refuse(format!("block owner {} is not of this link", bad.owner));
         }
-        let held = match (self.bb84.as_mut(), frame_id) {
-            (Some(bb84), Some(id)) if bb84.held_key.as_ref().is_some_and(|(f, _)| *f == id) => {
-                bb84.held_key.take().map(|(_, key)| key)
-            }
+        let held = match (&self.held, frame_id) {
+            (Some(held), Some(id)) if held.frame_id == id => self.held.take(),
             _ => None,
         };
-        let Some(key) = held else {
+        let Some(HeldKey { key, file, .. }) = held else {
             let held: Vec<bool> = ids
                 .iter()
                 .map(|id| id.seq < *self.next_seq(&id.owner))
@@ -1154,13 +1310,25 @@ impl Link {
                 data: data.to_vec(),
             })
             .collect();
-        Box::pin(self.store_received(blocks).map(|level, _, _| {
-            Ok(PeerReply {
-                ok: true,
-                level: Some(level?),
-                ..PeerReply::default()
-            })
-        }))
+        let stored = self
+            .store_received(blocks)
+            .then(move |level, act: &mut Self, _| {
+                let peer = act.params.peer.clone();
+                let destroyed = async move {
+                    let level = level?;
+                    // Used here for good: the device's file goes before the Alice end hears so.
+                    if let Some(path) = file {
+                        destroy_key_file(&peer, path).await;
+                    }
+                    Ok(PeerReply {
+                        ok: true,
+                        level: Some(level),
+                        ..PeerReply::default()
+                    })
+                };
+                fut::wrap_future(destroyed)
+            });
+        Box::pin(stored)
     }
 }
 
@@ -1187,5 +1355,64 @@ impl Handler<LinkHealth> for Link {
 
     fn handle(&mut self, _msg: LinkHealth, _ctx: &mut Context<Self>) -> Self::Result {
         MessageResult(self.health())
+    }
+}
+
+/// file-drop, the other end.
+impl Link {
+    /// Holds the key file `name` for the commit if it has the offered length and hash.
+    fn file_offer(&mut self, name: String, bytes: u64, sha256: String) -> Reply {
+        if !key_drop::valid_name(&name) {
+            return refuse(format!("\"{name}\" is not a key file name"));
+        }
+        self.held = None;
+        let dir = self.params.key_drop_dir.clone();
+        let work = async move {
+            actix_rt::task::spawn_blocking(move || {
+                let file = key_drop::read_named(&dir, &name)?;
+                let Some(file) = file else {
+                    return Ok((FileMatch::Missing, None));
+                };
+                if file.bytes.len() as u64 == bytes && hex(&file.sha256) == sha256 {
+                    return Ok((FileMatch::Matched, Some(file)));
+                }
+                key_drop::reject(&file.path)?;
+                Ok((FileMatch::Mismatch, None))
+            })
+            .await
+            .map_err(|err| Error::Storage(err.to_string()))?
+            .map_err(|err: std::io::Error| Error::Storage(format!("key files: {err}")))
+        };
+        Box::pin(fut::wrap_future(work).map(
+            |result: Result<(FileMatch, Option<KeyFile>)>, act: &mut Self, _| {
+                let (answer, file) = result?;
+                if answer == FileMatch::Mismatch {
+                    log::error!(
+                        "link to {}: an offered key file differs from ours; set aside as .rejected",
+                        act.params.peer
+                    );
+                }
+                act.held = file.map(|file| HeldKey {
+                    frame_id: file.frame_id(),
+                    key: file.bytes,
+                    file: Some(file.path),
+                });
+                Ok(PeerReply {
+                    ok: true,
+                    file: Some(answer),
+                    ..PeerReply::default()
+                })
+            },
+        ))
+    }
+}
+
+/// Best effort at the end that does not drive: a used key file it cannot destroy is logged
+/// (it is never offered again: the driving end destroys its twin before using the blocks).
+async fn destroy_key_file(peer: &KmeId, path: PathBuf) {
+    let shown = path.display().to_string();
+    let destroyed = actix_rt::task::spawn_blocking(move || key_drop::destroy(&path)).await;
+    if !matches!(destroyed, Ok(Ok(()))) {
+        log::error!("link to {peer}: cannot destroy used key file {shown}");
     }
 }

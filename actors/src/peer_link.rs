@@ -34,7 +34,7 @@ const COUNTER_MASK: u64 = (1 << 40) - 1;
 pub const ACTIVATE_PATH: &str = "/peer/v1/activate";
 pub const BLOCKS_PATH: &str = "/peer/v1/blocks";
 pub const LEVEL_PATH: &str = "/peer/v1/level";
-pub const BB84_PATH: &str = "/peer/v1/bb84";
+pub const SOURCE_PATH: &str = "/peer/v1/source";
 /// Largest answer to a BB84 post-processing message (Cascade parities of a large frame).
 const MAX_BB84_REPLY_BYTES: usize = 64 * 1024 * 1024;
 
@@ -77,10 +77,11 @@ pub struct BlockId {
     pub seq: u64,
 }
 
-/// BB84 post-processing, from the Alice end (the lower KME ID) to the Bob end.
+/// Key-source messages from the driving end (the lower KME ID; Alice on BB84 links) to the
+/// other end: BB84 post-processing, file-drop offers, and commits of both.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub enum Bb84Request {
+pub enum SourceRequest {
     /// A new frame: Bob's detection record (in place of the quantum channel) and the
     /// authentication window that keys its tags.
     Start {
@@ -93,13 +94,31 @@ pub enum Bb84Request {
         frame_id: u64,
         envelopes: Vec<Envelope>,
     },
-    /// Store the frame's key as these blocks, in order (a remainder below one block is
+    /// file-drop: use the key file `name` if yours has this length and SHA-256 (hex).
+    FileOffer {
+        name: String,
+        bytes: u64,
+        sha256: String,
+    },
+    /// Store the frame's (or file's) key as these blocks, in order (a remainder below one block is
     /// dropped at both ends). `frame_id` is None when the Alice end restarted in between:
     /// then the Bob end answers from what it stored.
     Commit {
         frame_id: Option<u64>,
         blocks: Vec<BlockId>,
     },
+}
+
+/// The other end's key file under an offered name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileMatch {
+    /// Same length and hash: held for the commit.
+    Matched,
+    /// Not (yet) written there.
+    Missing,
+    /// Different: set aside as `.rejected` there.
+    Mismatch,
 }
 
 /// Answer of every peer endpoint.
@@ -118,6 +137,9 @@ pub struct PeerReply {
     /// BB84: the answering end's statistics, once its part of the frame is over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<FrameReport>,
+    /// file-drop: what the answering end found under the offered name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileMatch>,
     /// BB84: the answering end no longer holds the committed frame's key.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub frame_lost: bool,
@@ -392,18 +414,18 @@ impl Handler<ReportLevel> for PeerLink {
 /// Result: the Bob end's answer. Only a commit (idempotent) is retried after a transport error.
 #[derive(Message)]
 #[rtype(result = "Result<PeerReply>")]
-pub struct Bb84Exchange(pub Bb84Request);
+pub struct SourceExchange(pub SourceRequest);
 
-impl Handler<Bb84Exchange> for PeerLink {
+impl Handler<SourceExchange> for PeerLink {
     type Result = ResponseFuture<Result<PeerReply>>;
 
-    fn handle(&mut self, msg: Bb84Exchange, _ctx: &mut Context<Self>) -> Self::Result {
-        let retry = matches!(msg.0, Bb84Request::Commit { .. });
+    fn handle(&mut self, msg: SourceExchange, _ctx: &mut Context<Self>) -> Self::Result {
+        let retry = matches!(msg.0, SourceRequest::Commit { .. });
         let body = to_body(&msg.0);
         let target = self.clone_request();
         Box::pin(post_json_limited(
             target,
-            BB84_PATH,
+            SOURCE_PATH,
             body,
             retry,
             MAX_BB84_REPLY_BYTES,

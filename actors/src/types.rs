@@ -1,6 +1,7 @@
 //! Plain domain values shared by the actors: identifiers, link parameters, keys.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -66,6 +67,8 @@ pub enum SourceKind {
     Courier,
     /// BB84: simulated quantum channel, real post-processing between the two ends.
     Bb84(Box<Bb84Settings>),
+    /// A real QKD device writes key files with identical names at both ends.
+    FileDrop,
 }
 
 impl SourceKind {
@@ -73,6 +76,7 @@ impl SourceKind {
         match self {
             SourceKind::Courier => "courier",
             SourceKind::Bb84(_) => "bb84",
+            SourceKind::FileDrop => "file-drop",
         }
     }
 }
@@ -102,6 +106,8 @@ pub struct LinkParams {
     /// How often the link produces (ms); time is injected through ticks, never slept on.
     pub tick_ms: u64,
     pub limits: KeyLimits,
+    /// `file-drop` links: the directory this end's device writes key files to.
+    pub key_drop_dir: PathBuf,
 }
 
 impl LinkParams {

@@ -105,7 +105,7 @@ async fn the_bob_end_refuses_stale_or_forged_bb84_messages_and_keeps_working() {
     })
     .await;
     let kme_a = net.client(Some("kme-a"));
-    let url = format!("{}/peer/v1/bb84", net.setup.peer_url("kme-b"));
+    let url = format!("{}/peer/v1/source", net.setup.peer_url("kme-b"));
     let empty = json!({"words": [], "len": 0});
     // Window 0 keyed the first frame: it never serves again.
     let start =

@@ -35,6 +35,8 @@ pub struct LinkOptions {
     pub pins: Vec<(&'static str, &'static str)>,
     /// Both links on BB84 with these `[link.bb84]` settings (TOML lines); None: courier.
     pub bb84: Option<String>,
+    /// Both links on file-drop (key files in `data/<kme>/key-drop/<peer>/`).
+    pub file_drop: bool,
 }
 
 impl LinkOptions {
@@ -60,6 +62,7 @@ impl Default for LinkOptions {
             max_db_mb: None,
             pins: Vec::new(),
             bb84: None,
+            file_drop: false,
         }
     }
 }
@@ -158,6 +161,8 @@ fn network_file(
         );
         if let Some(bb84) = &options.bb84 {
             text += &format!("source = \"bb84\"\n[link.bb84]\n{bb84}\n");
+        } else if options.file_drop {
+            text += "source = \"file-drop\"\n";
         }
     }
     text

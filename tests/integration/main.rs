@@ -7,6 +7,7 @@ mod api;
 mod bad_input;
 mod bb84;
 mod crash;
+mod file_drop;
 mod harness;
 mod load;
 mod pki;

@@ -1,0 +1,141 @@
+//! Key files of a `file-drop` link (not an actor; `Link` calls it off the actors' thread).
+//!
+//! A real QKD device writes each key it distils as a file into one directory per link and end
+//! (`<key_drop_dir>/<peer KME>/`), under the same name at both ends. A device must write a file
+//! completely before it appears under its final name (write `.name` or `name.tmp`, then
+//! rename): names starting with `.` or ending in `.tmp` are not read. The driving end offers
+//! the first file by name, length and SHA-256; the other end uses its file of that name only if
+//! both match. A used file is overwritten and deleted; a file whose twin differs is renamed
+//! `<name>.rejected` at both ends and never used.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use openssl::sha::sha256;
+
+/// Largest key file read (a larger one is rejected).
+pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// A key file read into memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyFile {
+    pub path: PathBuf,
+    pub name: String,
+    pub bytes: Vec<u8>,
+    pub sha256: [u8; 32],
+}
+
+impl KeyFile {
+    /// The frame number of this file's key (from its hash; both ends compute the same).
+    pub fn frame_id(&self) -> u64 {
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&self.sha256[..8]);
+        u64::from_le_bytes(id)
+    }
+}
+
+/// A name a device may use: 1-128 of A-Z a-z 0-9 . _ -, not hidden, not temporary or rejected.
+pub fn valid_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !name.starts_with('.')
+        && !name.ends_with(".tmp")
+        && !name.ends_with(".rejected")
+}
+
+/// The first key file of `dir` in name order, if any (a missing directory holds none).
+pub fn next_file(dir: &Path) -> io::Result<Option<KeyFile>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            continue;
+        }
+        if let Some(name) = entry.file_name().to_str().filter(|n| valid_name(n)) {
+            names.push(name.to_string());
+        }
+    }
+    names.sort();
+    match names.first() {
+        Some(name) => read_named(dir, name),
+        None => Ok(None),
+    }
+}
+
+/// The key file `name` of `dir`, if it exists.
+pub fn read_named(dir: &Path, name: &str) -> io::Result<Option<KeyFile>> {
+    if !valid_name(name) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("\"{name}\" is not a key file name"),
+        ));
+    }
+    let path = dir.join(name);
+    let meta = match fs::metadata(&path) {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is larger than {MAX_FILE_BYTES} bytes", path.display()),
+        ));
+    }
+    let bytes = fs::read(&path)?;
+    Ok(Some(KeyFile {
+        sha256: sha256(&bytes),
+        name: name.to_string(),
+        path,
+        bytes,
+    }))
+}
+
+/// Overwrites a used key file with zeros, syncs it, then deletes it.
+pub fn destroy(path: &Path) -> io::Result<()> {
+    let len = fs::metadata(path)?.len();
+    let mut file = fs::OpenOptions::new().write(true).open(path)?;
+    file.write_all(&vec![0u8; usize::try_from(len).unwrap_or(0)])?;
+    file.sync_all()?;
+    fs::remove_file(path)
+}
+
+/// Sets a file aside as `<name>.rejected` (its twin at the other end differs).
+pub fn reject(path: &Path) -> io::Result<()> {
+    let mut rejected = path.as_os_str().to_owned();
+    rejected.push(".rejected");
+    fs::rename(path, rejected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_are_taken_in_name_order_and_half_written_ones_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(next_file(&dir.path().join("absent")).unwrap(), None);
+        fs::write(dir.path().join(".0000.partial"), b"x").unwrap();
+        fs::write(dir.path().join("0001.tmp"), b"x").unwrap();
+        fs::write(dir.path().join("0003"), b"third").unwrap();
+        fs::write(dir.path().join("0002"), b"second").unwrap();
+        let first = next_file(dir.path()).unwrap().unwrap();
+        assert_eq!(first.name, "0002");
+        assert_eq!(first.bytes, b"second");
+        assert_eq!(first.sha256, sha256(b"second"));
+        reject(&first.path).unwrap();
+        assert_eq!(next_file(dir.path()).unwrap().unwrap().name, "0003");
+        destroy(&dir.path().join("0003")).unwrap();
+        assert_eq!(next_file(dir.path()).unwrap(), None);
+        assert!(read_named(dir.path(), "../etc").is_err());
+        assert_eq!(read_named(dir.path(), "0004").unwrap(), None);
+    }
+}

@@ -1,0 +1,105 @@
+//! file-drop links: keys come from files a QKD device writes under the same name at both
+//! ends, used only when both copies hash alike, and destroyed once stored.
+
+use std::path::PathBuf;
+
+use base64::Engine;
+use serde_json::json;
+
+use super::harness::{dec, enc, keys, LinkOptions, Net};
+
+fn drop_dir(net: &Net, kme: &str, peer: &str) -> PathBuf {
+    let dir = net.setup.path().join(format!("data/{kme}/key-drop/{peer}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn random(len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    openssl::rand::rand_bytes(&mut bytes).unwrap();
+    bytes
+}
+
+#[actix::test]
+async fn keys_come_from_matching_key_files_which_are_destroyed_after_use() {
+    let net = Net::start(LinkOptions {
+        block_bytes: 1024,
+        file_drop: true,
+        ..LinkOptions::default()
+    });
+    let (at_a, at_b) = (
+        drop_dir(&net, "kme-a", "kme-b"),
+        drop_dir(&net, "kme-b", "kme-a"),
+    );
+    // A file the peer's device has not written yet waits; a differing twin is rejected.
+    let early = random(4096);
+    std::fs::write(at_a.join("0001"), &early).unwrap();
+    let status = net
+        .wait_for_status("sae-a", "kme-a", "sae-b", "a missing twin", |s| {
+            s["status_extension"]["link"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("no key file 0001"))
+        })
+        .await;
+    assert_eq!(status["stored_key_count"], 0, "{status}");
+    std::fs::write(at_b.join("0001"), random(4096)).unwrap();
+    net.wait_for_status("sae-a", "kme-a", "sae-b", "a rejected twin", |s| {
+        s["status_extension"]["link"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("differs"))
+    })
+    .await;
+    assert!(at_a.join("0001.rejected").exists() && at_b.join("0001.rejected").exists());
+
+    // Identical files: their bytes become the keys, and the files are gone at both ends.
+    let files: Vec<Vec<u8>> = (0..2).map(|_| random(8 * 1024)).collect();
+    for (i, bytes) in files.iter().enumerate() {
+        let name = format!("{:04}", i + 2);
+        std::fs::write(at_b.join(&name), bytes).unwrap();
+        std::fs::write(at_a.join(&name), bytes).unwrap();
+    }
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 64).await;
+    let (sae_a, sae_b) = (net.client(Some("sae-a")), net.client(Some("sae-b")));
+    let (code, body) = enc(&sae_a, &net.url("kme-a"), "sae-b", json!({"number": 8})).await;
+    assert_eq!(code, 200, "{body}");
+    let sent = keys(&body);
+    let ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
+    let (code, body) = dec(&sae_b, &net.url("kme-b"), "sae-a", &ids).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(keys(&body), sent);
+    for (_, key) in &sent {
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .unwrap();
+        assert!(
+            files
+                .iter()
+                .any(|f| f.windows(key.len()).any(|w| w == key.as_slice())),
+            "a key that is not from the device's files"
+        );
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for dir in [&at_a, &at_b] {
+        loop {
+            let left: Vec<_> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| !n.ends_with(".rejected"))
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "used key files left in {}: {left:?}",
+                dir.display()
+            );
+            actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    let rejected = std::fs::read(at_a.join("0001.rejected")).unwrap();
+    assert_eq!(
+        rejected, early,
+        "a rejected file is kept for the operator, untouched"
+    );
+}
