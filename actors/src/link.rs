@@ -55,11 +55,14 @@ use crate::types::{Bb84Settings, KmeId, LinkParams, SourceKind};
 const MAX_BLOCKS_PER_SHIPMENT: u64 = 16;
 /// Authentication windows shipped at bootstrap (and at a re-key after exhaustion).
 const AUTH_BOOTSTRAP_WINDOWS: u64 = 256;
+/// Most windows a `Start` may skip at the Bob end (the Alice end skips one when it burned a
+/// window and crashed before the Bob end saw it); beyond, a message could burn the stream.
+const MAX_WINDOW_SKIP: u64 = 8;
 /// Below this many windows, the next frame's key refills the authentication stream first.
 const AUTH_LOW_WINDOWS: u64 = 64;
 /// After this many aborted frames in a row the link counts as down (before: degraded).
 const DOWN_AFTER_ABORTS: u64 = 3;
-/// Longest wait between frames after aborts (the wait doubles from 100 ms per abort).
+/// Longest wait between frames after aborts or failures (doubling from 100 ms).
 const MAX_ABORT_BACKOFF: Duration = Duration::from_secs(10);
 /// Frames over which the sifted and secret key rates are averaged.
 const RATE_FRAMES: usize = 16;
@@ -148,6 +151,8 @@ struct Bb84End {
     /// Bob end: when the running frame started here.
     bob_started: Instant,
     stats: QkdHealth,
+    /// Frames in a row that failed for want of the peer or the storage (for the back-off).
+    failures: u64,
     /// When the last summary was logged (None: log the next frame).
     last_summary: Option<Instant>,
 }
@@ -165,12 +170,17 @@ struct HeldKey {
 enum FrameEnd {
     Key(Vec<u8>),
     Aborted(AbortReason),
+    /// The Bob end had burned the window already; his next one is this.
+    WindowBehind(u64),
     /// Not the channel's fault: the peer or the storage failed.
     Failed(Error),
 }
 
 struct FrameRun {
     frame_id: u64,
+    window: u64,
+    /// The Bob end started the frame with the window: it never serves again.
+    window_used: bool,
     end: FrameEnd,
     alice: FrameReport,
     bob: Option<FrameReport>,
@@ -227,6 +237,7 @@ impl Link {
                 next_frame_at: Instant::now(),
                 recent: VecDeque::new(),
                 bob_started: Instant::now(),
+                failures: 0,
                 last_summary: None,
             }),
             _ => None,
@@ -640,8 +651,6 @@ impl Link {
         let Some(material) = bb84.auth.window(window) else {
             return;
         };
-        // Burned here first: whatever happens to the frame, this window never serves again.
-        bb84.auth.burn(window);
         let engine = bb84.engine.clone();
         let peer = self.peer.clone();
         let store = self.store.clone();
@@ -651,29 +660,12 @@ impl Link {
         let work = async move {
             let mut run = FrameRun {
                 frame_id: 0,
+                window,
+                window_used: false,
                 end: FrameEnd::Failed(Error::Unavailable("frame not started".into())),
                 alice: FrameReport::default(),
                 bob: None,
             };
-            let burn = Op::CommitDelivery {
-                peer: link_peer.clone(),
-                owner: auth_owner(),
-                position: AuthStream::position_after(window),
-                block_bytes,
-                audit: AuditRecord::new(
-                    "bb84_frame_started",
-                    serde_json::json!({"peer": link_peer.as_str(), "auth_window": window}),
-                ),
-            };
-            if let Err(err) = store
-                .send(burn.into())
-                .await
-                .map_err(Error::from)
-                .and_then(|r| r)
-            {
-                run.end = FrameEnd::Failed(err);
-                return run;
-            }
             let begin = engine.send(BeginAlice { auth: material }).await;
             let (frame_id, record) = match begin.map_err(Error::from).and_then(|r| r) {
                 Ok(begun) => begun,
@@ -683,26 +675,63 @@ impl Link {
                 }
             };
             run.frame_id = frame_id;
-            let mut request = SourceRequest::Start {
+            // Nothing is tagged with the window before the Bob end has burned it (he tags his
+            // first message at Start), so a Start that got no answer may be sent again with
+            // the same window: he either never saw it or refuses it as burned.
+            let drop_frame = || async {
+                let _ = engine
+                    .send(AbortFrame {
+                        frame_id,
+                        reason: AbortReason::Timeout,
+                    })
+                    .await;
+            };
+            let start = SourceRequest::Start {
                 frame_id,
                 window,
                 record,
             };
+            let sent = peer.send(SourceExchange(start)).await;
+            let mut reply = match sent.map_err(Error::from).and_then(|r| r) {
+                Ok(reply) => reply,
+                Err(err) => {
+                    drop_frame().await;
+                    run.end = FrameEnd::Failed(err);
+                    return run;
+                }
+            };
+            if let Some(next) = reply.next_window {
+                drop_frame().await;
+                run.end = FrameEnd::WindowBehind(next);
+                return run;
+            }
+            run.window_used = true;
+            let burn = Op::CommitDelivery {
+                peer: link_peer.clone(),
+                owner: auth_owner(),
+                position: AuthStream::position_after(window),
+                block_bytes,
+                audit: AuditRecord::new(
+                    "bb84_frame_started",
+                    serde_json::json!({
+                        "peer": link_peer.as_str(),
+                        "frame_id": frame_id,
+                        "auth_window": window,
+                    }),
+                ),
+            };
+            // Burned durably before the first tag from this end.
+            if let Err(err) = store
+                .send(burn.into())
+                .await
+                .map_err(Error::from)
+                .and_then(|r| r)
+            {
+                drop_frame().await;
+                run.end = FrameEnd::Failed(err);
+                return run;
+            }
             loop {
-                let sent = peer.send(SourceExchange(request)).await;
-                let reply = match sent.map_err(Error::from).and_then(|r| r) {
-                    Ok(reply) => reply,
-                    Err(err) => {
-                        let _ = engine
-                            .send(AbortFrame {
-                                frame_id,
-                                reason: AbortReason::Timeout,
-                            })
-                            .await;
-                        run.end = FrameEnd::Failed(err);
-                        return run;
-                    }
-                };
                 run.bob = reply.report.or(run.bob);
                 let step = Step {
                     frame_id,
@@ -716,13 +745,11 @@ impl Link {
                     }
                 };
                 run.alice = progress.report;
-                match progress.state {
-                    FrameState::Running if !progress.out.is_empty() => {
-                        request = SourceRequest::Step {
-                            frame_id,
-                            envelopes: progress.out,
-                        };
-                    }
+                let request = match progress.state {
+                    FrameState::Running if !progress.out.is_empty() => SourceRequest::Step {
+                        frame_id,
+                        envelopes: progress.out,
+                    },
                     FrameState::Running => {
                         // The peer answered nothing while the frame expects an answer.
                         let notice = engine
@@ -745,7 +772,16 @@ impl Link {
                         run.end = FrameEnd::Aborted(reason);
                         return run;
                     }
-                }
+                };
+                let sent = peer.send(SourceExchange(request)).await;
+                reply = match sent.map_err(Error::from).and_then(|r| r) {
+                    Ok(reply) => reply,
+                    Err(err) => {
+                        drop_frame().await;
+                        run.end = FrameEnd::Failed(err);
+                        return run;
+                    }
+                };
             }
         };
         ctx.spawn(
@@ -769,29 +805,40 @@ impl Link {
 
     /// Records the frame in health and pacing; returns its key if it has one.
     fn frame_finished(&mut self, run: FrameRun, started: Instant) -> Option<Vec<u8>> {
+        let bb84 = self.bb84.as_mut()?;
+        if run.window_used {
+            bb84.auth.burn(run.window);
+        }
         let bob_report = run.bob.unwrap_or_default();
         let (key, outcome) = match run.end {
             FrameEnd::Key(key) => (Some(key), Ok(())),
             FrameEnd::Aborted(reason) => (None, Err(reason)),
-            FrameEnd::Failed(err) => {
-                self.set_health(&Err(err));
-                if let Some(bb84) = self.bb84.as_mut() {
-                    bb84.next_frame_at = Instant::now() + Duration::from_secs(1);
+            FrameEnd::WindowBehind(next) => {
+                // Catch up with the Bob end (windows below his next one are burned there).
+                if let Some(last) = next.checked_sub(1) {
+                    bb84.auth.burn(last);
                 }
                 return None;
             }
+            FrameEnd::Failed(err) => {
+                // Not the channel: retry later, waiting longer after each failure in a row.
+                bb84.failures = bb84.failures.saturating_add(1);
+                bb84.next_frame_at = Instant::now() + backoff(bb84.failures);
+                self.set_health(&Err(err));
+                return None;
+            }
         };
-        self.set_health(&Ok(()));
-        let peer = self.params.peer.clone();
-        let bb84 = self.bb84.as_mut()?;
+        bb84.failures = 0;
         let took = bb84.frame_time(started);
+        let peer = self.params.peer.clone();
         bb84.record(&peer, &bob_report, run.alice.secret_bits, took, outcome);
         let earliest = if bb84.settings.paced {
             started + bb84.physical_frame_time()
         } else {
             started
         };
-        bb84.next_frame_at = earliest.max(Instant::now() + bb84.backoff());
+        bb84.next_frame_at = earliest.max(Instant::now() + backoff(bb84.stats.consecutive_aborts));
+        self.set_health(&Ok(()));
         key
     }
 
@@ -912,6 +959,15 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Wait before the next frame after `n` aborts or failures in a row: none after a success,
+/// then 100 ms, doubling up to `MAX_ABORT_BACKOFF`.
+fn backoff(n: u64) -> Duration {
+    match n {
+        0 => Duration::ZERO,
+        n => Duration::from_millis(100u64 << (n - 1).min(16)).min(MAX_ABORT_BACKOFF),
+    }
+}
+
 /// Best effort: tell the other end that this frame is over (it drops it anyway at the next
 /// `Start`).
 async fn notify_abort(peer: &Addr<PeerLink>, frame_id: u64, envelopes: Vec<Envelope>) {
@@ -939,14 +995,6 @@ impl Bb84End {
     fn physical_frame_time(&self) -> Duration {
         let channel = &self.settings.channel;
         Duration::from_secs_f64(self.settings.pulses_per_frame as f64 / channel.pulse_rate_hz)
-    }
-
-    /// Wait before the next frame: none after a success, doubling from 100 ms per abort.
-    fn backoff(&self) -> Duration {
-        match self.stats.consecutive_aborts {
-            0 => Duration::ZERO,
-            n => Duration::from_millis(100u64 << (n - 1).min(16)).min(MAX_ABORT_BACKOFF),
-        }
     }
 
     /// Health and logs after a frame, from the Bob end's report (which holds the estimates).
@@ -1036,11 +1084,18 @@ impl Handler<PoolLevel> for Link {
 #[rtype(result = "Result<u64>")]
 pub struct ReceiveBlocks(pub Vec<BlockRecord>);
 
+/// Atomic, like `SourceFromPeer`: a commit never looks at the stream while a shipment to it is
+/// half stored.
 impl Handler<ReceiveBlocks> for Link {
-    type Result = ResponseActFuture<Self, Result<u64>>;
+    type Result = AtomicResponse<Self, Result<u64>>;
 
     fn handle(&mut self, msg: ReceiveBlocks, _ctx: &mut Context<Self>) -> Self::Result {
-        let blocks = msg.0;
+        AtomicResponse::new(self.receive_blocks(msg.0))
+    }
+}
+
+impl Link {
+    fn receive_blocks(&mut self, blocks: Vec<BlockRecord>) -> ResponseActFuture<Self, Result<u64>> {
         if self.params.is_generator() {
             let err = Error::PeerMessage(format!(
                 "{} generates this link's material; it accepts no shipments",
@@ -1049,9 +1104,12 @@ impl Handler<ReceiveBlocks> for Link {
             return Box::pin(fut::ready(Err(err)));
         }
         let auth = auth_owner();
-        let allowed = |owner: &KmeId| match self.bb84 {
-            Some(_) => *owner == auth,
-            None => *owner == self.params.me || *owner == self.params.peer,
+        // Key bytes travel only on courier links; a BB84 link takes its first authentication
+        // key this way, a file-drop link nothing.
+        let allowed = |owner: &KmeId| match self.params.source {
+            SourceKind::Courier => *owner == self.params.me || *owner == self.params.peer,
+            SourceKind::Bb84(_) => *owner == auth,
+            SourceKind::FileDrop => false,
         };
         if let Some(bad) = blocks
             .iter()
@@ -1065,9 +1123,7 @@ impl Handler<ReceiveBlocks> for Link {
         }
         self.store_received(blocks)
     }
-}
 
-impl Link {
     /// Receiving end: stores blocks for good, then hands the new ones to their users.
     /// Result: our pool level.
     fn store_received(&mut self, blocks: Vec<BlockRecord>) -> ResponseActFuture<Self, Result<u64>> {
@@ -1164,11 +1220,22 @@ impl Link {
         let Some(bb84) = self.bb84.as_mut() else {
             return refuse("not a BB84 link".into());
         };
-        let Some(material) = bb84.auth.window(window) else {
+        let next = bb84.auth.next_window();
+        if window < next {
+            // Already burned (a retried Start): tell the Alice end where to continue.
+            return Box::pin(fut::ready(Ok(PeerReply {
+                ok: true,
+                next_window: Some(next),
+                ..PeerReply::default()
+            })));
+        }
+        if window - next > MAX_WINDOW_SKIP {
             return refuse(format!(
-                "authentication window {window} is burned or not held here (next: {})",
-                bb84.auth.next_window()
+                "authentication window {window} is too far ahead of {next}"
             ));
+        }
+        let Some(material) = bb84.auth.window(window) else {
+            return refuse(format!("authentication window {window} is not held here"));
         };
         bb84.auth.burn(window);
         bb84.bob_started = Instant::now();
@@ -1310,9 +1377,18 @@ impl Link {
                 data: data.to_vec(),
             })
             .collect();
+        let kept = HeldKey {
+            frame_id: frame_id.unwrap_or_default(),
+            key: key.clone(),
+            file: file.clone(),
+        };
         let stored = self
             .store_received(blocks)
             .then(move |level, act: &mut Self, _| {
+                if level.is_err() {
+                    // A passing storage failure: the retried commit finds the key again.
+                    act.held = Some(kept);
+                }
                 let peer = act.params.peer.clone();
                 let destroyed = async move {
                     let level = level?;

@@ -69,20 +69,21 @@ impl AuthStream {
 
     /// Stream position right after window `k`, the value to store when burning it.
     pub fn position_after(k: u64) -> u64 {
-        (k + 1) * WINDOW_BYTES
+        k.saturating_add(1).saturating_mul(WINDOW_BYTES)
     }
 
     /// The key material of window `k`, if it is held and not burned.
     pub fn window(&self, k: u64) -> Option<AuthKeyMaterial> {
         let start = k.checked_mul(WINDOW_BYTES)?;
-        if start < self.position || start + WINDOW_BYTES > self.end() {
+        let end = start.checked_add(WINDOW_BYTES)?;
+        if start < self.position || end > self.end() {
             return None;
         }
         let mut bytes = Vec::with_capacity(WINDOW_BYTES as usize);
         for block in &self.blocks {
             let block_start = block.seq * self.block_bytes;
             let from = start.max(block_start);
-            let to = (start + WINDOW_BYTES).min(block_start + self.block_bytes);
+            let to = end.min(block_start + self.block_bytes);
             if from < to {
                 let range = (from - block_start) as usize..(to - block_start) as usize;
                 bytes.extend_from_slice(block.data.get(range)?);
@@ -147,6 +148,8 @@ mod tests {
         assert_eq!(w0.mac_key, u64::from_le_bytes([0, 1, 2, 3, 4, 5, 6, 7]));
         assert_ne!(stream.window(1).unwrap(), w0);
         assert!(stream.window(2).is_none(), "only 600 bytes held");
+        assert!(stream.window(u64::MAX / WINDOW_BYTES).is_none());
+        assert!(stream.window(u64::MAX).is_none());
         stream.burn(0);
         assert!(
             stream.window(0).is_none(),

@@ -137,6 +137,9 @@ pub struct PeerReply {
     /// BB84: the answering end's statistics, once its part of the frame is over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<FrameReport>,
+    /// BB84: the `Start`'s authentication window is burned here; this is the next one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_window: Option<u64>,
     /// file-drop: what the answering end found under the offered name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<FileMatch>,

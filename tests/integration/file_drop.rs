@@ -97,6 +97,15 @@ async fn keys_come_from_matching_key_files_which_are_destroyed_after_use() {
             actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
+    // Key bytes never travel on a file-drop link.
+    let shipment = json!({"blocks": [{"owner": "kme-b", "seq": 999, "data": "AAAA"}]});
+    let blocks_url = format!("{}/peer/v1/blocks", net.setup.peer_url("kme-b"));
+    let (code, answer) = net
+        .client(Some("kme-a"))
+        .try_post(&blocks_url, &shipment)
+        .await
+        .unwrap();
+    assert_eq!(code, 400, "{answer}");
     let rejected = std::fs::read(at_a.join("0001.rejected")).unwrap();
     assert_eq!(
         rejected, early,

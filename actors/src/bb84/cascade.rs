@@ -306,6 +306,10 @@ impl CascadeAlice {
                 remote: req.n,
             });
         }
+        // Each pass keeps a permuted copy of the key: a bounded number, whatever Bob asks.
+        if self.passes.len() + req.new_passes.len() > MAX_PASSES {
+            return Err(CascadeError::BadQuery);
+        }
         let mut block_par = Vec::with_capacity(req.new_passes.len());
         for spec in &req.new_passes {
             validate_spec(spec, n)?;
@@ -335,6 +339,9 @@ impl CascadeAlice {
         })
     }
 }
+
+/// Most passes Alice sets up in one frame (the default configuration uses at most 20).
+const MAX_PASSES: usize = 64;
 
 /// Cheap multiplicative hasher for the parity cache (keys are not attacker-chosen
 /// in a way that matters: a bad distribution only costs time).
@@ -770,6 +777,28 @@ pub fn random_key<R: Rng + ?Sized>(n: usize, rng: &mut R) -> BitVec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn alice_refuses_more_passes_than_she_would_ever_need() {
+        let mut alice = CascadeAlice::new(BitVec::from_bools((0..1000).map(|i| i % 3 == 0)));
+        let spec = PassSpec {
+            block_size: 8,
+            mult: 3,
+            offset: 1,
+        };
+        let request = |passes: usize, round: u32| CascadeRequest {
+            round,
+            n: 1000,
+            new_passes: vec![spec; passes],
+            queries: Vec::new(),
+        };
+        assert_eq!(
+            alice.respond(&request(MAX_PASSES + 1, 0)),
+            Err(CascadeError::BadQuery)
+        );
+        assert!(alice.respond(&request(MAX_PASSES, 0)).is_ok());
+        assert_eq!(alice.respond(&request(1, 1)), Err(CascadeError::BadQuery));
+    }
 
     fn run(a: &BitVec, b: &BitVec, q: f64, seed: u64) -> (BitVec, CascadeStats) {
         reconcile_in_process(a, b, q, &CascadeConfig::default(), seed).unwrap()

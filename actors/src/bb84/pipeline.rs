@@ -583,7 +583,12 @@ impl AliceFrame {
                 }
                 let t = Instant::now();
                 let m = usize::try_from(v.final_len)
-                    .map_err(|_| (AbortReason::Privacy("length".into()), true))?;
+                    .ok()
+                    .filter(|m| *m <= key.len())
+                    .ok_or((
+                        AbortReason::Privacy("final length above key length".into()),
+                        true,
+                    ))?;
                 let seed = toeplitz_seed_bits(key.len(), m, v.pa_seed);
                 let out = toeplitz_hash(&key, &seed, m)
                     .map_err(|e| (AbortReason::Privacy(e.to_string()), true))?;
