@@ -50,7 +50,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route(peer_link::ACTIVATE_PATH, web::post().to(activate))
         .route(peer_link::BLOCKS_PATH, web::post().to(blocks))
         .route(peer_link::LEVEL_PATH, web::post().to(level))
-        .route(peer_link::SOURCE_PATH, web::post().to(bb84))
+        .route(peer_link::SOURCE_PATH, web::post().to(source))
         .default_service(web::to(|| async {
             Err::<HttpResponse, _>(PeerRefusal::new(
                 StatusCode::NOT_FOUND,
@@ -277,18 +277,36 @@ async fn blocks(
     payload: web::Payload,
     state: web::Data<PeerState>,
 ) -> Result<HttpResponse, PeerRefusal> {
-    let Incoming {
-        end,
-        message: shipment,
-        ..
-    } = incoming::<BlockShipment>(&req, payload, &state).await?;
-    let blocks = shipment
-        .blocks
-        .into_iter()
-        .map(|b| b.decode())
-        .collect::<Result<Vec<_>, Error>>()?;
-    let level = ask_domain(&end.link, ReceiveBlocks(blocks), state.timeout).await?;
+    let level = to_link(&req, payload, &state, |shipment: BlockShipment| {
+        let blocks = shipment
+            .blocks
+            .into_iter()
+            .map(|b| b.decode())
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(ReceiveBlocks(blocks))
+    })
+    .await?;
     Ok(ok(Some(level)))
+}
+
+/// Parses a neighbour's message `T`, turns it into the message for its link end and returns
+/// that end's answer.
+async fn to_link<T, M, R>(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &PeerState,
+    message: impl FnOnce(T) -> Result<M, Error>,
+) -> Result<R, PeerRefusal>
+where
+    T: serde::de::DeserializeOwned,
+    M: actix::Message<Result = Result<R, Error>> + Send + 'static,
+    Link: actix::Handler<M>,
+    R: Send + 'static,
+{
+    let Incoming {
+        end, message: m, ..
+    } = incoming::<T>(req, payload, state).await?;
+    Ok(ask_domain(&end.link, message(m)?, state.timeout).await?)
 }
 
 async fn level(
@@ -307,16 +325,14 @@ async fn level(
     Ok(ok(None))
 }
 
-async fn bb84(
+async fn source(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<PeerState>,
 ) -> Result<HttpResponse, PeerRefusal> {
-    let Incoming {
-        end,
-        message: request,
-        ..
-    } = incoming::<SourceRequest>(&req, payload, &state).await?;
-    let reply = ask_domain(&end.link, SourceFromPeer(request), state.timeout).await?;
+    let reply = to_link(&req, payload, &state, |r: SourceRequest| {
+        Ok(SourceFromPeer(r))
+    })
+    .await?;
     Ok(HttpResponse::Ok().json(reply))
 }

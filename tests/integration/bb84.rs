@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use super::harness::{dec, enc, keys, LinkOptions, Net};
+use super::harness::{enc, LinkOptions, Net};
 
 fn qkd(status: &Value) -> &Value {
     &status["status_extension"]["link"]["qkd"]
@@ -30,23 +30,11 @@ async fn sae_keys_come_from_bb84_frames_and_status_shows_the_link() {
     assert!(q["auth_windows_left"].as_u64().unwrap() > 0, "{q}");
 
     // Both directions over the link; every key identical at both ends.
-    let (a, b) = (net.url("kme-a"), net.url("kme-b"));
-    let (sae_a, sae_b) = (net.client(Some("sae-a")), net.client(Some("sae-b")));
-    let (code, body) = enc(&sae_a, &a, "sae-b", json!({"number": 4})).await;
-    assert_eq!(code, 200, "{body}");
-    let sent = keys(&body);
-    let ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
-    let (code, body) = dec(&sae_b, &b, "sae-a", &ids).await;
-    assert_eq!(code, 200, "{body}");
-    assert_eq!(keys(&body), sent);
+    net.key_pair(("sae-a", "kme-a"), ("sae-b", "kme-b"), 4)
+        .await;
     net.wait_for_keys("sae-b", "kme-b", "sae-a", 4).await;
-    let (code, body) = enc(&sae_b, &b, "sae-a", json!({"number": 4})).await;
-    assert_eq!(code, 200, "{body}");
-    let sent = keys(&body);
-    let ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
-    let (code, body) = dec(&sae_a, &a, "sae-b", &ids).await;
-    assert_eq!(code, 200, "{body}");
-    assert_eq!(keys(&body), sent);
+    net.key_pair(("sae-b", "kme-b"), ("sae-a", "kme-a"), 4)
+        .await;
 
     // The Bob end sees the same link.
     let status = net
@@ -157,12 +145,6 @@ async fn the_bob_end_refuses_stale_or_forged_bb84_messages_and_keeps_working() {
             || s["stored_key_count"].as_u64() >= Some(16)
     })
     .await;
-    let (sae_a, sae_b) = (net.client(Some("sae-a")), net.client(Some("sae-b")));
-    let (code, body) = enc(&sae_a, &net.url("kme-a"), "sae-b", json!({"number": 2})).await;
-    assert_eq!(code, 200, "{body}");
-    let sent = keys(&body);
-    let ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
-    let (code, body) = dec(&sae_b, &net.url("kme-b"), "sae-a", &ids).await;
-    assert_eq!(code, 200, "{body}");
-    assert_eq!(keys(&body), sent);
+    net.key_pair(("sae-a", "kme-a"), ("sae-b", "kme-b"), 2)
+        .await;
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use base64::Engine;
 use serde_json::json;
 
-use super::harness::{dec, enc, keys, LinkOptions, Net};
+use super::harness::{LinkOptions, Net};
 
 fn drop_dir(net: &Net, kme: &str, peer: &str) -> PathBuf {
     let dir = net.setup.path().join(format!("data/{kme}/key-drop/{peer}"));
@@ -59,14 +59,9 @@ async fn keys_come_from_matching_key_files_which_are_destroyed_after_use() {
         std::fs::write(at_a.join(&name), bytes).unwrap();
     }
     net.wait_for_keys("sae-a", "kme-a", "sae-b", 64).await;
-    let (sae_a, sae_b) = (net.client(Some("sae-a")), net.client(Some("sae-b")));
-    let (code, body) = enc(&sae_a, &net.url("kme-a"), "sae-b", json!({"number": 8})).await;
-    assert_eq!(code, 200, "{body}");
-    let sent = keys(&body);
-    let ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
-    let (code, body) = dec(&sae_b, &net.url("kme-b"), "sae-a", &ids).await;
-    assert_eq!(code, 200, "{body}");
-    assert_eq!(keys(&body), sent);
+    let sent = net
+        .key_pair(("sae-a", "kme-a"), ("sae-b", "kme-b"), 8)
+        .await;
     for (_, key) in &sent {
         let key = base64::engine::general_purpose::STANDARD
             .decode(key)

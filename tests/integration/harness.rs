@@ -253,6 +253,37 @@ impl Net {
         }
     }
 
+    /// `number` keys from enc_keys of `master` at `master_kme`, retrieved by `slave` at
+    /// `slave_kme`: asserts both answers are 200 and the keys identical; returns them.
+    pub async fn key_pair(
+        &self,
+        (master, master_kme): (&str, &str),
+        (slave, slave_kme): (&str, &str),
+        number: u32,
+    ) -> Vec<(String, String)> {
+        let body = serde_json::json!({ "number": number });
+        let (code, answer) = enc(
+            &self.client(Some(master)),
+            &self.url(master_kme),
+            slave,
+            body,
+        )
+        .await;
+        assert_eq!(code, 200, "{answer}");
+        let sent = keys(&answer);
+        let ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
+        let (code, answer) = dec(
+            &self.client(Some(slave)),
+            &self.url(slave_kme),
+            master,
+            &ids,
+        )
+        .await;
+        assert_eq!(code, 200, "{answer}");
+        assert_eq!(keys(&answer), sent);
+        sent
+    }
+
     /// Stops one KME (its listeners close; a peer of it sees connections refused).
     pub fn stop(&mut self, kme: &str) {
         if let Some(i) = self.nodes.iter().position(|(id, _)| *id == kme) {
