@@ -356,7 +356,7 @@ mod tests {
     async fn an_eavesdropper_aborts_the_frame_at_both_ends() {
         let (alice, bob) = frame(1.0).await;
         assert!(
-            matches!(bob, FrameState::Aborted(AbortReason::QberTooHigh(q)) if q > 0.2),
+            matches!(bob, FrameState::Aborted(AbortReason::QberTooHigh { observed, .. }) if (0.2..0.3).contains(&observed)),
             "{bob:?}"
         );
         assert!(matches!(alice, FrameState::Aborted(_)), "{alice:?}");

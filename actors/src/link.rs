@@ -1029,7 +1029,8 @@ impl Bb84End {
                     .push_back((took, report.sifted_bits, secret_bits));
             }
             Err(reason) => {
-                if let AbortReason::QberTooHigh(upper) = reason {
+                if let AbortReason::QberTooHigh { observed, upper } = reason {
+                    stats.qber = Some(observed);
                     stats.qber_upper = Some(upper);
                 }
                 stats.frames_aborted += 1;

@@ -29,6 +29,8 @@ pub enum EstimationError {
     /// Upper confidence bound on QBER above threshold (possible eavesdropping).
     #[error("QBER upper bound {upper:.4} exceeds threshold {threshold:.4}")]
     QberTooHigh {
+        /// QBER observed on the sample.
+        observed: f64,
         /// Upper bound computed.
         upper: f64,
         /// Configured threshold.
@@ -256,6 +258,7 @@ pub fn estimate(
     let qber_upper = qber_upper_bound(sample_size, sample_errors, n_key, cfg.eps_pe);
     if qber_upper > cfg.qber_threshold {
         return Err(EstimationError::QberTooHigh {
+            observed: qber_sample,
             upper: qber_upper,
             threshold: cfg.qber_threshold,
         });

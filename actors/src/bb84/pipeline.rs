@@ -48,8 +48,13 @@ use thiserror::Error;
 #[derive(Debug, Error, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AbortReason {
     /// QBER upper bound above threshold (possible eavesdropping).
-    #[error("QBER upper bound {0:.4} above threshold")]
-    QberTooHigh(f64),
+    #[error("QBER {observed:.4} (upper bound {upper:.4}) above threshold")]
+    QberTooHigh {
+        /// Observed on the disclosed sample.
+        observed: f64,
+        /// Its upper confidence bound, compared with the threshold.
+        upper: f64,
+    },
     /// Decoy analysis found no single-photon contribution.
     #[error("no positive single-photon yield bound")]
     NoSinglePhotons,
@@ -91,7 +96,9 @@ pub enum AbortReason {
 impl From<EstimationError> for AbortReason {
     fn from(e: EstimationError) -> Self {
         match e {
-            EstimationError::QberTooHigh { upper, .. } => AbortReason::QberTooHigh(upper),
+            EstimationError::QberTooHigh {
+                observed, upper, ..
+            } => AbortReason::QberTooHigh { observed, upper },
             EstimationError::NoSinglePhotons => AbortReason::NoSinglePhotons,
             EstimationError::TooFewBits(_) => AbortReason::TooFewBits,
             EstimationError::DisclosureLength { .. } => AbortReason::UnexpectedMessage,
@@ -1100,7 +1107,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(2);
         let o = run_frame_in_process(&small_params(0.01, 1.0), &mut rng).unwrap();
         assert!(
-            matches!(o.aborted, Some(AbortReason::QberTooHigh(q)) if q > 0.2),
+            matches!(o.aborted, Some(AbortReason::QberTooHigh { upper, .. }) if upper > 0.2),
             "{:?}",
             o.aborted
         );
