@@ -17,7 +17,10 @@ use crate::types::KmeId;
 pub type DbPool = Pool<SqliteConnectionManager>;
 
 /// Migrations in order; version N is applied when `PRAGMA user_version` < N.
-const MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("../../sql/migrations/0001_init.sql"))];
+const MIGRATIONS: &[(u32, &str)] = &[
+    (1, include_str!("../../sql/migrations/0001_init.sql")),
+    (2, include_str!("../../sql/migrations/0002_key_files.sql")),
+];
 
 /// Per-connection settings.
 ///

@@ -147,7 +147,35 @@ fn apply(
             peer,
             blocks,
             confirmed,
-        } => store_blocks(tx, sealer, &peer, blocks, confirmed).map(Output::Blocks),
+            key_file,
+        } => {
+            if let Some(file) = key_file {
+                let inserted = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO key_files(peer, name, sha256, pending)
+                         VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .execute(params![
+                        peer.as_str(),
+                        file.name,
+                        file.sha256.as_slice(),
+                        !confirmed
+                    ])?;
+                if inserted == 0 {
+                    return Err(Error::PeerMessage(format!(
+                        "key file {} was used before",
+                        file.name
+                    )));
+                }
+            }
+            store_blocks(tx, sealer, &peer, blocks, confirmed).map(Output::Blocks)
+        }
+        Op::KeyFileUsed { peer, name } => {
+            let used = tx
+                .prepare_cached("SELECT 1 FROM key_files WHERE peer = ?1 AND name = ?2")?
+                .exists(params![peer.as_str(), name])?;
+            Ok(Output::Flag(used))
+        }
         Op::ConfirmBlocks { peer, blocks } => {
             let mut stmt = tx.prepare_cached(
                 "UPDATE link_blocks SET confirmed = 1 WHERE peer = ?1 AND owner = ?2 AND seq = ?3",
@@ -155,6 +183,8 @@ fn apply(
             for (owner, seq) in blocks {
                 stmt.execute(params![peer.as_str(), owner.as_str(), to_i64(seq)])?;
             }
+            tx.prepare_cached("UPDATE key_files SET pending = 0 WHERE peer = ?1 AND pending = 1")?
+                .execute(params![peer.as_str()])?;
             Ok(Output::Done)
         }
         Op::DiscardBlocks { peer, audit } => {
@@ -168,6 +198,8 @@ fn apply(
             )?
             .execute(params![peer.as_str()])?;
             tx.prepare_cached("DELETE FROM link_blocks WHERE peer = ?1 AND confirmed = 0")?
+                .execute(params![peer.as_str()])?;
+            tx.prepare_cached("DELETE FROM key_files WHERE peer = ?1 AND pending = 1")?
                 .execute(params![peer.as_str()])?;
             block_cache.remove(&peer);
             append_audit(tx, head, &audit)?;
@@ -667,6 +699,7 @@ fn parse_ids(json: &str) -> Result<Vec<String>> {
 mod tests {
     use super::*;
     use crate::db;
+    use crate::store::UsedKeyFile;
 
     fn conn() -> (
         tempfile::TempDir,
@@ -868,26 +901,52 @@ mod tests {
     }
 
     #[test]
-    fn discarding_a_lost_frame_rewinds_only_unconfirmed_blocks() {
+    fn discarding_a_lost_frame_rewinds_only_unconfirmed_blocks_and_key_files() {
         let dir = tempfile::tempdir().unwrap();
         let (pool, _) = db::open(&dir.path().join("t.sqlite"), 1).unwrap();
         let mut writer = DbWriter::new(pool.clone(), Arc::new(sealer()));
         let peer = kme("kme-b");
-        let store = |blocks, confirmed| Op::StoreBlocks {
+        let file = |name: &str| {
+            Some(UsedKeyFile {
+                name: name.into(),
+                sha256: [7; 32],
+            })
+        };
+        let store = |blocks, confirmed, key_file| Op::StoreBlocks {
             peer: peer.clone(),
             blocks,
             confirmed,
+            key_file,
+        };
+        let used = |name: &str| Op::KeyFileUsed {
+            peer: peer.clone(),
+            name: name.into(),
         };
         let outcomes = writer.write(vec![
-            store(vec![block("kme-a", 0), block("kme-a", 1)], true),
-            store(vec![block("kme-a", 2), block("#auth", 0)], false),
+            store(vec![block("kme-a", 0), block("kme-a", 1)], true, file("f1")),
+            store(
+                vec![block("kme-a", 2), block("#auth", 0)],
+                false,
+                file("f2"),
+            ),
             Op::DiscardBlocks {
                 peer: peer.clone(),
                 audit: AuditRecord::new("bb84_frame_lost", serde_json::json!({})),
             },
+            used("f1"),
+            used("f2"),
+            // A used file never gives blocks again.
+            store(vec![block("kme-a", 2)], true, file("f1")),
         ]);
         let outcomes = outcomes.unwrap();
-        assert!(outcomes.iter().all(|o| o.is_ok()), "{outcomes:?}");
+        assert!(outcomes[..3].iter().all(|o| o.is_ok()), "{outcomes:?}");
+        assert_eq!(outcomes[3], Ok(Output::Flag(true)));
+        assert_eq!(
+            outcomes[4],
+            Ok(Output::Flag(false)),
+            "discarded with its blocks"
+        );
+        assert!(matches!(outcomes[5], Err(Error::PeerMessage(_))));
         let conn = pool.get().unwrap();
         assert_eq!(
             db::stream_state(&conn, &peer, &kme("kme-a"))
@@ -929,6 +988,7 @@ mod tests {
                     peer: peer.clone(),
                     blocks: vec![block("kme-a", 0)],
                     confirmed: true,
+                    key_file: None,
                 },
                 Op::Activate {
                     peer: peer.clone(),

@@ -5,8 +5,10 @@
 //! completely before it appears under its final name (write `.name` or `name.tmp`, then
 //! rename): names starting with `.` or ending in `.tmp` are not read. The driving end offers
 //! the first file by name, length and SHA-256; the other end uses its file of that name only if
-//! both match. A used file is overwritten and deleted; a file whose twin differs is renamed
-//! `<name>.rejected` at both ends and never used.
+//! both match. Each end records a file as used in the transaction that stores its blocks (table
+//! `key_files`), so a file never gives blocks twice; a used file is overwritten and deleted
+//! (again at start and at any later offer, should a crash have left it). A file whose twin
+//! differs is renamed `<name>.rejected` at the driving end and never used.
 
 use std::fs;
 use std::io::{self, Write};
@@ -46,11 +48,11 @@ pub fn valid_name(name: &str) -> bool {
         && !name.ends_with(".rejected")
 }
 
-/// The first key file of `dir` in name order, if any (a missing directory holds none).
-pub fn next_file(dir: &Path) -> io::Result<Option<KeyFile>> {
+/// The names of the key files in `dir`, in order (a missing directory holds none).
+pub fn names(dir: &Path) -> io::Result<Vec<String>> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(err) => return Err(err),
     };
     let mut names = Vec::new();
@@ -64,10 +66,22 @@ pub fn next_file(dir: &Path) -> io::Result<Option<KeyFile>> {
         }
     }
     names.sort();
-    match names.first() {
-        Some(name) => read_named(dir, name),
-        None => Ok(None),
+    Ok(names)
+}
+
+/// The first key file of `dir` in name order, if any (a missing directory holds none). A file
+/// above `MAX_FILE_BYTES` is set aside as rejected on the way.
+pub fn next_file(dir: &Path) -> io::Result<Option<KeyFile>> {
+    for name in names(dir)? {
+        match read_named(dir, &name) {
+            Err(err) if err.kind() == io::ErrorKind::FileTooLarge => {
+                log::error!("{err}: set aside as .rejected");
+                reject(&dir.join(&name))?;
+            }
+            other => return other,
+        }
     }
+    Ok(None)
 }
 
 /// The key file `name` of `dir`, if it exists.
@@ -86,7 +100,7 @@ pub fn read_named(dir: &Path, name: &str) -> io::Result<Option<KeyFile>> {
     };
     if meta.len() > MAX_FILE_BYTES {
         return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
+            io::ErrorKind::FileTooLarge,
             format!("{} is larger than {MAX_FILE_BYTES} bytes", path.display()),
         ));
     }
@@ -99,11 +113,21 @@ pub fn read_named(dir: &Path, name: &str) -> io::Result<Option<KeyFile>> {
     }))
 }
 
-/// Overwrites a used key file with zeros, syncs it, then deletes it.
+/// Overwrites a used key file with zeros, syncs it, then deletes it. A file that is gone
+/// already counts as destroyed.
 pub fn destroy(path: &Path) -> io::Result<()> {
-    let len = fs::metadata(path)?.len();
-    let mut file = fs::OpenOptions::new().write(true).open(path)?;
-    file.write_all(&vec![0u8; usize::try_from(len).unwrap_or(0)])?;
+    let mut file = match fs::OpenOptions::new().write(true).open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err),
+    };
+    let zeros = [0u8; 64 * 1024];
+    let mut left = file.metadata()?.len();
+    while left > 0 {
+        let n = left.min(zeros.len() as u64);
+        file.write_all(&zeros[..n as usize])?;
+        left -= n;
+    }
     file.sync_all()?;
     fs::remove_file(path)
 }
@@ -135,6 +159,7 @@ mod tests {
         assert_eq!(next_file(dir.path()).unwrap().unwrap().name, "0003");
         destroy(&dir.path().join("0003")).unwrap();
         assert_eq!(next_file(dir.path()).unwrap(), None);
+        destroy(&dir.path().join("0003")).unwrap();
         assert!(read_named(dir.path(), "../etc").is_err());
         assert_eq!(read_named(dir.path(), "0004").unwrap(), None);
     }

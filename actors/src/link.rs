@@ -48,7 +48,7 @@ use crate::link_auth::{auth_owner, AuthStream, WINDOW_BYTES};
 use crate::peer_link::{
     BlockId, FileMatch, PeerLink, PeerReply, ReportLevel, ShipBlocks, SourceExchange, SourceRequest,
 };
-use crate::store::{BlockOutcome, BlockRecord, Op, Output, Store};
+use crate::store::{BlockOutcome, BlockRecord, Op, Output, Store, UsedKeyFile};
 use crate::types::{Bb84Settings, KmeId, LinkParams, SourceKind};
 
 /// Most blocks per courier shipment.
@@ -136,8 +136,34 @@ enum Delivery {
     /// key file to destroy once the other end has stored the blocks.
     Commit {
         frame: Option<u64>,
-        file: Option<PathBuf>,
+        file: Option<OfferedFile>,
     },
+}
+
+/// A file-drop key file on its way to blocks: where it is, and its record as used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct OfferedFile {
+    path: PathBuf,
+    record: UsedKeyFile,
+}
+
+impl OfferedFile {
+    fn new(file: &KeyFile) -> Self {
+        Self {
+            path: file.path.clone(),
+            record: UsedKeyFile {
+                name: file.name.clone(),
+                sha256: file.sha256,
+            },
+        }
+    }
+}
+
+/// Blocks still to be delivered, retried on every tick until the other end has them.
+struct PendingDelivery {
+    blocks: Vec<BlockRecord>,
+    stored: bool,
+    delivery: Delivery,
 }
 
 /// The BB84 part of a link end.
@@ -162,8 +188,8 @@ struct Bb84End {
 struct HeldKey {
     frame_id: u64,
     key: Vec<u8>,
-    /// file-drop: the file to destroy once the key is stored.
-    file: Option<PathBuf>,
+    /// file-drop: the file to record as used and destroy once the key is stored.
+    file: Option<OfferedFile>,
 }
 
 /// How one frame ended at the Alice end.
@@ -202,9 +228,7 @@ pub struct Link {
     budget_bits: f64,
     last_tick: Instant,
     busy: bool,
-    unshipped: Vec<BlockRecord>,
-    unshipped_stored: bool,
-    unshipped_delivery: Delivery,
+    pending: Option<PendingDelivery>,
     held: Option<HeldKey>,
     /// file-drop, driving end: no offer before this instant.
     next_offer_at: Instant,
@@ -244,13 +268,18 @@ impl Link {
         };
         // After a restart, BB84 and file-drop blocks left unconfirmed are committed by number:
         // their key bytes must never travel.
-        let unshipped_delivery = match params.source {
+        let delivery = match params.source {
             SourceKind::Courier => Delivery::Bytes,
             SourceKind::Bb84(_) | SourceKind::FileDrop => Delivery::Commit {
                 frame: None,
                 file: None,
             },
         };
+        let pending = (!state.unshipped.is_empty()).then_some(PendingDelivery {
+            blocks: state.unshipped,
+            stored: true,
+            delivery,
+        });
         // One block for each end at once: a fresh network serves its first keys right after
         // start instead of one block-time later.
         let initial_budget = (params.block_bytes * 16) as f64;
@@ -269,9 +298,7 @@ impl Link {
             budget_bits: initial_budget,
             last_tick: Instant::now(),
             busy: false,
-            unshipped: state.unshipped,
-            unshipped_stored: true,
-            unshipped_delivery,
+            pending,
             held: None,
             next_offer_at: Instant::now(),
             failure: None,
@@ -391,10 +418,17 @@ impl Link {
             let delivery = &pending;
             let result: Result<u64> = async {
                 if !stored {
+                    let key_file = match delivery {
+                        Delivery::Commit {
+                            file: Some(file), ..
+                        } => Some(file.record.clone()),
+                        _ => None,
+                    };
                     let op = Op::StoreBlocks {
                         peer: link_peer.clone(),
                         blocks: blocks.clone(),
                         confirmed: false,
+                        key_file,
                     };
                     store.send(op.into()).await??;
                     stored = true;
@@ -433,19 +467,10 @@ impl Link {
                             }
                             Err(err) => return Err(err),
                         };
-                        // Both ends hold the blocks: the file must go before they are used,
-                        // so that it can never be offered again.
-                        if let Some(path) = file {
-                            let shown = path.display().to_string();
-                            let path = path.clone();
-                            actix_rt::task::spawn_blocking(move || key_drop::destroy(&path))
-                                .await
-                                .map_err(|err| Error::Storage(err.to_string()))?
-                                .map_err(|err| {
-                                    Error::Storage(format!(
-                                        "cannot destroy used key file {shown}: {err}"
-                                    ))
-                                })?;
+                        // Both ends hold the blocks and record the file as used: it goes (and
+                        // if it cannot, it is destroyed when it turns up again).
+                        if let Some(file) = file {
+                            destroy_key_file(&link_peer, file.path.clone()).await;
                         }
                         level
                     }
@@ -468,9 +493,11 @@ impl Link {
                     Err(Error::FrameLost { .. }) => act.discarded(&blocks),
                     Err(err) => {
                         // Kept and retried on a later tick, with the same numbers and bytes.
-                        act.unshipped = blocks;
-                        act.unshipped_stored = stored;
-                        act.unshipped_delivery = delivery;
+                        act.pending = Some(PendingDelivery {
+                            blocks,
+                            stored,
+                            delivery,
+                        });
                         act.set_health(&Err(err));
                     }
                 }
@@ -533,6 +560,9 @@ impl Actor for Link {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.params.source == SourceKind::FileDrop {
+            self.sweep_used_key_files(ctx);
+        }
         let every = Duration::from_millis(self.params.tick_ms.max(1));
         ctx.run_interval(every, |act, ctx| act.tick(ctx));
     }
@@ -555,10 +585,8 @@ impl Link {
         if self.busy {
             return;
         }
-        if !self.unshipped.is_empty() {
-            let blocks = std::mem::take(&mut self.unshipped);
-            let stored = self.unshipped_stored;
-            self.ship(ctx, blocks, stored, self.unshipped_delivery.clone());
+        if let Some(pending) = self.pending.take() {
+            self.ship(ctx, pending.blocks, pending.stored, pending.delivery);
             return;
         }
         if self.bb84.is_some() {
@@ -813,11 +841,22 @@ impl Link {
         let (key, outcome) = match run.end {
             FrameEnd::Key(key) => (Some(key), Ok(())),
             FrameEnd::Aborted(reason) => (None, Err(reason)),
+            // Catch up with the Bob end (windows below his next one are burned there) — by a
+            // few windows at most: we lag him only if we crashed between his burn and ours.
+            FrameEnd::WindowBehind(next)
+                if next > run.window && next - run.window <= MAX_WINDOW_SKIP + 1 =>
+            {
+                bb84.auth.burn(next - 1);
+                return None;
+            }
             FrameEnd::WindowBehind(next) => {
-                // Catch up with the Bob end (windows below his next one are burned there).
-                if let Some(last) = next.checked_sub(1) {
-                    bb84.auth.burn(last);
-                }
+                bb84.failures = bb84.failures.saturating_add(1);
+                bb84.next_frame_at = Instant::now() + backoff(bb84.failures);
+                let err = Error::PeerMessage(format!(
+                    "{} names authentication window {next} after {}",
+                    self.params.peer, run.window
+                ));
+                self.set_health(&Err(err));
                 return None;
             }
             FrameEnd::Failed(err) => {
@@ -885,6 +924,8 @@ impl Link {
         self.busy = true;
         let dir = self.params.key_drop_dir.clone();
         let peer = self.peer.clone();
+        let store = self.store.clone();
+        let link_peer = self.params.peer.clone();
         let work = async move {
             let found = actix_rt::task::spawn_blocking(move || key_drop::next_file(&dir))
                 .await
@@ -893,12 +934,19 @@ impl Link {
             let Some(file) = found else {
                 return Ok(None);
             };
+            // Left behind by a crash after its blocks were stored: offered all the same, so
+            // that the other end destroys its twin too, then destroyed here, never used.
+            let used = key_file_used(&store, &link_peer, &file.name).await?;
             let offer = SourceRequest::FileOffer {
                 name: file.name.clone(),
                 bytes: file.bytes.len() as u64,
                 sha256: hex(&file.sha256),
             };
             let reply = peer.send(SourceExchange(offer)).await??;
+            if used || reply.file == Some(FileMatch::Used) {
+                destroy_key_file(&link_peer, file.path.clone()).await;
+                return Ok(Some((file, Some(FileMatch::Used))));
+            }
             Ok(Some((file, reply.file)))
         };
         ctx.spawn(fut::wrap_future(work).map(
@@ -907,6 +955,10 @@ impl Link {
                 act.next_offer_at = Instant::now() + FILE_DROP_IDLE;
                 match result {
                     Ok(Some((file, Some(FileMatch::Matched)))) => act.use_file(ctx, file),
+                    Ok(Some((_, Some(FileMatch::Used)))) => {
+                        // Destroyed: go on with the next file at once.
+                        act.next_offer_at = Instant::now();
+                    }
                     Ok(Some((file, answer))) => act.file_refused(file, answer),
                     Ok(None) => act.set_health(&Ok(())),
                     Err(err) => act.set_health(&Err(err)),
@@ -919,6 +971,7 @@ impl Link {
     fn use_file(&mut self, ctx: &mut Context<Self>, file: KeyFile) {
         self.set_health(&Ok(()));
         let frame = Some(file.frame_id());
+        let offered = OfferedFile::new(&file);
         let blocks = self.cut(file.bytes);
         log::info!(
             "link to {}: key file {} gives {} blocks",
@@ -926,11 +979,11 @@ impl Link {
             file.name,
             blocks.len()
         );
-        // Even with no whole block (a file smaller than one), the commit tells the other end
-        // that the file is used, so both ends destroy it.
+        // Even with no whole block (a file smaller than one), the commit records the file as
+        // used at both ends, which then destroy it.
         let delivery = Delivery::Commit {
             frame,
-            file: Some(file.path),
+            file: Some(offered),
         };
         self.ship(ctx, blocks, false, delivery);
     }
@@ -939,7 +992,7 @@ impl Link {
         let err = match answer {
             Some(FileMatch::Mismatch) => {
                 log::error!(
-                    "link to {}: key file {} differs from the peer's; both set aside as .rejected",
+                    "link to {}: key file {} differs from the peer's; ours set aside as .rejected",
                     self.params.peer,
                     file.name
                 );
@@ -952,6 +1005,15 @@ impl Link {
         };
         self.set_health(&Err(Error::Unavailable(err)));
     }
+}
+
+/// Whether the key file `name` of the link to `peer` gave blocks already.
+async fn key_file_used(store: &Addr<Store>, peer: &KmeId, name: &str) -> Result<bool> {
+    let op = Op::KeyFileUsed {
+        peer: peer.clone(),
+        name: name.to_string(),
+    };
+    Ok(matches!(store.send(op.into()).await??, Output::Flag(true)))
 }
 
 /// Lowercase hex of a digest.
@@ -1122,17 +1184,23 @@ impl Link {
             ));
             return Box::pin(fut::ready(Err(err)));
         }
-        self.store_received(blocks)
+        self.store_received(blocks, None)
     }
 
     /// Receiving end: stores blocks for good, then hands the new ones to their users.
     /// Result: our pool level.
-    fn store_received(&mut self, blocks: Vec<BlockRecord>) -> ResponseActFuture<Self, Result<u64>> {
+    /// `key_file`: the file-drop key file they come from, recorded as used with them.
+    fn store_received(
+        &mut self,
+        blocks: Vec<BlockRecord>,
+        key_file: Option<UsedKeyFile>,
+    ) -> ResponseActFuture<Self, Result<u64>> {
         let store = self.store.clone();
         let op = Op::StoreBlocks {
             peer: self.params.peer.clone(),
             blocks: blocks.clone(),
             confirmed: true,
+            key_file,
         };
         let work = async move {
             let outcomes = match store.send(op.into()).await?? {
@@ -1347,7 +1415,8 @@ impl Link {
                 .iter()
                 .map(|id| id.seq < *self.next_seq(&id.owner))
                 .collect();
-            return if held.iter().all(|h| *h) {
+            // An empty commit (a file-drop file shorter than one block) proves nothing: lost.
+            return if !held.is_empty() && held.iter().all(|h| *h) {
                 Box::pin(fut::ready(Ok(PeerReply {
                     ok: true,
                     level: Some(self.own_level),
@@ -1383,8 +1452,9 @@ impl Link {
             key: key.clone(),
             file: file.clone(),
         };
+        let record = file.as_ref().map(|f| f.record.clone());
         let stored = self
-            .store_received(blocks)
+            .store_received(blocks, record)
             .then(move |level, act: &mut Self, _| {
                 if level.is_err() {
                     // A passing storage failure: the retried commit finds the key again.
@@ -1394,8 +1464,8 @@ impl Link {
                 let destroyed = async move {
                     let level = level?;
                     // Used here for good: the device's file goes before the Alice end hears so.
-                    if let Some(path) = file {
-                        destroy_key_file(&peer, path).await;
+                    if let Some(file) = file {
+                        destroy_key_file(&peer, file.path).await;
                     }
                     Ok(PeerReply {
                         ok: true,
@@ -1444,16 +1514,24 @@ impl Link {
         }
         self.held = None;
         let dir = self.params.key_drop_dir.clone();
+        let store = self.store.clone();
+        let peer = self.params.peer.clone();
         let work = async move {
+            if key_file_used(&store, &peer, &name).await? {
+                // Our twin gave blocks already: destroy it if a crash left it, never use it.
+                destroy_key_file(&peer, dir.join(&name)).await;
+                return Ok((FileMatch::Used, None));
+            }
             actix_rt::task::spawn_blocking(move || {
                 let file = key_drop::read_named(&dir, &name)?;
                 let Some(file) = file else {
                     return Ok((FileMatch::Missing, None));
                 };
+                // A differing twin stays where it is: the neighbour's word alone must not
+                // take our key files out of use.
                 if file.bytes.len() as u64 == bytes && hex(&file.sha256) == sha256 {
                     return Ok((FileMatch::Matched, Some(file)));
                 }
-                key_drop::reject(&file.path)?;
                 Ok((FileMatch::Mismatch, None))
             })
             .await
@@ -1465,14 +1543,14 @@ impl Link {
                 let (answer, file) = result?;
                 if answer == FileMatch::Mismatch {
                     log::error!(
-                        "link to {}: an offered key file differs from ours; set aside as .rejected",
+                        "link to {}: an offered key file differs from ours",
                         act.params.peer
                     );
                 }
                 act.held = file.map(|file| HeldKey {
                     frame_id: file.frame_id(),
+                    file: Some(OfferedFile::new(&file)),
                     key: file.bytes,
-                    file: Some(file.path),
                 });
                 Ok(PeerReply {
                     ok: true,
@@ -1482,10 +1560,31 @@ impl Link {
             },
         ))
     }
+
+    /// At start: destroy key files that gave blocks before a crash could remove them.
+    fn sweep_used_key_files(&mut self, ctx: &mut Context<Self>) {
+        let dir = self.params.key_drop_dir.clone();
+        let store = self.store.clone();
+        let peer = self.params.peer.clone();
+        let work = async move {
+            let listed =
+                actix_rt::task::spawn_blocking(move || key_drop::names(&dir).map(|n| (dir, n)));
+            let Ok(Ok((dir, names))) = listed.await else {
+                return;
+            };
+            for name in names {
+                if matches!(key_file_used(&store, &peer, &name).await, Ok(true)) {
+                    log::warn!("link to {peer}: destroying key file {name}, used before a restart");
+                    destroy_key_file(&peer, dir.join(&name)).await;
+                }
+            }
+        };
+        ctx.spawn(fut::wrap_future(work));
+    }
 }
 
-/// Best effort at the end that does not drive: a used key file it cannot destroy is logged
-/// (it is never offered again: the driving end destroys its twin before using the blocks).
+/// Best effort: a used key file that cannot be destroyed now is logged; it is recorded as used,
+/// so it is destroyed, never used, when it turns up again (at start or at an offer).
 async fn destroy_key_file(peer: &KmeId, path: PathBuf) {
     let shown = path.display().to_string();
     let destroyed = actix_rt::task::spawn_blocking(move || key_drop::destroy(&path)).await;

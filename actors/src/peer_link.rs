@@ -117,8 +117,10 @@ pub enum FileMatch {
     Matched,
     /// Not (yet) written there.
     Missing,
-    /// Different: set aside as `.rejected` there.
+    /// Different (the driving end sets its copy aside as `.rejected`).
     Mismatch,
+    /// Gave blocks before (a crash left it behind): destroyed, not used again.
+    Used,
 }
 
 /// Answer of every peer endpoint.

@@ -58,11 +58,16 @@ pub struct LocalKey {
 #[derive(Debug, Clone)]
 pub enum Op {
     /// Store link blocks (idempotent per owner and number; a replay of a consumed number fails).
+    /// `key_file`: the file-drop key file they come from, recorded as used in the same
+    /// transaction (refused if it was used before).
     StoreBlocks {
         peer: KmeId,
         blocks: Vec<BlockRecord>,
         confirmed: bool,
+        key_file: Option<UsedKeyFile>,
     },
+    /// file-drop: was the key file `name` of this link used already?
+    KeyFileUsed { peer: KmeId, name: String },
     /// The other end holds these blocks (owner, number) durably: they may be used now.
     ConfirmBlocks {
         peer: KmeId,
@@ -107,10 +112,18 @@ pub enum Op {
     Audit(AuditRecord),
 }
 
+/// A key file of a file-drop link, as recorded once it gives blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsedKeyFile {
+    pub name: String,
+    pub sha256: [u8; 32],
+}
+
 /// Outcome of one operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
     Done,
+    Flag(bool),
     Blocks(Vec<BlockOutcome>),
     Keys(Vec<Key>),
 }

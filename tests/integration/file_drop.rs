@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use base64::Engine;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::harness::{LinkOptions, Net};
 
@@ -22,11 +22,12 @@ fn random(len: usize) -> Vec<u8> {
 
 #[actix::test]
 async fn keys_come_from_matching_key_files_which_are_destroyed_after_use() {
-    let net = Net::start(LinkOptions {
+    let options = LinkOptions {
         block_bytes: 1024,
         file_drop: true,
         ..LinkOptions::default()
-    });
+    };
+    let mut net = Net::start(options.clone());
     let (at_a, at_b) = (
         drop_dir(&net, "kme-a", "kme-b"),
         drop_dir(&net, "kme-b", "kme-a"),
@@ -49,7 +50,9 @@ async fn keys_come_from_matching_key_files_which_are_destroyed_after_use() {
             .is_some_and(|r| r.contains("differs"))
     })
     .await;
-    assert!(at_a.join("0001.rejected").exists() && at_b.join("0001.rejected").exists());
+    // Ours is set aside; the neighbour's word alone never takes the other end's file out of use.
+    assert!(at_a.join("0001.rejected").exists() && at_b.join("0001").exists());
+    std::fs::remove_file(at_b.join("0001")).unwrap();
 
     // Identical files: their bytes become the keys, and the files are gone at both ends.
     let files: Vec<Vec<u8>> = (0..2).map(|_| random(8 * 1024)).collect();
@@ -106,4 +109,37 @@ async fn keys_come_from_matching_key_files_which_are_destroyed_after_use() {
         rejected, early,
         "a rejected file is kept for the operator, untouched"
     );
+
+    // Used files that turn up again (as a crash between storing and destroying leaves them)
+    // are destroyed and never give key again: at an offer, and at the next start.
+    let produced = |s: &Value| s["status_extension"]["link"]["bytes_produced"].as_u64();
+    let before = net
+        .wait_for_status("sae-a", "kme-a", "sae-b", "status", |_| true)
+        .await;
+    std::fs::write(at_a.join("0002"), &files[0]).unwrap();
+    std::fs::write(at_b.join("0002"), &files[0]).unwrap();
+    std::fs::write(at_b.join("0003"), &files[1]).unwrap();
+    wait_until_gone(&at_a.join("0002")).await;
+    wait_until_gone(&at_b.join("0002")).await;
+    net.restart_all(&options);
+    wait_until_gone(&at_b.join("0003")).await;
+    let after = net
+        .wait_for_status("sae-a", "kme-a", "sae-b", "status", |_| true)
+        .await;
+    assert_eq!(produced(&after), Some(0), "{after}");
+    assert!(produced(&before) > Some(0), "{before}");
+    let stored = |s: &Value| s["stored_key_count"].as_u64();
+    assert_eq!(stored(&after), stored(&before), "no key from a used file");
+}
+
+async fn wait_until_gone(path: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} was not destroyed",
+            path.display()
+        );
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
