@@ -1,11 +1,13 @@
 //! Encryption at rest of key material: AES-256-GCM under data keys derived with HKDF-SHA256
 //! from a master key that lives outside the database (a file of the KME, mode 600).
 //!
-//! A sealed value is `key epoch (8) || nonce (12) || ciphertext || tag (16)`, with a fresh
-//! random nonce and the row's identity as associated data, so a value copied into another row
-//! fails to open. Random 96-bit nonces are safe for about 2^32 seals per key (NIST SP 800-38D),
-//! so the data key changes every `SEALS_PER_KEY` seals and at every start (the epoch combines
-//! the KME's boot epoch and a seal counter); opening derives the key of the value's epoch.
+//! A sealed value is `key epoch (8) || nonce (12) || ciphertext || tag (16)`, with the row's
+//! identity as associated data, so a value copied into another row fails to open. Nonces are
+//! deterministic (NIST SP 800-38D, 8.2.1): the seal counter of this run, which never repeats
+//! under one data key, since the data key changes at every start and every `SEALS_PER_KEY`
+//! seals (the key epoch combines the KME's boot epoch and the counter's high part). No random
+//! nonce to draw per seal (OpenSSL's RNG checks the PID on every call), no collision bound to
+//! watch. Opening derives the key of the value's epoch.
 //! A stolen database file alone reveals no key material.
 
 use std::collections::HashMap;
@@ -25,7 +27,7 @@ use crate::error::{Error, Result};
 const EPOCH: usize = 8;
 const NONCE: usize = 12;
 const TAG: usize = 16;
-/// Seals under one data key: 2^30 keeps random-nonce collisions below 2^-37 per key.
+/// Seals under one data key (a key's exposure stays bounded; nonces would allow 2^64).
 const SEALS_PER_KEY: u64 = 1 << 30;
 
 /// What a sealed value is: each purpose has its own data keys.
@@ -122,8 +124,9 @@ impl Sealer {
         let key = self.key(purpose, epoch)?;
         let mut sealed = Vec::with_capacity(EPOCH + NONCE + plaintext.len() + TAG);
         sealed.extend_from_slice(&epoch.to_be_bytes());
+        // Unique under this key: `count` is unique in this run, and the key is of this run.
         let mut nonce = [0u8; NONCE];
-        openssl::rand::rand_bytes(&mut nonce).map_err(crypto)?;
+        nonce[NONCE - 8..].copy_from_slice(&count.to_be_bytes());
         sealed.extend_from_slice(&nonce);
         let mut ctx = CipherCtx::new().map_err(crypto)?;
         ctx.encrypt_init(Some(&self.cipher), Some(&key), Some(&nonce))
@@ -254,6 +257,11 @@ mod tests {
             sealed[..EPOCH],
             "a new start seals under a new data key"
         );
+        // Within a run, every seal has its own nonce: the same input never seals alike.
+        let again = restarted.seal(Purpose::Key, b"row-1", b"secret").unwrap();
+        assert_eq!(again[..EPOCH], fresh[..EPOCH]);
+        assert_ne!(again[EPOCH..EPOCH + NONCE], fresh[EPOCH..EPOCH + NONCE]);
+        assert_ne!(again, fresh);
     }
 
     #[test]
