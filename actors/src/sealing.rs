@@ -58,6 +58,17 @@ pub struct Sealer {
     cipher: Cipher,
     /// Derived data keys by (purpose, key epoch); a handful per run.
     keys: Mutex<HashMap<(Purpose, u64), [u8; 32]>>,
+    /// The last keyed contexts for sealing and for opening, kept between calls: keying one
+    /// (AES key schedule, OpenSSL's parameter lookups) costs more than sealing a 32-byte key.
+    sealing: Mutex<Option<KeyedCtx>>,
+    opening: Mutex<Option<KeyedCtx>>,
+}
+
+/// A cipher context keyed with the data key of (purpose, key epoch).
+struct KeyedCtx {
+    purpose: Purpose,
+    epoch: u64,
+    ctx: CipherCtx,
 }
 
 impl Sealer {
@@ -93,6 +104,8 @@ impl Sealer {
             seals: AtomicU64::new(0),
             cipher: Cipher::fetch(None, "AES-256-GCM", None).map_err(crypto)?,
             keys: Mutex::new(HashMap::new()),
+            sealing: Mutex::new(None),
+            opening: Mutex::new(None),
         })
     }
 
@@ -121,24 +134,60 @@ impl Sealer {
     pub fn seal(&self, purpose: Purpose, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
         let count = self.seals.fetch_add(1, Ordering::Relaxed);
         let epoch = (self.boot_epoch << 32) | (count / SEALS_PER_KEY);
-        let key = self.key(purpose, epoch)?;
         let mut sealed = Vec::with_capacity(EPOCH + NONCE + plaintext.len() + TAG);
         sealed.extend_from_slice(&epoch.to_be_bytes());
         // Unique under this key: `count` is unique in this run, and the key is of this run.
         let mut nonce = [0u8; NONCE];
         nonce[NONCE - 8..].copy_from_slice(&count.to_be_bytes());
         sealed.extend_from_slice(&nonce);
-        let mut ctx = CipherCtx::new().map_err(crypto)?;
-        ctx.encrypt_init(Some(&self.cipher), Some(&key), Some(&nonce))
-            .map_err(crypto)?;
-        ctx.cipher_update(aad, None).map_err(crypto)?;
-        ctx.cipher_update_vec(plaintext, &mut sealed)
-            .map_err(crypto)?;
-        ctx.cipher_final_vec(&mut sealed).map_err(crypto)?;
-        let mut tag = [0u8; TAG];
-        ctx.tag(&mut tag).map_err(crypto)?;
-        sealed.extend_from_slice(&tag);
+        self.with_ctx(&self.sealing, purpose, epoch, true, |ctx| {
+            ctx.encrypt_init(None, None, Some(&nonce))?;
+            ctx.cipher_update(aad, None)?;
+            ctx.cipher_update_vec(plaintext, &mut sealed)?;
+            ctx.cipher_final_vec(&mut sealed)?;
+            let mut tag = [0u8; TAG];
+            ctx.tag(&mut tag)?;
+            sealed.extend_from_slice(&tag);
+            Ok(())
+        })?
+        .map_err(crypto)?;
         Ok(sealed)
+    }
+
+    /// Runs `f` on the context of `slot`, keyed anew only when (purpose, epoch) changed.
+    fn with_ctx(
+        &self,
+        slot: &Mutex<Option<KeyedCtx>>,
+        purpose: Purpose,
+        epoch: u64,
+        encrypt: bool,
+        f: impl FnOnce(&mut CipherCtx) -> std::result::Result<(), openssl::error::ErrorStack>,
+    ) -> Result<std::result::Result<(), openssl::error::ErrorStack>> {
+        let mut slot = slot
+            .lock()
+            .map_err(|_| Error::Storage("cipher context poisoned".into()))?;
+        let keyed = match slot.take() {
+            Some(keyed) if keyed.purpose == purpose && keyed.epoch == epoch => keyed,
+            _ => {
+                let key = self.key(purpose, epoch)?;
+                let mut ctx = CipherCtx::new().map_err(crypto)?;
+                if encrypt {
+                    ctx.encrypt_init(Some(&self.cipher), Some(&key), None)
+                } else {
+                    ctx.decrypt_init(Some(&self.cipher), Some(&key), None)
+                }
+                .map_err(crypto)?;
+                KeyedCtx {
+                    purpose,
+                    epoch,
+                    ctx,
+                }
+            }
+        };
+        let mut keyed = keyed;
+        let outcome = f(&mut keyed.ctx);
+        *slot = Some(keyed);
+        Ok(outcome)
     }
 
     pub fn open(&self, purpose: Purpose, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>> {
@@ -150,16 +199,15 @@ impl Sealer {
         let (ciphertext, tag) = rest.split_at(rest.len() - TAG);
         let mut epoch_bytes = [0u8; EPOCH];
         epoch_bytes.copy_from_slice(epoch);
-        let key = self.key(purpose, u64::from_be_bytes(epoch_bytes))?;
+        let epoch = u64::from_be_bytes(epoch_bytes);
         let mut plaintext = Vec::with_capacity(ciphertext.len());
-        let opened = (|| {
-            let mut ctx = CipherCtx::new()?;
-            ctx.decrypt_init(Some(&self.cipher), Some(&key), Some(nonce))?;
+        let opened = self.with_ctx(&self.opening, purpose, epoch, false, |ctx| {
+            ctx.decrypt_init(None, None, Some(nonce))?;
             ctx.set_tag(tag)?;
             ctx.cipher_update(aad, None)?;
             ctx.cipher_update_vec(ciphertext, &mut plaintext)?;
-            ctx.cipher_final_vec(&mut plaintext)
-        })();
+            ctx.cipher_final_vec(&mut plaintext).map(|_| ())
+        })?;
         match opened {
             Ok(_) => Ok(plaintext),
             Err(_) => Err(Error::Storage(
@@ -245,6 +293,20 @@ mod tests {
         let mut tampered = sealed.clone();
         tampered[20] ^= 1;
         assert!(sealer.open(Purpose::Key, b"row-1", &tampered).is_err());
+        // The kept context serves on after a failure and across purposes.
+        assert_eq!(
+            sealer.open(Purpose::Key, b"row-1", &sealed).unwrap(),
+            b"secret"
+        );
+        let block = sealer.seal(Purpose::LinkBlock, b"b", b"block").unwrap();
+        assert_eq!(
+            sealer.open(Purpose::LinkBlock, b"b", &block).unwrap(),
+            b"block"
+        );
+        assert_eq!(
+            sealer.open(Purpose::Key, b"row-1", &sealed).unwrap(),
+            b"secret"
+        );
         // After a restart (another boot epoch) the old values still open.
         let restarted = Sealer::from_master(&[7u8; 32], 2).unwrap();
         assert_eq!(
