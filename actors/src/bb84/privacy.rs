@@ -21,6 +21,7 @@ use crate::bb84::fft::FftPlan;
 use crate::bb84::math::h2;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
 use thiserror::Error;
 
 /// Privacy-amplification failures.
@@ -177,6 +178,36 @@ fn split_plan(n: usize, m: usize) -> (usize, usize, usize) {
     (best.1, best.2, best.3)
 }
 
+thread_local! {
+    /// FFT buffers kept per thread between calls (at most four, as many as one call uses):
+    /// allocating and faulting in four fresh buffers of up to 2^21 doubles per frame cost
+    /// more than the transforms themselves under some allocators.
+    static SCRATCH: RefCell<Vec<Vec<f64>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Offset step between the FFT arrays, in doubles (5 cache lines).
+const PAD: usize = 40;
+
+/// A zeroed buffer of `len` doubles, from this thread's scratch if it has one.
+fn scratch(len: usize) -> Vec<f64> {
+    let kept = SCRATCH.with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()));
+    let mut v = kept.unwrap_or_default();
+    v.clear();
+    v.resize(len, 0.0);
+    v
+}
+
+/// Returns a buffer to this thread's scratch.
+fn keep(v: Vec<f64>) {
+    SCRATCH.with(|s| {
+        if let Ok(mut s) = s.try_borrow_mut() {
+            if s.len() < 4 {
+                s.push(v);
+            }
+        }
+    });
+}
+
 /// Fast Toeplitz hash via FFT convolution.
 pub fn toeplitz_hash(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitVec, PaError> {
     check(key, seed, m)?;
@@ -192,10 +223,14 @@ pub fn toeplitz_hash(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitVec, Pa
     let (pieces, block, l) = split_plan(n, m);
     let plan = FftPlan::get(l);
     let half_plan = FftPlan::get(l / 2);
-    let mut acc_re = vec![0f64; l];
-    let mut acc_im = vec![0f64; l];
-    let mut re = vec![0f64; l];
-    let mut im = vec![0f64; l];
+    // The four arrays are walked in lockstep; offsets of a few cache lines apart keep equal
+    // indices from landing in the same cache sets (large allocations are page-aligned).
+    let mut bufs = [0usize, 1, 2, 3].map(|i| scratch(l + PAD * i));
+    let [acc_re_buf, acc_im_buf, re_buf, im_buf] = &mut bufs;
+    let acc_re = &mut acc_re_buf[..l];
+    let acc_im = &mut acc_im_buf[PAD..PAD + l];
+    let re = &mut re_buf[2 * PAD..2 * PAD + l];
+    let im = &mut im_buf[3 * PAD..3 * PAD + l];
     // Z = FFT(t + i x). With A = Z_k, B = Z_{-k}: T_k X_k = -i (A^2 - conj(B)^2) / 4.
     let prod = |xr: f64, xi: f64, yr: f64, yi: f64| {
         // D = x^2 - conj(y)^2; P = -i D / 4 = (D.im, -D.re) / 4.
@@ -214,7 +249,7 @@ pub fn toeplitz_hash(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitVec, Pa
         re[seg..].fill(0.0);
         fill_bits(key, x_lo, &mut im[..block]);
         im[block..].fill(0.0);
-        plan.forward_dif(&mut re, &mut im);
+        plan.forward_dif(re, im);
         // In bit-reversed storage the partner of slot s in octave [2^j, 2^{j+1}) is the
         // mirrored slot 3*2^j - 1 - s (and slot 0 pairs with itself), so the pass reads
         // two sequential streams instead of doing random accesses.
@@ -249,10 +284,10 @@ pub fn toeplitz_hash(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitVec, Pa
             oct *= 2;
         }
     }
-    drop((re, im));
+
     // Real-output inverse through a half-size complex transform: slot j of the
     // result holds l * (c_{2j} + i c_{2j+1}).
-    plan.real_inverse_pre(&mut acc_re, &mut acc_im);
+    plan.real_inverse_pre(acc_re, acc_im);
     half_plan.inverse_dit(&mut acc_re[..l / 2], &mut acc_im[..l / 2]);
     let scale = 1.0 / l as f64;
     let off = block - 1;
@@ -273,6 +308,7 @@ pub fn toeplitz_hash(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitVec, Pa
         }
         *w = acc;
     }
+    bufs.into_iter().for_each(keep);
     BitVec::from_words(words, m).map_err(|_| PaError::TooLarge(n))
 }
 
