@@ -76,9 +76,11 @@ start() {
   while true; do
     for entry in "${kmes[@]}"; do
       read -r id _ <<<"$entry"
-      if ! kill -0 "$(cat "$RUN/$id.pid" 2>/dev/null || echo 0)" 2>/dev/null; then
+      # No PID file: `net.sh stop` (or `make stop`) stopped the network from elsewhere.
+      pid=$(cat "$RUN/$id.pid" 2>/dev/null) || { echo; say "stopped by net.sh stop"; exit 0; }
+      if ! kill -0 "$pid" 2>/dev/null; then
         # Ctrl-C reaches the KMEs too; one that stopped on it is no failure.
-        if [[ -n "${stopping:-}" ]] || grep -q "SIGINT received" "$RUN/$id.log"; then
+        if [[ -n "${stopping:-}" ]] || grep -qE "SIG(INT|TERM) received" "$RUN/$id.log"; then
           echo; stop_all; exit 0
         fi
         say "$id exited; its log ends with:"; tail -n 20 "$RUN/$id.log" >&2; stop_all; exit 1

@@ -166,7 +166,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         let conn = writer_pool.get().map_err(kme_actors::Error::from)?;
         let epoch = db::next_epoch(&conn)?;
         let stored = db::master_key_check(&conn)?;
-        let sealer = Sealer::from_key_file(&config.me.master_key, stored.is_none(), epoch)?;
+        let sealer = Sealer::from_key_file(&config.me.master_key, stored.is_none())?;
         let check = sealer.check_value()?;
         match stored {
             None => db::set_master_key_check(&conn, check)?,

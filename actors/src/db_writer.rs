@@ -170,10 +170,12 @@ fn apply(
             }
             store_blocks(tx, sealer, &peer, blocks, confirmed).map(Output::Blocks)
         }
-        Op::KeyFileUsed { peer, name } => {
+        Op::KeyFileUsed { peer, sha256 } => {
             let used = tx
-                .prepare_cached("SELECT 1 FROM key_files WHERE peer = ?1 AND name = ?2")?
-                .exists(params![peer.as_str(), name])?;
+                .prepare_cached(
+                    "SELECT 1 FROM key_files WHERE peer = ?1 AND sha256 = ?2 AND pending = 0",
+                )?
+                .exists(params![peer.as_str(), sha256.as_slice()])?;
             Ok(Output::Flag(used))
         }
         Op::ConfirmBlocks { peer, blocks } => {
@@ -712,7 +714,7 @@ mod tests {
     }
 
     fn sealer() -> Sealer {
-        Sealer::from_master(&[9u8; 32], 1).unwrap()
+        Sealer::from_master(&[9u8; 32]).unwrap()
     }
 
     fn kme(id: &str) -> KmeId {
@@ -909,7 +911,7 @@ mod tests {
         let file = |name: &str| {
             Some(UsedKeyFile {
                 name: name.into(),
-                sha256: [7; 32],
+                sha256: [name.len() as u8; 32],
             })
         };
         let store = |blocks, confirmed, key_file| Op::StoreBlocks {
@@ -920,23 +922,23 @@ mod tests {
         };
         let used = |name: &str| Op::KeyFileUsed {
             peer: peer.clone(),
-            name: name.into(),
+            sha256: [name.len() as u8; 32],
         };
         let outcomes = writer.write(vec![
             store(vec![block("kme-a", 0), block("kme-a", 1)], true, file("f1")),
             store(
                 vec![block("kme-a", 2), block("#auth", 0)],
                 false,
-                file("f2"),
+                file("f22"),
             ),
             Op::DiscardBlocks {
                 peer: peer.clone(),
                 audit: AuditRecord::new("bb84_frame_lost", serde_json::json!({})),
             },
             used("f1"),
-            used("f2"),
-            // A used file never gives blocks again.
-            store(vec![block("kme-a", 2)], true, file("f1")),
+            used("f22"),
+            // The contents of a used file never give blocks again, under any name.
+            store(vec![block("kme-a", 2)], true, file("g1")),
         ]);
         let outcomes = outcomes.unwrap();
         assert!(outcomes[..3].iter().all(|o| o.is_ok()), "{outcomes:?}");

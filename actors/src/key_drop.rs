@@ -5,11 +5,14 @@
 //! completely before it appears under its final name (write `.name` or `name.tmp`, then
 //! rename): names starting with `.` or ending in `.tmp` are not read. The driving end offers
 //! the first file by name, length and SHA-256; the other end uses its file of that name only if
-//! both match. Each end records a file as used in the transaction that stores its blocks (table
-//! `key_files`), so a file never gives blocks twice; a used file is overwritten and deleted
-//! (again at start and at any later offer, should a crash have left it). A file whose twin
-//! differs is renamed `<name>.rejected` at the driving end and never used.
+//! both match. Each end records a file's contents as used in the transaction that stores its
+//! blocks (table `key_files`), so the same bytes never give blocks twice, under any name; a
+//! used file is overwritten and deleted (again at start and at any later offer, should a crash
+//! have left it). A file whose twin differs, is missing for long, or is disowned, is left aside
+//! until the next start, never destroyed on the other end's word; only an oversized file is
+//! renamed `<name>.rejected`.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -69,10 +72,10 @@ pub fn names(dir: &Path) -> io::Result<Vec<String>> {
     Ok(names)
 }
 
-/// The first key file of `dir` in name order, if any (a missing directory holds none). A file
-/// above `MAX_FILE_BYTES` is set aside as rejected on the way.
-pub fn next_file(dir: &Path) -> io::Result<Option<KeyFile>> {
-    for name in names(dir)? {
+/// The first key file of `dir` in name order that is not in `skip`, if any (a missing
+/// directory holds none). A file above `MAX_FILE_BYTES` is set aside as rejected on the way.
+pub fn next_file(dir: &Path, skip: &HashSet<String>) -> io::Result<Option<KeyFile>> {
+    for name in names(dir)?.into_iter().filter(|n| !skip.contains(n)) {
         match read_named(dir, &name) {
             Err(err) if err.kind() == io::ErrorKind::FileTooLarge => {
                 log::error!("{err}: set aside as .rejected");
@@ -146,19 +149,28 @@ mod tests {
     #[test]
     fn files_are_taken_in_name_order_and_half_written_ones_are_skipped() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(next_file(&dir.path().join("absent")).unwrap(), None);
+        assert_eq!(
+            next_file(&dir.path().join("absent"), &HashSet::new()).unwrap(),
+            None
+        );
         fs::write(dir.path().join(".0000.partial"), b"x").unwrap();
         fs::write(dir.path().join("0001.tmp"), b"x").unwrap();
         fs::write(dir.path().join("0003"), b"third").unwrap();
         fs::write(dir.path().join("0002"), b"second").unwrap();
-        let first = next_file(dir.path()).unwrap().unwrap();
+        let first = next_file(dir.path(), &HashSet::new()).unwrap().unwrap();
         assert_eq!(first.name, "0002");
         assert_eq!(first.bytes, b"second");
         assert_eq!(first.sha256, sha256(b"second"));
         reject(&first.path).unwrap();
-        assert_eq!(next_file(dir.path()).unwrap().unwrap().name, "0003");
+        assert_eq!(
+            next_file(dir.path(), &HashSet::new())
+                .unwrap()
+                .unwrap()
+                .name,
+            "0003"
+        );
         destroy(&dir.path().join("0003")).unwrap();
-        assert_eq!(next_file(dir.path()).unwrap(), None);
+        assert_eq!(next_file(dir.path(), &HashSet::new()).unwrap(), None);
         destroy(&dir.path().join("0003")).unwrap();
         assert!(read_named(dir.path(), "../etc").is_err());
         assert_eq!(read_named(dir.path(), "0004").unwrap(), None);

@@ -27,7 +27,7 @@
 //! Mailbox: bounded; one delivery or frame in flight at a time. `SourceFromPeer` is handled
 //! atomically, so a commit never races a frame.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -232,6 +232,7 @@ pub struct Link {
     held: Option<HeldKey>,
     /// file-drop, driving end: no offer before this instant.
     next_offer_at: Instant,
+    file_drop: FileDropState,
     /// The last failure to reach the peer or the storage, until the next success.
     failure: Option<String>,
     blocks_produced: u64,
@@ -301,6 +302,7 @@ impl Link {
             pending,
             held: None,
             next_offer_at: Instant::now(),
+            file_drop: FileDropState::default(),
             failure: None,
             blocks_produced: 0,
             bytes_produced: 0,
@@ -913,6 +915,29 @@ impl Link {
 
 /// How long the driving end of a file-drop link waits after finding no usable file.
 const FILE_DROP_IDLE: Duration = Duration::from_millis(500);
+/// How long the driving end waits for a key file's twin before it skips the file (until the
+/// next start) and says so in the log and in `status`.
+const TWIN_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The file-drop state of the driving end.
+#[derive(Default)]
+struct FileDropState {
+    /// Files left aside until the next start: a differing, missing or disowned twin, or
+    /// shorter than one block. Never destroyed on the other end's word.
+    skipped: HashSet<String>,
+    /// The file whose twin is missing, and since when.
+    waiting: Option<(String, Instant)>,
+}
+
+/// What the driving end learnt about its first key file.
+enum Offered {
+    /// Both ends hold it and it was never used: it becomes blocks.
+    Use(KeyFile),
+    /// Its contents gave blocks before (a crash left it): destroyed at both ends.
+    Destroyed,
+    /// The other end answered this: the file waits or is skipped.
+    Refused(KeyFile, Option<FileMatch>),
+}
 
 /// file-drop, driving end.
 impl Link {
@@ -923,43 +948,45 @@ impl Link {
         }
         self.busy = true;
         let dir = self.params.key_drop_dir.clone();
+        let skipped = self.file_drop.skipped.clone();
         let peer = self.peer.clone();
         let store = self.store.clone();
         let link_peer = self.params.peer.clone();
         let work = async move {
-            let found = actix_rt::task::spawn_blocking(move || key_drop::next_file(&dir))
+            let found = actix_rt::task::spawn_blocking(move || key_drop::next_file(&dir, &skipped))
                 .await
                 .map_err(|err| Error::Storage(err.to_string()))?
                 .map_err(|err| Error::Storage(format!("key files: {err}")))?;
             let Some(file) = found else {
                 return Ok(None);
             };
-            // Left behind by a crash after its blocks were stored: offered all the same, so
-            // that the other end destroys its twin too, then destroyed here, never used.
-            let used = key_file_used(&store, &link_peer, &file.name).await?;
+            // Used before (a crash left it behind): offered all the same, so that the other
+            // end destroys its twin too, then destroyed here, never used.
+            let used = key_file_used(&store, &link_peer, &file.sha256).await?;
             let offer = SourceRequest::FileOffer {
                 name: file.name.clone(),
                 bytes: file.bytes.len() as u64,
                 sha256: hex(&file.sha256),
             };
             let reply = peer.send(SourceExchange(offer)).await??;
-            if used || reply.file == Some(FileMatch::Used) {
+            if used {
                 destroy_key_file(&link_peer, file.path.clone()).await;
-                return Ok(Some((file, Some(FileMatch::Used))));
+                return Ok(Some(Offered::Destroyed));
             }
-            Ok(Some((file, reply.file)))
+            Ok(Some(match reply.file {
+                Some(FileMatch::Matched) => Offered::Use(file),
+                answer => Offered::Refused(file, answer),
+            }))
         };
         ctx.spawn(fut::wrap_future(work).map(
-            |result: Result<Option<(KeyFile, Option<FileMatch>)>>, act: &mut Self, ctx| {
+            |result: Result<Option<Offered>>, act: &mut Self, ctx| {
                 act.busy = false;
                 act.next_offer_at = Instant::now() + FILE_DROP_IDLE;
                 match result {
-                    Ok(Some((file, Some(FileMatch::Matched)))) => act.use_file(ctx, file),
-                    Ok(Some((_, Some(FileMatch::Used)))) => {
-                        // Destroyed: go on with the next file at once.
-                        act.next_offer_at = Instant::now();
-                    }
-                    Ok(Some((file, answer))) => act.file_refused(file, answer),
+                    Ok(Some(Offered::Use(file))) => act.use_file(ctx, file),
+                    // Go on with the next file at once.
+                    Ok(Some(Offered::Destroyed)) => act.next_offer_at = Instant::now(),
+                    Ok(Some(Offered::Refused(file, answer))) => act.file_refused(file, answer),
                     Ok(None) => act.set_health(&Ok(())),
                     Err(err) => act.set_health(&Err(err)),
                 }
@@ -969,6 +996,17 @@ impl Link {
 
     /// Both ends hold the same file: its key becomes blocks, committed by number.
     fn use_file(&mut self, ctx: &mut Context<Self>, file: KeyFile) {
+        self.file_drop.waiting = None;
+        if file.bytes.len() < self.params.block_bytes {
+            log::warn!(
+                "link to {}: key file {} is shorter than one block ({} bytes): left aside",
+                self.params.peer,
+                file.name,
+                self.params.block_bytes
+            );
+            self.file_drop.skipped.insert(file.name);
+            return;
+        }
         self.set_health(&Ok(()));
         let frame = Some(file.frame_id());
         let offered = OfferedFile::new(&file);
@@ -979,8 +1017,6 @@ impl Link {
             file.name,
             blocks.len()
         );
-        // Even with no whole block (a file smaller than one), the commit records the file as
-        // used at both ends, which then destroy it.
         let delivery = Delivery::Commit {
             frame,
             file: Some(offered),
@@ -988,30 +1024,46 @@ impl Link {
         self.ship(ctx, blocks, false, delivery);
     }
 
+    /// The other end cannot use its twin: wait for a missing one (a while), leave the file
+    /// aside otherwise. Never destroyed or renamed on the other end's word.
     fn file_refused(&mut self, file: KeyFile, answer: Option<FileMatch>) {
+        let peer = self.params.peer.clone();
         let err = match answer {
-            Some(FileMatch::Mismatch) => {
-                log::error!(
-                    "link to {}: key file {} differs from the peer's; ours set aside as .rejected",
-                    self.params.peer,
-                    file.name
-                );
-                if let Err(err) = key_drop::reject(&file.path) {
-                    log::error!("cannot set {} aside: {err}", file.path.display());
+            Some(FileMatch::Missing) | None => {
+                let since = match &self.file_drop.waiting {
+                    Some((name, since)) if *name == file.name => *since,
+                    _ => Instant::now(),
+                };
+                self.file_drop.waiting = Some((file.name.clone(), since));
+                if since.elapsed() < TWIN_PATIENCE {
+                    self.set_health(&Err(Error::Unavailable(format!(
+                        "{peer} has no key file {} yet",
+                        file.name
+                    ))));
+                    return;
                 }
-                format!("key file {} differs at {}", file.name, self.params.peer)
+                format!("{peer} never got key file {}", file.name)
             }
-            _ => format!("{} has no key file {} yet", self.params.peer, file.name),
+            Some(FileMatch::Mismatch) => format!("key file {} differs at {peer}", file.name),
+            Some(FileMatch::Used | FileMatch::Matched) => {
+                format!(
+                    "{peer} says key file {} was used; this KME has no record of it",
+                    file.name
+                )
+            }
         };
+        log::error!("link to {peer}: {err}; the file is left aside until the next start");
+        self.file_drop.waiting = None;
+        self.file_drop.skipped.insert(file.name);
         self.set_health(&Err(Error::Unavailable(err)));
     }
 }
 
-/// Whether the key file `name` of the link to `peer` gave blocks already.
-async fn key_file_used(store: &Addr<Store>, peer: &KmeId, name: &str) -> Result<bool> {
+/// Whether key file contents gave blocks for good on the link to `peer`.
+async fn key_file_used(store: &Addr<Store>, peer: &KmeId, sha256: &[u8; 32]) -> Result<bool> {
     let op = Op::KeyFileUsed {
         peer: peer.clone(),
-        name: name.to_string(),
+        sha256: *sha256,
     };
     Ok(matches!(store.send(op.into()).await??, Output::Flag(true)))
 }
@@ -1400,9 +1452,10 @@ impl Link {
     fn bob_commit(&mut self, frame_id: Option<u64>, ids: Vec<BlockId>) -> Reply {
         let auth = auth_owner();
         let (me, peer) = (self.params.me.clone(), self.params.peer.clone());
+        let bb84 = matches!(self.params.source, SourceKind::Bb84(_));
         if let Some(bad) = ids
             .iter()
-            .find(|id| id.owner != me && id.owner != peer && id.owner != auth)
+            .find(|id| id.owner != me && id.owner != peer && (id.owner != auth || !bb84))
         {
             return refuse(format!("block owner {} is not of this link", bad.owner));
         }
@@ -1431,7 +1484,8 @@ impl Link {
             };
         };
         let block = self.params.block_bytes;
-        if ids.len() > key.len() / block {
+        // Exactly the key's whole blocks: a commit may not take a frame or file for less.
+        if ids.len() != key.len() / block {
             return refuse(format!(
                 "commit names {} blocks, the frame's key holds {}",
                 ids.len(),
@@ -1517,26 +1571,30 @@ impl Link {
         let store = self.store.clone();
         let peer = self.params.peer.clone();
         let work = async move {
-            if key_file_used(&store, &peer, &name).await? {
-                // Our twin gave blocks already: destroy it if a crash left it, never use it.
-                destroy_key_file(&peer, dir.join(&name)).await;
+            let read = actix_rt::task::spawn_blocking(move || key_drop::read_named(&dir, &name))
+                .await
+                .map_err(|err| Error::Storage(err.to_string()))?;
+            let file = match read {
+                Ok(Some(file)) => file,
+                Ok(None) => return Ok((FileMatch::Missing, None)),
+                Err(err) => {
+                    // Unreadable or oversized here: as good as missing (the driving end gives
+                    // up on it after a while), and logged for the operator.
+                    log::error!("link to {peer}: key file: {err}");
+                    return Ok((FileMatch::Missing, None));
+                }
+            };
+            if key_file_used(&store, &peer, &file.sha256).await? {
+                // Its contents gave blocks already: destroy it if a crash left it, never use it.
+                destroy_key_file(&peer, file.path).await;
                 return Ok((FileMatch::Used, None));
             }
-            actix_rt::task::spawn_blocking(move || {
-                let file = key_drop::read_named(&dir, &name)?;
-                let Some(file) = file else {
-                    return Ok((FileMatch::Missing, None));
-                };
-                // A differing twin stays where it is: the neighbour's word alone must not
-                // take our key files out of use.
-                if file.bytes.len() as u64 == bytes && hex(&file.sha256) == sha256 {
-                    return Ok((FileMatch::Matched, Some(file)));
-                }
-                Ok((FileMatch::Mismatch, None))
-            })
-            .await
-            .map_err(|err| Error::Storage(err.to_string()))?
-            .map_err(|err: std::io::Error| Error::Storage(format!("key files: {err}")))
+            // A differing twin stays where it is: the neighbour's word alone must not take our
+            // key files out of use.
+            if file.bytes.len() as u64 == bytes && hex(&file.sha256) == sha256 {
+                return Ok((FileMatch::Matched, Some(file)));
+            }
+            Ok((FileMatch::Mismatch, None))
         };
         Box::pin(fut::wrap_future(work).map(
             |result: Result<(FileMatch, Option<KeyFile>)>, act: &mut Self, _| {
@@ -1573,9 +1631,18 @@ impl Link {
                 return;
             };
             for name in names {
-                if matches!(key_file_used(&store, &peer, &name).await, Ok(true)) {
-                    log::warn!("link to {peer}: destroying key file {name}, used before a restart");
-                    destroy_key_file(&peer, dir.join(&name)).await;
+                let dir = dir.clone();
+                let read =
+                    actix_rt::task::spawn_blocking(move || key_drop::read_named(&dir, &name));
+                let Ok(Ok(Some(file))) = read.await else {
+                    continue;
+                };
+                if matches!(key_file_used(&store, &peer, &file.sha256).await, Ok(true)) {
+                    log::warn!(
+                        "link to {peer}: destroying key file {}, used before a restart",
+                        file.name
+                    );
+                    destroy_key_file(&peer, file.path).await;
                 }
             }
         };

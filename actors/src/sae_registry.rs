@@ -481,7 +481,7 @@ mod tests {
     }
 
     fn test_sealer() -> std::sync::Arc<crate::sealing::Sealer> {
-        std::sync::Arc::new(crate::sealing::Sealer::from_master(&[1u8; 32], 1).unwrap())
+        std::sync::Arc::new(crate::sealing::Sealer::from_master(&[1u8; 32]).unwrap())
     }
 
     fn test_pool() -> crate::db::DbPool {

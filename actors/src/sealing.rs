@@ -1,13 +1,15 @@
 //! Encryption at rest of key material: AES-256-GCM under data keys derived with HKDF-SHA256
 //! from a master key that lives outside the database (a file of the KME, mode 600).
 //!
-//! A sealed value is `key epoch (8) || nonce (12) || ciphertext || tag (16)`, with the row's
-//! identity as associated data, so a value copied into another row fails to open. Nonces are
-//! deterministic (NIST SP 800-38D, 8.2.1): the seal counter of this run, which never repeats
-//! under one data key, since the data key changes at every start and every `SEALS_PER_KEY`
-//! seals (the key epoch combines the KME's boot epoch and the counter's high part). No random
-//! nonce to draw per seal (OpenSSL's RNG checks the PID on every call), no collision bound to
-//! watch. Opening derives the key of the value's epoch.
+//! A sealed value is `key id (8) || nonce (12) || ciphertext || tag (16)`, with the row's
+//! identity as associated data, so a value copied into another row fails to open. Each data
+//! key is derived from a random 64-bit key id, drawn afresh at every start and every
+//! `SEALS_PER_KEY` seals. Nonces are deterministic under a key (NIST SP 800-38D, 8.2.1): the
+//! seal counter of this run, which never repeats while the key is in use; and since key ids
+//! are random, not counted, a database restored from a backup, a copied data directory or a
+//! second database under the same master key never brings a (key, nonce) pair back (short of a
+//! 64-bit collision). No random nonce to draw per seal (OpenSSL's RNG checks the PID on every
+//! call). Opening derives the key of the value's key id.
 //! A stolen database file alone reveals no key material.
 
 use std::collections::HashMap;
@@ -27,7 +29,7 @@ use crate::error::{Error, Result};
 const EPOCH: usize = 8;
 const NONCE: usize = 12;
 const TAG: usize = 16;
-/// Seals under one data key (a key's exposure stays bounded; nonces would allow 2^64).
+/// Seals under one data key (bounds what one key protects; the nonces would allow 2^64).
 const SEALS_PER_KEY: u64 = 1 << 30;
 
 /// What a sealed value is: each purpose has its own data keys.
@@ -51,12 +53,13 @@ impl Purpose {
 /// Seals and opens values with the data keys of this KME.
 pub struct Sealer {
     master: [u8; 32],
-    boot_epoch: u64,
     seals: AtomicU64,
+    /// Random key id of each generation (`seals / SEALS_PER_KEY`) of this run.
+    key_ids: Mutex<HashMap<u64, u64>>,
     /// Fetched once: OpenSSL 3 looks an algorithm up by name on every implicit use, which
     /// costs more than sealing a 32-byte key.
     cipher: Cipher,
-    /// Derived data keys by (purpose, key epoch); a handful per run.
+    /// Derived data keys by (purpose, key id); a handful per run.
     keys: Mutex<HashMap<(Purpose, u64), [u8; 32]>>,
     /// The last keyed contexts for sealing and for opening, kept between calls: keying one
     /// (AES key schedule, OpenSSL's parameter lookups) costs more than sealing a 32-byte key.
@@ -75,7 +78,7 @@ impl Sealer {
     /// Loads the master key from `path`. Creates it (32 random bytes, mode 600, written
     /// atomically) only if `create` is set, i.e. for a database that holds no sealed value yet:
     /// a missing key for an existing database is an error, never silently replaced.
-    pub fn from_key_file(path: &Path, create: bool, boot_epoch: u64) -> Result<Self> {
+    pub fn from_key_file(path: &Path, create: bool) -> Result<Self> {
         let fail = |what: &str, err: &dyn std::fmt::Display| {
             Error::Storage(format!("master key {}: {what}: {err}", path.display()))
         };
@@ -90,18 +93,18 @@ impl Sealer {
             log::info!("created master key {}", path.display());
         }
         let master = std::fs::read(path).map_err(|err| fail("read", &err))?;
-        Self::from_master(&master, boot_epoch).map_err(|err| fail("load", &err))
+        Self::from_master(&master).map_err(|err| fail("load", &err))
     }
 
-    /// A sealer over a 32-byte master key; `boot_epoch` must differ at every start.
-    pub fn from_master(master: &[u8], boot_epoch: u64) -> Result<Self> {
+    /// A sealer over a 32-byte master key.
+    pub fn from_master(master: &[u8]) -> Result<Self> {
         let master: [u8; 32] = master
             .try_into()
             .map_err(|_| Error::Storage(format!("{} bytes, expected 32", master.len())))?;
         Ok(Self {
             master,
-            boot_epoch,
             seals: AtomicU64::new(0),
+            key_ids: Mutex::new(HashMap::new()),
             cipher: Cipher::fetch(None, "AES-256-GCM", None).map_err(crypto)?,
             keys: Mutex::new(HashMap::new()),
             sealing: Mutex::new(None),
@@ -131,12 +134,28 @@ impl Sealer {
         Ok(key)
     }
 
+    /// The random key id of generation `generation` of this run (drawn on first use).
+    fn key_id(&self, generation: u64) -> Result<u64> {
+        let mut ids = self
+            .key_ids
+            .lock()
+            .map_err(|_| Error::Storage("key id table poisoned".into()))?;
+        if let Some(id) = ids.get(&generation) {
+            return Ok(*id);
+        }
+        let mut id = [0u8; 8];
+        openssl::rand::rand_bytes(&mut id).map_err(crypto)?;
+        let id = u64::from_be_bytes(id);
+        ids.insert(generation, id);
+        Ok(id)
+    }
+
     pub fn seal(&self, purpose: Purpose, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
         let count = self.seals.fetch_add(1, Ordering::Relaxed);
-        let epoch = (self.boot_epoch << 32) | (count / SEALS_PER_KEY);
+        let epoch = self.key_id(count / SEALS_PER_KEY)?;
         let mut sealed = Vec::with_capacity(EPOCH + NONCE + plaintext.len() + TAG);
         sealed.extend_from_slice(&epoch.to_be_bytes());
-        // Unique under this key: `count` is unique in this run, and the key is of this run.
+        // Unique under this key: `count` is unique in this run, and the key id is of this run.
         let mut nonce = [0u8; NONCE];
         nonce[NONCE - 8..].copy_from_slice(&count.to_be_bytes());
         sealed.extend_from_slice(&nonce);
@@ -279,7 +298,7 @@ mod tests {
 
     #[test]
     fn sealed_values_open_only_with_their_key_purpose_and_row() {
-        let sealer = Sealer::from_master(&[7u8; 32], 1).unwrap();
+        let sealer = Sealer::from_master(&[7u8; 32]).unwrap();
         let sealed = sealer.seal(Purpose::Key, b"row-1", b"secret").unwrap();
         assert!(!sealed.windows(6).any(|w| w == b"secret"));
         assert_eq!(
@@ -288,7 +307,7 @@ mod tests {
         );
         assert!(sealer.open(Purpose::Key, b"row-2", &sealed).is_err());
         assert!(sealer.open(Purpose::LinkBlock, b"row-1", &sealed).is_err());
-        let other = Sealer::from_master(&[8u8; 32], 1).unwrap();
+        let other = Sealer::from_master(&[8u8; 32]).unwrap();
         assert!(other.open(Purpose::Key, b"row-1", &sealed).is_err());
         let mut tampered = sealed.clone();
         tampered[20] ^= 1;
@@ -308,7 +327,7 @@ mod tests {
             b"secret"
         );
         // After a restart (another boot epoch) the old values still open.
-        let restarted = Sealer::from_master(&[7u8; 32], 2).unwrap();
+        let restarted = Sealer::from_master(&[7u8; 32]).unwrap();
         assert_eq!(
             restarted.open(Purpose::Key, b"row-1", &sealed).unwrap(),
             b"secret"
@@ -331,12 +350,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("master.key");
         assert!(
-            Sealer::from_key_file(&path, false, 1).is_err(),
+            Sealer::from_key_file(&path, false).is_err(),
             "never created silently"
         );
-        let first = Sealer::from_key_file(&path, true, 1).unwrap();
+        let first = Sealer::from_key_file(&path, true).unwrap();
         let sealed = first.seal(Purpose::LinkBlock, b"", b"x").unwrap();
-        let again = Sealer::from_key_file(&path, false, 2).unwrap();
+        let again = Sealer::from_key_file(&path, false).unwrap();
         assert_eq!(again.open(Purpose::LinkBlock, b"", &sealed).unwrap(), b"x");
         assert_eq!(first.check_value().unwrap(), again.check_value().unwrap());
         #[cfg(unix)]

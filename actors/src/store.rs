@@ -59,15 +59,15 @@ pub struct LocalKey {
 pub enum Op {
     /// Store link blocks (idempotent per owner and number; a replay of a consumed number fails).
     /// `key_file`: the file-drop key file they come from, recorded as used in the same
-    /// transaction (refused if it was used before).
+    /// transaction (refused if a file with its contents was used before).
     StoreBlocks {
         peer: KmeId,
         blocks: Vec<BlockRecord>,
         confirmed: bool,
         key_file: Option<UsedKeyFile>,
     },
-    /// file-drop: was the key file `name` of this link used already?
-    KeyFileUsed { peer: KmeId, name: String },
+    /// file-drop: did a key file with these contents give blocks for good on this link?
+    KeyFileUsed { peer: KmeId, sha256: [u8; 32] },
     /// The other end holds these blocks (owner, number) durably: they may be used now.
     ConfirmBlocks {
         peer: KmeId,

@@ -32,7 +32,7 @@ async fn keys_come_from_matching_key_files_which_are_destroyed_after_use() {
         drop_dir(&net, "kme-a", "kme-b"),
         drop_dir(&net, "kme-b", "kme-a"),
     );
-    // A file the peer's device has not written yet waits; a differing twin is rejected.
+    // A file the peer's device has not written yet waits; a differing twin is left aside.
     let early = random(4096);
     std::fs::write(at_a.join("0001"), &early).unwrap();
     let status = net
@@ -50,8 +50,11 @@ async fn keys_come_from_matching_key_files_which_are_destroyed_after_use() {
             .is_some_and(|r| r.contains("differs"))
     })
     .await;
-    // Ours is set aside; the neighbour's word alone never takes the other end's file out of use.
-    assert!(at_a.join("0001.rejected").exists() && at_b.join("0001").exists());
+    // Left aside at both ends (for the operator), never destroyed or renamed on the other
+    // end's word.
+    assert_eq!(std::fs::read(at_a.join("0001")).unwrap(), early);
+    assert!(at_b.join("0001").exists());
+    std::fs::rename(at_a.join("0001"), at_a.join("0001.rejected")).unwrap();
     std::fs::remove_file(at_b.join("0001")).unwrap();
 
     // Identical files: their bytes become the keys, and the files are gone at both ends.
@@ -110,17 +113,18 @@ async fn keys_come_from_matching_key_files_which_are_destroyed_after_use() {
         "a rejected file is kept for the operator, untouched"
     );
 
-    // Used files that turn up again (as a crash between storing and destroying leaves them)
-    // are destroyed and never give key again: at an offer, and at the next start.
+    // Used files that turn up again (as a crash between storing and destroying leaves them),
+    // under their name or another, are destroyed and never give key again: at an offer, and
+    // at the next start.
     let produced = |s: &Value| s["status_extension"]["link"]["bytes_produced"].as_u64();
     let before = net
         .wait_for_status("sae-a", "kme-a", "sae-b", "status", |_| true)
         .await;
-    std::fs::write(at_a.join("0002"), &files[0]).unwrap();
-    std::fs::write(at_b.join("0002"), &files[0]).unwrap();
+    std::fs::write(at_a.join("0007"), &files[0]).unwrap();
+    std::fs::write(at_b.join("0007"), &files[0]).unwrap();
     std::fs::write(at_b.join("0003"), &files[1]).unwrap();
-    wait_until_gone(&at_a.join("0002")).await;
-    wait_until_gone(&at_b.join("0002")).await;
+    wait_until_gone(&at_a.join("0007")).await;
+    wait_until_gone(&at_b.join("0007")).await;
     net.restart_all(&options);
     wait_until_gone(&at_b.join("0003")).await;
     let after = net

@@ -21,7 +21,6 @@ use crate::bb84::fft::FftPlan;
 use crate::bb84::math::h2;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use std::cell::RefCell;
 use thiserror::Error;
 
 /// Privacy-amplification failures.
@@ -178,35 +177,8 @@ fn split_plan(n: usize, m: usize) -> (usize, usize, usize) {
     (best.1, best.2, best.3)
 }
 
-thread_local! {
-    /// FFT buffers kept per thread between calls (at most four, as many as one call uses):
-    /// allocating and faulting in four fresh buffers of up to 2^21 doubles per frame cost
-    /// more than the transforms themselves under some allocators.
-    static SCRATCH: RefCell<Vec<Vec<f64>>> = const { RefCell::new(Vec::new()) };
-}
-
 /// Offset step between the FFT arrays, in doubles (5 cache lines).
 const PAD: usize = 40;
-
-/// A zeroed buffer of `len` doubles, from this thread's scratch if it has one.
-fn scratch(len: usize) -> Vec<f64> {
-    let kept = SCRATCH.with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()));
-    let mut v = kept.unwrap_or_default();
-    v.clear();
-    v.resize(len, 0.0);
-    v
-}
-
-/// Returns a buffer to this thread's scratch.
-fn keep(v: Vec<f64>) {
-    SCRATCH.with(|s| {
-        if let Ok(mut s) = s.try_borrow_mut() {
-            if s.len() < 4 {
-                s.push(v);
-            }
-        }
-    });
-}
 
 /// Fast Toeplitz hash via FFT convolution.
 pub fn toeplitz_hash(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitVec, PaError> {
@@ -225,7 +197,7 @@ pub fn toeplitz_hash(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitVec, Pa
     let half_plan = FftPlan::get(l / 2);
     // The four arrays are walked in lockstep; offsets of a few cache lines apart keep equal
     // indices from landing in the same cache sets (large allocations are page-aligned).
-    let mut bufs = [0usize, 1, 2, 3].map(|i| scratch(l + PAD * i));
+    let mut bufs = [0usize, 1, 2, 3].map(|i| vec![0f64; l + PAD * i]);
     let [acc_re_buf, acc_im_buf, re_buf, im_buf] = &mut bufs;
     let acc_re = &mut acc_re_buf[..l];
     let acc_im = &mut acc_im_buf[PAD..PAD + l];
@@ -308,7 +280,6 @@ pub fn toeplitz_hash(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitVec, Pa
         }
         *w = acc;
     }
-    bufs.into_iter().for_each(keep);
     BitVec::from_words(words, m).map_err(|_| PaError::TooLarge(n))
 }
 
