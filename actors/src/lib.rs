@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `sae_registry.rs` | `SaeRegistry` | identities, SAE homes, routes to neighbours |
 //! | `key_pool.rs` | `KeyPool` (one per link) | this end's available material, allocation cursor |
-//! | `link.rs` | `Link` (one per link) | key source, production pacing, delivery, link health |
+//! | `link/` | `Link` (one per link) | key source, production pacing, delivery, link health (`mod.rs`); BB84 frames (`bb84.rs`); device key files (`file_drop.rs`) |
 //! | `bb84_engine.rs` | `Bb84Engine` (SyncArbiter of 1 per BB84 link) | channel simulation, the frame's post-processing |
 //! | `peer_link.rs` | `PeerLink` (one per neighbour) | mTLS client, batching, sequence numbers |
 //! | `audit_log.rs` | `AuditLog` | the hash-chained audit trail |
