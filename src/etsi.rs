@@ -5,8 +5,12 @@
 //! `KeySizeBits` in `kme_actors::types`).
 
 use std::collections::HashMap;
+use std::fmt;
+use std::marker::PhantomData;
 
-use serde::{Deserialize, Serialize};
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use uuid::Uuid;
 
 /// Clause 6.4 / table 5: unknown or already retrieved keys.
@@ -74,7 +78,7 @@ pub struct KeyEntry {
 #[serde(deny_unknown_fields)]
 #[allow(non_snake_case)]
 pub struct KeyIds {
-    pub key_IDs: Vec<KeyIdEntry>,
+    pub key_IDs: Vec<Object<KeyIdEntry>>,
     pub key_IDs_extension: Option<serde_json::Value>,
 }
 
@@ -84,6 +88,29 @@ pub struct KeyIds {
 pub struct KeyIdEntry {
     pub key_ID: String,
     pub key_ID_extension: Option<serde_json::Value>,
+}
+
+/// A `T` from a JSON object only. serde's derive also builds a struct from an array of its
+/// field values in order, which the objects of clause 6 do not allow.
+#[derive(Debug, Default)]
+pub struct Object<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map))
+            }
+        }
+        deserializer
+            .deserialize_map(ObjectVisitor(PhantomData))
+            .map(Object)
+    }
 }
 
 /// Error (clause 6.5).
@@ -97,6 +124,19 @@ pub struct ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn objects_are_objects_never_arrays() {
+        let parse = |json: &str| serde_json::from_str::<Object<KeyRequest>>(json);
+        assert_eq!(parse(r#"{"number": 2}"#).unwrap().0.number, Some(2));
+        assert!(parse("[1, 64, null, null, null]").is_err());
+        let ids = |json: &str| serde_json::from_str::<Object<KeyIds>>(json);
+        let id = "01a209a8-429e-720d-a9eb-01ac1ce776f9";
+        let ok = ids(&format!(r#"{{"key_IDs": [{{"key_ID": "{id}"}}]}}"#)).unwrap();
+        assert_eq!(ok.0.key_IDs[0].0.key_ID, id);
+        assert!(ids(&format!(r#"{{"key_IDs": [["{id}", null]]}}"#)).is_err());
+        assert!(ids(&format!(r#"[[{{"key_ID": "{id}"}}], null]"#)).is_err());
+    }
 
     #[test]
     fn request_parsing_is_strict() {

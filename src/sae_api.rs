@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::ask::ask_ok;
 use crate::error::ApiError;
-use crate::etsi::{self, KeyContainer, KeyEntry, KeyIds, KeyQuery, KeyRequest, Status};
+use crate::etsi::{self, KeyContainer, KeyEntry, KeyIds, KeyQuery, KeyRequest, Object, Status};
 use crate::tls::PeerIdentity;
 
 /// Largest request body read; anything larger is refused with 400 before it is parsed.
@@ -67,6 +67,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 async fn unsupported(req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
     // Read (and drop) any body first, so that an HTTP/2 client still sending gets the answer.
     let _ = read_body(payload).await;
+    // 401 before 400, here too: a caller without a valid identity learns nothing else.
+    caller(&req)?;
     Err(ApiError::bad_request(format!(
         "unsupported method or path: {} {}",
         req.method(),
@@ -206,7 +208,8 @@ async fn enc_keys_post(
     let identity = caller(&req)?;
     let request = post_body(&req, payload)
         .await
-        .and_then(|body| parse_json(&body));
+        .and_then(|body| parse_json::<Object<KeyRequest>>(&body))
+        .map(|request| request.0);
     enc_keys(identity, path.into_inner(), request, &state).await
 }
 
@@ -299,8 +302,8 @@ async fn dec_keys_post(
 ) -> Result<HttpResponse, ApiError> {
     let identity = caller(&req)?;
     let ids = post_body(&req, payload).await.and_then(|body| {
-        serde_json::from_slice::<KeyIds>(&body)
-            .map(|request| request.key_IDs.into_iter().map(|k| k.key_ID).collect())
+        serde_json::from_slice::<Object<KeyIds>>(&body)
+            .map(|request| request.0.key_IDs.into_iter().map(|k| k.0.key_ID).collect())
             .map_err(|err| ApiError::bad_request(format!("invalid JSON request: {err}")))
     });
     dec_keys(identity, path.into_inner(), ids, &state).await

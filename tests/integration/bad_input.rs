@@ -159,9 +159,13 @@ async fn bad_enc_keys_requests_consume_nothing() {
         "",
     )
     .await;
-    // Malformed JSON and a body of several MB.
+    // Malformed JSON, arrays for objects, and a body of several MB.
     let (code, _) = master.post_raw(&enc_url, b"{\"number\":".to_vec()).await;
     assert_eq!(code, 400);
+    let (code, body) = master
+        .post_raw(&enc_url, b"[1, 64, null, null, null]".to_vec())
+        .await;
+    assert_eq!(code, 400, "{body}");
     let (code, body) = master.post_raw(&enc_url, vec![b' '; 4 * 1024 * 1024]).await;
     assert_eq!(code, 400, "{body}");
     // Unknown paths and methods.
@@ -234,6 +238,13 @@ async fn bad_certificates_get_401_and_consume_nothing() {
             "",
         )
         .await;
+    }
+    // Without a valid certificate, unknown paths and methods get 401 too.
+    for cert in [None, Some("foreign"), Some("expired")] {
+        let client = net.client(cert);
+        expect(&client, &format!("{a}/api/v2/whatever"), None, 401, "").await;
+        let (code, _) = client.request("DELETE", &enc_url).await;
+        assert_eq!(code, 401);
     }
     assert_eq!(settled(&net).await, before);
 }
