@@ -15,7 +15,7 @@ build: ## build the kme binary (release)
 certs: ## make the dev/test PKI for every KME and SAE of $(CONFIG) (idempotent)
 	bash certs/gen.sh $(CONFIG) certs
 
-run: build certs ## start the network of $(CONFIG) on loopback in the foreground (Ctrl-C stops it)
+run: build certs ## start the network of $(CONFIG) on loopback in the foreground (Ctrl-C or `make stop` stops it)
 	@scripts/net.sh start $(CONFIG)
 
 start: build certs ## start the network of $(CONFIG) in the background (`make stop` stops it)
