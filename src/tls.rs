@@ -144,7 +144,7 @@ pub fn identify(connection: &dyn Any) -> PeerIdentity {
         ));
     }
     let sha256 = match cert.digest(MessageDigest::sha256()) {
-        Ok(digest) => digest.iter().map(|b| format!("{b:02x}")).collect(),
+        Ok(digest) => kme_actors::types::hex(&digest),
         Err(_) => return PeerIdentity::Rejected("client certificate cannot be hashed".into()),
     };
     PeerIdentity::Verified(CertIdentity {

@@ -721,6 +721,15 @@ mod tests {
         KmeId::new(id)
     }
 
+    /// Stores confirmed blocks, as the receiving end does.
+    fn store(
+        conn: &Connection,
+        peer: &KmeId,
+        blocks: Vec<BlockRecord>,
+    ) -> Result<Vec<BlockOutcome>> {
+        store_blocks(conn, &sealer(), peer, blocks, true)
+    }
+
     fn block(owner: &str, seq: u64) -> BlockRecord {
         BlockRecord {
             owner: kme(owner),
@@ -756,7 +765,7 @@ mod tests {
     /// One block of kme-a's stream and one key bound on it for `slaves`.
     fn bound_key(conn: &Connection, slaves: &[&str]) -> Binding {
         let peer = kme("kme-a");
-        store_blocks(conn, &sealer(), &peer, vec![block("kme-a", 0)], true).unwrap();
+        store(conn, &peer, vec![block("kme-a", 0)]).unwrap();
         let key = binding(0, slaves);
         bind(conn, 1, &[0u8; 32], std::slice::from_ref(&key)).unwrap();
         key
@@ -766,26 +775,19 @@ mod tests {
     fn blocks_are_idempotent_and_replays_of_consumed_ones_fail() {
         let (_dir, conn) = conn();
         let peer = kme("kme-a");
-        let stored = store_blocks(
-            &conn,
-            &sealer(),
-            &peer,
-            vec![block("kme-a", 0), block("kme-a", 1)],
-            true,
-        )
-        .unwrap();
+        let stored = store(&conn, &peer, vec![block("kme-a", 0), block("kme-a", 1)]).unwrap();
         assert_eq!(stored, vec![BlockOutcome::Stored, BlockOutcome::Stored]);
-        let again = store_blocks(&conn, &sealer(), &peer, vec![block("kme-a", 1)], true).unwrap();
+        let again = store(&conn, &peer, vec![block("kme-a", 1)]).unwrap();
         assert_eq!(again, vec![BlockOutcome::Duplicate]);
         let mut altered = block("kme-a", 1);
         altered.data[0] ^= 1;
         assert!(matches!(
-            store_blocks(&conn, &sealer(), &peer, vec![altered], true),
+            store(&conn, &peer, vec![altered]),
             Err(Error::PeerMessage(_))
         ));
         // Block 0 is consumed (deleted): shipping it again changes nothing, it is not stored.
         advance_position(&conn, &peer, &peer, 16, 16).unwrap();
-        let replay = store_blocks(&conn, &sealer(), &peer, vec![block("kme-a", 0)], true).unwrap();
+        let replay = store(&conn, &peer, vec![block("kme-a", 0)]).unwrap();
         assert_eq!(replay, vec![BlockOutcome::Duplicate]);
         let held: i64 = conn
             .query_row("SELECT count(*) FROM link_blocks WHERE seq = 0", [], |r| {
@@ -795,7 +797,7 @@ mod tests {
         assert_eq!(held, 0);
         // Numbers must follow each other: a gap is refused.
         assert!(matches!(
-            store_blocks(&conn, &sealer(), &peer, vec![block("kme-a", 5)], true),
+            store(&conn, &peer, vec![block("kme-a", 5)]),
             Err(Error::PeerMessage(_))
         ));
     }
@@ -804,14 +806,7 @@ mod tests {
     fn activation_binds_once_retries_are_idempotent_and_replays_fail() {
         let (_dir, conn) = conn();
         let peer = kme("kme-a");
-        store_blocks(
-            &conn,
-            &sealer(),
-            &peer,
-            vec![block("kme-a", 0), block("kme-a", 1)],
-            true,
-        )
-        .unwrap();
+        store(&conn, &peer, vec![block("kme-a", 0), block("kme-a", 1)]).unwrap();
         let first = vec![binding(0, &["sae-b"]), binding(12, &["sae-b"])];
         let digest = [1u8; 32];
         assert!(bind(&conn, 10, &digest, &first).unwrap());

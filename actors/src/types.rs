@@ -40,6 +40,11 @@ macro_rules! string_id {
 string_id!(KmeId);
 string_id!(SaeId);
 
+/// Lowercase hex of a digest (certificate fingerprints, key file hashes).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// What a verified client certificate says about its holder.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CertIdentity {

@@ -125,13 +125,20 @@ async fn keys_come_from_matching_key_files_which_are_destroyed_after_use() {
     std::fs::write(at_b.join("0003"), &files[1]).unwrap();
     wait_until_gone(&at_a.join("0007")).await;
     wait_until_gone(&at_b.join("0007")).await;
+    let gone = net
+        .wait_for_status("sae-a", "kme-a", "sae-b", "status", |_| true)
+        .await;
+    assert!(produced(&before) > Some(0), "{before}");
+    assert_eq!(
+        produced(&gone),
+        produced(&before),
+        "a used file gave blocks: {gone}"
+    );
     net.restart_all(&options);
     wait_until_gone(&at_b.join("0003")).await;
     let after = net
         .wait_for_status("sae-a", "kme-a", "sae-b", "status", |_| true)
         .await;
-    assert_eq!(produced(&after), Some(0), "{after}");
-    assert!(produced(&before) > Some(0), "{before}");
     let stored = |s: &Value| s["stored_key_count"].as_u64();
     assert_eq!(stored(&after), stored(&before), "no key from a used file");
 }

@@ -189,6 +189,16 @@ impl FftPlan {
         }
     }
 
+    /// The twiddles of a fused radix-4 step over blocks of `2h`: `w^j`, `w^2j`, `w^3j` for
+    /// `j < h/2` (re, im each), shared by `dif4` and `dit4`.
+    fn quarter_twiddles(&self, h: usize) -> [&[f64]; 6] {
+        let q = h / 2;
+        let (w1r, w1i) = self.stage(h);
+        let (w2r, w2i) = self.stage(q);
+        let (w3r, w3i) = self.stage3(h);
+        [w1r, w1i, w2r, w2i, w3r, w3i].map(|w| w.get(..q).unwrap_or(w))
+    }
+
     /// Fused DIF stages `h` and `h/2` (`h >= 2`) over blocks of `2h` points.
     fn dif4(&self, re: &mut [f64], im: &mut [f64], h: usize) {
         let q = h / 2;
@@ -211,11 +221,7 @@ impl FftPlan {
             }
             return;
         }
-        let (w1r, w1i) = self.stage(h);
-        let (w2r, w2i) = self.stage(q);
-        let (w3r, w3i) = self.stage3(h);
-        let (w1r, w1i) = (&w1r[..q], &w1i[..q]);
-        let (w2r, w2i, w3r, w3i) = (&w2r[..q], &w2i[..q], &w3r[..q], &w3i[..q]);
+        let [w1r, w1i, w2r, w2i, w3r, w3i] = self.quarter_twiddles(h);
         for_each_quarters(re, im, h, |[ar, br, cr, dr], [ai, bi, ci, di]| {
             for j in 0..q {
                 let (a_r, a_i, b_r, b_i) = (ar[j], ai[j], br[j], bi[j]);
@@ -263,11 +269,7 @@ impl FftPlan {
             }
             return;
         }
-        let (w1r, w1i) = self.stage(h);
-        let (w2r, w2i) = self.stage(q);
-        let (w3r, w3i) = self.stage3(h);
-        let (w1r, w1i) = (&w1r[..q], &w1i[..q]);
-        let (w2r, w2i, w3r, w3i) = (&w2r[..q], &w2i[..q], &w3r[..q], &w3i[..q]);
+        let [w1r, w1i, w2r, w2i, w3r, w3i] = self.quarter_twiddles(h);
         for_each_quarters(re, im, h, |[ar, br, cr, dr], [ai, bi, ci, di]| {
             for j in 0..q {
                 let (a_r, a_i, b_r, b_i) = (ar[j], ai[j], br[j], bi[j]);

@@ -1,7 +1,14 @@
 //! BB84 frames of a `Link`: the Alice end drives them, the Bob end answers (see the module
 //! doc of `link` for the protocol).
 
+use std::collections::VecDeque;
+
 use super::*;
+use crate::bb84::pipeline::{AbortReason, Envelope, FrameReport};
+use crate::bb84_engine::{
+    AbortFrame, BeginAlice, BeginBob, DetectionRecord, FrameState, Progress, Step,
+};
+use crate::types::Bb84Settings;
 
 /// How often a running BB84 link logs a summary at info level (and at its first frame).
 const SUMMARY_EVERY: Duration = Duration::from_secs(10);
@@ -17,18 +24,18 @@ const AUTH_BOOTSTRAP_WINDOWS: u64 = 256;
 /// The BB84 part of a link end.
 pub(super) struct Bb84End {
     pub(super) settings: Bb84Settings,
-    pub(super) engine: Addr<Bb84Engine>,
+    engine: Addr<Bb84Engine>,
     pub(super) auth: AuthStream,
-    pub(super) next_frame_at: Instant,
+    next_frame_at: Instant,
     /// (duration, sifted bits, secret bits) of the last frames.
-    pub(super) recent: VecDeque<(Duration, u64, u64)>,
+    recent: VecDeque<(Duration, u64, u64)>,
     /// Bob end: when the running frame started here.
-    pub(super) bob_started: Instant,
+    bob_started: Instant,
     pub(super) stats: QkdHealth,
     /// Frames in a row that failed for want of the peer or the storage (for the back-off).
-    pub(super) failures: u64,
+    failures: u64,
     /// When the last summary was logged (None: log the next frame).
-    pub(super) last_summary: Option<Instant>,
+    last_summary: Option<Instant>,
 }
 
 /// How one frame ended at the Alice end.
@@ -329,6 +336,20 @@ async fn notify_abort(peer: &Addr<PeerLink>, frame_id: u64, envelopes: Vec<Envel
 }
 
 impl Bb84End {
+    pub(super) fn new(settings: Bb84Settings, engine: Addr<Bb84Engine>, auth: AuthStream) -> Self {
+        Self {
+            settings,
+            engine,
+            auth,
+            next_frame_at: Instant::now(),
+            recent: VecDeque::new(),
+            stats: QkdHealth::default(),
+            bob_started: Instant::now(),
+            failures: 0,
+            last_summary: None,
+        }
+    }
+
     /// The time a frame started at `started` took: on a paced link at least its pulses' time.
     fn frame_time(&self, started: Instant) -> Duration {
         let took = started.elapsed();

@@ -1,7 +1,11 @@
 //! file-drop key files of a `Link`: the driving end offers them, the other end matches them
 //! (see `key_drop` for the device contract).
 
+use std::collections::HashSet;
+
 use super::*;
+use crate::peer_link::FileMatch;
+use crate::types::hex;
 
 /// How long the driving end of a file-drop link waits after finding no usable file.
 const FILE_DROP_IDLE: Duration = Duration::from_millis(500);
@@ -15,8 +19,8 @@ pub(super) struct FileDropState {
     /// Files left aside until the next start: a differing, missing or disowned twin, or
     /// shorter than one block. Never destroyed on the other end's word.
     skipped: HashSet<String>,
-    /// The file whose twin is missing, and since when.
-    waiting: Option<(String, Instant)>,
+    /// The file whose twin is missing, as read and hashed once, and since when it waits.
+    waiting: Option<(KeyFile, Instant)>,
 }
 
 /// What the driving end learnt about its first key file.
@@ -25,6 +29,8 @@ enum Offered {
     Use(KeyFile),
     /// Its contents gave blocks before (a crash left it): destroyed at both ends.
     Destroyed,
+    /// Shorter than one block: never offered.
+    TooShort(KeyFile),
     /// The other end answered this: the file waits or is skipped.
     Refused(KeyFile, Option<FileMatch>),
 }
@@ -39,20 +45,36 @@ impl Link {
         self.busy = true;
         let dir = self.params.key_drop_dir.clone();
         let skipped = self.file_drop.skipped.clone();
+        // A file waiting for its twin is offered again as read before, not read and hashed
+        // anew every time (it may be large), as long as it is still there unchanged in size.
+        let waiting = self.file_drop.waiting.take();
+        let since = waiting.as_ref().map(|(_, since)| *since);
+        let block_bytes = self.params.block_bytes;
         let peer = self.peer.clone();
         let store = self.store.clone();
         let link_peer = self.params.peer.clone();
         let work = async move {
-            let found = actix_rt::task::spawn_blocking(move || key_drop::next_file(&dir, &skipped))
-                .await
-                .map_err(|err| Error::Storage(err.to_string()))?
-                .map_err(|err| Error::Storage(format!("key files: {err}")))?;
+            let found = actix_rt::task::spawn_blocking(move || match waiting {
+                Some((file, _))
+                    if std::fs::metadata(&file.path)
+                        .is_ok_and(|m| m.len() == file.bytes.len() as u64) =>
+                {
+                    Ok(Some(file))
+                }
+                _ => key_drop::next_file(&dir, &skipped),
+            })
+            .await
+            .map_err(|err| Error::Storage(err.to_string()))?
+            .map_err(|err| Error::Storage(format!("key files: {err}")))?;
             let Some(file) = found else {
                 return Ok(None);
             };
             // Used before (a crash left it behind): offered all the same, so that the other
             // end destroys its twin too, then destroyed here, never used.
             let used = key_file_used(&store, &link_peer, &file.sha256).await?;
+            if !used && file.bytes.len() < block_bytes {
+                return Ok(Some(Offered::TooShort(file)));
+            }
             let offer = SourceRequest::FileOffer {
                 name: file.name.clone(),
                 bytes: file.bytes.len() as u64,
@@ -69,14 +91,26 @@ impl Link {
             }))
         };
         ctx.spawn(fut::wrap_future(work).map(
-            |result: Result<Option<Offered>>, act: &mut Self, ctx| {
+            move |result: Result<Option<Offered>>, act: &mut Self, ctx| {
                 act.busy = false;
                 act.next_offer_at = Instant::now() + FILE_DROP_IDLE;
                 match result {
                     Ok(Some(Offered::Use(file))) => act.use_file(ctx, file),
                     // Go on with the next file at once.
                     Ok(Some(Offered::Destroyed)) => act.next_offer_at = Instant::now(),
-                    Ok(Some(Offered::Refused(file, answer))) => act.file_refused(file, answer),
+                    Ok(Some(Offered::TooShort(file))) => {
+                        log::warn!(
+                            "link to {}: key file {} is shorter than one block ({} bytes): left aside",
+                            act.params.peer,
+                            file.name,
+                            act.params.block_bytes
+                        );
+                        act.file_drop.skipped.insert(file.name);
+                        act.next_offer_at = Instant::now();
+                    }
+                    Ok(Some(Offered::Refused(file, answer))) => {
+                        act.file_refused(file, answer, since)
+                    }
                     Ok(None) => act.set_health(&Ok(())),
                     Err(err) => act.set_health(&Err(err)),
                 }
@@ -86,17 +120,6 @@ impl Link {
 
     /// Both ends hold the same file: its key becomes blocks, committed by number.
     fn use_file(&mut self, ctx: &mut Context<Self>, file: KeyFile) {
-        self.file_drop.waiting = None;
-        if file.bytes.len() < self.params.block_bytes {
-            log::warn!(
-                "link to {}: key file {} is shorter than one block ({} bytes): left aside",
-                self.params.peer,
-                file.name,
-                self.params.block_bytes
-            );
-            self.file_drop.skipped.insert(file.name);
-            return;
-        }
         self.set_health(&Ok(()));
         let frame = Some(file.frame_id());
         let offered = OfferedFile::new(&file);
@@ -114,22 +137,20 @@ impl Link {
         self.ship(ctx, blocks, false, delivery);
     }
 
-    /// The other end cannot use its twin: wait for a missing one (a while), leave the file
-    /// aside otherwise. Never destroyed or renamed on the other end's word.
-    fn file_refused(&mut self, file: KeyFile, answer: Option<FileMatch>) {
+    /// The other end cannot use its twin: wait for a missing one (a while, since `since` if it
+    /// was waiting already), leave the file aside otherwise. Never destroyed or renamed on the
+    /// other end's word.
+    fn file_refused(&mut self, file: KeyFile, answer: Option<FileMatch>, since: Option<Instant>) {
         let peer = self.params.peer.clone();
         let err = match answer {
             Some(FileMatch::Missing) | None => {
-                let since = match &self.file_drop.waiting {
-                    Some((name, since)) if *name == file.name => *since,
-                    _ => Instant::now(),
-                };
-                self.file_drop.waiting = Some((file.name.clone(), since));
+                let since = since.unwrap_or_else(Instant::now);
                 if since.elapsed() < TWIN_PATIENCE {
                     self.set_health(&Err(Error::Unavailable(format!(
                         "{peer} has no key file {} yet",
                         file.name
                     ))));
+                    self.file_drop.waiting = Some((file, since));
                     return;
                 }
                 format!("{peer} never got key file {}", file.name)
@@ -143,7 +164,6 @@ impl Link {
             }
         };
         log::error!("link to {peer}: {err}; the file is left aside until the next start");
-        self.file_drop.waiting = None;
         self.file_drop.skipped.insert(file.name);
         self.set_health(&Err(Error::Unavailable(err)));
     }
@@ -156,11 +176,6 @@ async fn key_file_used(store: &Addr<Store>, peer: &KmeId, sha256: &[u8; 32]) -> 
         sha256: *sha256,
     };
     Ok(matches!(store.send(op.into()).await??, Output::Flag(true)))
-}
-
-/// Lowercase hex of a digest.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// file-drop, the other end.

@@ -32,7 +32,6 @@ use bb84::Bb84End;
 mod file_drop;
 use file_drop::{destroy_key_file, FileDropState};
 
-use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -40,10 +39,7 @@ use actix::prelude::*;
 use serde::Serialize;
 
 use crate::audit_log::AuditRecord;
-use crate::bb84::pipeline::{AbortReason, Envelope, FrameReport};
-use crate::bb84_engine::{
-    AbortFrame, Bb84Engine, BeginAlice, BeginBob, DetectionRecord, FrameState, Progress, Step,
-};
+use crate::bb84_engine::Bb84Engine;
 use crate::db::StoredBlock;
 use crate::error::{Error, Result};
 use crate::key_drop::{self, KeyFile};
@@ -51,10 +47,10 @@ use crate::key_pool::{AddBlocks, KeyPool, PoolLevel};
 use crate::key_source::{self, KeySource};
 use crate::link_auth::{auth_owner, AuthStream, WINDOW_BYTES};
 use crate::peer_link::{
-    BlockId, FileMatch, PeerLink, PeerReply, ReportLevel, ShipBlocks, SourceExchange, SourceRequest,
+    BlockId, PeerLink, PeerReply, ReportLevel, ShipBlocks, SourceExchange, SourceRequest,
 };
 use crate::store::{BlockOutcome, BlockRecord, Op, Output, Store, UsedKeyFile};
-use crate::types::{Bb84Settings, KmeId, LinkParams, SourceKind};
+use crate::types::{KmeId, LinkParams, SourceKind};
 
 /// Most blocks per courier shipment.
 const MAX_BLOCKS_PER_SHIPMENT: u64 = 16;
@@ -207,21 +203,9 @@ impl Link {
         store: Addr<Store>,
     ) -> Self {
         let bb84 = match (&params.source, engine) {
-            (SourceKind::Bb84(settings), Some(engine)) => Some(Bb84End {
-                stats: QkdHealth {
-                    fibre_km: settings.channel.fibre_km,
-                    eavesdropper: settings.channel.eve_fraction,
-                    ..QkdHealth::default()
-                },
-                settings: (**settings).clone(),
-                engine,
-                auth: state.auth,
-                next_frame_at: Instant::now(),
-                recent: VecDeque::new(),
-                bob_started: Instant::now(),
-                failures: 0,
-                last_summary: None,
-            }),
+            (SourceKind::Bb84(settings), Some(engine)) => {
+                Some(Bb84End::new((**settings).clone(), engine, state.auth))
+            }
             _ => None,
         };
         // After a restart, BB84 and file-drop blocks left unconfirmed are committed by number:
@@ -286,6 +270,8 @@ impl Link {
     fn health(&self) -> Health {
         let qkd = self.bb84.as_ref().map(|b| QkdHealth {
             auth_windows_left: b.auth.windows_left(),
+            fibre_km: b.settings.channel.fibre_km,
+            eavesdropper: b.settings.channel.eve_fraction,
             ..b.stats.clone()
         });
         let (state, reason) = match (&self.failure, &qkd) {
