@@ -1029,33 +1029,17 @@ mod tests {
         bound_key(&conn, &["sae-b"]);
         let tx = conn.transaction().unwrap();
         let mut head = audit_head(&tx).unwrap();
-        let sweep = |before| Op::ExpireKeys {
-            created_before_ms: before,
+        // Expires keys created before `before`; returns the keys left.
+        let mut expire = |before| -> i64 {
+            let op = Op::ExpireKeys {
+                created_before_ms: before,
+            };
+            apply(&tx, &sealer(), op, &mut head, &mut HashMap::new()).unwrap();
+            tx.query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
+                .unwrap()
         };
-        apply(
-            &tx,
-            &sealer(),
-            sweep(now_ms() - 60_000),
-            &mut head,
-            &mut HashMap::new(),
-        )
-        .unwrap();
-        let left: i64 = tx
-            .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(left, 1, "a fresh key stays");
-        apply(
-            &tx,
-            &sealer(),
-            sweep(now_ms() + 1),
-            &mut head,
-            &mut HashMap::new(),
-        )
-        .unwrap();
-        let left: i64 = tx
-            .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(left, 0);
+        assert_eq!(expire(now_ms() - 60_000), 1, "a fresh key stays");
+        assert_eq!(expire(now_ms() + 1), 0);
         let events: i64 = tx
             .query_row(
                 "SELECT count(*) FROM audit WHERE event = 'keys_expired'",
