@@ -25,6 +25,7 @@
 
 use crate::bb84::bits::BitVec;
 use crate::bb84::math::h2;
+use crate::bb84::parallel;
 use rand::{rngs::StdRng, Rng, RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -264,6 +265,13 @@ fn permute(key: &BitVec, spec: &PassSpec) -> BitVec {
     BitVec::from_words(words, key.len()).unwrap_or_default()
 }
 
+/// A pass's permuted key and the parities of its top-level blocks.
+fn permuted_pass(key: &BitVec, spec: &PassSpec) -> (BitVec, BitVec) {
+    let bits = permute(key, spec);
+    let parities = block_parities(&bits, spec.block_size as usize);
+    (bits, parities)
+}
+
 fn block_parities(bits: &BitVec, k: usize) -> BitVec {
     let n = bits.len();
     let mut out = BitVec::with_capacity(n.div_ceil(k));
@@ -329,11 +337,12 @@ impl CascadeAlice {
         if self.passes.len() + req.new_passes.len() > MAX_PASSES {
             return Err(CascadeError::BadQuery);
         }
-        let mut block_par = Vec::with_capacity(req.new_passes.len());
         for spec in &req.new_passes {
             validate_spec(spec, n)?;
-            let bits = permute(&self.key, spec);
-            let bp = block_parities(&bits, spec.block_size as usize);
+        }
+        let key = &self.key;
+        let mut block_par = Vec::with_capacity(req.new_passes.len());
+        for (bits, bp) in parallel::map(&req.new_passes, |spec| permuted_pass(key, spec)) {
             self.leaked += bp.len() as u64;
             block_par.push(bp);
             self.passes.push(bits);
@@ -362,7 +371,7 @@ impl CascadeAlice {
 /// Most passes Alice sets up in one frame (the default configuration uses at most 20).
 const MAX_PASSES: usize = 64;
 
-/// Cheap multiplicative hasher for the parity cache (keys are not attacker-chosen
+/// Cheap multiplicative hasher for the per-round query index (keys are not attacker-chosen
 /// in a way that matters: a bad distribution only costs time).
 #[derive(Default)]
 struct MixHasher(u64);
@@ -387,8 +396,6 @@ impl Hasher for MixHasher {
     }
 }
 
-type Cache = HashMap<(u16, u32, u32), bool, BuildHasherDefault<MixHasher>>;
-
 #[derive(Debug, Clone)]
 struct BobPass {
     spec: PassSpec,
@@ -396,23 +403,33 @@ struct BobPass {
     bits: BitVec,
     alice_blocks: BitVec,
     odd: BitVec,
+    /// Alice's parities learned so far, per node of each block's binary-search tree:
+    /// node `i` of block `b` (root 1, children `2i` and `2i + 1`) is bit `b * stride + i`.
+    /// Flat bit arrays keep a block's nodes together (a hash map here cost a cache miss
+    /// per lookup, a third of Cascade's time).
+    known: BitVec,
+    alice_nodes: BitVec,
+    stride: usize,
 }
 
 impl BobPass {
+    // n < 2^32 (checked in `CascadeBob::new`) and every operand is reduced mod n, so the
+    // products fit in u64: a 64-bit division per pass and flip, not a 128-bit one.
     fn pos_of(&self, orig: u64, n: u64) -> u64 {
-        // pos = a^{-1} (orig - b) mod n, in u128 to avoid overflow.
+        // pos = a^{-1} (orig - b) mod n.
         let d = (orig + n - self.spec.offset) % n;
-        ((u128::from(d) * u128::from(self.inv_mult)) % u128::from(n)) as u64
+        (d * self.inv_mult) % n
     }
     fn orig_of(&self, pos: u64, n: u64) -> u64 {
-        ((u128::from(pos) * u128::from(self.spec.mult) + u128::from(self.spec.offset))
-            % u128::from(n)) as u64
+        (pos * self.spec.mult + self.spec.offset) % n
     }
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Search {
     pass: u16,
+    /// Node of the block's search tree that `start..end` is (root 1).
+    node: u32,
     start: u32,
     end: u32,
     alice_parity: bool,
@@ -437,7 +454,8 @@ pub struct CascadeBob {
     searches: Vec<Search>,
     pending: Vec<(Search, usize)>,
     queries: Vec<RangeQuery>,
-    cache: Cache,
+    /// (pass, node slot) of each query, in order.
+    query_nodes: Vec<(u16, usize)>,
     stats: CascadeStats,
     state: BobState,
     max_rounds: u32,
@@ -498,9 +516,7 @@ impl CascadeBob {
             searches: Vec::new(),
             pending: Vec::new(),
             queries: Vec::new(),
-            // Sized for a frame's searches up front: growing it rehashed a few per cent of
-            // Cascade's time away.
-            cache: Cache::with_capacity_and_hasher(n / 8, Default::default()),
+            query_nodes: Vec::new(),
             stats: CascadeStats {
                 n: n64,
                 ..CascadeStats::default()
@@ -593,10 +609,17 @@ impl CascadeBob {
                         got: resp.block_parities.len(),
                     });
                 }
-                for (spec, alice_blocks) in self.plan.iter().zip(resp.block_parities.iter()) {
-                    let inv_mult = validate_spec(spec, self.n)?;
-                    let bits = permute(&self.key, spec);
-                    let mine = block_parities(&bits, spec.block_size as usize);
+                let inverses = self
+                    .plan
+                    .iter()
+                    .map(|spec| validate_spec(spec, self.n))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let key = &self.key;
+                let permuted = parallel::map(&self.plan, |spec| permuted_pass(key, spec));
+                let passes = self.plan.iter().zip(inverses).zip(permuted);
+                for (((spec, inv_mult), (bits, mine)), alice_blocks) in
+                    passes.zip(resp.block_parities.iter())
+                {
                     if mine.len() != alice_blocks.len() {
                         return Err(CascadeError::ResponseSize {
                             expected: mine.len(),
@@ -604,7 +627,13 @@ impl CascadeBob {
                         });
                     }
                     self.stats.leaked += alice_blocks.len() as u64;
+                    let k = spec.block_size as usize;
+                    let stride = 2 * k.next_power_of_two();
+                    let nodes = alice_blocks.len() * stride;
                     self.passes.push(BobPass {
+                        known: BitVec::zeros(nodes),
+                        alice_nodes: BitVec::zeros(nodes),
+                        stride,
                         spec: *spec,
                         inv_mult,
                         bits,
@@ -627,9 +656,9 @@ impl CascadeBob {
                 }
                 self.stats.leaked += resp.parities.len() as u64;
                 self.stats.rounds += 1;
-                for (q, i) in self.queries.iter().zip(0..) {
-                    self.cache
-                        .insert((q.pass, q.start, q.end), resp.parities.get(i));
+                let answers = std::mem::take(&mut self.query_nodes);
+                for (&(pass, slot), i) in answers.iter().zip(0..) {
+                    self.learn(pass, slot, resp.parities.get(i));
                 }
                 let pending = std::mem::take(&mut self.pending);
                 for (mut s, qi) in pending {
@@ -654,6 +683,7 @@ impl CascadeBob {
             let start = b * k;
             self.searches.push(Search {
                 pass: p as u16,
+                node: 1,
                 start: start as u32,
                 end: (start + k).min(n) as u32,
                 alice_parity: pass.alice_blocks.get(b),
@@ -667,17 +697,40 @@ impl CascadeBob {
             .is_some_and(|p| p.bits.parity_range(start as usize, end as usize))
     }
 
-    /// Narrow a search with the known Alice parity of its left half, and cache the
+    /// Bit index of `node` of the search tree of the block holding `start` in `pass`.
+    fn slot(&self, pass: u16, start: u32, node: u32) -> Option<usize> {
+        let p = self.passes.get(usize::from(pass))?;
+        let block = start as usize / p.spec.block_size as usize;
+        Some(block * p.stride + node as usize)
+    }
+
+    fn learn(&mut self, pass: u16, slot: usize, alice_parity: bool) {
+        if let Some(p) = self.passes.get_mut(usize::from(pass)) {
+            p.known.set(slot, true);
+            p.alice_nodes.set(slot, alice_parity);
+        }
+    }
+
+    fn learned(&self, pass: u16, slot: usize) -> Option<bool> {
+        let p = self.passes.get(usize::from(pass))?;
+        p.known.get(slot).then(|| p.alice_nodes.get(slot))
+    }
+
+    /// Narrow a search with the known Alice parity of its left half, and remember the
     /// inferred right-half parity.
     fn step(&mut self, s: &mut Search, a_left: bool) {
         let mid = s.start + (s.end - s.start) / 2;
         let a_right = s.alice_parity ^ a_left;
-        self.cache.insert((s.pass, mid, s.end), a_right);
+        if let Some(right) = self.slot(s.pass, s.start, 2 * s.node + 1) {
+            self.learn(s.pass, right, a_right);
+        }
         if self.bob_parity(s.pass, s.start, mid) != a_left {
             s.end = mid;
+            s.node *= 2;
             s.alice_parity = a_left;
         } else {
             s.start = mid;
+            s.node = 2 * s.node + 1;
             s.alice_parity = a_right;
         }
     }
@@ -686,7 +739,7 @@ impl CascadeBob {
     /// needed for the next round.
     fn advance(&mut self) {
         let mut waiting: Vec<(Search, usize)> = Vec::new();
-        let mut index: HashMap<RangeQuery, usize, BuildHasherDefault<MixHasher>> =
+        let mut index: HashMap<(u16, usize), usize, BuildHasherDefault<MixHasher>> =
             HashMap::default();
         while let Some(mut s) = self.searches.pop() {
             if self.stats.corrected > self.n / 2 {
@@ -701,7 +754,10 @@ impl CascadeBob {
                     break;
                 }
                 let mid = s.start + (s.end - s.start) / 2;
-                if let Some(&a_l) = self.cache.get(&(s.pass, s.start, mid)) {
+                let Some(left) = self.slot(s.pass, s.start, 2 * s.node) else {
+                    break;
+                };
+                if let Some(a_l) = self.learned(s.pass, left) {
                     self.step(&mut s, a_l);
                     continue;
                 }
@@ -710,8 +766,9 @@ impl CascadeBob {
                     start: s.start,
                     end: mid,
                 };
-                let qi = *index.entry(q).or_insert_with(|| {
+                let qi = *index.entry((s.pass, left)).or_insert_with(|| {
                     self.queries.push(q);
+                    self.query_nodes.push((s.pass, left));
                     self.queries.len() - 1
                 });
                 waiting.push((s, qi));
@@ -743,6 +800,7 @@ impl CascadeBob {
                 let start = blk * k;
                 self.searches.push(Search {
                     pass: q as u16,
+                    node: 1,
                     start: start as u32,
                     end: (start + k).min(n as usize) as u32,
                     alice_parity: p.alice_blocks.get(blk),

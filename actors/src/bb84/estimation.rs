@@ -117,24 +117,34 @@ pub fn split_by_class(s: &SiftedKey) -> ClassSplit {
     }
 }
 
-/// Sample mask over `n` positions: each chosen independently with probability `fraction`.
+/// Sample mask over `n` positions: each chosen independently with probability `fraction`
+/// rounded to a multiple of 2^-16.
 pub fn sample_mask(n: usize, fraction: f64, seed: u64) -> BitVec {
     let mut rng = StdRng::seed_from_u64(seed);
-    let threshold = (fraction.clamp(0.0, 1.0) * 18_446_744_073_709_551_615.0) as u64;
-    // One PRNG draw per position, in order (the sequence is part of the protocol);
-    // results are packed a word at a time.
+    let threshold = sample_threshold(fraction);
+    // Each PRNG draw gives four 16-bit lanes, one per position, in order (the sequence is
+    // part of the protocol); a position is chosen when its lane is below the threshold.
     let mut words = Vec::with_capacity(n.div_ceil(64));
     let mut left = n;
     while left > 0 {
         let k = left.min(64);
         let mut w = 0u64;
-        for j in 0..k {
-            w |= u64::from(rng.next_u64() < threshold) << j;
+        for j in (0..k).step_by(4) {
+            let draw = rng.next_u64();
+            for lane in 0..4.min(k - j) {
+                let x = (draw >> (16 * lane)) & 0xffff;
+                w |= u64::from(x < threshold) << (j + lane);
+            }
         }
         words.push(w);
         left -= k;
     }
     BitVec::from_words_lossy(words, n)
+}
+
+/// `fraction` in units of 2^-16 (0 ..= 65536).
+fn sample_threshold(fraction: f64) -> u64 {
+    (fraction.clamp(0.0, 1.0) * 65_536.0).round() as u64
 }
 
 /// Split `bits` into (sampled, remaining key) according to `mask`.
@@ -333,8 +343,14 @@ mod tests {
             assert_eq!(split_by_class(&s), reference);
             for fraction in [0.0, 0.05, 0.5, 1.0] {
                 let mut r = StdRng::seed_from_u64(7);
-                let threshold = (fraction * 18_446_744_073_709_551_615.0) as u64;
-                let reference = BitVec::from_bools((0..n).map(|_| r.next_u64() < threshold));
+                let threshold = sample_threshold(fraction);
+                let lanes: Vec<u64> = (0..n.div_ceil(4))
+                    .flat_map(|_| {
+                        let draw = r.next_u64();
+                        (0..4).map(move |lane| (draw >> (16 * lane)) & 0xffff)
+                    })
+                    .collect();
+                let reference = BitVec::from_bools(lanes.iter().take(n).map(|&x| x < threshold));
                 assert_eq!(sample_mask(n, fraction, 7), reference);
             }
         }

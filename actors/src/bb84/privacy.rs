@@ -13,14 +13,17 @@
 //! **Hash** — `y = T x` with an `m x n` Toeplitz matrix `T_{ij} = t_{i-j+n-1}` given by
 //! `n+m-1` public random bits (2-universal family, leftover hash lemma). `y_i` is
 //! entry `i+n-1` of the integer convolution `t * x` reduced mod 2; it is computed
-//! with one complex FFT of the packed sequence `t + i x` and one inverse FFT
-//! (O((n+m) log(n+m))). [`toeplitz_hash_naive`] is the O(nm) reference for tests.
+//! with one complex FFT of the packed sequence `t + i x` and one real-output inverse FFT
+//! (O((n+m) log(n+m)); `rustfft` and `realfft`, which pick SIMD kernels at run time). [`toeplitz_hash_naive`] is the O(nm) reference for tests.
 
 use crate::bb84::bits::BitVec;
-use crate::bb84::fft::FftPlan;
 use crate::bb84::math::h2;
+use crate::bb84::parallel;
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use realfft::RealFftPlanner;
+use rustfft::{num_complex::Complex, FftPlanner};
 use serde::{Deserialize, Serialize};
+use std::sync::{Mutex, PoisonError};
 use thiserror::Error;
 
 /// Privacy-amplification failures.
@@ -135,41 +138,60 @@ pub fn toeplitz_hash_naive(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitV
     })))
 }
 
-/// Set `dst[u] = bit(lo + u)` of `v` (0.0 / 1.0) for `u < dst.len()`; bits outside
-/// `v` (including negative positions `lo + u < 0`) read as 0.
-fn fill_bits(v: &BitVec, lo: isize, dst: &mut [f64]) {
-    let words = v.words();
-    let len = v.len() as isize;
-    for (u, d) in dst.iter_mut().enumerate() {
-        let p = lo + u as isize;
-        *d = if p >= 0 && p < len {
-            let p = p as usize;
-            words
-                .get(p >> 6)
-                .map_or(0.0, |w| ((w >> (p & 63)) & 1) as f64)
-        } else {
-            0.0
-        };
+/// For every set bit `lo + u` of `v` with `u < dst.len()`, `set(dst[u])`: `dst` is zeroed
+/// beforehand, so only the ones (about half the bits) are written. Positions outside `v`
+/// (including negative ones) read as 0.
+fn fill_ones<T>(v: &BitVec, lo: isize, dst: &mut [T], set: impl Fn(&mut T)) {
+    let first = usize::try_from(lo).unwrap_or(0);
+    let end = usize::try_from(lo + dst.len() as isize)
+        .unwrap_or(0)
+        .min(v.len());
+    if first >= end {
+        return;
+    }
+    let skip_words = first / 64;
+    for (wi, &word) in v
+        .words()
+        .iter()
+        .enumerate()
+        .skip(skip_words)
+        .take(end.div_ceil(64) - skip_words)
+    {
+        let base = wi * 64;
+        // Keep the bits of this word inside [first, end): base <= first only for the first
+        // word, where first - base < 64, and end > base for every word taken.
+        let low = first.saturating_sub(base);
+        let high = (end - base).min(64);
+        let mut w = word & (u64::MAX >> (64 - high)) & (u64::MAX << low);
+        while w != 0 {
+            let p = base + w.trailing_zeros() as usize;
+            if let Some(d) = dst.get_mut((p as isize - lo) as usize) {
+                set(d);
+            }
+            w &= w - 1;
+        }
     }
 }
 
-/// Split of the key into `pieces` blocks of `block` bits and the transform size.
+/// Split of the key into `pieces` blocks of `block` bits and the transform size, for
+/// `workers` threads.
 ///
 /// `T x = sum_k T_k x_k` where `T_k` is the `m x block` Toeplitz matrix of a seed
 /// segment, so the spectra of the `pieces` convolutions (each of size
 /// `>= m + block - 1`) are summed and inverted once. Smaller transforms can win
-/// when `m` is small compared with `n`; the cost model counts one complex FFT per
-/// piece plus a half-size inverse.
-fn split_plan(n: usize, m: usize) -> (usize, usize, usize) {
+/// when `m` is small compared with `n`, and pieces run side by side on the workers; the
+/// cost model counts the complex FFTs on the busiest worker plus a half-size inverse.
+fn split_plan(n: usize, m: usize, workers: usize) -> (usize, usize, usize) {
     let mut best = (f64::MAX, 1, n, 4);
     for pieces in 1..=32usize {
         let block = n.div_ceil(pieces);
         if pieces > 1 && block * (pieces - 1) >= n {
             continue;
         }
-        let l = (m + block - 1).next_power_of_two().max(4);
+        let l = transform_len(m + block - 1);
         let lf = l as f64;
-        let cost = (pieces as f64 + 0.5) * lf * lf.log2() + pieces as f64 * 3.0 * lf;
+        let rounds = pieces.div_ceil(workers.max(1)) as f64;
+        let cost = (rounds + 0.5) * lf * lf.log2() + rounds * 3.0 * lf;
         if cost < best.0 {
             best = (cost, pieces, block, l);
         }
@@ -177,10 +199,56 @@ fn split_plan(n: usize, m: usize) -> (usize, usize, usize) {
     (best.1, best.2, best.3)
 }
 
-/// Offset step between the FFT arrays, in doubles (5 cache lines).
-const PAD: usize = 40;
+/// The smallest even length `>= need` of the form `c * 2^k` with `c` in {1, 3, 5, 9, 15, 25}:
+/// rustfft is fast on such sizes, and they waste far less padding than powers of two alone.
+fn transform_len(need: usize) -> usize {
+    [1usize, 3, 5, 9, 15, 25]
+        .iter()
+        .map(|&c| c * need.div_ceil(c).next_power_of_two())
+        .filter(|l| l.is_multiple_of(2))
+        .min()
+        .unwrap_or(need.next_power_of_two())
+        .max(4)
+}
 
-/// Fast Toeplitz hash via FFT convolution.
+/// Buffers and plans of one worker. A frame's hash needs tens of MiB, and fresh pages for
+/// every frame cost more (page faults) than the transforms themselves, so workspaces are
+/// pooled and reused frame after frame.
+struct Workspace {
+    forward: FftPlanner<f64>,
+    inverse: RealFftPlanner<f64>,
+    z: Vec<Complex<f64>>,
+    /// Half spectrum (bins 0..=l/2) of this worker's pieces of the convolution.
+    acc: Vec<Complex<f64>>,
+    scratch: Vec<Complex<f64>>,
+    out: Vec<f64>,
+}
+
+static WORKSPACES: Mutex<Vec<Workspace>> = Mutex::new(Vec::new());
+
+fn take_workspace() -> Workspace {
+    let pooled = WORKSPACES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .pop();
+    pooled.unwrap_or_else(|| Workspace {
+        forward: FftPlanner::new(),
+        inverse: RealFftPlanner::new(),
+        z: Vec::new(),
+        acc: Vec::new(),
+        scratch: Vec::new(),
+        out: Vec::new(),
+    })
+}
+
+fn return_workspaces(spent: impl IntoIterator<Item = Workspace>) {
+    WORKSPACES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .extend(spent);
+}
+
+/// Fast `m`-bit Toeplitz hash of `key` (`n` bits) with `seed` (`n + m - 1` bits).
 pub fn toeplitz_hash(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitVec, PaError> {
     check(key, seed, m)?;
     if m == 0 {
@@ -192,95 +260,115 @@ pub fn toeplitz_hash(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitVec, Pa
     if n >= 1 << 27 {
         return Err(PaError::TooLarge(n));
     }
-    let (pieces, block, l) = split_plan(n, m);
-    let plan = FftPlan::get(l);
-    let half_plan = FftPlan::get(l / 2);
-    // The four arrays are walked in lockstep; offsets of a few cache lines apart keep equal
-    // indices from landing in the same cache sets (large allocations are page-aligned).
-    let mut bufs = [0usize, 1, 2, 3].map(|i| vec![0f64; l + PAD * i]);
-    let [acc_re_buf, acc_im_buf, re_buf, im_buf] = &mut bufs;
-    let acc_re = &mut acc_re_buf[..l];
-    let acc_im = &mut acc_im_buf[PAD..PAD + l];
-    let re = &mut re_buf[2 * PAD..2 * PAD + l];
-    let im = &mut im_buf[3 * PAD..3 * PAD + l];
-    // Z = FFT(t + i x). With A = Z_k, B = Z_{-k}: T_k X_k = -i (A^2 - conj(B)^2) / 4.
-    let prod = |xr: f64, xi: f64, yr: f64, yi: f64| {
-        // D = x^2 - conj(y)^2; P = -i D / 4 = (D.im, -D.re) / 4.
-        let d_re = xr * xr - xi * xi - (yr * yr - yi * yi);
-        let d_im = 2.0 * xr * xi + 2.0 * yr * yi;
-        (0.25 * d_im, -0.25 * d_re)
+    let (pieces, block, l) = split_plan(n, m, parallel::workers());
+    let shares: Vec<Vec<usize>> = (0..parallel::workers().min(pieces))
+        .map(|w| (w..pieces).step_by(parallel::workers()).collect())
+        .collect();
+    let mut spent = parallel::map(&shares, |share| {
+        let mut ws = take_workspace();
+        pieces_spectrum(&mut ws, key, seed, m, share, block, l);
+        ws
+    });
+    let result = match spent.split_first_mut() {
+        Some((first, rest)) => {
+            for other in rest.iter() {
+                for (sum, part) in first.acc.iter_mut().zip(&other.acc) {
+                    *sum += part;
+                }
+            }
+            inverse_bits(first, m, block, l)
+        }
+        None => Err(PaError::TooLarge(n)),
     };
-    for k in 0..pieces {
+    return_workspaces(spent);
+    result
+}
+
+/// Sum of the half spectra of the convolutions of `share`'s pieces, into `ws.acc`.
+fn pieces_spectrum(
+    ws: &mut Workspace,
+    key: &BitVec,
+    seed: &BitVec,
+    m: usize,
+    share: &[usize],
+    block: usize,
+    l: usize,
+) {
+    let n = key.len();
+    let forward = ws.forward.plan_fft_forward(l);
+    let zero = Complex::new(0.0, 0.0);
+    let half = l / 2;
+    ws.z.resize(l, zero);
+    let scratch_len = forward.get_inplace_scratch_len();
+    ws.scratch.resize(scratch_len.max(ws.scratch.len()), zero);
+    ws.acc.clear();
+    ws.acc.resize(half + 1, zero);
+    let z = &mut ws.z[..l];
+    for &k in share {
         // Piece k: key bits [k*block, (k+1)*block) (zero-padded past n); its seed
         // segment s_u = t_{u + n - k*block - block}, u < m + block - 1, so that
         // y_i gets entry i + block - 1 of s * x_k.
         let x_lo = (k * block) as isize;
         let t_lo = n as isize - x_lo - block as isize;
         let seg = m + block - 1;
-        fill_bits(seed, t_lo, &mut re[..seg]);
-        re[seg..].fill(0.0);
-        fill_bits(key, x_lo, &mut im[..block]);
-        im[block..].fill(0.0);
-        plan.forward_dif(re, im);
-        // In bit-reversed storage the partner of slot s in octave [2^j, 2^{j+1}) is the
-        // mirrored slot 3*2^j - 1 - s (and slot 0 pairs with itself), so the pass reads
-        // two sequential streams instead of doing random accesses.
-        if let (Some(r0), Some(i0), Some(ar), Some(ai)) = (
-            re.first(),
-            im.first(),
-            acc_re.first_mut(),
-            acc_im.first_mut(),
-        ) {
-            let p = prod(*r0, *i0, *r0, *i0);
-            *ar += p.0;
-            *ai += p.1;
+        // One complex transform of t + i x gives both spectra: with A = Z_j and
+        // B = Z_{-j}, T_j X_j = -i (A^2 - conj(B)^2) / 4.
+        z.fill(zero);
+        fill_ones(seed, t_lo, &mut z[..seg], |c| c.re = 1.0);
+        fill_ones(key, x_lo, &mut z[..block], |c| c.im = 1.0);
+        forward.process_with_scratch(z, &mut ws.scratch[..scratch_len]);
+        let product = |a: Complex<f64>, b: Complex<f64>| {
+            let d = a * a - b.conj() * b.conj();
+            Complex::new(0.25 * d.im, -0.25 * d.re)
+        };
+        if let (Some(slot), Some(&z0)) = (ws.acc.first_mut(), z.first()) {
+            *slot += product(z0, z0);
         }
-        let mut oct = 1;
-        while oct < l {
-            let seg_re = &re[oct..2 * oct];
-            let seg_im = &im[oct..2 * oct];
-            let acc_r = &mut acc_re[oct..2 * oct];
-            let acc_i = &mut acc_im[oct..2 * oct];
-            for a in 0..oct.div_ceil(2) {
-                let b = oct - 1 - a;
-                let (ar, ai, br, bi) = (seg_re[a], seg_im[a], seg_re[b], seg_im[b]);
-                let p1 = prod(ar, ai, br, bi);
-                acc_r[a] += p1.0;
-                acc_i[a] += p1.1;
-                if b != a {
-                    let p2 = prod(br, bi, ar, ai);
-                    acc_r[b] += p2.0;
-                    acc_i[b] += p2.1;
-                }
-            }
-            oct *= 2;
+        // Bin j (1 <= j <= l/2) pairs with bin l - j: walk z[1..=l/2] forwards and
+        // z[l/2..l] backwards instead of indexing modulo l.
+        let (low, high) = z.split_at(half);
+        let ups = low.iter().skip(1).chain(high.first());
+        let downs = high.iter().rev();
+        for (slot, (&a, &b)) in ws.acc.iter_mut().skip(1).zip(ups.zip(downs)) {
+            *slot += product(a, b);
         }
     }
+}
 
-    // Real-output inverse through a half-size complex transform: slot j of the
-    // result holds l * (c_{2j} + i c_{2j+1}).
-    plan.real_inverse_pre(acc_re, acc_im);
-    half_plan.inverse_dit(&mut acc_re[..l / 2], &mut acc_im[..l / 2]);
-    let scale = 1.0 / l as f64;
-    let off = block - 1;
-    let bit = |v: f64| ((v * scale).round() as i64) & 1 == 1;
-    let mut words = vec![0u64; m.div_ceil(64)];
-    for (i, w) in words.iter_mut().enumerate() {
-        let mut acc = 0u64;
-        for b in 0..64.min(m - 64 * i) {
-            let idx = off + 64 * i + b;
-            let v = if idx & 1 == 0 {
-                acc_re.get(idx >> 1)
-            } else {
-                acc_im.get(idx >> 1)
-            };
-            if v.is_some_and(|&v| bit(v)) {
-                acc |= 1u64 << b;
-            }
-        }
-        *w = acc;
+/// Bits `block - 1 .. block - 1 + m` of the convolution whose half spectrum is `ws.acc`.
+fn inverse_bits(ws: &mut Workspace, m: usize, block: usize, l: usize) -> Result<BitVec, PaError> {
+    let inverse = ws.inverse.plan_fft_inverse(l);
+    let scratch_len = inverse.get_scratch_len();
+    ws.scratch
+        .resize(scratch_len.max(ws.scratch.len()), Complex::new(0.0, 0.0));
+    ws.out.resize(l, 0.0);
+    // The bins 0 and l/2 of a real sequence's spectrum are real (rounding aside).
+    if let Some(first) = ws.acc.first_mut() {
+        first.im = 0.0;
     }
-    BitVec::from_words(words, m).map_err(|_| PaError::TooLarge(n))
+    if let Some(last) = ws.acc.last_mut() {
+        last.im = 0.0;
+    }
+    inverse
+        .process_with_scratch(
+            &mut ws.acc,
+            &mut ws.out[..l],
+            &mut ws.scratch[..scratch_len],
+        )
+        .map_err(|_| PaError::TooLarge(l))?;
+    let scale = 1.0 / l as f64;
+    let bit = |v: f64| ((v * scale).round() as i64) & 1 == 1;
+    let out = ws.out.get(block - 1..block - 1 + m).unwrap_or_default();
+    let words = out
+        .chunks(64)
+        .map(|chunk| {
+            chunk
+                .iter()
+                .enumerate()
+                .fold(0u64, |acc, (b, &v)| acc | (u64::from(bit(v)) << b))
+        })
+        .collect();
+    BitVec::from_words(words, m).map_err(|_| PaError::TooLarge(l))
 }
 
 #[cfg(test)]
@@ -304,6 +392,9 @@ mod tests {
             (3000, 100),
             (4097, 1),
             (6000, 700),
+            (1600, 801),
+            (2500, 2000),
+            (9000, 4500),
         ] {
             let key = random_key(n, &mut rng);
             let seed = toeplitz_seed_bits(n, m, rng.next_u64());
@@ -314,12 +405,27 @@ mod tests {
     }
 
     #[test]
+    fn transform_lengths_are_even_smooth_and_tight() {
+        assert_eq!(transform_len(2400), 2560);
+        assert_eq!(transform_len(2048), 2048);
+        assert_eq!(transform_len(1_600_000), 1_638_400);
+        assert_eq!(transform_len(1), 4);
+        for need in 3..5000 {
+            let l = transform_len(need);
+            assert!(
+                l >= need && l.is_multiple_of(2) && l < 2 * need.max(2),
+                "{need} -> {l}"
+            );
+        }
+    }
+
+    #[test]
     fn split_plan_uses_pieces_for_short_outputs() {
-        assert_eq!(split_plan(1000, 999).0, 1);
-        let (pieces, block, l) = split_plan(1_050_000, 60_000);
+        assert_eq!(split_plan(1000, 999, 1).0, 1);
+        let (pieces, block, l) = split_plan(1_050_000, 60_000, 1);
         assert!(pieces > 1);
         assert!(block * pieces >= 1_050_000 && l >= 60_000 + block - 1);
-        assert!(split_plan(5000, 10).0 > 1);
+        assert!(split_plan(5000, 10, 1).0 > 1);
     }
 
     #[test]
