@@ -871,3 +871,139 @@ impl<S: KeySource> Handler<LinkHealth> for Link<S> {
         MessageResult(self.health())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key_source::courier::Courier;
+
+    /// A courier link end kme-a — kme-b with 1 KiB blocks, pools full at 3200 bytes, and
+    /// actors that never run (nothing here sends to them and waits).
+    fn link() -> Link<Courier> {
+        let setup = LinkSetup {
+            params: LinkParams::for_tests(1024, 100),
+            state: LinkState {
+                next_own_seq: 5,
+                next_peer_seq: 7,
+                next_auth_seq: 3,
+                unshipped: Vec::new(),
+            },
+            pool: Context::<KeyPool>::new().address(),
+            peer: Context::<PeerLink>::new().address(),
+            store: Context::<Store>::new().address(),
+        };
+        Link::new(setup, Courier::new(1024))
+    }
+
+    fn core(own_level: u64, peer_level: u64) -> LinkCore {
+        let mut core = link().core;
+        core.own_level = own_level;
+        core.peer_level = peer_level;
+        core
+    }
+
+    fn owners(blocks: &[BlockRecord]) -> Vec<(String, u64)> {
+        blocks
+            .iter()
+            .map(|b| (b.owner.to_string(), b.seq))
+            .collect()
+    }
+
+    #[actix::test]
+    async fn blocks_are_wanted_until_both_pools_are_full() {
+        assert!(!core(0, 0).pools_full());
+        // Four blocks for each end take both from 0 to 4096 >= 3200.
+        assert_eq!(core(0, 0).wanted_blocks(16), 8);
+        assert_eq!(core(0, 0).wanted_blocks(3), 3);
+        // Only this end is short: four blocks take it from 0 to 4096 >= 3200.
+        assert_eq!(core(0, 3200).wanted_blocks(16), 4);
+        assert!(core(3200, 5000).pools_full());
+        assert_eq!(core(3200, 5000).wanted_blocks(16), 0);
+    }
+
+    #[actix::test]
+    async fn cuts_number_blocks_for_the_emptier_end_and_the_auth_stream() {
+        let key = vec![7u8; 3 * 1024 + 100];
+        let mut link = core(1024, 0);
+        // The emptier end first; the remainder below one block is dropped.
+        let blocks = link.cut(&key, Cut::Pools);
+        assert_eq!(
+            owners(&blocks),
+            [("kme-b", 7), ("kme-a", 5), ("kme-b", 8)].map(|(o, s)| (o.to_string(), s))
+        );
+        assert!(blocks.iter().all(|b| b.data.len() == 1024));
+        // 1 KiB holds three windows: one authentication block lifts 62 windows above 64.
+        let blocks = link.cut(&key, Cut::AuthFirst { windows: 62 });
+        assert_eq!(
+            owners(&blocks),
+            [("#auth", 3), ("kme-b", 9), ("kme-a", 6)].map(|(o, s)| (o.to_string(), s))
+        );
+        let blocks = link.cut(&key[..2048], Cut::Auth);
+        assert_eq!(
+            owners(&blocks),
+            [("#auth", 4), ("#auth", 5)].map(|(o, s)| (o.to_string(), s))
+        );
+    }
+
+    #[actix::test]
+    async fn lost_blocks_free_their_numbers_and_accepted_ones_move_them_on() {
+        let mut link = core(0, 0);
+        let blocks = link.cut(&[1u8; 2048], Cut::Pools);
+        assert_eq!(link.next_own_seq, 6);
+        link.discarded(&blocks);
+        assert_eq!((link.next_own_seq, link.next_peer_seq), (5, 7));
+        let auth_blocks = link.cut(&[2u8; 2048], Cut::Auth);
+        let auth = link.accept(auth_blocks);
+        assert_eq!(auth.iter().map(|b| b.seq).collect::<Vec<_>>(), [3, 4]);
+        assert_eq!((link.next_auth_seq, link.blocks_produced), (5, 0));
+        let own = BlockRecord {
+            owner: KmeId::new("kme-a"),
+            seq: 9,
+            data: vec![3u8; 1024],
+        };
+        assert!(link.accept(vec![own]).is_empty());
+        assert_eq!((link.next_own_seq, link.own_level), (10, 1024));
+        assert_eq!((link.blocks_produced, link.bytes_produced), (1, 1024));
+    }
+
+    #[actix::test]
+    async fn blocks_belong_to_the_two_ends_or_the_auth_stream() {
+        let link = core(0, 0);
+        let stream = |owner: &str| link.stream_of(&KmeId::new(owner));
+        assert_eq!(stream("kme-a"), Some(Stream::Pools));
+        assert_eq!(stream("kme-b"), Some(Stream::Pools));
+        assert_eq!(stream("#auth"), Some(Stream::Auth));
+        assert_eq!(stream("kme-c"), None);
+    }
+
+    #[actix::test]
+    async fn a_failure_to_reach_the_peer_is_reported_before_the_source_health() {
+        let mut link = link();
+        let health = link.health();
+        assert_eq!((health.state, health.source), (Condition::Up, "courier"));
+        link.core
+            .set_health(&Err(Error::Unavailable("peer unreachable".into())));
+        let health = link.health();
+        assert_eq!(health.state, Condition::Down);
+        assert!(health
+            .reason
+            .is_some_and(|r| r.contains("peer unreachable")));
+        link.core.set_health(&Ok(()));
+        assert_eq!(link.health().state, Condition::Up);
+    }
+
+    #[actix::test]
+    async fn source_work_runs_its_future_then_its_step() {
+        let mut link = core(0, 0);
+        let work: Work<u64, u64> = Work::later(async { 2 }, |out, sum: &mut u64, link| {
+            *sum += out + link.params().block_bytes as u64;
+            *sum
+        });
+        let Work::Later(future) = work else {
+            panic!("a future is later work");
+        };
+        let then = future.await;
+        let mut sum = 1;
+        assert_eq!(then(&mut sum, &mut link), 1027);
+    }
+}

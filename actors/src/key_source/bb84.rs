@@ -151,24 +151,29 @@ impl KeySource for Bb84 {
     }
 
     fn health(&self) -> SourceHealth {
-        let stats = &self.stats;
-        let condition = match stats.consecutive_aborts {
-            0 => Condition::Up,
-            n if n < DOWN_AFTER_ABORTS => Condition::Degraded,
-            _ => Condition::Down,
-        };
-        SourceHealth {
-            condition,
-            reason: (condition != Condition::Up)
-                .then(|| stats.last_abort.clone())
-                .flatten(),
-            qkd: Some(QkdHealth {
-                auth_windows_left: self.auth.windows_left(),
-                fibre_km: self.settings.channel.fibre_km,
-                eavesdropper: self.settings.channel.eve_fraction,
-                ..stats.clone()
-            }),
-        }
+        health(QkdHealth {
+            auth_windows_left: self.auth.windows_left(),
+            fibre_km: self.settings.channel.fibre_km,
+            eavesdropper: self.settings.channel.eve_fraction,
+            ..self.stats.clone()
+        })
+    }
+}
+
+/// Up after a good frame, degraded after an aborted one, down after `DOWN_AFTER_ABORTS` in a
+/// row; the reason is the last abort's.
+fn health(qkd: QkdHealth) -> SourceHealth {
+    let condition = match qkd.consecutive_aborts {
+        0 => Condition::Up,
+        n if n < DOWN_AFTER_ABORTS => Condition::Degraded,
+        _ => Condition::Down,
+    };
+    SourceHealth {
+        condition,
+        reason: (condition != Condition::Up)
+            .then(|| qkd.last_abort.clone())
+            .flatten(),
+        qkd: Some(qkd),
     }
 }
 
@@ -636,5 +641,41 @@ fn burn_window(peer: &KmeId, block_bytes: usize, frame_id: u64, window: u64) -> 
                 "auth_window": window,
             }),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aborted_frames_degrade_then_take_the_link_down() {
+        let after = |aborts: u64| {
+            health(QkdHealth {
+                consecutive_aborts: aborts,
+                frames_aborted: aborts,
+                last_abort: (aborts > 0).then(|| "QBER too high".to_string()),
+                ..QkdHealth::default()
+            })
+        };
+        let up = after(0);
+        assert_eq!((up.condition, up.reason), (Condition::Up, None));
+        assert_eq!(up.qkd.map(|q| q.frames_aborted), Some(0));
+        for (aborts, condition) in [(1, Condition::Degraded), (2, Condition::Degraded)] {
+            let h = after(aborts);
+            assert_eq!(h.condition, condition);
+            assert_eq!(h.reason.as_deref(), Some("QBER too high"));
+        }
+        let down = after(DOWN_AFTER_ABORTS);
+        assert_eq!(down.condition, Condition::Down);
+        assert_eq!(down.reason.as_deref(), Some("QBER too high"));
+    }
+
+    #[test]
+    fn backoff_doubles_from_100_ms_up_to_the_cap() {
+        assert_eq!(backoff(0), Duration::ZERO);
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(3), Duration::from_millis(400));
+        assert_eq!(backoff(200), MAX_ABORT_BACKOFF);
     }
 }
