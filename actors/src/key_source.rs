@@ -78,10 +78,7 @@ pub trait KeySource: Unpin + Sized + 'static {
         _request: SourceRequest,
         _link: &mut LinkCore,
     ) -> Work<Self, Result<PeerReply>> {
-        Work::refuse(format!(
-            "not a message of the {} source of this link",
-            self.name()
-        ))
+        foreign(self)
     }
 
     /// The authentication stream this source keys its messages from, if it keeps one: the
@@ -102,6 +99,14 @@ pub trait KeySource: Unpin + Sized + 'static {
     fn key_used(&self, _link: &LinkCore, _used: &UsedKeyFile) -> LocalBoxFuture<'static, ()> {
         Box::pin(async {})
     }
+}
+
+/// The answer to a message that is not of `source`'s protocol.
+pub fn foreign<S: KeySource>(source: &S) -> Work<S, Result<PeerReply>> {
+    Work::refuse(format!(
+        "not a message of the {} source of this link",
+        source.name()
+    ))
 }
 
 /// How a source's key blocks reach the other end.

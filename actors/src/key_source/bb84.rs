@@ -28,7 +28,8 @@ use crate::bb84_engine::{
 use crate::error::{Error, Result};
 use crate::key_source::courier::random_bytes;
 use crate::key_source::{
-    Condition, Delivery, KeySource, Produced, QkdHealth, SharedKey, SourceHealth, Stream, Work,
+    foreign, Condition, Delivery, KeySource, Produced, QkdHealth, SharedKey, SourceHealth, Stream,
+    Work,
 };
 use crate::link::LinkCore;
 use crate::link_auth::{auth_owner, AuthStream, WINDOW_BYTES};
@@ -139,10 +140,7 @@ impl KeySource for Bb84 {
                 frame_id,
                 envelopes,
             } => self.bob_step(frame_id, envelopes),
-            _ => Work::refuse(format!(
-                "not a message of the {} source of this link",
-                self.name()
-            )),
+            _ => foreign(self),
         }
     }
 

@@ -19,7 +19,7 @@ use futures_util::future::LocalBoxFuture;
 
 use crate::error::{Error, Result};
 use crate::key_drop::{self, KeyFile};
-use crate::key_source::{Delivery, KeySource, Produced, SharedKey, Work};
+use crate::key_source::{foreign, Delivery, KeySource, Produced, SharedKey, Work};
 use crate::link::LinkCore;
 use crate::peer_link::{FileMatch, PeerReply, SourceExchange, SourceRequest};
 use crate::store::{Op, Output, Store, UsedKeyFile};
@@ -106,10 +106,7 @@ impl KeySource for FileDrop {
                 bytes,
                 sha256,
             } => self.file_offer(link, name, bytes, sha256),
-            _ => Work::refuse(format!(
-                "not a message of the {} source of this link",
-                self.name()
-            )),
+            _ => foreign(self),
         }
     }
 
