@@ -18,7 +18,10 @@ use kme_actors::db;
 use kme_actors::db_checkpointer::DbCheckpointer;
 use kme_actors::db_writer::DbWriter;
 use kme_actors::key_pool::{KeyPool, WatchLevel};
-use kme_actors::link::{Link, LinkState};
+use kme_actors::key_source::bb84::Bb84;
+use kme_actors::key_source::courier::Courier;
+use kme_actors::key_source::file_drop::FileDrop;
+use kme_actors::link::{LinkSetup, LinkState};
 use kme_actors::link_auth::{auth_owner, AuthStream};
 use kme_actors::peer_link::PeerLink;
 use kme_actors::sae_registry::{NeighbourRoute, SaeRegistry};
@@ -91,6 +94,8 @@ struct Resume {
     position: u64,
     own_blocks: Vec<db::StoredBlock>,
     link_state: LinkState,
+    /// The link's authentication stream (BB84 links use it).
+    auth: AuthStream,
 }
 
 fn resume(
@@ -145,8 +150,8 @@ fn resume(
                 next_peer_seq: theirs.next_seq,
                 next_auth_seq: auth.next_seq,
                 unshipped,
-                auth: AuthStream::new(params.block_bytes, auth.position, auth_blocks),
             },
+            auth: AuthStream::new(params.block_bytes, auth.position, auth_blocks),
             params,
         });
     }
@@ -218,28 +223,28 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
             peer_link.clone(),
         )
         .start();
-        let engine = match &params.source {
+        let setup = LinkSetup {
+            params: params.clone(),
+            state: link.link_state,
+            pool: pool.clone(),
+            peer: peer_link,
+            store: store.clone(),
+        };
+        let link = match &params.source {
             SourceKind::Bb84(settings) => {
                 let settings = (**settings).clone();
                 let mut seed = [0u8; 32];
                 openssl::rand::rand_bytes(&mut seed)
                     .map_err(|err| kme_actors::Error::Unavailable(format!("CSPRNG: {err}")))?;
-                Some(SyncArbiter::start(1, move || {
-                    Bb84Engine::new(settings.clone(), seed)
-                }))
+                let engine_settings = settings.clone();
+                let engine =
+                    SyncArbiter::start(1, move || Bb84Engine::new(engine_settings.clone(), seed));
+                setup.start(Bb84::new(settings, engine, link.auth))
             }
-            SourceKind::Courier | SourceKind::FileDrop => None,
+            SourceKind::FileDrop => setup.start(FileDrop::new(params.key_drop_dir.clone())),
+            SourceKind::Courier => setup.start(Courier::new(params.block_bytes)),
         };
-        let link = Link::new(
-            params.clone(),
-            link.link_state,
-            engine,
-            pool.clone(),
-            peer_link,
-            store.clone(),
-        )
-        .start();
-        pool.do_send(WatchLevel(link.clone().recipient()));
+        pool.do_send(WatchLevel(link.pool_level.clone()));
         ends.insert(
             peer.clone(),
             PeerEnd {

@@ -9,11 +9,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use actix::Addr;
+use actix::{Addr, Recipient};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
-use kme_actors::link::{Link, PeerLevel, ReceiveBlocks, SourceFromPeer};
+use kme_actors::link::{LinkAddr, PeerLevel, ReceiveBlocks, SourceFromPeer};
 use kme_actors::peer_link::{
     self, ActivationBatch, BlockShipment, LevelReport, PeerReply, SourceRequest,
 };
@@ -21,7 +21,7 @@ use kme_actors::store::{Exec, Op, Store};
 use kme_actors::types::{CertIdentity, KmeId, SaeId};
 use kme_actors::Error;
 
-use crate::ask::ask;
+use crate::ask::{ask, Mailbox};
 use crate::tls::PeerIdentity;
 
 /// Largest peer request body (a batch of activations or of blocks).
@@ -29,7 +29,7 @@ const MAX_PEER_BODY: usize = 256 * 1024 * 1024;
 
 /// The local end of one link, as the channel needs it.
 pub struct PeerEnd {
-    pub link: Addr<Link>,
+    pub link: LinkAddr,
     pub block_bytes: usize,
     /// Largest key of the link, in bytes: no binding may be longer.
     pub max_key_bytes: u32,
@@ -130,14 +130,11 @@ fn ok(level: Option<u64>) -> HttpResponse {
 }
 
 /// Asks an actor and keeps its domain error (the peer needs the precise refusal).
-async fn ask_domain<A, M, T>(addr: &Addr<A>, msg: M, timeout: Duration) -> Result<T, Error>
+async fn ask_domain<M, T>(to: &impl Mailbox<M>, msg: M, timeout: Duration) -> Result<T, Error>
 where
-    A: actix::Actor + actix::Handler<M>,
-    A::Context: actix::dev::ToEnvelope<A, M>,
-    M: actix::Message<Result = Result<T, Error>> + Send + 'static,
-    T: Send + 'static,
+    M: actix::Message<Result = Result<T, Error>>,
 {
-    match ask(addr, msg, timeout).await {
+    match ask(to, msg, timeout).await {
         Ok(answer) => answer,
         Err(err) => Err(Error::Unavailable(err.message)),
     }
@@ -277,36 +274,42 @@ async fn blocks(
     payload: web::Payload,
     state: web::Data<PeerState>,
 ) -> Result<HttpResponse, PeerRefusal> {
-    let level = to_link(&req, payload, &state, |shipment: BlockShipment| {
-        let blocks = shipment
-            .blocks
-            .into_iter()
-            .map(|b| b.decode())
-            .collect::<Result<Vec<_>, Error>>()?;
-        Ok(ReceiveBlocks(blocks))
-    })
+    let level = to_link(
+        &req,
+        payload,
+        &state,
+        |link| &link.blocks,
+        |shipment: BlockShipment| {
+            let blocks = shipment
+                .blocks
+                .into_iter()
+                .map(|b| b.decode())
+                .collect::<Result<Vec<_>, Error>>()?;
+            Ok(ReceiveBlocks(blocks))
+        },
+    )
     .await?;
     Ok(ok(Some(level)))
 }
 
-/// Parses a neighbour's message `T`, turns it into the message for its link end and returns
-/// that end's answer.
+/// Parses a neighbour's message `T`, turns it into the message for its link end (taken by
+/// `to`) and returns that end's answer.
 async fn to_link<T, M, R>(
     req: &HttpRequest,
     payload: web::Payload,
     state: &PeerState,
+    to: fn(&LinkAddr) -> &Recipient<M>,
     message: impl FnOnce(T) -> Result<M, Error>,
 ) -> Result<R, PeerRefusal>
 where
     T: serde::de::DeserializeOwned,
     M: actix::Message<Result = Result<R, Error>> + Send + 'static,
-    Link: actix::Handler<M>,
     R: Send + 'static,
 {
     let Incoming {
         end, message: m, ..
     } = incoming::<T>(req, payload, state).await?;
-    Ok(ask_domain(&end.link, message(m)?, state.timeout).await?)
+    Ok(ask_domain(to(&end.link), message(m)?, state.timeout).await?)
 }
 
 async fn level(
@@ -319,7 +322,7 @@ async fn level(
         message: report,
         ..
     } = incoming::<LevelReport>(&req, payload, &state).await?;
-    ask(&end.link, PeerLevel(report.level), state.timeout)
+    ask(&end.link.peer_level, PeerLevel(report.level), state.timeout)
         .await
         .map_err(|err| PeerRefusal::new(StatusCode::SERVICE_UNAVAILABLE, err.message))?;
     Ok(ok(None))
@@ -330,9 +333,13 @@ async fn source(
     payload: web::Payload,
     state: web::Data<PeerState>,
 ) -> Result<HttpResponse, PeerRefusal> {
-    let reply = to_link(&req, payload, &state, |r: SourceRequest| {
-        Ok(SourceFromPeer(r))
-    })
+    let reply = to_link(
+        &req,
+        payload,
+        &state,
+        |link| &link.source,
+        |r: SourceRequest| Ok(SourceFromPeer(r)),
+    )
     .await?;
     Ok(HttpResponse::Ok().json(reply))
 }

@@ -4,10 +4,11 @@
 //!
 //! Owns: the simulated quantum channel (at the Alice end), the random source, and the
 //! post-processing state machine of the current frame (`bb84::pipeline`). Handles, all from
-//! this end's `Link`: `BeginAlice` (simulate a frame's pulses; returns Bob's detection record,
-//! which `Link` sends over the KME-to-KME channel in place of the quantum channel),
-//! `BeginBob`, `Step` (feed the peer's messages, get ours back), `AbortFrame`. It never talks to
-//! the network or the database: `Link` carries every envelope and stores every block.
+//! this end's `Link` (its `bb84` key source, `key_source/bb84.rs`): `BeginAlice` (simulate a
+//! frame's pulses; returns Bob's detection record, which the source sends over the KME-to-KME
+//! channel in place of the quantum channel), `BeginBob`, `Step` (feed the peer's messages, get
+//! ours back), `AbortFrame`. It never talks to the network or the database: the source carries
+//! every envelope and its `Link` stores every block.
 
 use actix::prelude::*;
 use rand::rngs::StdRng;

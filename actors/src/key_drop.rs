@@ -1,4 +1,5 @@
-//! Key files of a `file-drop` link (not an actor; `Link` calls it off the actors' thread).
+//! Key files of a `file-drop` link (not an actor; the link's `file-drop` key source calls it
+//! off the actors' thread).
 //!
 //! A real QKD device writes each key it distils as a file into one directory per link and end
 //! (`<key_drop_dir>/<peer KME>/`), under the same name at both ends. A device must write a file

@@ -333,27 +333,7 @@ impl Handler<WatchLevel> for KeyPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{KmeId, SourceKind};
-
-    fn params(block_bytes: usize) -> LinkParams {
-        LinkParams {
-            me: KmeId::new("kme-a"),
-            peer: KmeId::new("kme-b"),
-            source: SourceKind::Courier,
-            rate_bits_per_s: 1000,
-            block_bytes,
-            tick_ms: 100,
-            key_drop_dir: std::path::PathBuf::new(),
-            limits: KeyLimits {
-                key_size: 256,
-                min_key_size: 64,
-                max_key_size: 8192,
-                max_key_per_request: 128,
-                max_key_count: 1000,
-                max_sae_id_count: 2,
-            },
-        }
-    }
+    use crate::types::KmeId;
 
     fn block(seq: u64, len: usize) -> StoredBlock {
         StoredBlock {
@@ -401,7 +381,7 @@ mod tests {
             1,
         )
         .start();
-        KeyPool::new(params(8), cursor, blocks, store, peer)
+        KeyPool::new(LinkParams::for_tests(8, 1000), cursor, blocks, store, peer)
     }
 
     fn test_sealer() -> std::sync::Arc<crate::sealing::Sealer> {

@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `sae_registry.rs` | `SaeRegistry` | identities, SAE homes, routes to neighbours |
 //! | `key_pool.rs` | `KeyPool` (one per link) | this end's available material, allocation cursor |
-//! | `link/` | `Link` (one per link) | key source, production pacing, delivery, link health (`mod.rs`); BB84 frames (`bb84.rs`); device key files (`file_drop.rs`) |
+//! | `link.rs` | `Link` (one per link) | its key source, block numbering, two-phase delivery, commits, link health |
 //! | `bb84_engine.rs` | `Bb84Engine` (SyncArbiter of 1 per BB84 link) | channel simulation, the frame's post-processing |
 //! | `peer_link.rs` | `PeerLink` (one per neighbour) | mTLS client, batching, sequence numbers |
 //! | `audit_log.rs` | `AuditLog` | the hash-chained audit trail |
@@ -15,8 +15,11 @@
 //! | `db_writer.rs` | `DbWriter` (SyncArbiter of 1) | the SQLite write connection |
 //! | `db_checkpointer.rs` | `DbCheckpointer` (SyncArbiter of 1) | WAL checkpoints off the writer's path |
 //!
-//! Not actors: `bb84/` (the post-processing library), `link_auth.rs` (a BB84 link's
-//! authentication key stream), `key_source.rs`, `sealing.rs`, `db.rs`, `types.rs`.
+//! Not actors: `key_source.rs` (the `KeySource` trait that a `Link` drives) and its sources in
+//! `key_source/` (`bb84.rs`: BB84 frames at both ends; `file_drop.rs`: device key files;
+//! `courier.rs`: CSPRNG stand-in, not QKD), `bb84/` (the post-processing library),
+//! `link_auth.rs` (a BB84 link's authentication key stream), `sealing.rs`, `db.rs`,
+//! `types.rs`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 

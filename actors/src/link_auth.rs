@@ -1,5 +1,6 @@
 //! The authentication key stream of a BB84 link: one-time material for the Wegman–Carter tags
-//! of the post-processing messages (not an actor; the `Link` at each end owns one).
+//! of the post-processing messages (not an actor; the `bb84` key source of the `Link` at each
+//! end owns one).
 //!
 //! The stream is stored as link blocks of the pseudo-owner [`AUTH_OWNER`] (no KME ID can take
 //! that name), so it is written, confirmed, discarded and deleted by the same code as key
@@ -10,7 +11,7 @@
 //! their position, so no pad serves twice, even across crashes; an aborted frame costs its
 //! window. Successful frames refill the stream from their own key (the cost shows in the
 //! link's net key rate); only the very first material, and a re-key after exhaustion, come
-//! over the TLS channel (see `Link`).
+//! over the TLS channel (see `key_source::bb84`).
 
 use std::collections::VecDeque;
 

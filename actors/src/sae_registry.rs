@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::audit_log::{AuditRecord, Delivered};
 use crate::error::{Error, Result};
 use crate::key_pool::{Deliver, KeyPool, PoolStatus};
-use crate::link::{Health, Link, LinkHealth};
+use crate::link::{Health, LinkAddr, LinkHealth};
 use crate::store::{Exec, LocalKey, Op, Output, Store};
 use crate::types::{CertIdentity, Key, KeyCount, KeyLimits, KeySizeBits, KmeId, SaeId};
 
@@ -29,7 +29,7 @@ const MAILBOX_CAPACITY: usize = 4096;
 pub struct NeighbourRoute {
     pub peer: KmeId,
     pub pool: Addr<KeyPool>,
-    pub link: Addr<Link>,
+    pub link: LinkAddr,
     pub limits: KeyLimits,
 }
 
@@ -269,7 +269,7 @@ impl Handler<KeyStatus> for SaeRegistry {
             Target::Local(_) => Box::pin(async move { Ok(report) }),
             Target::Neighbour(link) => Box::pin(async move {
                 let counts = link.pool.send(PoolStatus).await?;
-                let health = link.link.send(LinkHealth).await?;
+                let health = link.link.health.send(LinkHealth).await?;
                 report.stored_key_count = counts.stored_key_count;
                 report.link = Some((link.peer, health, counts.available_bytes));
                 Ok(report)

@@ -65,7 +65,7 @@ pub struct KeyLimits {
     pub max_sae_id_count: u32,
 }
 
-/// Which key source feeds a link.
+/// Which key source feeds a link, as configured (`node.rs` builds the `KeySource` from it).
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceKind {
     /// Stand-in, not QKD: the lower-ID end draws blocks from the OS CSPRNG and ships them.
@@ -74,16 +74,6 @@ pub enum SourceKind {
     Bb84(Box<Bb84Settings>),
     /// A real QKD device writes key files with identical names at both ends.
     FileDrop,
-}
-
-impl SourceKind {
-    pub fn name(&self) -> &'static str {
-        match self {
-            SourceKind::Courier => "courier",
-            SourceKind::Bb84(_) => "bb84",
-            SourceKind::FileDrop => "file-drop",
-        }
-    }
 }
 
 /// How a BB84 link runs: its simulated channel and its post-processing parameters.
@@ -123,6 +113,31 @@ impl LinkParams {
     /// Bytes of material at which one end's pool counts as full.
     pub fn high_water_bytes(&self) -> u64 {
         self.limits.max_key_count * u64::from(self.limits.key_size / 8)
+    }
+}
+
+#[cfg(test)]
+impl LinkParams {
+    /// A courier link kme-a — kme-b for tests: blocks of `block_bytes`, pools full at
+    /// `max_key_count` keys of 256 bits.
+    pub(crate) fn for_tests(block_bytes: usize, max_key_count: u64) -> Self {
+        Self {
+            me: KmeId::new("kme-a"),
+            peer: KmeId::new("kme-b"),
+            source: SourceKind::Courier,
+            rate_bits_per_s: 1000,
+            block_bytes,
+            tick_ms: 100,
+            key_drop_dir: PathBuf::new(),
+            limits: KeyLimits {
+                key_size: 256,
+                min_key_size: 64,
+                max_key_size: 8192,
+                max_key_per_request: 128,
+                max_key_count,
+                max_sae_id_count: 2,
+            },
+        }
     }
 }
 

@@ -1,11 +1,29 @@
-//! file-drop key files of a `Link`: the driving end offers them, the other end matches them
-//! (see `key_drop` for the device contract).
+//! file-drop: the key source of real QKD devices that write each key as a file, under the
+//! same name at both ends (see `key_drop` for the device contract).
+//!
+//! Owns this end's key file directory (`<key_drop_dir>/<peer>/`) and, at the driving end, the
+//! files left aside and the one waiting for its twin. Its `Link` calls it at both ends: at the
+//! driving end, on each tick, to offer the first file by name, length and SHA-256 (over
+//! `PeerLink`); at the other end, with those offers, which it answers after hashing its twin
+//! (holding the key for the commit if both match); at start, to destroy files used before a
+//! crash; and once a file's blocks are stored at both ends, to destroy it. A matched file is a
+//! shared key: both `Link`s cut it into blocks, only numbers travel, and each records the
+//! file's contents as used with its blocks, so the same bytes never give blocks twice.
 
 use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-use super::*;
-use crate::peer_link::FileMatch;
-use crate::types::hex;
+use actix::prelude::*;
+use futures_util::future::LocalBoxFuture;
+
+use crate::error::{Error, Result};
+use crate::key_drop::{self, KeyFile};
+use crate::key_source::{foreign, Delivery, KeySource, Produced, SharedKey, Work};
+use crate::link::LinkCore;
+use crate::peer_link::{FileMatch, PeerReply, SourceExchange, SourceRequest};
+use crate::store::{Op, Output, Store, UsedKeyFile};
+use crate::types::{hex, KmeId};
 
 /// How long the driving end of a file-drop link waits after finding no usable file.
 const FILE_DROP_IDLE: Duration = Duration::from_millis(500);
@@ -13,9 +31,12 @@ const FILE_DROP_IDLE: Duration = Duration::from_millis(500);
 /// next start) and says so in the log and in `status`.
 const TWIN_PATIENCE: Duration = Duration::from_secs(60);
 
-/// The file-drop state of the driving end.
-#[derive(Default)]
-pub(super) struct FileDropState {
+/// The file-drop source of one link end.
+pub struct FileDrop {
+    /// Where this end's device writes the link's key files.
+    dir: PathBuf,
+    /// Driving end: no offer before this instant.
+    next_offer_at: Instant,
     /// Files left aside until the next start: a differing, missing or disowned twin, or
     /// shorter than one block. Never destroyed on the other end's word.
     skipped: HashSet<String>,
@@ -35,24 +56,81 @@ enum Offered {
     Refused(KeyFile, Option<FileMatch>),
 }
 
-/// file-drop, driving end.
-impl Link {
-    pub(super) fn file_drop_tick(&mut self, ctx: &mut Context<Self>, now: Instant) {
-        let high = self.params.high_water_bytes();
-        if self.own_level.min(self.peer_level) >= high || now < self.next_offer_at {
-            return;
+impl FileDrop {
+    /// `dir`: where this end's device writes the link's key files.
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            next_offer_at: Instant::now(),
+            skipped: HashSet::new(),
+            waiting: None,
         }
-        self.busy = true;
-        let dir = self.params.key_drop_dir.clone();
-        let skipped = self.file_drop.skipped.clone();
+    }
+}
+
+impl KeySource for FileDrop {
+    fn name(&self) -> &'static str {
+        "file-drop"
+    }
+
+    fn delivery(&self) -> Delivery {
+        Delivery::ByNumber
+    }
+
+    /// Destroys key files that gave blocks before a crash could remove them.
+    fn start(&mut self, link: &mut LinkCore) -> Work<Self, ()> {
+        let sweep = sweep_used_key_files(
+            self.dir.clone(),
+            link.store().clone(),
+            link.params().peer.clone(),
+        );
+        Work::later(sweep, |(), _, _| ())
+    }
+
+    /// Offers the first key file, when the pools want material.
+    fn drive(&mut self, link: &mut LinkCore, now: Instant) -> Work<Self, Produced> {
+        if link.pools_full() || now < self.next_offer_at {
+            return Work::Ready(Produced::Nothing);
+        }
+        self.offer(link)
+    }
+
+    fn answer(
+        &mut self,
+        request: SourceRequest,
+        link: &mut LinkCore,
+    ) -> Work<Self, Result<PeerReply>> {
+        match request {
+            SourceRequest::FileOffer {
+                name,
+                bytes,
+                sha256,
+            } => self.file_offer(link, name, bytes, sha256),
+            _ => foreign(self),
+        }
+    }
+
+    /// Both ends hold the file's blocks: it goes.
+    fn key_used(&self, link: &LinkCore, used: &UsedKeyFile) -> LocalBoxFuture<'static, ()> {
+        let peer = link.params().peer.clone();
+        let path = self.dir.join(&used.name);
+        Box::pin(async move { destroy_key_file(&peer, path).await })
+    }
+}
+
+/// file-drop, driving end.
+impl FileDrop {
+    fn offer(&mut self, link: &LinkCore) -> Work<Self, Produced> {
+        let dir = self.dir.clone();
+        let skipped = self.skipped.clone();
         // A file waiting for its twin is offered again as read before, not read and hashed
         // anew every time (it may be large), as long as it is still there unchanged in size.
-        let waiting = self.file_drop.waiting.take();
+        let waiting = self.waiting.take();
         let since = waiting.as_ref().map(|(_, since)| *since);
-        let block_bytes = self.params.block_bytes;
-        let peer = self.peer.clone();
-        let store = self.store.clone();
-        let link_peer = self.params.peer.clone();
+        let block_bytes = link.params().block_bytes;
+        let peer = link.peer().clone();
+        let store = link.store().clone();
+        let link_peer = link.params().peer.clone();
         let work = async move {
             let found = actix_rt::task::spawn_blocking(move || match waiting {
                 Some((file, _))
@@ -90,67 +168,67 @@ impl Link {
                 answer => Offered::Refused(file, answer),
             }))
         };
-        ctx.spawn(fut::wrap_future(work).map(
-            move |result: Result<Option<Offered>>, act: &mut Self, ctx| {
-                act.busy = false;
-                act.next_offer_at = Instant::now() + FILE_DROP_IDLE;
+        Work::later(
+            work,
+            move |result: Result<Option<Offered>>, me: &mut Self, link| {
+                me.next_offer_at = Instant::now() + FILE_DROP_IDLE;
                 match result {
-                    Ok(Some(Offered::Use(file))) => act.use_file(ctx, file),
+                    Ok(Some(Offered::Use(file))) => return me.use_file(link, file),
                     // Go on with the next file at once.
-                    Ok(Some(Offered::Destroyed)) => act.next_offer_at = Instant::now(),
+                    Ok(Some(Offered::Destroyed)) => me.next_offer_at = Instant::now(),
                     Ok(Some(Offered::TooShort(file))) => {
                         log::warn!(
                             "link to {}: key file {} is shorter than one block ({} bytes): left aside",
-                            act.params.peer,
+                            link.params().peer,
                             file.name,
-                            act.params.block_bytes
+                            link.params().block_bytes
                         );
-                        act.file_drop.skipped.insert(file.name);
-                        act.next_offer_at = Instant::now();
+                        me.skipped.insert(file.name);
+                        me.next_offer_at = Instant::now();
                     }
                     Ok(Some(Offered::Refused(file, answer))) => {
-                        act.file_refused(file, answer, since)
+                        me.file_refused(link, file, answer, since)
                     }
-                    Ok(None) => act.set_health(&Ok(())),
-                    Err(err) => act.set_health(&Err(err)),
+                    Ok(None) => link.set_health(&Ok(())),
+                    Err(err) => link.set_health(&Err(err)),
                 }
+                Produced::Nothing
             },
-        ));
+        )
     }
 
-    /// Both ends hold the same file: its key becomes blocks, committed by number.
-    fn use_file(&mut self, ctx: &mut Context<Self>, file: KeyFile) {
-        self.set_health(&Ok(()));
-        let frame = Some(file.frame_id());
-        let offered = OfferedFile::new(&file);
-        let blocks = self.cut(file.bytes);
+    /// Both ends hold the same file: its key is shared, committed by number.
+    fn use_file(&mut self, link: &mut LinkCore, file: KeyFile) -> Produced {
+        link.set_health(&Ok(()));
         log::info!(
             "link to {}: key file {} gives {} blocks",
-            self.params.peer,
+            link.params().peer,
             file.name,
-            blocks.len()
+            file.bytes.len() / link.params().block_bytes.max(1)
         );
-        let delivery = Delivery::Commit {
-            frame,
-            file: Some(offered),
-        };
-        self.ship(ctx, blocks, false, delivery);
+        Produced::Shared(shared_key(file))
     }
 
     /// The other end cannot use its twin: wait for a missing one (a while, since `since` if it
     /// was waiting already), leave the file aside otherwise. Never destroyed or renamed on the
     /// other end's word.
-    fn file_refused(&mut self, file: KeyFile, answer: Option<FileMatch>, since: Option<Instant>) {
-        let peer = self.params.peer.clone();
+    fn file_refused(
+        &mut self,
+        link: &mut LinkCore,
+        file: KeyFile,
+        answer: Option<FileMatch>,
+        since: Option<Instant>,
+    ) {
+        let peer = link.params().peer.clone();
         let err = match answer {
             Some(FileMatch::Missing) | None => {
                 let since = since.unwrap_or_else(Instant::now);
                 if since.elapsed() < TWIN_PATIENCE {
-                    self.set_health(&Err(Error::Unavailable(format!(
+                    link.set_health(&Err(Error::Unavailable(format!(
                         "{peer} has no key file {} yet",
                         file.name
                     ))));
-                    self.file_drop.waiting = Some((file, since));
+                    self.waiting = Some((file, since));
                     return;
                 }
                 format!("{peer} never got key file {}", file.name)
@@ -164,8 +242,21 @@ impl Link {
             }
         };
         log::error!("link to {peer}: {err}; the file is left aside until the next start");
-        self.file_drop.skipped.insert(file.name);
-        self.set_health(&Err(Error::Unavailable(err)));
+        self.skipped.insert(file.name);
+        link.set_health(&Err(Error::Unavailable(err)));
+    }
+}
+
+/// A key file's key, as both ends commit it: numbered from its hash, recorded as used by name
+/// and hash.
+fn shared_key(file: KeyFile) -> SharedKey {
+    SharedKey {
+        id: file.frame_id(),
+        used: Some(UsedKeyFile {
+            name: file.name,
+            sha256: file.sha256,
+        }),
+        bytes: file.bytes,
     }
 }
 
@@ -179,16 +270,22 @@ async fn key_file_used(store: &Addr<Store>, peer: &KmeId, sha256: &[u8; 32]) -> 
 }
 
 /// file-drop, the other end.
-impl Link {
+impl FileDrop {
     /// Holds the key file `name` for the commit if it has the offered length and hash.
-    pub(super) fn file_offer(&mut self, name: String, bytes: u64, sha256: String) -> Reply {
+    fn file_offer(
+        &mut self,
+        link: &mut LinkCore,
+        name: String,
+        bytes: u64,
+        sha256: String,
+    ) -> Work<Self, Result<PeerReply>> {
         if !key_drop::valid_name(&name) {
-            return refuse(format!("\"{name}\" is not a key file name"));
+            return Work::refuse(format!("\"{name}\" is not a key file name"));
         }
-        self.held = None;
-        let dir = self.params.key_drop_dir.clone();
-        let store = self.store.clone();
-        let peer = self.params.peer.clone();
+        link.hold(None);
+        let dir = self.dir.clone();
+        let store = link.store().clone();
+        let peer = link.params().peer.clone();
         let work = async move {
             let read = actix_rt::task::spawn_blocking(move || key_drop::read_named(&dir, &name))
                 .await
@@ -215,63 +312,53 @@ impl Link {
             }
             Ok((FileMatch::Mismatch, None))
         };
-        Box::pin(fut::wrap_future(work).map(
-            |result: Result<(FileMatch, Option<KeyFile>)>, act: &mut Self, _| {
+        Work::later(
+            work,
+            |result: Result<(FileMatch, Option<KeyFile>)>, _: &mut Self, link| {
                 let (answer, file) = result?;
                 if answer == FileMatch::Mismatch {
                     log::error!(
                         "link to {}: an offered key file differs from ours",
-                        act.params.peer
+                        link.params().peer
                     );
                 }
-                act.held = file.map(|file| HeldKey {
-                    frame_id: file.frame_id(),
-                    file: Some(OfferedFile::new(&file)),
-                    key: file.bytes,
-                });
+                link.hold(file.map(shared_key));
                 Ok(PeerReply {
                     ok: true,
                     file: Some(answer),
                     ..PeerReply::default()
                 })
             },
-        ))
+        )
     }
+}
 
-    /// At start: destroy key files that gave blocks before a crash could remove them.
-    pub(super) fn sweep_used_key_files(&mut self, ctx: &mut Context<Self>) {
-        let dir = self.params.key_drop_dir.clone();
-        let store = self.store.clone();
-        let peer = self.params.peer.clone();
-        let work = async move {
-            let listed =
-                actix_rt::task::spawn_blocking(move || key_drop::names(&dir).map(|n| (dir, n)));
-            let Ok(Ok((dir, names))) = listed.await else {
-                return;
-            };
-            for name in names {
-                let dir = dir.clone();
-                let read =
-                    actix_rt::task::spawn_blocking(move || key_drop::read_named(&dir, &name));
-                let Ok(Ok(Some(file))) = read.await else {
-                    continue;
-                };
-                if matches!(key_file_used(&store, &peer, &file.sha256).await, Ok(true)) {
-                    log::warn!(
-                        "link to {peer}: destroying key file {}, used before a restart",
-                        file.name
-                    );
-                    destroy_key_file(&peer, file.path).await;
-                }
-            }
+/// At start: destroys the key files of `dir` that gave blocks before a crash could remove
+/// them.
+async fn sweep_used_key_files(dir: PathBuf, store: Addr<Store>, peer: KmeId) {
+    let listed = actix_rt::task::spawn_blocking(move || key_drop::names(&dir).map(|n| (dir, n)));
+    let Ok(Ok((dir, names))) = listed.await else {
+        return;
+    };
+    for name in names {
+        let dir = dir.clone();
+        let read = actix_rt::task::spawn_blocking(move || key_drop::read_named(&dir, &name));
+        let Ok(Ok(Some(file))) = read.await else {
+            continue;
         };
-        ctx.spawn(fut::wrap_future(work));
+        if matches!(key_file_used(&store, &peer, &file.sha256).await, Ok(true)) {
+            log::warn!(
+                "link to {peer}: destroying key file {}, used before a restart",
+                file.name
+            );
+            destroy_key_file(&peer, file.path).await;
+        }
     }
 }
 
 /// Best effort: a used key file that cannot be destroyed now is logged; it is recorded as used,
 /// so it is destroyed, never used, when it turns up again (at start or at an offer).
-pub(super) async fn destroy_key_file(peer: &KmeId, path: PathBuf) {
+async fn destroy_key_file(peer: &KmeId, path: PathBuf) {
     let shown = path.display().to_string();
     let destroyed = actix_rt::task::spawn_blocking(move || key_drop::destroy(&path)).await;
     if !matches!(destroyed, Ok(Ok(()))) {

@@ -1,14 +1,41 @@
-//! BB84 frames of a `Link`: the Alice end drives them, the Bob end answers (see the module
-//! doc of `link` for the protocol).
+//! bb84: the BB84 key source (simulated quantum channel, real post-processing between the two
+//! KMEs), the default of the default network.
+//!
+//! Owns this end's `Bb84Engine` address, the link's authentication stream, frame pacing and
+//! the QKD measures for `status`. Its `Link` calls it at both ends: at the driving end (Alice),
+//! on each tick, to run the next frame; at the other end (Bob), with the `Start` and `Step`
+//! messages of Alice's frames. Per frame, Alice burns an authentication window (durably, at
+//! both ends, before the first tag), has her engine simulate the pulses, sends Bob's detection
+//! record in place of the quantum channel, then carries the post-processing messages between
+//! the two engines. Once both ends hold the verified, amplified key, each hands it to its
+//! `Link` as a shared key: Alice's cuts it and commits the blocks by number, Bob's holds it
+//! for that commit. Key bytes never cross the network. An aborted frame (QBER above
+//! threshold, failed verification or authentication, lost message) yields nothing at either
+//! end; the link backs off and tries again, so it recovers by itself once the channel is
+//! clean. The first authentication key (and a new one after exhaustion) is shipped as bytes:
+//! it stands in for the key an operator installs at both ends out of band.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
-use super::*;
+use actix::prelude::*;
+
+use crate::audit_log::AuditRecord;
 use crate::bb84::pipeline::{AbortReason, Envelope, FrameReport};
 use crate::bb84_engine::{
-    AbortFrame, BeginAlice, BeginBob, DetectionRecord, FrameState, Progress, Step,
+    AbortFrame, Bb84Engine, BeginAlice, BeginBob, DetectionRecord, FrameState, Progress, Step,
 };
-use crate::types::Bb84Settings;
+use crate::error::{Error, Result};
+use crate::key_source::courier::random_bytes;
+use crate::key_source::{
+    foreign, Condition, Delivery, KeySource, Produced, QkdHealth, SharedKey, SourceHealth, Stream,
+    Work,
+};
+use crate::link::LinkCore;
+use crate::link_auth::{auth_owner, AuthStream, WINDOW_BYTES};
+use crate::peer_link::{PeerLink, PeerReply, SourceExchange, SourceRequest};
+use crate::store::Op;
+use crate::types::{Bb84Settings, KmeId};
 
 /// How often a running BB84 link logs a summary at info level (and at its first frame).
 const SUMMARY_EVERY: Duration = Duration::from_secs(10);
@@ -21,17 +48,20 @@ const MAX_ABORT_BACKOFF: Duration = Duration::from_secs(10);
 const MAX_WINDOW_SKIP: u64 = 8;
 /// Authentication windows shipped at bootstrap (and at a re-key after exhaustion).
 const AUTH_BOOTSTRAP_WINDOWS: u64 = 256;
-/// The BB84 part of a link end.
-pub(super) struct Bb84End {
-    pub(super) settings: Bb84Settings,
+/// After this many aborted frames in a row the link counts as down (before: degraded).
+const DOWN_AFTER_ABORTS: u64 = 3;
+
+/// The BB84 source of one link end.
+pub struct Bb84 {
+    settings: Bb84Settings,
     engine: Addr<Bb84Engine>,
-    pub(super) auth: AuthStream,
+    auth: AuthStream,
     next_frame_at: Instant,
     /// (duration, sifted bits, secret bits) of the last frames.
     recent: VecDeque<(Duration, u64, u64)>,
     /// Bob end: when the running frame started here.
     bob_started: Instant,
-    pub(super) stats: QkdHealth,
+    stats: QkdHealth,
     /// Frames in a row that failed for want of the peer or the storage (for the back-off).
     failures: u64,
     /// When the last summary was logged (None: log the next frame).
@@ -58,64 +88,129 @@ struct FrameRun {
     bob: Option<FrameReport>,
 }
 
+impl Bb84 {
+    pub fn new(settings: Bb84Settings, engine: Addr<Bb84Engine>, auth: AuthStream) -> Self {
+        Self {
+            settings,
+            engine,
+            auth,
+            next_frame_at: Instant::now(),
+            recent: VecDeque::new(),
+            stats: QkdHealth::default(),
+            bob_started: Instant::now(),
+            failures: 0,
+            last_summary: None,
+        }
+    }
+}
+
+impl KeySource for Bb84 {
+    fn name(&self) -> &'static str {
+        "bb84"
+    }
+
+    fn delivery(&self) -> Delivery {
+        Delivery::ByNumber
+    }
+
+    /// Alice: the next frame, when the pools want material and the pacing allows.
+    fn drive(&mut self, link: &mut LinkCore, now: Instant) -> Work<Self, Produced> {
+        if self.auth.windows_left() == 0 {
+            return Work::Ready(bootstrap_auth(link));
+        }
+        if link.pools_full() || now < self.next_frame_at {
+            return Work::Ready(Produced::Nothing);
+        }
+        self.run_frame(link, now)
+    }
+
+    /// Bob: Alice's `Start` and `Step` messages.
+    fn answer(
+        &mut self,
+        request: SourceRequest,
+        link: &mut LinkCore,
+    ) -> Work<Self, Result<PeerReply>> {
+        match request {
+            SourceRequest::Start {
+                frame_id,
+                window,
+                record,
+            } => self.bob_start(link, frame_id, window, record),
+            SourceRequest::Step {
+                frame_id,
+                envelopes,
+            } => self.bob_step(frame_id, envelopes),
+            _ => foreign(self),
+        }
+    }
+
+    fn auth_stream(&mut self) -> Option<&mut AuthStream> {
+        Some(&mut self.auth)
+    }
+
+    fn health(&self) -> SourceHealth {
+        health(QkdHealth {
+            auth_windows_left: self.auth.windows_left(),
+            fibre_km: self.settings.channel.fibre_km,
+            eavesdropper: self.settings.channel.eve_fraction,
+            ..self.stats.clone()
+        })
+    }
+}
+
+/// Up after a good frame, degraded after an aborted one, down after `DOWN_AFTER_ABORTS` in a
+/// row; the reason is the last abort's.
+fn health(qkd: QkdHealth) -> SourceHealth {
+    let condition = match qkd.consecutive_aborts {
+        0 => Condition::Up,
+        n if n < DOWN_AFTER_ABORTS => Condition::Degraded,
+        _ => Condition::Down,
+    };
+    SourceHealth {
+        condition,
+        reason: (condition != Condition::Up)
+            .then(|| qkd.last_abort.clone())
+            .flatten(),
+        qkd: Some(qkd),
+    }
+}
+
+/// The first authentication key, or a new one after exhaustion, shipped over the TLS
+/// channel: it stands in for the key an operator installs at both ends out of band.
+fn bootstrap_auth(link: &mut LinkCore) -> Produced {
+    let block = link.params().block_bytes as u64;
+    let count = (AUTH_BOOTSTRAP_WINDOWS * WINDOW_BYTES).div_ceil(block);
+    match random_bytes((count * block) as usize) {
+        Ok(material) => {
+            log::info!(
+                "link to {}: shipping {} authentication windows over TLS (bootstrap)",
+                link.params().peer,
+                AUTH_BOOTSTRAP_WINDOWS
+            );
+            Produced::Bytes {
+                material,
+                to: Stream::Auth,
+            }
+        }
+        Err(err) => {
+            link.set_health(&Err(err));
+            Produced::Nothing
+        }
+    }
+}
+
 /// BB84, Alice (driving) end.
-impl Link {
-    pub(super) fn bb84_tick(&mut self, ctx: &mut Context<Self>, now: Instant) {
-        let Some(bb84) = self.bb84.as_ref() else {
-            return;
+impl Bb84 {
+    fn run_frame(&mut self, link: &LinkCore, now: Instant) -> Work<Self, Produced> {
+        let window = self.auth.next_window();
+        let Some(material) = self.auth.window(window) else {
+            return Work::Ready(Produced::Nothing);
         };
-        if bb84.auth.windows_left() == 0 {
-            self.bootstrap_auth(ctx);
-            return;
-        }
-        let high = self.params.high_water_bytes();
-        if self.own_level.min(self.peer_level) >= high || now < bb84.next_frame_at {
-            return;
-        }
-        self.run_frame(ctx, now);
-    }
-
-    /// The first authentication key, or a new one after exhaustion, shipped over the TLS
-    /// channel: it stands in for the key an operator installs at both ends out of band.
-    fn bootstrap_auth(&mut self, ctx: &mut Context<Self>) {
-        let block = self.params.block_bytes as u64;
-        let count = (AUTH_BOOTSTRAP_WINDOWS * WINDOW_BYTES).div_ceil(block);
-        let owner = auth_owner();
-        let mut blocks = Vec::new();
-        for _ in 0..count {
-            let data = match self.source.next_block(self.params.block_bytes) {
-                Ok(data) => data,
-                Err(err) => return self.set_health(&Err(err)),
-            };
-            let seq = self.take_seq(&owner);
-            blocks.push(BlockRecord {
-                owner: owner.clone(),
-                seq,
-                data,
-            });
-        }
-        log::info!(
-            "link to {}: shipping {} authentication windows over TLS (bootstrap)",
-            self.params.peer,
-            AUTH_BOOTSTRAP_WINDOWS
-        );
-        self.ship(ctx, blocks, false, Delivery::Bytes);
-    }
-
-    fn run_frame(&mut self, ctx: &mut Context<Self>, now: Instant) {
-        let Some(bb84) = self.bb84.as_mut() else {
-            return;
-        };
-        let window = bb84.auth.next_window();
-        let Some(material) = bb84.auth.window(window) else {
-            return;
-        };
-        let engine = bb84.engine.clone();
-        let peer = self.peer.clone();
-        let store = self.store.clone();
-        let link_peer = self.params.peer.clone();
-        let block_bytes = self.params.block_bytes;
-        self.busy = true;
+        let engine = self.engine.clone();
+        let peer = link.peer().clone();
+        let store = link.store().clone();
+        let link_peer = link.params().peer.clone();
+        let block_bytes = link.params().block_bytes;
         let work = async move {
             let mut run = FrameRun {
                 frame_id: 0,
@@ -165,20 +260,7 @@ impl Link {
                 return run;
             }
             run.window_used = true;
-            let burn = Op::CommitDelivery {
-                peer: link_peer.clone(),
-                owner: auth_owner(),
-                position: AuthStream::position_after(window),
-                block_bytes,
-                audit: AuditRecord::new(
-                    "bb84_frame_started",
-                    serde_json::json!({
-                        "peer": link_peer.as_str(),
-                        "frame_id": frame_id,
-                        "auth_window": window,
-                    }),
-                ),
-            };
+            let burn = burn_window(&link_peer, block_bytes, frame_id, window);
             // Burned durably before the first tag from this end.
             if let Err(err) = store
                 .send(burn.into())
@@ -243,30 +325,28 @@ impl Link {
                 };
             }
         };
-        ctx.spawn(
-            fut::wrap_future(work).map(move |run: FrameRun, act: &mut Self, ctx| {
-                act.busy = false;
-                let frame_id = run.frame_id;
-                let key = act.frame_finished(run, now);
-                if let Some(key) = key {
-                    let blocks = act.cut(key);
-                    if !blocks.is_empty() {
-                        let delivery = Delivery::Commit {
-                            frame: Some(frame_id),
-                            file: None,
-                        };
-                        act.ship(ctx, blocks, false, delivery);
-                    }
-                }
-            }),
-        );
+        Work::later(work, move |run: FrameRun, me: &mut Self, link| {
+            let frame_id = run.frame_id;
+            match me.frame_finished(link, run, now) {
+                Some(key) => Produced::Shared(SharedKey {
+                    id: frame_id,
+                    bytes: key,
+                    used: None,
+                }),
+                None => Produced::Nothing,
+            }
+        })
     }
 
     /// Records the frame in health and pacing; returns its key if it has one.
-    fn frame_finished(&mut self, run: FrameRun, started: Instant) -> Option<Vec<u8>> {
-        let bb84 = self.bb84.as_mut()?;
+    fn frame_finished(
+        &mut self,
+        link: &mut LinkCore,
+        run: FrameRun,
+        started: Instant,
+    ) -> Option<Vec<u8>> {
         if run.window_used {
-            bb84.auth.burn(run.window);
+            self.auth.burn(run.window);
         }
         let bob_report = run.bob.unwrap_or_default();
         let (key, outcome) = match run.end {
@@ -277,39 +357,47 @@ impl Link {
             FrameEnd::WindowBehind(next)
                 if next > run.window && next - run.window <= MAX_WINDOW_SKIP + 1 =>
             {
-                bb84.auth.burn(next - 1);
+                self.auth.burn(next - 1);
                 return None;
             }
             FrameEnd::WindowBehind(next) => {
-                bb84.failures = bb84.failures.saturating_add(1);
-                bb84.next_frame_at = Instant::now() + backoff(bb84.failures);
                 let err = Error::PeerMessage(format!(
                     "{} names authentication window {next} after {}",
-                    self.params.peer, run.window
+                    link.params().peer,
+                    run.window
                 ));
-                self.set_health(&Err(err));
+                self.failed(link, err);
                 return None;
             }
             FrameEnd::Failed(err) => {
-                // Not the channel: retry later, waiting longer after each failure in a row.
-                bb84.failures = bb84.failures.saturating_add(1);
-                bb84.next_frame_at = Instant::now() + backoff(bb84.failures);
-                self.set_health(&Err(err));
+                self.failed(link, err);
                 return None;
             }
         };
-        bb84.failures = 0;
-        let took = bb84.frame_time(started);
-        let peer = self.params.peer.clone();
-        bb84.record(&peer, &bob_report, run.alice.secret_bits, took, outcome);
-        let earliest = if bb84.settings.paced {
-            started + bb84.physical_frame_time()
+        self.failures = 0;
+        let took = self.frame_time(started);
+        self.record(
+            &link.params().peer,
+            &bob_report,
+            run.alice.secret_bits,
+            took,
+            outcome,
+        );
+        let earliest = if self.settings.paced {
+            started + self.physical_frame_time()
         } else {
             started
         };
-        bb84.next_frame_at = earliest.max(Instant::now() + backoff(bb84.stats.consecutive_aborts));
-        self.set_health(&Ok(()));
+        self.next_frame_at = earliest.max(Instant::now() + backoff(self.stats.consecutive_aborts));
+        link.set_health(&Ok(()));
         key
+    }
+
+    /// Not the channel: retry later, waiting longer after each failure in a row.
+    fn failed(&mut self, link: &mut LinkCore, err: Error) {
+        self.failures = self.failures.saturating_add(1);
+        self.next_frame_at = Instant::now() + backoff(self.failures);
+        link.set_health(&Err(err));
     }
 }
 
@@ -335,21 +423,7 @@ async fn notify_abort(peer: &Addr<PeerLink>, frame_id: u64, envelopes: Vec<Envel
     }
 }
 
-impl Bb84End {
-    pub(super) fn new(settings: Bb84Settings, engine: Addr<Bb84Engine>, auth: AuthStream) -> Self {
-        Self {
-            settings,
-            engine,
-            auth,
-            next_frame_at: Instant::now(),
-            recent: VecDeque::new(),
-            stats: QkdHealth::default(),
-            bob_started: Instant::now(),
-            failures: 0,
-            last_summary: None,
-        }
-    }
-
+impl Bb84 {
     /// The time a frame started at `started` took: on a paced link at least its pulses' time.
     fn frame_time(&self, started: Instant) -> Duration {
         let took = started.elapsed();
@@ -440,52 +514,42 @@ impl Bb84End {
 }
 
 /// BB84, Bob end.
-impl Link {
-    pub(super) fn bob_start(
+impl Bb84 {
+    fn bob_start(
         &mut self,
+        link: &mut LinkCore,
         frame_id: u64,
         window: u64,
         record: DetectionRecord,
-    ) -> Reply {
-        let Some(bb84) = self.bb84.as_mut() else {
-            return refuse("not a BB84 link".into());
-        };
-        let next = bb84.auth.next_window();
+    ) -> Work<Self, Result<PeerReply>> {
+        let next = self.auth.next_window();
         if window < next {
             // Already burned (a retried Start): tell the Alice end where to continue.
-            return Box::pin(fut::ready(Ok(PeerReply {
+            return Work::Ready(Ok(PeerReply {
                 ok: true,
                 next_window: Some(next),
                 ..PeerReply::default()
-            })));
+            }));
         }
         if window - next > MAX_WINDOW_SKIP {
-            return refuse(format!(
+            return Work::refuse(format!(
                 "authentication window {window} is too far ahead of {next}"
             ));
         }
-        let Some(material) = bb84.auth.window(window) else {
-            return refuse(format!("authentication window {window} is not held here"));
+        let Some(material) = self.auth.window(window) else {
+            return Work::refuse(format!("authentication window {window} is not held here"));
         };
-        bb84.auth.burn(window);
-        bb84.bob_started = Instant::now();
-        let engine = bb84.engine.clone();
-        self.held = None;
-        let store = self.store.clone();
-        let burn = Op::CommitDelivery {
-            peer: self.params.peer.clone(),
-            owner: auth_owner(),
-            position: AuthStream::position_after(window),
-            block_bytes: self.params.block_bytes,
-            audit: AuditRecord::new(
-                "bb84_frame_started",
-                serde_json::json!({
-                    "peer": self.params.peer.as_str(),
-                    "frame_id": frame_id,
-                    "auth_window": window,
-                }),
-            ),
-        };
+        self.auth.burn(window);
+        self.bob_started = Instant::now();
+        let engine = self.engine.clone();
+        link.hold(None);
+        let store = link.store().clone();
+        let burn = burn_window(
+            &link.params().peer,
+            link.params().block_bytes,
+            frame_id,
+            window,
+        );
         let work = async move {
             store.send(burn.into()).await??;
             let begin = BeginBob {
@@ -495,18 +559,20 @@ impl Link {
             };
             Ok(engine.send(begin).await?)
         };
-        Box::pin(fut::wrap_future(work).map(
-            move |progress: Result<Progress>, act: &mut Self, _| {
-                act.bob_progress(frame_id, progress?)
+        Work::later(
+            work,
+            move |progress: Result<Progress>, me: &mut Self, link| {
+                me.bob_progress(link, frame_id, progress?)
             },
-        ))
+        )
     }
 
-    pub(super) fn bob_step(&mut self, frame_id: u64, envelopes: Vec<Envelope>) -> Reply {
-        let Some(bb84) = self.bb84.as_ref() else {
-            return refuse("not a BB84 link".into());
-        };
-        let engine = bb84.engine.clone();
+    fn bob_step(
+        &mut self,
+        frame_id: u64,
+        envelopes: Vec<Envelope>,
+    ) -> Work<Self, Result<PeerReply>> {
+        let engine = self.engine.clone();
         let work = async move {
             engine
                 .send(Step {
@@ -515,38 +581,38 @@ impl Link {
                 })
                 .await?
         };
-        Box::pin(fut::wrap_future(work).map(
-            move |progress: Result<Progress>, act: &mut Self, _| {
-                act.bob_progress(frame_id, progress?)
+        Work::later(
+            work,
+            move |progress: Result<Progress>, me: &mut Self, link| {
+                me.bob_progress(link, frame_id, progress?)
             },
-        ))
+        )
     }
 
-    fn bob_progress(&mut self, frame_id: u64, progress: Progress) -> Result<PeerReply> {
-        let peer = self.params.peer.clone();
+    fn bob_progress(
+        &mut self,
+        link: &mut LinkCore,
+        frame_id: u64,
+        progress: Progress,
+    ) -> Result<PeerReply> {
+        let peer = link.params().peer.clone();
         let finished = progress.state != FrameState::Running;
-        let mut held = None;
-        if let Some(bb84) = self.bb84.as_mut() {
-            match progress.state {
-                FrameState::Running => {}
-                FrameState::Done(key) => {
-                    let took = bb84.frame_time(bb84.bob_started);
-                    let bits = progress.report.secret_bits;
-                    bb84.record(&peer, &progress.report, bits, took, Ok(()));
-                    held = Some(HeldKey {
-                        frame_id,
-                        key,
-                        file: None,
-                    });
-                }
-                FrameState::Aborted(reason) => {
-                    let took = bb84.frame_time(bb84.bob_started);
-                    bb84.record(&peer, &progress.report, 0, took, Err(reason));
-                }
+        match progress.state {
+            FrameState::Running => {}
+            FrameState::Done(key) => {
+                let took = self.frame_time(self.bob_started);
+                let bits = progress.report.secret_bits;
+                self.record(&peer, &progress.report, bits, took, Ok(()));
+                link.hold(Some(SharedKey {
+                    id: frame_id,
+                    bytes: key,
+                    used: None,
+                }));
             }
-        }
-        if held.is_some() {
-            self.held = held;
+            FrameState::Aborted(reason) => {
+                let took = self.frame_time(self.bob_started);
+                self.record(&peer, &progress.report, 0, took, Err(reason));
+            }
         }
         Ok(PeerReply {
             ok: true,
@@ -554,5 +620,60 @@ impl Link {
             report: finished.then_some(progress.report),
             ..PeerReply::default()
         })
+    }
+}
+
+/// Burns authentication window `window` for frame `frame_id` durably, with its audit record
+/// (at each end before its first tag).
+fn burn_window(peer: &KmeId, block_bytes: usize, frame_id: u64, window: u64) -> Op {
+    Op::CommitDelivery {
+        peer: peer.clone(),
+        owner: auth_owner(),
+        position: AuthStream::position_after(window),
+        block_bytes,
+        audit: AuditRecord::new(
+            "bb84_frame_started",
+            serde_json::json!({
+                "peer": peer.as_str(),
+                "frame_id": frame_id,
+                "auth_window": window,
+            }),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aborted_frames_degrade_then_take_the_link_down() {
+        let after = |aborts: u64| {
+            health(QkdHealth {
+                consecutive_aborts: aborts,
+                frames_aborted: aborts,
+                last_abort: (aborts > 0).then(|| "QBER too high".to_string()),
+                ..QkdHealth::default()
+            })
+        };
+        let up = after(0);
+        assert_eq!((up.condition, up.reason), (Condition::Up, None));
+        assert_eq!(up.qkd.map(|q| q.frames_aborted), Some(0));
+        for (aborts, condition) in [(1, Condition::Degraded), (2, Condition::Degraded)] {
+            let h = after(aborts);
+            assert_eq!(h.condition, condition);
+            assert_eq!(h.reason.as_deref(), Some("QBER too high"));
+        }
+        let down = after(DOWN_AFTER_ABORTS);
+        assert_eq!(down.condition, Condition::Down);
+        assert_eq!(down.reason.as_deref(), Some("QBER too high"));
+    }
+
+    #[test]
+    fn backoff_doubles_from_100_ms_up_to_the_cap() {
+        assert_eq!(backoff(0), Duration::ZERO);
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(3), Duration::from_millis(400));
+        assert_eq!(backoff(200), MAX_ABORT_BACKOFF);
     }
 }
