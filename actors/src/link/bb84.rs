@@ -47,7 +47,7 @@ enum FrameEnd {
     /// Not the channel's fault: the peer or the storage failed.
     Failed(Error),
     /// A message exchange failed after both ends began tagging the frame (a message or its
-    /// answer lost): given up here, and the Bob end told so — discarded at both ends.
+    /// answer lost): given up here and, best effort, at the Bob end by our abort notice.
     Lost(Error),
 }
 
