@@ -144,6 +144,7 @@ struct RawKme {
     id: String,
     sae_listen: SocketAddr,
     peer_listen: SocketAddr,
+    peer_url: Option<String>,
     data_dir: PathBuf,
     master_key: Option<PathBuf>,
     key_drop_dir: Option<PathBuf>,
@@ -183,6 +184,9 @@ pub struct KmeSpec {
     pub id: KmeId,
     pub sae_listen: SocketAddr,
     pub peer_listen: SocketAddr,
+    /// How the other KMEs reach `peer_listen` (`https://host[:port]`, no trailing slash):
+    /// `peer_url` of the file, else `https://<peer_listen>`.
+    pub peer_url: String,
     pub data_dir: PathBuf,
     /// 32-byte master key of encryption at rest (created on first start if missing).
     pub master_key: PathBuf,
@@ -215,7 +219,7 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct Neighbour {
     pub params: LinkParams,
-    /// KME-to-KME URL of the neighbour, e.g. `https://127.0.0.1:9442`.
+    /// KME-to-KME URL of the neighbour, e.g. `https://127.0.0.1:9442` (its `peer_url`).
     pub url: String,
 }
 
@@ -291,7 +295,7 @@ impl Config {
                     limits: link.limits,
                     key_drop_dir: me.key_drop_dir.join(peer.as_str()),
                 },
-                url: format!("https://{}", peer_spec.peer_listen),
+                url: peer_spec.peer_url.clone(),
             });
         }
         Ok(NodeConfig {
@@ -346,6 +350,42 @@ impl Validator<'_> {
         }
     }
 
+    /// `peer_url` of KME `id`: `https://host[:port]` and nothing else (a trailing `/` is
+    /// dropped); the KME-to-KME paths are appended to it as they are.
+    fn peer_url(&self, id: &str, url: &str) -> Result<String, ConfigError> {
+        let bad = |why: &str| {
+            self.err(
+                "kme.peer_url",
+                format!("KME \"{id}\": \"{url}\" {why} (expected https://host[:port])"),
+            )
+        };
+        let uri: awc::http::Uri = url.parse().map_err(|_| bad("is not a URL"))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(bad("is not an https URL"));
+        }
+        let authority = match uri.authority() {
+            Some(a) if !a.host().is_empty() && !a.as_str().contains('@') => a,
+            _ => return Err(bad("needs a host and no user information")),
+        };
+        // The text after the host: nothing, or `:` and a port 1..=65535.
+        let port = authority
+            .as_str()
+            .get(authority.host().len()..)
+            .unwrap_or("");
+        if !port.is_empty()
+            && port
+                .strip_prefix(':')
+                .and_then(|p| p.parse::<u16>().ok())
+                .is_none_or(|p| p == 0)
+        {
+            return Err(bad("has an invalid port"));
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(bad("has a path or a query"));
+        }
+        Ok(format!("https://{authority}"))
+    }
+
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let mut ids = HashSet::new();
         let mut kmes = Vec::new();
@@ -354,10 +394,15 @@ impl Validator<'_> {
             if !ids.insert(k.id.clone()) {
                 return Err(self.err("kme.id", format!("\"{}\" is defined twice", k.id)));
             }
+            let peer_url = match &k.peer_url {
+                Some(url) => self.peer_url(&k.id, url)?,
+                None => format!("https://{}", k.peer_listen),
+            };
             kmes.push(KmeSpec {
                 id: KmeId::new(&k.id),
                 sae_listen: k.sae_listen,
                 peer_listen: k.peer_listen,
+                peer_url,
                 data_dir: self.path(&k.data_dir),
                 master_key: k
                     .master_key
@@ -669,5 +714,57 @@ mod tests {
         let text = format!("{base}[[kme]]\nid=\"k\"\nsae_listen=\"127.0.0.1:1\"\npeer_listen=\"127.0.0.1:2\"\ndata_dir=\"d\"\n[[sae]]\nid=\"s\"\nkme=\"nope\"\n");
         let err = Config::parse(&text, file).unwrap_err();
         assert!(err.to_string().contains("sae.kme"), "{err}");
+    }
+
+    #[test]
+    fn peer_url_defaults_to_peer_listen_and_must_be_a_bare_https_url() {
+        let file = Path::new("x.toml");
+        let network = |b_url: &str| {
+            format!("[tls]\nca = \"ca.crt\"\ncert_dir = \".\"\n[[kme]]\nid=\"a\"\nsae_listen=\"127.0.0.1:1\"\npeer_listen=\"127.0.0.1:2\"\ndata_dir=\"d\"\n[[kme]]\nid=\"b\"\nsae_listen=\"127.0.0.1:3\"\npeer_listen=\"0.0.0.0:4\"\ndata_dir=\"e\"\n{b_url}\n[[link]]\nends=[\"a\",\"b\"]\n")
+        };
+        let config = Config::parse(&network(""), file).unwrap();
+        assert_eq!(
+            config.node("a").unwrap().neighbours[0].url,
+            "https://0.0.0.0:4"
+        );
+        assert_eq!(
+            config.node("b").unwrap().neighbours[0].url,
+            "https://127.0.0.1:2"
+        );
+        for (given, used) in [
+            (
+                "https://kme-b.example.net:9442",
+                "https://kme-b.example.net:9442",
+            ),
+            ("https://192.0.2.7:443/", "https://192.0.2.7:443"),
+            ("https://[::1]:9442", "https://[::1]:9442"),
+            ("https://localhost", "https://localhost"),
+        ] {
+            let text = network(&format!("peer_url = \"{given}\""));
+            let config = Config::parse(&text, file).unwrap();
+            // Only the others use it: b's own view of a is unchanged.
+            assert_eq!(config.node("a").unwrap().neighbours[0].url, used);
+            assert_eq!(
+                config.node("b").unwrap().neighbours[0].url,
+                "https://127.0.0.1:2"
+            );
+            assert_eq!(config.kme("b").unwrap().peer_url, used);
+        }
+        for bad in [
+            "http://127.0.0.1:4",
+            "127.0.0.1:4",
+            "https://",
+            "https://user@host:4",
+            "https://host:4/kme-b",
+            "https://host:4?x=1",
+            "https://host:0",
+            "https://host:99999",
+            "https://ho st:4",
+            "",
+        ] {
+            let text = network(&format!("peer_url = \"{bad}\""));
+            let err = Config::parse(&text, file).unwrap_err();
+            assert!(err.to_string().contains("kme.peer_url"), "{bad}: {err}");
+        }
     }
 }

@@ -100,9 +100,15 @@ fn run(command: Command) -> Result<ExitCode, String> {
             let config = load(config)?;
             println!("{}: valid", config.file.display());
             for k in &config.kmes {
+                let listen = format!("https://{}", k.peer_listen);
+                let reached = if k.peer_url == listen {
+                    String::new()
+                } else {
+                    format!(" (reached at {})", k.peer_url)
+                };
                 println!(
-                    "  KME {:<10} SAE API https://{}  KME-to-KME https://{}",
-                    k.id, k.sae_listen, k.peer_listen
+                    "  KME {:<10} SAE API https://{}  KME-to-KME {listen}{reached}",
+                    k.id, k.sae_listen
                 );
             }
             for l in &config.links {

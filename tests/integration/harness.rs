@@ -37,6 +37,8 @@ pub struct LinkOptions {
     pub bb84: Option<String>,
     /// Both links on file-drop (key files in `data/<kme>/key-drop/<peer>/`).
     pub file_drop: bool,
+    /// (KME, URL): where the other KMEs reach that KME's peer listener (`peer_url`).
+    pub peer_urls: Vec<(&'static str, String)>,
 }
 
 impl LinkOptions {
@@ -63,6 +65,7 @@ impl Default for LinkOptions {
             pins: Vec::new(),
             bb84: None,
             file_drop: false,
+            peer_urls: Vec::new(),
         }
     }
 }
@@ -142,6 +145,9 @@ fn network_file(
         );
         if let Some(mb) = options.max_db_mb {
             text += &format!("max_db_mb = {mb}\n");
+        }
+        if let Some((_, url)) = options.peer_urls.iter().find(|(id, _)| *id == kme) {
+            text += &format!("peer_url = \"{url}\"\n");
         }
     }
     for (sae, kme) in SAES {

@@ -6,6 +6,7 @@
 mod api;
 mod bad_input;
 mod bb84;
+mod bb84_faults;
 mod crash;
 mod file_drop;
 mod harness;

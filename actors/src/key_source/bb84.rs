@@ -76,6 +76,9 @@ enum FrameEnd {
     WindowBehind(u64),
     /// Not the channel's fault: the peer or the storage failed.
     Failed(Error),
+    /// A message exchange failed after both ends began tagging the frame (a message or its
+    /// answer lost): given up here and, best effort, at the Bob end by our abort notice.
+    Lost(Error),
 }
 
 struct FrameRun {
@@ -318,8 +321,18 @@ impl Bb84 {
                 reply = match sent.map_err(Error::from).and_then(|r| r) {
                     Ok(reply) => reply,
                     Err(err) => {
-                        drop_frame().await;
-                        run.end = FrameEnd::Failed(err);
+                        // The Bob end may be waiting for a message that will never come, or
+                        // may have moved on: our tagged abort notice ends the frame there too
+                        // (best effort: without it, his next `Start` drops the frame).
+                        let notice = engine
+                            .send(AbortFrame {
+                                frame_id,
+                                reason: AbortReason::Timeout,
+                            })
+                            .await
+                            .unwrap_or_default();
+                        notify_abort(&peer, frame_id, notice).await;
+                        run.end = FrameEnd::Lost(err);
                         return run;
                     }
                 };
@@ -371,6 +384,19 @@ impl Bb84 {
             }
             FrameEnd::Failed(err) => {
                 self.failed(link, err);
+                return None;
+            }
+            FrameEnd::Lost(err) => {
+                // An aborted frame (counted as such, as at the Bob end) that is also a failure
+                // to reach the peer: retried after the longer of the two back-offs.
+                bb84.failures = bb84.failures.saturating_add(1);
+                let took = bb84.frame_time(started);
+                let peer = self.params.peer.clone();
+                bb84.record(&peer, &bob_report, 0, took, Err(AbortReason::Timeout));
+                bb84.stats.last_abort = Some(format!("message exchange failed: {err}"));
+                let wait = backoff(bb84.failures.max(bb84.stats.consecutive_aborts));
+                bb84.next_frame_at = Instant::now() + wait;
+                self.set_health(&Err(err));
                 return None;
             }
         };
