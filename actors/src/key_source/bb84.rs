@@ -389,14 +389,14 @@ impl Bb84 {
             FrameEnd::Lost(err) => {
                 // An aborted frame (counted as such, as at the Bob end) that is also a failure
                 // to reach the peer: retried after the longer of the two back-offs.
-                bb84.failures = bb84.failures.saturating_add(1);
-                let took = bb84.frame_time(started);
-                let peer = self.params.peer.clone();
-                bb84.record(&peer, &bob_report, 0, took, Err(AbortReason::Timeout));
-                bb84.stats.last_abort = Some(format!("message exchange failed: {err}"));
-                let wait = backoff(bb84.failures.max(bb84.stats.consecutive_aborts));
-                bb84.next_frame_at = Instant::now() + wait;
-                self.set_health(&Err(err));
+                self.failures = self.failures.saturating_add(1);
+                let took = self.frame_time(started);
+                let peer = link.params().peer.clone();
+                self.record(&peer, &bob_report, 0, took, Err(AbortReason::Timeout));
+                self.stats.last_abort = Some(format!("message exchange failed: {err}"));
+                let wait = backoff(self.failures.max(self.stats.consecutive_aborts));
+                self.next_frame_at = Instant::now() + wait;
+                link.set_health(&Err(err));
                 return None;
             }
         };
