@@ -403,13 +403,13 @@ struct BobPass {
     bits: BitVec,
     alice_blocks: BitVec,
     odd: BitVec,
-    /// Alice's parities learned so far, per node of each block's binary-search tree:
-    /// node `i` of block `b` (root 1, children `2i` and `2i + 1`) is bit `b * stride + i`.
-    /// Flat bit arrays keep a block's nodes together (a hash map here cost a cache miss
-    /// per lookup, a third of Cascade's time).
+    /// Alice's parities learned so far, per half of a split in the binary searches: a
+    /// block's searches always split the same way, so every split point `mid` of a pass is
+    /// distinct and the halves left and right of it are bits `2 mid` and `2 mid + 1`. Flat
+    /// bit arrays keep a block's nodes together (a hash map here cost a cache miss per
+    /// lookup, a third of Cascade's time).
     known: BitVec,
     alice_nodes: BitVec,
-    stride: usize,
 }
 
 impl BobPass {
@@ -428,8 +428,6 @@ impl BobPass {
 #[derive(Debug, Clone, Copy)]
 struct Search {
     pass: u16,
-    /// Node of the block's search tree that `start..end` is (root 1).
-    node: u32,
     start: u32,
     end: u32,
     alice_parity: bool,
@@ -627,13 +625,10 @@ impl CascadeBob {
                         });
                     }
                     self.stats.leaked += alice_blocks.len() as u64;
-                    let k = spec.block_size as usize;
-                    let stride = 2 * k.next_power_of_two();
-                    let nodes = alice_blocks.len() * stride;
+                    let nodes = 2 * self.key.len();
                     self.passes.push(BobPass {
                         known: BitVec::zeros(nodes),
                         alice_nodes: BitVec::zeros(nodes),
-                        stride,
                         spec: *spec,
                         inv_mult,
                         bits,
@@ -683,7 +678,6 @@ impl CascadeBob {
             let start = b * k;
             self.searches.push(Search {
                 pass: p as u16,
-                node: 1,
                 start: start as u32,
                 end: (start + k).min(n) as u32,
                 alice_parity: pass.alice_blocks.get(b),
@@ -697,11 +691,9 @@ impl CascadeBob {
             .is_some_and(|p| p.bits.parity_range(start as usize, end as usize))
     }
 
-    /// Bit index of `node` of the search tree of the block holding `start` in `pass`.
-    fn slot(&self, pass: u16, start: u32, node: u32) -> Option<usize> {
-        let p = self.passes.get(usize::from(pass))?;
-        let block = start as usize / p.spec.block_size as usize;
-        Some(block * p.stride + node as usize)
+    /// Bit index of the half left (`right` false) or right of split `mid`.
+    fn slot(mid: u32, right: bool) -> usize {
+        2 * mid as usize + usize::from(right)
     }
 
     fn learn(&mut self, pass: u16, slot: usize, alice_parity: bool) {
@@ -721,16 +713,12 @@ impl CascadeBob {
     fn step(&mut self, s: &mut Search, a_left: bool) {
         let mid = s.start + (s.end - s.start) / 2;
         let a_right = s.alice_parity ^ a_left;
-        if let Some(right) = self.slot(s.pass, s.start, 2 * s.node + 1) {
-            self.learn(s.pass, right, a_right);
-        }
+        self.learn(s.pass, Self::slot(mid, true), a_right);
         if self.bob_parity(s.pass, s.start, mid) != a_left {
             s.end = mid;
-            s.node *= 2;
             s.alice_parity = a_left;
         } else {
             s.start = mid;
-            s.node = 2 * s.node + 1;
             s.alice_parity = a_right;
         }
     }
@@ -740,7 +728,7 @@ impl CascadeBob {
     fn advance(&mut self) {
         let mut waiting: Vec<(Search, usize)> = Vec::new();
         let mut index: HashMap<(u16, usize), usize, BuildHasherDefault<MixHasher>> =
-            HashMap::default();
+            HashMap::with_capacity_and_hasher(self.searches.len(), Default::default());
         while let Some(mut s) = self.searches.pop() {
             if self.stats.corrected > self.n / 2 {
                 break; // diverging on inconsistent parities; caller reports it
@@ -754,9 +742,7 @@ impl CascadeBob {
                     break;
                 }
                 let mid = s.start + (s.end - s.start) / 2;
-                let Some(left) = self.slot(s.pass, s.start, 2 * s.node) else {
-                    break;
-                };
+                let left = Self::slot(mid, false);
                 if let Some(a_l) = self.learned(s.pass, left) {
                     self.step(&mut s, a_l);
                     continue;
@@ -800,7 +786,6 @@ impl CascadeBob {
                 let start = blk * k;
                 self.searches.push(Search {
                     pass: q as u16,
-                    node: 1,
                     start: start as u32,
                     end: (start + k).min(n as usize) as u32,
                     alice_parity: p.alice_blocks.get(blk),
