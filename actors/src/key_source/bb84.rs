@@ -296,14 +296,7 @@ impl Bb84 {
                     },
                     FrameState::Running => {
                         // The peer answered nothing while the frame expects an answer.
-                        let notice = engine
-                            .send(AbortFrame {
-                                frame_id,
-                                reason: AbortReason::Timeout,
-                            })
-                            .await
-                            .unwrap_or_default();
-                        notify_abort(&peer, frame_id, notice).await;
+                        give_up(&engine, &peer, frame_id).await;
                         run.end = FrameEnd::Aborted(AbortReason::Timeout);
                         return run;
                     }
@@ -324,14 +317,7 @@ impl Bb84 {
                         // The Bob end may be waiting for a message that will never come, or
                         // may have moved on: our tagged abort notice ends the frame there too
                         // (best effort: without it, his next `Start` drops the frame).
-                        let notice = engine
-                            .send(AbortFrame {
-                                frame_id,
-                                reason: AbortReason::Timeout,
-                            })
-                            .await
-                            .unwrap_or_default();
-                        notify_abort(&peer, frame_id, notice).await;
+                        give_up(&engine, &peer, frame_id).await;
                         run.end = FrameEnd::Lost(err);
                         return run;
                     }
@@ -447,6 +433,18 @@ async fn notify_abort(peer: &Addr<PeerLink>, frame_id: u64, envelopes: Vec<Envel
             }))
             .await;
     }
+}
+
+/// Abort the frame in this end's engine (timeout) and send the other end the tagged notice.
+async fn give_up(engine: &Addr<Bb84Engine>, peer: &Addr<PeerLink>, frame_id: u64) {
+    let notice = engine
+        .send(AbortFrame {
+            frame_id,
+            reason: AbortReason::Timeout,
+        })
+        .await
+        .unwrap_or_default();
+    notify_abort(peer, frame_id, notice).await;
 }
 
 impl Bb84 {
@@ -585,12 +583,7 @@ impl Bb84 {
             };
             Ok(engine.send(begin).await?)
         };
-        Work::later(
-            work,
-            move |progress: Result<Progress>, me: &mut Self, link| {
-                me.bob_progress(link, frame_id, progress?)
-            },
-        )
+        Self::then_bob_progress(work, frame_id)
     }
 
     fn bob_step(
@@ -607,6 +600,14 @@ impl Bb84 {
                 })
                 .await?
         };
+        Self::then_bob_progress(work, frame_id)
+    }
+
+    /// The engine's `work` on a frame, then the answer to the Alice end from its progress.
+    fn then_bob_progress(
+        work: impl std::future::Future<Output = Result<Progress>> + 'static,
+        frame_id: u64,
+    ) -> Work<Self, Result<PeerReply>> {
         Work::later(
             work,
             move |progress: Result<Progress>, me: &mut Self, link| {
