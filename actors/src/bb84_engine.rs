@@ -2,8 +2,10 @@
 //! so that channel simulation, Cascade and privacy amplification never stall the actors that
 //! serve SAEs).
 //!
-//! Owns: the simulated quantum channel (at the Alice end), the random source, and the
-//! post-processing state machine of the current frame (`bb84::pipeline`). Handles, all from
+//! Owns: the simulated quantum channel (at the Alice end, with the next frame's pulses
+//! simulated ahead on a thread of their own), the random source, and the post-processing
+//! state machine of the current frame (`bb84::pipeline`, whose parallel stages use scoped
+//! threads of their own). Handles, all from
 //! this end's `Link` (its `bb84` key source, `key_source/bb84.rs`): `BeginAlice` (simulate a
 //! frame's pulses; returns Bob's detection record, which the source sends over the KME-to-KME
 //! channel in place of the quantum channel), `BeginBob`, `Step` (feed the peer's messages, get
@@ -17,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bb84::auth::{AuthChannel, AuthKeyMaterial, Role};
 use crate::bb84::bits::BitVec;
-use crate::bb84::channel::{simulate_frame, BobRecord};
+use crate::bb84::channel::{simulate_frame, BobRecord, ChannelError, ChannelFrame};
 use crate::bb84::pipeline::{
     AbortReason, AliceFrame, BobFrame, Envelope, FrameReport, FrameStatus,
 };
@@ -61,10 +63,17 @@ struct Current {
     frame: Frame,
 }
 
+/// The pulses of a frame being simulated on a thread of their own.
+type PulsesAhead = std::thread::JoinHandle<std::result::Result<ChannelFrame, ChannelError>>;
+
 pub struct Bb84Engine {
     settings: Bb84Settings,
     rng: StdRng,
     current: Option<Current>,
+    /// Alice end: the next frame's pulses, simulated while this frame is post-processed (a
+    /// live frame mostly waits for round trips to the Bob end, and the simulation took a
+    /// sixth of an unpaced frame's time before it).
+    next_pulses: Option<PulsesAhead>,
 }
 
 impl Bb84Engine {
@@ -74,7 +83,30 @@ impl Bb84Engine {
             settings,
             rng: StdRng::from_seed(seed),
             current: None,
+            next_pulses: None,
         }
+    }
+
+    /// This frame's pulses: those simulated ahead if any, else simulated now. Starts the next
+    /// frame's on a thread of its own (with a generator seeded from this engine's).
+    fn pulses(&mut self) -> std::result::Result<ChannelFrame, ChannelError> {
+        let channel = self.settings.channel.clone();
+        let pulses = self.settings.pulses_per_frame;
+        let ahead = self.next_pulses.take().map(|thread| thread.join());
+        let frame = match ahead {
+            Some(Ok(frame)) => frame,
+            // No frame ahead (the first), or its thread died: simulate here.
+            Some(Err(_)) | None => simulate_frame(&channel, pulses, &mut self.rng),
+        };
+        let mut seed = [0u8; 32];
+        self.rng.fill_bytes(&mut seed);
+        let mut rng = StdRng::from_seed(seed);
+        // Without a thread the next frame simulates its pulses when it begins.
+        self.next_pulses = std::thread::Builder::new()
+            .name("bb84-pulses".into())
+            .spawn(move || simulate_frame(&channel, pulses, &mut rng))
+            .ok();
+        frame
     }
 
     fn progress(&mut self, out: Vec<Envelope>) -> Progress {
@@ -140,8 +172,8 @@ impl Handler<BeginAlice> for Bb84Engine {
 
     fn handle(&mut self, msg: BeginAlice, _ctx: &mut SyncContext<Self>) -> Self::Result {
         let frame_id = self.rng.next_u64();
-        let pulses = self.settings.pulses_per_frame;
-        let frame = simulate_frame(&self.settings.channel, pulses, &mut self.rng)
+        let frame = self
+            .pulses()
             .map_err(|err| Error::BadRequest(format!("BB84 channel parameters: {err}")))?;
         let auth = AuthChannel::new(Role::Alice, &msg.auth);
         let alice = AliceFrame::new(
