@@ -68,6 +68,23 @@ pub struct Bb84 {
     last_summary: Option<Instant>,
 }
 
+/// Why a frame was discarded, for the statistics and the logs.
+enum Abort {
+    /// The post-processing discarded it at this end.
+    Frame(AbortReason),
+    /// A message or its answer was lost mid-frame (the transport's error).
+    Exchange(String),
+}
+
+impl std::fmt::Display for Abort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Abort::Frame(reason) => reason.fmt(f),
+            Abort::Exchange(err) => write!(f, "message exchange failed: {err}"),
+        }
+    }
+}
+
 /// How one frame ended at the Alice end.
 enum FrameEnd {
     Key(Vec<u8>),
@@ -378,8 +395,8 @@ impl Bb84 {
                 self.failures = self.failures.saturating_add(1);
                 let took = self.frame_time(started);
                 let peer = link.params().peer.clone();
-                self.record(&peer, &bob_report, 0, took, Err(AbortReason::Timeout));
-                self.stats.last_abort = Some(format!("message exchange failed: {err}"));
+                let why = Abort::Exchange(err.to_string());
+                self.record(&peer, &bob_report, 0, took, Err(why));
                 let wait = backoff(self.failures.max(self.stats.consecutive_aborts));
                 self.next_frame_at = Instant::now() + wait;
                 link.set_health(&Err(err));
@@ -393,7 +410,7 @@ impl Bb84 {
             &bob_report,
             run.alice.secret_bits,
             took,
-            outcome,
+            outcome.map_err(Abort::Frame),
         );
         let earliest = if self.settings.paced {
             started + self.physical_frame_time()
@@ -470,7 +487,7 @@ impl Bb84 {
         report: &FrameReport,
         secret_bits: u64,
         took: Duration,
-        outcome: std::result::Result<(), AbortReason>,
+        outcome: std::result::Result<(), Abort>,
     ) {
         let stats = &mut self.stats;
         if let Some(est) = &report.estimates {
@@ -495,7 +512,7 @@ impl Bb84 {
                     .push_back((took, report.sifted_bits, secret_bits));
             }
             Err(reason) => {
-                if let AbortReason::QberTooHigh { observed, upper } = reason {
+                if let Abort::Frame(AbortReason::QberTooHigh { observed, upper }) = reason {
                     stats.qber = Some(observed);
                     stats.qber_upper = Some(upper);
                 }
@@ -638,7 +655,7 @@ impl Bb84 {
             }
             FrameState::Aborted(reason) => {
                 let took = self.frame_time(self.bob_started);
-                self.record(&peer, &progress.report, 0, took, Err(reason));
+                self.record(&peer, &progress.report, 0, took, Err(Abort::Frame(reason)));
             }
         }
         Ok(PeerReply {
