@@ -4,10 +4,10 @@ CARGO ?= cargo
 KME := target/release/kme
 
 .DEFAULT_GOAL := help
-.PHONY: help build certs run start stop demo test lint fmt bench bench-link clean
+.PHONY: help build certs run start stop demo test lint fmt bench bench-link bench-live-link clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n",$$1,$$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-16s %s\n",$$1,$$2}'
 
 build: ## build the kme binary (release)
 	$(CARGO) build --release --bin kme
@@ -44,6 +44,9 @@ bench: build certs ## load benchmark on the network of bench/kme.toml: keys/s an
 
 bench-link: build ## BB84 post-processing benchmark per QBER, unpaced (var/bench/link.json)
 	$(KME) bench-link --out var/bench/link.json
+
+bench-live-link: build certs ## one unpaced BB84 link between two kme processes for 40 s: bit/s (var/bench/live-link.json)
+	@scripts/bench-live-link.sh
 
 clean: ## remove build output and runtime data (var/)
 	$(CARGO) clean
