@@ -88,6 +88,9 @@ pub enum SourceRequest {
         frame_id: u64,
         window: u64,
         record: DetectionRecord,
+        /// The sender's `bb84::pipeline::PROTOCOL_VERSION` (absent before version 2).
+        #[serde(default)]
+        protocol: u32,
     },
     /// Post-processing messages of the running frame.
     Step {

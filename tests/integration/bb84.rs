@@ -98,7 +98,17 @@ async fn the_bob_end_refuses_stale_or_forged_bb84_messages_and_keeps_working() {
     let url = format!("{}/peer/v1/source", net.setup.peer_url("kme-b"));
     let empty = json!({"words": [], "len": 0});
     // Window 0 keyed the first frame: it never serves again (the answer names the next one).
-    let start = |window: u64| json!({"start": {"frame_id": 1, "window": window, "record": {"bits": empty, "bases": empty}}});
+    let start = |window: u64| json!({"start": {"frame_id": 1, "window": window, "record": {"bits": empty, "bases": empty}, "protocol": 2}});
+    // A KME of another post-processing protocol (here one from before versions were sent) is
+    // refused before anything is used, with a message saying why.
+    let old =
+        json!({"start": {"frame_id": 1, "window": 1, "record": {"bits": empty, "bases": empty}}});
+    let (code, answer) = kme_a.try_post(&url, &old).await.unwrap();
+    assert_eq!(code, 400, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("protocol"),
+        "{answer}"
+    );
     let (code, answer) = kme_a.try_post(&url, &start(0)).await.unwrap();
     assert_eq!(code, 200, "{answer}");
     let next = answer["next_window"].as_u64().unwrap();
@@ -110,7 +120,7 @@ async fn the_bob_end_refuses_stale_or_forged_bb84_messages_and_keeps_working() {
     let (code, answer) = kme_a.try_post(&url, &start(u64::MAX / 264)).await.unwrap();
     assert_eq!(code, 400, "{answer}");
     // A malformed bit vector never reaches the pipeline.
-    let bad = json!({"start": {"frame_id": 1, "window": 9, "record": {
+    let bad = json!({"start": {"frame_id": 1, "window": 9, "protocol": 2, "record": {
         "bits": {"words": [255], "len": 3}, "bases": empty}}});
     let (code, answer) = kme_a.try_post(&url, &bad).await.unwrap();
     assert_eq!(code, 400, "{answer}");

@@ -18,7 +18,8 @@ pub fn workers() -> usize {
 }
 
 /// `items.iter().map(f).collect()`, with the items split over [`workers`] threads; the
-/// results keep the items' order.
+/// results keep the items' order. A chunk whose thread the OS refuses runs on the calling
+/// thread (slower, not wrong).
 pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let chunk = items.len().div_ceil(workers()).max(1);
     if items.len() <= 1 || workers() == 1 {
@@ -26,18 +27,23 @@ pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> 
     }
     std::thread::scope(|scope| {
         let f = &f;
-        let handles: Vec<_> = items
+        let parts: Vec<_> = items
             .chunks(chunk)
             .skip(1)
-            .map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
+            .map(|part| {
+                let worker = std::thread::Builder::new()
+                    .spawn_scoped(scope, move || part.iter().map(f).collect::<Vec<R>>());
+                (part, worker)
+            })
             .collect();
         // The first chunk runs on the calling thread.
         let mut out: Vec<R> = items.iter().take(chunk).map(f).collect();
-        for handle in handles {
-            // A worker only panics if `f` does; the caller's stage then fails the same way.
-            match handle.join() {
-                Ok(part) => out.extend(part),
-                Err(payload) => std::panic::resume_unwind(payload),
+        for (part, worker) in parts {
+            match worker.map(|handle| handle.join()) {
+                Ok(Ok(results)) => out.extend(results),
+                // A worker only panics if `f` does; the caller's stage then fails the same way.
+                Ok(Err(payload)) => std::panic::resume_unwind(payload),
+                Err(_) => out.extend(part.iter().map(f)),
             }
         }
         out

@@ -153,6 +153,12 @@ pub enum PpMessage {
     Abort(AbortReason),
 }
 
+/// Version of the post-processing protocol: the messages and what both ends derive from them
+/// (the QBER sample, the authenticated transcript). Both ends of a link must speak the same;
+/// a `Start` of another version is refused before anything is used. 2: the sample mask from
+/// 16-bit lanes and one transcript word per Cascade query.
+pub const PROTOCOL_VERSION: u32 = 2;
+
 /// What travels on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {

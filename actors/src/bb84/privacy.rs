@@ -14,16 +14,18 @@
 //! `n+m-1` public random bits (2-universal family, leftover hash lemma). `y_i` is
 //! entry `i+n-1` of the integer convolution `t * x` reduced mod 2; it is computed
 //! with one complex FFT of the packed sequence `t + i x` and one real-output inverse FFT
-//! (O((n+m) log(n+m)); `rustfft` and `realfft`, which pick SIMD kernels at run time). [`toeplitz_hash_naive`] is the O(nm) reference for tests.
+//! (O((n+m) log(n+m)); `rustfft` and `realfft`, which pick SIMD kernels at run time).
+//! [`toeplitz_hash_naive`] is the O(nm) reference for tests.
 
 use crate::bb84::bits::BitVec;
 use crate::bb84::math::h2;
 use crate::bb84::parallel;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use realfft::RealFftPlanner;
-use rustfft::{num_complex::Complex, FftPlanner};
+use realfft::{ComplexToReal, RealFftPlanner};
+use rustfft::{num_complex::Complex, Fft, FftPlanner};
 use serde::{Deserialize, Serialize};
-use std::sync::{Mutex, PoisonError};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
 use thiserror::Error;
 
 /// Privacy-amplification failures.
@@ -211,12 +213,12 @@ fn transform_len(need: usize) -> usize {
         .max(4)
 }
 
-/// Buffers and plans of one worker. A frame's hash needs tens of MiB, and fresh pages for
-/// every frame cost more (page faults) than the transforms themselves, so workspaces are
-/// pooled and reused frame after frame.
+/// Buffers of one worker. A frame's hash needs tens of MiB, and fresh pages for every frame
+/// cost more (page faults) than the transforms themselves, so workspaces are pooled and
+/// reused frame after frame: at most [`parallel::workers`] of them are kept, and a buffer
+/// far larger than the frame at hand is given back (see [`fit`]).
+#[derive(Default)]
 struct Workspace {
-    forward: FftPlanner<f64>,
-    inverse: RealFftPlanner<f64>,
     z: Vec<Complex<f64>>,
     /// Half spectrum (bins 0..=l/2) of this worker's pieces of the convolution.
     acc: Vec<Complex<f64>>,
@@ -227,25 +229,49 @@ struct Workspace {
 static WORKSPACES: Mutex<Vec<Workspace>> = Mutex::new(Vec::new());
 
 fn take_workspace() -> Workspace {
-    let pooled = WORKSPACES
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .pop();
-    pooled.unwrap_or_else(|| Workspace {
-        forward: FftPlanner::new(),
-        inverse: RealFftPlanner::new(),
-        z: Vec::new(),
-        acc: Vec::new(),
-        scratch: Vec::new(),
-        out: Vec::new(),
-    })
-}
-
-fn return_workspaces(spent: impl IntoIterator<Item = Workspace>) {
     WORKSPACES
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .extend(spent);
+        .pop()
+        .unwrap_or_default()
+}
+
+fn return_workspaces(spent: impl IntoIterator<Item = Workspace>) {
+    let mut pool = WORKSPACES.lock().unwrap_or_else(PoisonError::into_inner);
+    pool.extend(spent);
+    pool.truncate(parallel::workers());
+}
+
+/// `v` with `len` elements of `fill`, its allocation kept unless it is over twice `len`.
+fn fit<T: Clone>(v: &mut Vec<T>, len: usize, fill: T) {
+    if v.capacity() > 2 * len.max(1 << 16) {
+        *v = Vec::new();
+    }
+    v.resize(len, fill);
+}
+
+/// The transforms of one length: a complex forward FFT and a real-output inverse.
+type Plans = (Arc<dyn Fft<f64>>, Arc<dyn ComplexToReal<f64>>);
+
+/// Plans of the lengths used last, shared by every worker (a plan holds twiddle tables as
+/// large as its transform). A link's frames use a few lengths; older ones are dropped.
+static PLANS: Mutex<VecDeque<(usize, Plans)>> = Mutex::new(VecDeque::new());
+const PLANS_KEPT: usize = 4;
+
+fn plans(l: usize) -> Plans {
+    let mut cache = PLANS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((_, plans)) = cache.iter().find(|(len, _)| *len == l) {
+        return plans.clone();
+    }
+    let plans: Plans = (
+        FftPlanner::new().plan_fft_forward(l),
+        RealFftPlanner::new().plan_fft_inverse(l),
+    );
+    cache.push_back((l, plans.clone()));
+    if cache.len() > PLANS_KEPT {
+        cache.pop_front();
+    }
+    plans
 }
 
 /// Fast `m`-bit Toeplitz hash of `key` (`n` bits) with `seed` (`n + m - 1` bits).
@@ -264,9 +290,17 @@ pub fn toeplitz_hash(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitVec, Pa
     let shares: Vec<Vec<usize>> = (0..parallel::workers().min(pieces))
         .map(|w| (w..pieces).step_by(parallel::workers()).collect())
         .collect();
+    let (forward, inverse) = plans(l);
+    let job = Pieces {
+        key,
+        seed,
+        m,
+        block,
+        forward: forward.as_ref(),
+    };
     let mut spent = parallel::map(&shares, |share| {
         let mut ws = take_workspace();
-        pieces_spectrum(&mut ws, key, seed, m, share, block, l);
+        pieces_spectrum(&mut ws, &job, share);
         ws
     });
     let result = match spent.split_first_mut() {
@@ -276,7 +310,7 @@ pub fn toeplitz_hash(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitVec, Pa
                     *sum += part;
                 }
             }
-            inverse_bits(first, m, block, l)
+            inverse_bits(first, inverse.as_ref(), m, block, l)
         }
         None => Err(PaError::TooLarge(n)),
     };
@@ -285,24 +319,32 @@ pub fn toeplitz_hash(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitVec, Pa
 }
 
 /// Sum of the half spectra of the convolutions of `share`'s pieces, into `ws.acc`.
-fn pieces_spectrum(
-    ws: &mut Workspace,
-    key: &BitVec,
-    seed: &BitVec,
+/// The pieces of `key` (each `block` bits) of one hash: their seed segments and transform.
+struct Pieces<'a> {
+    key: &'a BitVec,
+    seed: &'a BitVec,
     m: usize,
-    share: &[usize],
     block: usize,
-    l: usize,
-) {
+    forward: &'a dyn Fft<f64>,
+}
+
+fn pieces_spectrum(ws: &mut Workspace, pieces: &Pieces, share: &[usize]) {
+    let Pieces {
+        key,
+        seed,
+        m,
+        block,
+        forward,
+    } = *pieces;
+    let l = forward.len();
     let n = key.len();
-    let forward = ws.forward.plan_fft_forward(l);
     let zero = Complex::new(0.0, 0.0);
     let half = l / 2;
-    ws.z.resize(l, zero);
+    fit(&mut ws.z, l, zero);
     let scratch_len = forward.get_inplace_scratch_len();
-    ws.scratch.resize(scratch_len.max(ws.scratch.len()), zero);
+    fit(&mut ws.scratch, scratch_len, zero);
     ws.acc.clear();
-    ws.acc.resize(half + 1, zero);
+    fit(&mut ws.acc, half + 1, zero);
     let z = &mut ws.z[..l];
     for &k in share {
         // Piece k: key bits [k*block, (k+1)*block) (zero-padded past n); its seed
@@ -336,12 +378,18 @@ fn pieces_spectrum(
 }
 
 /// Bits `block - 1 .. block - 1 + m` of the convolution whose half spectrum is `ws.acc`.
-fn inverse_bits(ws: &mut Workspace, m: usize, block: usize, l: usize) -> Result<BitVec, PaError> {
-    let inverse = ws.inverse.plan_fft_inverse(l);
+fn inverse_bits(
+    ws: &mut Workspace,
+    inverse: &dyn ComplexToReal<f64>,
+    m: usize,
+    block: usize,
+    l: usize,
+) -> Result<BitVec, PaError> {
     let scratch_len = inverse.get_scratch_len();
-    ws.scratch
-        .resize(scratch_len.max(ws.scratch.len()), Complex::new(0.0, 0.0));
-    ws.out.resize(l, 0.0);
+    if ws.scratch.len() < scratch_len {
+        fit(&mut ws.scratch, scratch_len, Complex::new(0.0, 0.0));
+    }
+    fit(&mut ws.out, l, 0.0);
     // The bins 0 and l/2 of a real sequence's spectrum are real (rounding aside).
     if let Some(first) = ws.acc.first_mut() {
         first.im = 0.0;

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use crate::audit_log::AuditRecord;
-use crate::bb84::pipeline::{AbortReason, Envelope, FrameReport};
+use crate::bb84::pipeline::{AbortReason, Envelope, FrameReport, PROTOCOL_VERSION};
 use crate::bb84_engine::{
     AbortFrame, Bb84Engine, BeginAlice, BeginBob, DetectionRecord, FrameState, Progress, Step,
 };
@@ -151,10 +151,17 @@ impl KeySource for Bb84 {
         link: &mut LinkCore,
     ) -> Work<Self, Result<PeerReply>> {
         match request {
+            SourceRequest::Start { protocol, .. } if protocol != PROTOCOL_VERSION => {
+                Work::refuse(format!(
+                "BB84 post-processing protocol {protocol} is not this KME's ({PROTOCOL_VERSION}): \
+                 both ends of a link must run the same kme version"
+            ))
+            }
             SourceRequest::Start {
                 frame_id,
                 window,
                 record,
+                ..
             } => self.bob_start(link, frame_id, window, record),
             SourceRequest::Step {
                 frame_id,
@@ -264,6 +271,7 @@ impl Bb84 {
                 frame_id,
                 window,
                 record,
+                protocol: PROTOCOL_VERSION,
             };
             let sent = peer.send(SourceExchange(start)).await;
             let mut reply = match sent.map_err(Error::from).and_then(|r| r) {
