@@ -289,9 +289,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
             .app_data(sae_state.clone())
             .configure(sae_api::configure)
     })
-    .on_connect(|conn, ext| {
-        ext.insert(tls::identify(conn));
-    })
+    .on_connect(tls::on_connect)
     .workers(config.me.workers)
     .keep_alive(std::time::Duration::from_secs(30))
     .listen_openssl(sae_listener, sae_tls)
@@ -305,9 +303,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
             .app_data(peer_state.clone())
             .configure(peer_api::configure)
     })
-    .on_connect(|conn, ext| {
-        ext.insert(tls::identify(conn));
-    })
+    .on_connect(tls::on_connect)
     .workers(1)
     .keep_alive(std::time::Duration::from_secs(60))
     .listen_openssl(peer_listener, peer_tls)

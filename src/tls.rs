@@ -127,18 +127,25 @@ pub fn common_name(cert: &X509Ref) -> Option<String> {
         .filter(|cn| !cn.is_empty() && cn != "*")
 }
 
-/// `on_connect` hook: what TLS established about the client of this connection.
+/// `on_connect` hook of both servers: turns Nagle's algorithm off and records the client's
+/// [`identify`] in the connection's extensions.
 ///
-/// It also turns Nagle's algorithm off on the connection. actix-web writes a large response
-/// in more than one TLS record; with Nagle on, the last small one waits for the ACK of the
-/// first, which the client delays by up to 40 ms: a BB84 frame's ~1,000 Cascade round trips
-/// between KMEs stalled like that about one time in three.
+/// actix-web writes a large response in more than one TLS record; with Nagle on, the last
+/// small one waits for the ACK of the first, which the client delays by up to 40 ms: a BB84
+/// frame's ~1,000 Cascade round trips between KMEs stalled like that about one time in three.
+pub fn on_connect(connection: &dyn Any, extensions: &mut actix_web::dev::Extensions) {
+    if let Some(tls) = connection.downcast_ref::<TlsStream<TcpStream>>() {
+        // Best effort: a socket with Nagle on is slower, not wrong.
+        let _ = tls.get_ref().set_nodelay(true);
+    }
+    extensions.insert(identify(connection));
+}
+
+/// What TLS established about the client of this connection.
 pub fn identify(connection: &dyn Any) -> PeerIdentity {
     let Some(tls) = connection.downcast_ref::<TlsStream<TcpStream>>() else {
         return PeerIdentity::Missing;
     };
-    // Best effort: a socket with Nagle on is slower, not wrong.
-    let _ = tls.get_ref().set_nodelay(true);
     let ssl = tls.ssl();
     let Some(cert) = ssl.peer_certificate() else {
         return PeerIdentity::Missing;
@@ -164,7 +171,7 @@ pub fn identify(connection: &dyn Any) -> PeerIdentity {
 ///
 /// awc writes a request's head and body as separate TLS records; with Nagle's algorithm on,
 /// the body waits for the ACK of the head, which the server delays by up to 40 ms. Every
-/// KME-to-KME round trip would pay that. (The servers set it in [`identify`].)
+/// KME-to-KME round trip would pay that. (The servers set it in [`on_connect`].)
 #[derive(Clone, Default)]
 pub struct NoDelayTcp(actix_tls::connect::ConnectorService);
 

@@ -346,12 +346,27 @@ impl BitVec {
 /// Call `f` for every set bit of `v`, in increasing order (faster than the iterator
 /// in hot loops because it avoids the nested closure state).
 #[inline]
-pub fn for_each_one<F: FnMut(usize)>(v: &BitVec, mut f: F) {
-    for (wi, &w) in v.words.iter().enumerate() {
-        let mut w = w;
+pub fn for_each_one<F: FnMut(usize)>(v: &BitVec, f: F) {
+    for_each_one_in(v, 0..v.len, f);
+}
+
+/// Call `f` for every set bit of `v` at a position in `range`, in increasing order.
+#[inline]
+pub fn for_each_one_in<F: FnMut(usize)>(v: &BitVec, range: std::ops::Range<usize>, mut f: F) {
+    let (first, end) = (range.start, range.end.min(v.len));
+    if first >= end {
+        return;
+    }
+    let skip = first / 64;
+    for (wi, &word) in v.words.iter().enumerate().take(end.div_ceil(64)).skip(skip) {
+        let base = wi * 64;
+        // Only the first word starts before `first` (by less than 64), and every word taken
+        // starts before `end`.
+        let low = first.saturating_sub(base);
+        let high = (end - base).min(64);
+        let mut w = word & (u64::MAX >> (64 - high)) & (u64::MAX << low);
         while w != 0 {
-            let t = w.trailing_zeros() as usize;
-            f((wi << 6) | t);
+            f(base | w.trailing_zeros() as usize);
             w &= w - 1;
         }
     }
@@ -479,6 +494,23 @@ mod tests {
                 assert_eq!(v.parity_range(s, e), expect, "{s}..{e}");
             }
         }
+    }
+
+    #[test]
+    fn ones_in_a_range_are_the_ones_of_that_range() {
+        let bools: Vec<bool> = (0..300).map(|i| (i * 7 + i / 3) % 5 == 0).collect();
+        let v = BitVec::from_bools(bools.iter().copied());
+        for s in [0usize, 1, 63, 64, 65, 100, 250, 300] {
+            for e in [s, s + 1, s + 63, s + 64, s + 130, 300, 400] {
+                let mut got = Vec::new();
+                for_each_one_in(&v, s..e, |i| got.push(i));
+                let expect: Vec<usize> = (s..e.min(300)).filter(|&i| bools[i]).collect();
+                assert_eq!(got, expect, "{s}..{e}");
+            }
+        }
+        let mut all = Vec::new();
+        for_each_one(&v, |i| all.push(i));
+        assert_eq!(all, v.ones().collect::<Vec<_>>());
     }
 
     #[test]

@@ -452,8 +452,6 @@ pub struct CascadeBob {
     searches: Vec<Search>,
     pending: Vec<(Search, usize)>,
     queries: Vec<RangeQuery>,
-    /// (pass, node slot) of each query, in order.
-    query_nodes: Vec<(u16, usize)>,
     stats: CascadeStats,
     state: BobState,
     max_rounds: u32,
@@ -514,7 +512,6 @@ impl CascadeBob {
             searches: Vec::new(),
             pending: Vec::new(),
             queries: Vec::new(),
-            query_nodes: Vec::new(),
             stats: CascadeStats {
                 n: n64,
                 ..CascadeStats::default()
@@ -651,9 +648,10 @@ impl CascadeBob {
                 }
                 self.stats.leaked += resp.parities.len() as u64;
                 self.stats.rounds += 1;
-                let answers = std::mem::take(&mut self.query_nodes);
-                for (&(pass, slot), i) in answers.iter().zip(0..) {
-                    self.learn(pass, slot, resp.parities.get(i));
+                // A query is the left half of a split: it ends at the split point.
+                let answered = std::mem::take(&mut self.queries);
+                for (q, i) in answered.iter().zip(0..) {
+                    self.learn(q.pass, Self::slot(q.end, false), resp.parities.get(i));
                 }
                 let pending = std::mem::take(&mut self.pending);
                 for (mut s, qi) in pending {
@@ -661,7 +659,6 @@ impl CascadeBob {
                     self.step(&mut s, a_l);
                     self.searches.push(s);
                 }
-                self.queries.clear();
                 Ok(())
             }
             _ => Err(CascadeError::State),
@@ -754,7 +751,6 @@ impl CascadeBob {
                 };
                 let qi = *index.entry((s.pass, left)).or_insert_with(|| {
                     self.queries.push(q);
-                    self.query_nodes.push((s.pass, left));
                     self.queries.len() - 1
                 });
                 waiting.push((s, qi));

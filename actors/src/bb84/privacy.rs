@@ -17,7 +17,7 @@
 //! (O((n+m) log(n+m)); `rustfft` and `realfft`, which pick SIMD kernels at run time).
 //! [`toeplitz_hash_naive`] is the O(nm) reference for tests.
 
-use crate::bb84::bits::BitVec;
+use crate::bb84::bits::{for_each_one_in, BitVec};
 use crate::bb84::math::h2;
 use crate::bb84::parallel;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -145,34 +145,12 @@ pub fn toeplitz_hash_naive(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitV
 /// (including negative ones) read as 0.
 fn fill_ones<T>(v: &BitVec, lo: isize, dst: &mut [T], set: impl Fn(&mut T)) {
     let first = usize::try_from(lo).unwrap_or(0);
-    let end = usize::try_from(lo + dst.len() as isize)
-        .unwrap_or(0)
-        .min(v.len());
-    if first >= end {
-        return;
-    }
-    let skip_words = first / 64;
-    for (wi, &word) in v
-        .words()
-        .iter()
-        .enumerate()
-        .skip(skip_words)
-        .take(end.div_ceil(64) - skip_words)
-    {
-        let base = wi * 64;
-        // Keep the bits of this word inside [first, end): base <= first only for the first
-        // word, where first - base < 64, and end > base for every word taken.
-        let low = first.saturating_sub(base);
-        let high = (end - base).min(64);
-        let mut w = word & (u64::MAX >> (64 - high)) & (u64::MAX << low);
-        while w != 0 {
-            let p = base + w.trailing_zeros() as usize;
-            if let Some(d) = dst.get_mut((p as isize - lo) as usize) {
-                set(d);
-            }
-            w &= w - 1;
+    let end = usize::try_from(lo + dst.len() as isize).unwrap_or(0);
+    for_each_one_in(v, first..end, |p| {
+        if let Some(d) = dst.get_mut((p as isize - lo) as usize) {
+            set(d);
         }
-    }
+    });
 }
 
 /// Split of the key into `pieces` blocks of `block` bits and the transform size, for
@@ -310,7 +288,7 @@ pub fn toeplitz_hash(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitVec, Pa
                     *sum += part;
                 }
             }
-            inverse_bits(first, inverse.as_ref(), m, block, l)
+            inverse_bits(first, inverse.as_ref(), m, block)
         }
         None => Err(PaError::TooLarge(n)),
     };
@@ -318,7 +296,6 @@ pub fn toeplitz_hash(key: &BitVec, seed: &BitVec, m: usize) -> Result<BitVec, Pa
     result
 }
 
-/// Sum of the half spectra of the convolutions of `share`'s pieces, into `ws.acc`.
 /// The pieces of `key` (each `block` bits) of one hash: their seed segments and transform.
 struct Pieces<'a> {
     key: &'a BitVec,
@@ -328,6 +305,7 @@ struct Pieces<'a> {
     forward: &'a dyn Fft<f64>,
 }
 
+/// Sum of the half spectra of the convolutions of `share`'s pieces, into `ws.acc`.
 fn pieces_spectrum(ws: &mut Workspace, pieces: &Pieces, share: &[usize]) {
     let Pieces {
         key,
@@ -383,8 +361,8 @@ fn inverse_bits(
     inverse: &dyn ComplexToReal<f64>,
     m: usize,
     block: usize,
-    l: usize,
 ) -> Result<BitVec, PaError> {
+    let l = inverse.len();
     let scratch_len = inverse.get_scratch_len();
     if ws.scratch.len() < scratch_len {
         fit(&mut ws.scratch, scratch_len, Complex::new(0.0, 0.0));
@@ -398,11 +376,7 @@ fn inverse_bits(
         last.im = 0.0;
     }
     inverse
-        .process_with_scratch(
-            &mut ws.acc,
-            &mut ws.out[..l],
-            &mut ws.scratch[..scratch_len],
-        )
+        .process_with_scratch(&mut ws.acc, &mut ws.out, &mut ws.scratch[..scratch_len])
         .map_err(|_| PaError::TooLarge(l))?;
     let scale = 1.0 / l as f64;
     let bit = |v: f64| ((v * scale).round() as i64) & 1 == 1;
