@@ -127,8 +127,8 @@ pub enum Stream {
     Auth,
 }
 
-/// What the driving end's source yields for the `Link` to deliver.
-#[derive(Debug, PartialEq, Eq)]
+/// What the driving end's source yields for the `Link` to deliver. (No `Debug`: it holds
+/// key bytes.)
 pub enum Produced {
     Nothing,
     /// Material to ship with its bytes, cut into blocks of `to` (a remainder below one block
@@ -143,7 +143,6 @@ pub enum Produced {
 }
 
 /// A key both ends of a link hold (a BB84 frame's, a key file's).
-#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharedKey {
     /// Names the key in `Commit` (the frame, or an id from the file's hash).
     pub id: u64,

@@ -100,7 +100,7 @@ pub struct LinkAddr {
 }
 
 impl LinkAddr {
-    pub fn new<S: KeySource>(link: &Addr<Link<S>>) -> Self {
+    fn new<S: KeySource>(link: &Addr<Link<S>>) -> Self {
         Self {
             blocks: link.clone().recipient(),
             source: link.clone().recipient(),
@@ -251,6 +251,16 @@ impl LinkCore {
     }
 
     /// Which stream a block of `owner` belongs to, if it is of this link at all.
+    /// Whether blocks of `owner` may arrive here: pool blocks if `pools`, authentication
+    /// blocks if `auth` (the source keeps a stream), nobody else's.
+    fn accepts(&self, owner: &KmeId, pools: bool, auth: bool) -> bool {
+        match self.stream_of(owner) {
+            Some(Stream::Pools) => pools,
+            Some(Stream::Auth) => auth,
+            None => false,
+        }
+    }
+
     fn stream_of(&self, owner: &KmeId) -> Option<Stream> {
         if *owner == self.params.me || *owner == self.params.peer {
             Some(Stream::Pools)
@@ -338,7 +348,7 @@ pub struct Link<S: KeySource> {
 }
 
 impl<S: KeySource> Link<S> {
-    pub fn new(setup: LinkSetup, source: S) -> Self {
+    fn new(setup: LinkSetup, source: S) -> Self {
         let LinkSetup {
             params,
             state,
@@ -665,15 +675,9 @@ impl<S: KeySource> Link<S> {
         let bytes = self.source.delivery() == Delivery::Bytes;
         let auth = self.source.auth_stream().is_some();
         let core = &self.core;
-        let allowed = |owner: &KmeId| match core.stream_of(owner) {
-            Some(Stream::Pools) => bytes,
-            Some(Stream::Auth) => auth,
-            None => false,
-        };
-        if let Some(bad) = blocks
-            .iter()
-            .find(|b| !allowed(&b.owner) || b.data.len() != core.params.block_bytes)
-        {
+        if let Some(bad) = blocks.iter().find(|b| {
+            !core.accepts(&b.owner, bytes, auth) || b.data.len() != core.params.block_bytes
+        }) {
             let err = Error::PeerMessage(format!(
                 "block {} of {} does not belong to this link",
                 bad.seq, bad.owner
@@ -751,10 +755,6 @@ impl<S: KeySource> Handler<SourceFromPeer> for Link<S> {
 
 type Reply<S> = ResponseActFuture<Link<S>, Result<PeerReply>>;
 
-fn reply<S: KeySource>(reply: Result<PeerReply>) -> Reply<S> {
-    Box::pin(fut::ready(reply))
-}
-
 /// Commits, at the end that does not drive (sources that deliver by number).
 impl<S: KeySource> Link<S> {
     /// Stores the held key as the blocks the driving end names; without the key, answers
@@ -762,11 +762,7 @@ impl<S: KeySource> Link<S> {
     fn commit(&mut self, key_id: Option<u64>, ids: Vec<BlockId>) -> Reply<S> {
         let auth = self.source.auth_stream().is_some();
         let core = &mut self.core;
-        if let Some(bad) = ids.iter().find(|id| match core.stream_of(&id.owner) {
-            Some(Stream::Pools) => false,
-            Some(Stream::Auth) => !auth,
-            None => true,
-        }) {
+        if let Some(bad) = ids.iter().find(|id| !core.accepts(&id.owner, true, auth)) {
             return Self::run(Work::refuse(format!(
                 "block owner {} is not of this link",
                 bad.owner
@@ -783,19 +779,19 @@ impl<S: KeySource> Link<S> {
                 .collect();
             // An empty commit (a file-drop file shorter than one block) proves nothing: lost.
             return if !held.is_empty() && held.iter().all(|h| *h) {
-                reply(Ok(PeerReply {
+                Self::run(Work::Ready(Ok(PeerReply {
                     ok: true,
                     level: Some(core.own_level),
                     ..PeerReply::default()
-                }))
+                })))
             } else if held.iter().any(|h| *h) {
                 Self::run(Work::refuse(
                     "commit names blocks stored here and blocks not stored here".into(),
                 ))
             } else {
-                reply(Err(Error::FrameLost {
+                Self::run(Work::Ready(Err(Error::FrameLost {
                     peer: core.params.me.to_string(),
-                }))
+                })))
             };
         };
         let block = core.params.block_bytes;
@@ -876,10 +872,15 @@ impl<S: KeySource> Handler<LinkHealth> for Link<S> {
 mod tests {
     use super::*;
     use crate::key_source::courier::Courier;
+    use crate::key_source::SourceHealth;
 
     /// A courier link end kme-a — kme-b with 1 KiB blocks, pools full at 3200 bytes, and
     /// actors that never run (nothing here sends to them and waits).
     fn link() -> Link<Courier> {
+        link_with(Courier::new(1024))
+    }
+
+    fn link_with<S: KeySource>(source: S) -> Link<S> {
         let setup = LinkSetup {
             params: LinkParams::for_tests(1024, 100),
             state: LinkState {
@@ -892,7 +893,7 @@ mod tests {
             peer: Context::<PeerLink>::new().address(),
             store: Context::<Store>::new().address(),
         };
-        Link::new(setup, Courier::new(1024))
+        Link::new(setup, source)
     }
 
     fn core(own_level: u64, peer_level: u64) -> LinkCore {
@@ -976,11 +977,39 @@ mod tests {
         assert_eq!(stream("kme-c"), None);
     }
 
+    /// A source whose own health is degraded (as a BB84 link after aborted frames).
+    struct DegradedSource;
+
+    impl KeySource for DegradedSource {
+        fn name(&self) -> &'static str {
+            "degraded"
+        }
+
+        fn delivery(&self) -> Delivery {
+            Delivery::ByNumber
+        }
+
+        fn drive(&mut self, _link: &mut LinkCore, _now: Instant) -> Work<Self, Produced> {
+            Work::Ready(Produced::Nothing)
+        }
+
+        fn health(&self) -> SourceHealth {
+            SourceHealth {
+                condition: Condition::Degraded,
+                reason: Some("frames aborted".into()),
+                qkd: None,
+            }
+        }
+    }
+
     #[actix::test]
     async fn a_failure_to_reach_the_peer_is_reported_before_the_source_health() {
-        let mut link = link();
+        let mut link = link_with(DegradedSource);
         let health = link.health();
-        assert_eq!((health.state, health.source), (Condition::Up, "courier"));
+        assert_eq!(
+            (health.state, health.source, health.reason.as_deref()),
+            (Condition::Degraded, "degraded", Some("frames aborted"))
+        );
         link.core
             .set_health(&Err(Error::Unavailable("peer unreachable".into())));
         let health = link.health();
@@ -989,7 +1018,7 @@ mod tests {
             .reason
             .is_some_and(|r| r.contains("peer unreachable")));
         link.core.set_health(&Ok(()));
-        assert_eq!(link.health().state, Condition::Up);
+        assert_eq!(link.health().state, Condition::Degraded);
     }
 
     #[actix::test]

@@ -259,14 +259,6 @@ impl Bb84 {
             // Nothing is tagged with the window before the Bob end has burned it (he tags his
             // first message at Start), so a Start that got no answer may be sent again with
             // the same window: he either never saw it or refuses it as burned.
-            let drop_frame = || async {
-                let _ = engine
-                    .send(AbortFrame {
-                        frame_id,
-                        reason: AbortReason::Timeout,
-                    })
-                    .await;
-            };
             let start = SourceRequest::Start {
                 frame_id,
                 window,
@@ -277,13 +269,13 @@ impl Bb84 {
             let mut reply = match sent.map_err(Error::from).and_then(|r| r) {
                 Ok(reply) => reply,
                 Err(err) => {
-                    drop_frame().await;
+                    abort_in_engine(&engine, frame_id).await;
                     run.end = FrameEnd::Failed(err);
                     return run;
                 }
             };
             if let Some(next) = reply.next_window {
-                drop_frame().await;
+                abort_in_engine(&engine, frame_id).await;
                 run.end = FrameEnd::WindowBehind(next);
                 return run;
             }
@@ -296,7 +288,7 @@ impl Bb84 {
                 .map_err(Error::from)
                 .and_then(|r| r)
             {
-                drop_frame().await;
+                abort_in_engine(&engine, frame_id).await;
                 run.end = FrameEnd::Failed(err);
                 return run;
             }
@@ -400,14 +392,13 @@ impl Bb84 {
             FrameEnd::Lost(err) => {
                 // An aborted frame (counted as such, as at the Bob end) that is also a failure
                 // to reach the peer: retried after the longer of the two back-offs.
-                self.failures = self.failures.saturating_add(1);
                 let took = self.frame_time(started);
                 let peer = link.params().peer.clone();
                 let why = Abort::Exchange(err.to_string());
                 self.record(&peer, &bob_report, 0, took, Err(why));
-                let wait = backoff(self.failures.max(self.stats.consecutive_aborts));
-                self.next_frame_at = Instant::now() + wait;
-                link.set_health(&Err(err));
+                self.failed(link, err);
+                let after_aborts = Instant::now() + backoff(self.stats.consecutive_aborts);
+                self.next_frame_at = self.next_frame_at.max(after_aborts);
                 return None;
             }
         };
@@ -460,16 +451,21 @@ async fn notify_abort(peer: &Addr<PeerLink>, frame_id: u64, envelopes: Vec<Envel
     }
 }
 
-/// Abort the frame in this end's engine (timeout) and send the other end the tagged notice.
-async fn give_up(engine: &Addr<Bb84Engine>, peer: &Addr<PeerLink>, frame_id: u64) {
-    let notice = engine
+/// Abort the frame in this end's engine (timeout). Result: its tagged abort notice, if it
+/// had begun tagging.
+async fn abort_in_engine(engine: &Addr<Bb84Engine>, frame_id: u64) -> Vec<Envelope> {
+    engine
         .send(AbortFrame {
             frame_id,
             reason: AbortReason::Timeout,
         })
         .await
-        .unwrap_or_default();
-    notify_abort(peer, frame_id, notice).await;
+        .unwrap_or_default()
+}
+
+/// Abort the frame in this end's engine and send the other end the tagged notice.
+async fn give_up(engine: &Addr<Bb84Engine>, peer: &Addr<PeerLink>, frame_id: u64) {
+    notify_abort(peer, frame_id, abort_in_engine(engine, frame_id).await).await;
 }
 
 impl Bb84 {
