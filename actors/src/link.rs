@@ -137,10 +137,8 @@ enum Cut {
     /// Authentication blocks first while the stream holds fewer than `AUTH_LOW_WINDOWS`
     /// (`windows` now), then key blocks.
     AuthFirst { windows: u64 },
-    /// Key blocks only.
-    Pools,
-    /// Authentication blocks only.
-    Auth,
+    /// Blocks of one stream only.
+    To(Stream),
 }
 
 /// Everything of a link end but its source. Sources get it in their calls: the `pub` methods
@@ -281,12 +279,14 @@ impl LinkCore {
         let mut blocks = Vec::new();
         for chunk in key.chunks_exact(block) {
             let owner = match &mut cut {
-                Cut::Auth => auth.clone(),
+                Cut::To(Stream::Auth) => auth.clone(),
                 Cut::AuthFirst { windows } if *windows < AUTH_LOW_WINDOWS => {
                     *windows += window_per_block;
                     auth.clone()
                 }
-                Cut::AuthFirst { .. } | Cut::Pools => self.next_owner(&mut own, &mut peer),
+                Cut::AuthFirst { .. } | Cut::To(Stream::Pools) => {
+                    self.next_owner(&mut own, &mut peer)
+                }
             };
             let seq = self.take_seq(&owner);
             blocks.push(BlockRecord {
@@ -428,11 +428,7 @@ impl<S: KeySource> Link<S> {
         let (blocks, shipment) = match produced {
             Produced::Nothing => return,
             Produced::Bytes { material, to } => {
-                let cut = match to {
-                    Stream::Pools => Cut::Pools,
-                    Stream::Auth => Cut::Auth,
-                };
-                (self.core.cut(&material, cut), Shipment::Bytes)
+                (self.core.cut(&material, Cut::To(to)), Shipment::Bytes)
             }
             Produced::Shared(key) => {
                 let windows = self
@@ -927,7 +923,7 @@ mod tests {
         let key = vec![7u8; 3 * 1024 + 100];
         let mut link = core(1024, 0);
         // The emptier end first; the remainder below one block is dropped.
-        let blocks = link.cut(&key, Cut::Pools);
+        let blocks = link.cut(&key, Cut::To(Stream::Pools));
         assert_eq!(
             owners(&blocks),
             [("kme-b", 7), ("kme-a", 5), ("kme-b", 8)].map(|(o, s)| (o.to_string(), s))
@@ -939,7 +935,7 @@ mod tests {
             owners(&blocks),
             [("#auth", 3), ("kme-b", 9), ("kme-a", 6)].map(|(o, s)| (o.to_string(), s))
         );
-        let blocks = link.cut(&key[..2048], Cut::Auth);
+        let blocks = link.cut(&key[..2048], Cut::To(Stream::Auth));
         assert_eq!(
             owners(&blocks),
             [("#auth", 4), ("#auth", 5)].map(|(o, s)| (o.to_string(), s))
@@ -949,11 +945,11 @@ mod tests {
     #[actix::test]
     async fn lost_blocks_free_their_numbers_and_accepted_ones_move_them_on() {
         let mut link = core(0, 0);
-        let blocks = link.cut(&[1u8; 2048], Cut::Pools);
+        let blocks = link.cut(&[1u8; 2048], Cut::To(Stream::Pools));
         assert_eq!(link.next_own_seq, 6);
         link.discarded(&blocks);
         assert_eq!((link.next_own_seq, link.next_peer_seq), (5, 7));
-        let auth_blocks = link.cut(&[2u8; 2048], Cut::Auth);
+        let auth_blocks = link.cut(&[2u8; 2048], Cut::To(Stream::Auth));
         let auth = link.accept(auth_blocks);
         assert_eq!(auth.iter().map(|b| b.seq).collect::<Vec<_>>(), [3, 4]);
         assert_eq!((link.next_auth_seq, link.blocks_produced), (5, 0));
