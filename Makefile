@@ -2,15 +2,19 @@
 CONFIG ?= kme.toml
 CARGO ?= cargo
 KME := target/release/kme
+KME_BENCH := target/release/kme-bench
 
 .DEFAULT_GOAL := help
-.PHONY: help build certs run start stop demo test lint fmt bench bench-link bench-live-link clean
+.PHONY: help build build-bench certs run start stop demo test lint fmt bench bench-link bench-live-link clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-16s %s\n",$$1,$$2}'
 
 build: ## build the kme binary (release)
 	$(CARGO) build --release --bin kme
+
+build-bench: ## build the kme-bench binary (release): load generator and link bench
+	$(CARGO) build --release --bin kme-bench
 
 certs: ## make the dev/test PKI for every KME and SAE of $(CONFIG) (idempotent)
 	bash certs/gen.sh $(CONFIG) certs
@@ -39,11 +43,11 @@ lint: ## fmt check + clippy -D warnings
 fmt: ## format the code
 	$(CARGO) fmt --all
 
-bench: build certs ## load benchmark on the network of bench/kme.toml: keys/s and latency (var/bench/*.json)
+bench: build build-bench certs ## load benchmark (kme-bench load) on the network of bench/kme.toml: keys/s and latency (var/bench/*.json)
 	@scripts/bench.sh
 
-bench-link: build ## BB84 post-processing benchmark per QBER, unpaced (var/bench/link.json)
-	$(KME) bench-link --out var/bench/link.json
+bench-link: build-bench ## BB84 post-processing benchmark per QBER, unpaced (kme-bench link; var/bench/link.json)
+	$(KME_BENCH) link --out var/bench/link.json
 
 bench-live-link: build certs ## one unpaced BB84 link between two kme processes for 40 s: bit/s (var/bench/live-link.json)
 	@scripts/bench-live-link.sh

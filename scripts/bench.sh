@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # scripts/bench.sh — `make bench`: start the network of bench/kme.toml on loopback, wait until
-# kme-a's pool for sae-b is pre-filled, run `kme bench` in the modes status, encdec and enc,
+# kme-a's pool for sae-b is pre-filled, run `kme-bench load` in the modes status, encdec and enc,
 # and stop the network by its PIDs. Reports: var/bench/<mode>.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-KME=target/release/kme
+BENCH=target/release/kme-bench
 CONFIG=bench/kme.toml
 DURATION=${BENCH_DURATION:-10s}
 mkdir -p var/bench
@@ -26,8 +26,8 @@ echo "bench: pool full ($have keys)"
 
 run() { # mode, extra args...
   local mode=$1; shift
-  echo; echo "== kme bench --mode $mode $*"
-  "$KME" bench --mode "$mode" --duration "$DURATION" --json-out "var/bench/$mode.json" "$@"
+  echo; echo "== kme-bench load --mode $mode $*"
+  "$BENCH" load --mode "$mode" --duration "$DURATION" --json-out "var/bench/$mode.json" "$@"
 }
 run status --connections 64
 run encdec --number 1 --size 256 --connections 64

@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kme_actors::bb84::channel::ChannelParams;
-use kme_actors::bb84::pipeline::PpConfig;
 use kme_actors::types::{Bb84Settings, KeyLimits, KmeId, LinkParams, SaeId, SourceKind};
+use kme_bb84::channel::ChannelParams;
+use kme_bb84::pipeline::PpConfig;
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,8 @@
 //! kme: an ETSI GS QKD 014 Key Management Entity. This crate is the edge: configuration,
 //! TLS, the HTTP routes of the SAE API and of the KME-to-KME channel, and the CLI. The domain
-//! (actors, pools, links, storage) is the `kme-actors` crate in `actors/`.
+//! (actors, pools, links, storage) is the `kme-actors` crate in `actors/`, the BB84
+//! post-processing the `kme-bb84` crate in `bb84/`, the benchmarks the `kme-bench` crate in
+//! `bench/`.
 //!
 //! | file | what |
 //! |---|---|
@@ -12,8 +14,6 @@
 //! | `error.rs` | the one error → HTTP mapping (400 / 401 / 503, ETSI Error JSON) |
 //! | `ask.rs` | one actor message per request, under a hard timeout |
 //! | `node.rs` | starting one KME (storage, actors, listeners) |
-//! | `link_bench.rs` | `kme bench-link`: BB84 post-processing unpaced, per QBER, and key rate vs distance |
-//! | `loadgen.rs` | the `kme bench` load generator (mTLS, keep-alive, verified enc/dec pairs) |
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
@@ -21,8 +21,6 @@ pub mod ask;
 pub mod config;
 pub mod error;
 pub mod etsi;
-pub mod link_bench;
-pub mod loadgen;
 pub mod node;
 pub mod peer_api;
 pub mod sae_api;

@@ -1,4 +1,5 @@
-//! The `kme` command: run a KME, check a configuration, verify an audit trail.
+//! The `kme` command: run a KME, check a configuration, verify an audit trail. The benchmarks
+//! are the `kme-bench` command (`bench/`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,21 +41,6 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Load generator: drive running KMEs over mTLS and print keys/s and latency percentiles.
-    /// Exit status 2 if any key differed between enc_keys and dec_keys, 3 if nothing succeeded.
-    Bench(Box<kme::loadgen::LoadOptions>),
-    /// Benchmark the BB84 post-processing of one link, unpaced, at QBER 1, 2, 3, 5 and 8 %.
-    BenchLink {
-        /// JSON report (per QBER: qber, efficiency, frame_error_rate, sifted/secret bits/s).
-        #[arg(long, default_value = "var/bench/link.json")]
-        out: PathBuf,
-        /// Full frames (simulation + all stages) per QBER.
-        #[arg(long, default_value_t = 8)]
-        frames: usize,
-        /// Cascade-only frames of 2^20 bits per QBER, for the frame error rate.
-        #[arg(long, default_value_t = 1000)]
-        cascade_frames: usize,
-    },
     /// Verify the hash chain of a KME's audit trail.
     AuditVerify {
         #[arg(long)]
@@ -67,7 +53,7 @@ enum Command {
 fn main() -> ExitCode {
     env_logger::init_from_env(env_logger::Env::new().default_filter_or("info"));
     match run(Cli::parse().command) {
-        Ok(code) => code,
+        Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("kme: {message}");
             ExitCode::FAILURE
@@ -80,7 +66,7 @@ fn load(config: Option<PathBuf>) -> Result<Config, String> {
     Config::load(&file).map_err(|err| err.to_string())
 }
 
-fn run(command: Command) -> Result<ExitCode, String> {
+fn run(command: Command) -> Result<(), String> {
     match command {
         Command::Run { config, kme } => {
             let node = load(config)?.node(&kme).map_err(|err| err.to_string())?;
@@ -138,28 +124,22 @@ fn run(command: Command) -> Result<ExitCode, String> {
             }
             Ok(())
         }
-        // The benchmark has exit codes of its own (mismatch, nothing succeeded).
-        Command::Bench(options) => return Ok(bench(&options)),
-        Command::BenchLink {
-            out,
-            frames,
-            cascade_frames,
-        } => kme::link_bench::run(&out, frames, cascade_frames),
         Command::CurlExample { config } => {
             print!("{}", curl_example(&load(config)?));
             Ok(())
         }
         Command::AuditVerify { config, kme } => {
             let node = load(config)?.node(&kme).map_err(|err| err.to_string())?;
-            let (_, reader) = kme_actors::db::open(&node.me.data_dir.join("kme.sqlite"), 1)
-                .map_err(|err| err.to_string())?;
+            let (_, reader) =
+                kme_actors::storage::db::open(&node.me.data_dir.join("kme.sqlite"), 1)
+                    .map_err(|err| err.to_string())?;
             let conn = reader.get().map_err(|err| err.to_string())?;
-            let count = kme_actors::db::verify_audit_chain(&conn).map_err(|err| err.to_string())?;
+            let count = kme_actors::storage::db::verify_audit_chain(&conn)
+                .map_err(|err| err.to_string())?;
             println!("audit trail of {kme}: {count} records, hash chain intact");
             Ok(())
         }
     }
-    .map(|()| ExitCode::SUCCESS)
 }
 
 /// An enc_keys / dec_keys pair between two SAEs on neighbouring KMEs of `config`.
@@ -201,30 +181,4 @@ fn curl_example(config: &Config) -> String {
         sc = cert(&slave),
         su = url(&slave_kme),
     )
-}
-
-fn bench(options: &kme::loadgen::LoadOptions) -> ExitCode {
-    match kme::loadgen::run(options) {
-        Ok(report) => {
-            report.print_human();
-            if let Some(path) = &options.json_out {
-                println!("  report      {}", path.display());
-            }
-            if report.mismatches > 0 {
-                ExitCode::from(2)
-            } else if report.requests == 0 {
-                eprintln!(
-                    "kme bench: no request succeeded ({} failed)",
-                    report.errors_total()
-                );
-                ExitCode::from(3)
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
-        Err(err) => {
-            eprintln!("kme bench: {err}");
-            ExitCode::FAILURE
-        }
-    }
 }

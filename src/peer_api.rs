@@ -14,10 +14,10 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
 use kme_actors::link::{LinkAddr, PeerLevel, ReceiveBlocks, SourceFromPeer};
-use kme_actors::peer_link::{
+use kme_actors::peer::protocol::{
     self, ActivationBatch, BlockShipment, LevelReport, PeerReply, SourceRequest,
 };
-use kme_actors::store::{Exec, Op, Store};
+use kme_actors::storage::store::{Exec, Op, Store};
 use kme_actors::types::{CertIdentity, KmeId, SaeId};
 use kme_actors::Error;
 
@@ -47,10 +47,10 @@ pub struct PeerState {
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route(peer_link::ACTIVATE_PATH, web::post().to(activate))
-        .route(peer_link::BLOCKS_PATH, web::post().to(blocks))
-        .route(peer_link::LEVEL_PATH, web::post().to(level))
-        .route(peer_link::SOURCE_PATH, web::post().to(source))
+    cfg.route(protocol::ACTIVATE_PATH, web::post().to(activate))
+        .route(protocol::BLOCKS_PATH, web::post().to(blocks))
+        .route(protocol::LEVEL_PATH, web::post().to(level))
+        .route(protocol::SOURCE_PATH, web::post().to(source))
         .default_service(web::to(|| async {
             Err::<HttpResponse, _>(PeerRefusal::new(
                 StatusCode::NOT_FOUND,
@@ -261,7 +261,7 @@ async fn activate(
     let op = Op::Activate {
         peer,
         seq: batch.seq,
-        digest: peer_link::batch_digest(&body),
+        digest: protocol::batch_digest(&body),
         block_bytes: end.block_bytes,
         bindings: batch.bindings,
     };

@@ -167,7 +167,7 @@ pub fn identify(connection: &dyn Any) -> PeerIdentity {
     })
 }
 
-/// TCP connector for our HTTPS clients (KME-to-KME, `kme bench`) that sets TCP_NODELAY.
+/// TCP connector for our HTTPS clients (KME-to-KME, `kme-bench load`) that sets TCP_NODELAY.
 ///
 /// awc writes a request's head and body as separate TLS records; with Nagle's algorithm on,
 /// the body waits for the ACK of the head, which the server delays by up to 40 ms. Every

@@ -17,11 +17,11 @@ use std::collections::VecDeque;
 use actix::prelude::*;
 use uuid::Uuid;
 
-use crate::audit_log::{AuditRecord, Delivered};
-use crate::db::StoredBlock;
 use crate::error::{Error, Result};
-use crate::peer_link::{Activate, PeerLink};
-use crate::store::{Op, Store};
+use crate::peer::peer_link::{Activate, PeerLink};
+use crate::storage::audit::{AuditRecord, Delivered};
+use crate::storage::db::StoredBlock;
+use crate::storage::store::{Op, Store};
 use crate::types::{Binding, Key, KeyLimits, LinkParams, SaeId};
 
 const MAILBOX_CAPACITY: usize = 1024;
@@ -370,7 +370,7 @@ mod tests {
     /// A pool of 8-byte blocks whose store and peer are real actors that the test never uses.
     fn pool(cursor: u64, blocks: Vec<StoredBlock>) -> KeyPool {
         let writer = SyncArbiter::start(1, || {
-            crate::db_writer::DbWriter::new(test_pool(), test_sealer())
+            crate::storage::writer::DbWriter::new(test_pool(), test_sealer())
         });
         let store = Store::new(writer, std::time::Duration::from_secs(3600)).start();
         let peer = PeerLink::new(
@@ -384,14 +384,14 @@ mod tests {
         KeyPool::new(LinkParams::for_tests(8, 1000), cursor, blocks, store, peer)
     }
 
-    fn test_sealer() -> std::sync::Arc<crate::sealing::Sealer> {
-        std::sync::Arc::new(crate::sealing::Sealer::from_master(&[1u8; 32]).unwrap())
+    fn test_sealer() -> std::sync::Arc<crate::storage::sealing::Sealer> {
+        std::sync::Arc::new(crate::storage::sealing::Sealer::from_master(&[1u8; 32]).unwrap())
     }
 
-    fn test_pool() -> crate::db::DbPool {
+    fn test_pool() -> crate::storage::db::DbPool {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.sqlite");
-        let (writer, _) = crate::db::open(&path, 1).unwrap();
+        let (writer, _) = crate::storage::db::open(&path, 1).unwrap();
         std::mem::forget(dir);
         writer
     }

@@ -7,38 +7,29 @@
 //! |---|---|---|
 //! | `sae_registry.rs` | `SaeRegistry` | identities, SAE homes, routes to neighbours |
 //! | `key_pool.rs` | `KeyPool` (one per link) | this end's available material, allocation cursor |
-//! | `link.rs` | `Link` (one per link) | its key source, block numbering, two-phase delivery, commits, link health |
-//! | `bb84_engine.rs` | `Bb84Engine` (SyncArbiter of 1 per BB84 link) | channel simulation, the frame's post-processing |
-//! | `peer_link.rs` | `PeerLink` (one per neighbour) | mTLS client, batching, sequence numbers |
-//! | `audit_log.rs` | `AuditLog` | the hash-chained audit trail |
-//! | `store.rs` | `Store` | group commit in front of the writer |
-//! | `db_writer.rs` | `DbWriter` (SyncArbiter of 1) | the SQLite write connection |
-//! | `db_checkpointer.rs` | `DbCheckpointer` (SyncArbiter of 1) | WAL checkpoints off the writer's path |
+//! | `link/mod.rs` | `Link` (one per link) | its key source, block numbering, two-phase delivery, commits, link health |
+//! | `link/sources/bb84_engine.rs` | `Bb84Engine` (SyncArbiter of 1 per BB84 link) | channel simulation, the frame's post-processing |
+//! | `peer/peer_link.rs` | `PeerLink` (one per neighbour) | mTLS client, batching, sequence numbers |
+//! | `storage/audit.rs` | `AuditLog` | the hash-chained audit trail |
+//! | `storage/store.rs` | `Store` | group commit in front of the writer |
+//! | `storage/writer.rs` | `DbWriter` (SyncArbiter of 1) | the SQLite write connection |
+//! | `storage/checkpointer.rs` | `DbCheckpointer` (SyncArbiter of 1) | WAL checkpoints off the writer's path |
 //!
-//! Not actors: `key_source.rs` (the `KeySource` trait that a `Link` drives) and its sources in
-//! `key_source/` (`bb84.rs`: BB84 frames at both ends; `file_drop.rs`: device key files;
-//! `courier.rs`: CSPRNG stand-in, not QKD), `bb84/` (the post-processing library),
-//! `link_auth.rs` (a BB84 link's authentication key stream), `sealing.rs`, `db.rs`,
-//! `types.rs`.
+//! A folder per subsystem: `link/` (the `Link`, the `KeySource` trait it drives in
+//! `key_source.rs`, the authentication stream in `auth.rs`, and the sources in `sources/`:
+//! `bb84.rs` with its engine, `file_drop.rs` with `key_files.rs`, `courier.rs`, a CSPRNG
+//! stand-in that is not QKD), `peer/` (the KME-to-KME client and its wire types in
+//! `protocol.rs`), `storage/` (SQLite, sealing at rest, the audit chain). The BB84
+//! post-processing itself is the `kme-bb84` crate (`bb84/`): no actors, no storage.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
-pub mod audit_log;
-pub mod bb84;
-pub mod bb84_engine;
-pub mod db;
-pub mod db_checkpointer;
-pub mod db_writer;
 pub mod error;
-pub mod key_drop;
 pub mod key_pool;
-pub mod key_source;
 pub mod link;
-pub mod link_auth;
-pub mod peer_link;
+pub mod peer;
 pub mod sae_registry;
-pub mod sealing;
-pub mod store;
+pub mod storage;
 pub mod types;
 
 pub use error::{Error, Result};

@@ -15,11 +15,11 @@ use std::time::Instant;
 use actix::prelude::*;
 use uuid::Uuid;
 
-use crate::audit_log::{AuditRecord, Delivered};
 use crate::error::{Error, Result};
 use crate::key_pool::{Deliver, KeyPool, PoolStatus};
 use crate::link::{Health, LinkAddr, LinkHealth};
-use crate::store::{Exec, LocalKey, Op, Output, Store};
+use crate::storage::audit::{AuditRecord, Delivered};
+use crate::storage::store::{Exec, LocalKey, Op, Output, Store};
 use crate::types::{CertIdentity, Key, KeyCount, KeyLimits, KeySizeBits, KmeId, SaeId};
 
 const MAILBOX_CAPACITY: usize = 4096;
@@ -467,7 +467,7 @@ mod tests {
             .map(KmeId::new)
             .collect();
         let writer = SyncArbiter::start(1, || {
-            crate::db_writer::DbWriter::new(test_pool(), test_sealer())
+            crate::storage::writer::DbWriter::new(test_pool(), test_sealer())
         });
         let store = Store::new(writer, std::time::Duration::from_secs(60)).start();
         SaeRegistry::new(
@@ -480,13 +480,13 @@ mod tests {
         )
     }
 
-    fn test_sealer() -> std::sync::Arc<crate::sealing::Sealer> {
-        std::sync::Arc::new(crate::sealing::Sealer::from_master(&[1u8; 32]).unwrap())
+    fn test_sealer() -> std::sync::Arc<crate::storage::sealing::Sealer> {
+        std::sync::Arc::new(crate::storage::sealing::Sealer::from_master(&[1u8; 32]).unwrap())
     }
 
-    fn test_pool() -> crate::db::DbPool {
+    fn test_pool() -> crate::storage::db::DbPool {
         let dir = tempfile::tempdir().unwrap();
-        let (writer, _) = crate::db::open(&dir.path().join("t.sqlite"), 1).unwrap();
+        let (writer, _) = crate::storage::db::open(&dir.path().join("t.sqlite"), 1).unwrap();
         std::mem::forget(dir);
         writer
     }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::bb84::channel::ChannelParams;
-use crate::bb84::pipeline::PpConfig;
+use kme_bb84::channel::ChannelParams;
+use kme_bb84::pipeline::PpConfig;
 
 /// ID of a KME (a trusted node). Cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use kme::tls::{self, PeerIdentity};
-use kme_actors::peer_link::SOURCE_PATH;
+use kme_actors::peer::protocol::SOURCE_PATH;
 use kme_actors::types::CertIdentity;
 use serde_json::Value;
 

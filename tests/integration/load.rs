@@ -110,7 +110,7 @@ async fn a_dead_peer_gives_503_and_the_kme_keeps_serving() {
     assert_eq!(code, 200);
     // The trail says the keys of the failed request never reached the SAE.
     let db = net.setup.path().join("data/kme-a/kme.sqlite");
-    let (_, reader) = kme_actors::db::open(&db, 1).unwrap();
+    let (_, reader) = kme_actors::storage::db::open(&db, 1).unwrap();
     let conn = reader.get().unwrap();
     let withdrawn: i64 = conn
         .query_row(

@@ -1,0 +1,1037 @@
+//! Link: one end of a QKD link to a neighbour KME; delivers the material its pool hands out.
+//!
+//! Owns: the link's key source (any [`KeySource`]: bb84, file-drop, courier; driven only
+//! through that trait), the next block numbers, the last known pool levels of both ends,
+//! blocks still to be delivered, the key held for the next commit, and link health for
+//! `status`. Handles: `Tick` (its own interval), `PoolLevel` (from its `KeyPool`),
+//! `ReceiveBlocks`, `PeerLevel` and `SourceFromPeer` (from the KME-to-KME edge, at the
+//! answering end), `LinkHealth` (status). Sends: `ShipBlocks`/`SourceExchange`/`ReportLevel`
+//! to `PeerLink`, `Exec` to `Store`, `AddBlocks` to `KeyPool`; its source sends what it needs
+//! (frames to `Bb84Engine`, offers to the peer) through the work it hands back.
+//!
+//! The lower-ID end drives production: on each tick its source yields material, bytes to ship
+//! or a key both ends hold (see `key_source`). Every block gets an owner, the end whose pool
+//! is emptier (or the authentication stream, while the source's stream runs low), and only
+//! its owner allocates from it. Delivery is two-phase: the driving end stores a block
+//! unconfirmed, the other end stores it for good, then the driving end confirms it; only then
+//! may either end allocate from it.
+//! - Bytes: the blocks travel with their bytes. A restart re-ships unconfirmed blocks, which
+//!   the receiver answers idempotently.
+//! - Shared keys: only block numbers travel (`Commit`); the answering end cuts its own copy,
+//!   held since its source finished it, the same way. If the other end restarted before the
+//!   commit it has lost its copy and answers `FrameLost`: the driving end discards the
+//!   unconfirmed blocks and reuses their numbers. A commit retried after the driving end
+//!   restarted is answered from what is stored.
+//!
+//! Mailbox: bounded; one delivery or source work in flight at a time at the driving end.
+//! `SourceFromPeer` and `ReceiveBlocks` are handled atomically, so a commit never races a
+//! frame or a shipment.
+
+pub mod auth;
+pub mod key_source;
+pub mod sources;
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::key_pool::{AddBlocks, KeyPool, PoolLevel};
+use crate::link::auth::{auth_owner, WINDOW_BYTES};
+use crate::link::key_source::{
+    Condition, Delivery, KeySource, Produced, QkdHealth, SharedKey, Stream, Work,
+};
+use crate::peer::peer_link::{PeerLink, ReportLevel, ShipBlocks, SourceExchange};
+use crate::peer::protocol::{BlockId, PeerReply, SourceRequest};
+use crate::storage::audit::AuditRecord;
+use crate::storage::db::StoredBlock;
+use crate::storage::store::{BlockOutcome, BlockRecord, Op, Output, Store, UsedKeyFile};
+use crate::types::{KmeId, LinkParams};
+
+/// Below this many windows, a shared key refills the authentication stream first.
+const AUTH_LOW_WINDOWS: u64 = 64;
+
+/// Link health, for logs and `status_extension`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Health {
+    pub state: Condition,
+    pub reason: Option<String>,
+    pub source: &'static str,
+    pub blocks_produced: u64,
+    pub bytes_produced: u64,
+    pub own_level_bytes: u64,
+    pub peer_level_bytes: u64,
+    /// BB84 links only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qkd: Option<QkdHealth>,
+}
+
+/// Start-up state read from the database.
+pub struct LinkState {
+    pub next_own_seq: u64,
+    pub next_peer_seq: u64,
+    pub next_auth_seq: u64,
+    /// Blocks stored here but not yet acknowledged by the peer (driving end).
+    pub unshipped: Vec<BlockRecord>,
+}
+
+/// What every link end starts from, whatever its source.
+pub struct LinkSetup {
+    pub params: LinkParams,
+    pub state: LinkState,
+    pub pool: Addr<KeyPool>,
+    pub peer: Addr<PeerLink>,
+    pub store: Addr<Store>,
+}
+
+impl LinkSetup {
+    /// Starts the link end with `source`.
+    pub fn start<S: KeySource>(self, source: S) -> LinkAddr {
+        LinkAddr::new(&Link::new(self, source).start())
+    }
+}
+
+/// The messages a link end takes, whatever its source.
+#[derive(Clone)]
+pub struct LinkAddr {
+    pub blocks: Recipient<ReceiveBlocks>,
+    pub source: Recipient<SourceFromPeer>,
+    pub peer_level: Recipient<PeerLevel>,
+    pub pool_level: Recipient<PoolLevel>,
+    pub health: Recipient<LinkHealth>,
+}
+
+impl LinkAddr {
+    fn new<S: KeySource>(link: &Addr<Link<S>>) -> Self {
+        Self {
+            blocks: link.clone().recipient(),
+            source: link.clone().recipient(),
+            peer_level: link.clone().recipient(),
+            pool_level: link.clone().recipient(),
+            health: link.clone().recipient(),
+        }
+    }
+}
+
+/// How blocks reach the other end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Shipment {
+    /// With their bytes.
+    Bytes,
+    /// By number only: the other end holds the same key `Some(id)`, or, after a restart here,
+    /// perhaps already stored them (`None`). `used`: the key's record (see `SharedKey`).
+    Commit {
+        key: Option<u64>,
+        used: Option<UsedKeyFile>,
+    },
+}
+
+/// Blocks still to be delivered, retried on every tick until the other end has them.
+struct PendingDelivery {
+    blocks: Vec<BlockRecord>,
+    stored: bool,
+    shipment: Shipment,
+}
+
+/// How a key is cut into blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Authentication blocks first while the stream holds fewer than `AUTH_LOW_WINDOWS`
+    /// (`windows` now), then key blocks.
+    AuthFirst { windows: u64 },
+    /// Blocks of one stream only.
+    To(Stream),
+}
+
+/// Everything of a link end but its source. Sources get it in their calls: the `pub` methods
+/// are what they may use.
+pub struct LinkCore {
+    params: LinkParams,
+    pool: Addr<KeyPool>,
+    peer: Addr<PeerLink>,
+    store: Addr<Store>,
+    next_own_seq: u64,
+    next_peer_seq: u64,
+    next_auth_seq: u64,
+    own_level: u64,
+    peer_level: u64,
+    reported_level: Option<u64>,
+    busy: bool,
+    pending: Option<PendingDelivery>,
+    /// Answering end: the key the source finished last, until the driving end commits it.
+    held: Option<SharedKey>,
+    /// The last failure to reach the peer or the storage, until the next success.
+    failure: Option<String>,
+    blocks_produced: u64,
+    bytes_produced: u64,
+}
+
+impl LinkCore {
+    pub fn params(&self) -> &LinkParams {
+        &self.params
+    }
+
+    /// The KME-to-KME channel to the other end.
+    pub fn peer(&self) -> &Addr<PeerLink> {
+        &self.peer
+    }
+
+    pub fn store(&self) -> &Addr<Store> {
+        &self.store
+    }
+
+    /// Both ends' pools are at their high water mark: no material is wanted now.
+    pub fn pools_full(&self) -> bool {
+        self.own_level.min(self.peer_level) >= self.params.high_water_bytes()
+    }
+
+    /// How many of `max` more key blocks the pools take before both are at their high water
+    /// mark (each goes to the emptier end).
+    pub fn wanted_blocks(&self, max: u64) -> u64 {
+        let high = self.params.high_water_bytes();
+        let (mut own, mut peer) = (self.own_level, self.peer_level);
+        let mut wanted = 0;
+        while wanted < max && own.min(peer) < high {
+            self.next_owner(&mut own, &mut peer);
+            wanted += 1;
+        }
+        wanted
+    }
+
+    /// Records the outcome of reaching the peer or the storage (logged when it changes).
+    pub fn set_health(&mut self, result: &Result<()>) {
+        match result {
+            Ok(()) => {
+                if self.failure.take().is_some() {
+                    log::info!("link to {} is up again", self.params.peer);
+                }
+            }
+            Err(err) => {
+                if self.failure.is_none() {
+                    log::warn!("link to {} is down: {err}", self.params.peer);
+                }
+                self.failure = Some(err.to_string());
+            }
+        }
+    }
+
+    /// Answering end: the key to store when the driving end commits it (None: none).
+    pub fn hold(&mut self, key: Option<SharedKey>) {
+        self.held = key;
+    }
+
+    fn next_seq(&mut self, owner: &KmeId) -> &mut u64 {
+        if *owner == self.params.me {
+            &mut self.next_own_seq
+        } else if *owner == self.params.peer {
+            &mut self.next_peer_seq
+        } else {
+            &mut self.next_auth_seq
+        }
+    }
+
+    /// Owner of the next block: the emptier end (its level is raised by one block).
+    fn next_owner(&self, own: &mut u64, peer: &mut u64) -> KmeId {
+        let block = self.params.block_bytes as u64;
+        if *own <= *peer {
+            *own += block;
+            self.params.me.clone()
+        } else {
+            *peer += block;
+            self.params.peer.clone()
+        }
+    }
+
+    /// Numbers the next block of `owner`.
+    fn take_seq(&mut self, owner: &KmeId) -> u64 {
+        let next = self.next_seq(owner);
+        let seq = *next;
+        *next += 1;
+        seq
+    }
+
+    /// Which stream a block of `owner` belongs to, if it is of this link at all.
+    /// Whether blocks of `owner` may arrive here: pool blocks if `pools`, authentication
+    /// blocks if `auth` (the source keeps a stream), nobody else's.
+    fn accepts(&self, owner: &KmeId, pools: bool, auth: bool) -> bool {
+        match self.stream_of(owner) {
+            Some(Stream::Pools) => pools,
+            Some(Stream::Auth) => auth,
+            None => false,
+        }
+    }
+
+    fn stream_of(&self, owner: &KmeId) -> Option<Stream> {
+        if *owner == self.params.me || *owner == self.params.peer {
+            Some(Stream::Pools)
+        } else if *owner == auth_owner() {
+            Some(Stream::Auth)
+        } else {
+            None
+        }
+    }
+
+    /// Cuts key material into numbered blocks. A remainder below one block is dropped (at
+    /// both ends).
+    fn cut(&mut self, key: &[u8], mut cut: Cut) -> Vec<BlockRecord> {
+        let block = self.params.block_bytes;
+        let window_per_block = (block as u64 / WINDOW_BYTES).max(1);
+        let (mut own, mut peer) = (self.own_level, self.peer_level);
+        let auth = auth_owner();
+        let mut blocks = Vec::new();
+        for chunk in key.chunks_exact(block) {
+            let owner = match &mut cut {
+                Cut::To(Stream::Auth) => auth.clone(),
+                Cut::AuthFirst { windows } if *windows < AUTH_LOW_WINDOWS => {
+                    *windows += window_per_block;
+                    auth.clone()
+                }
+                Cut::AuthFirst { .. } | Cut::To(Stream::Pools) => {
+                    self.next_owner(&mut own, &mut peer)
+                }
+            };
+            let seq = self.take_seq(&owner);
+            blocks.push(BlockRecord {
+                owner,
+                seq,
+                data: chunk.to_vec(),
+            });
+        }
+        blocks
+    }
+
+    /// The other end lost the key: its blocks are gone here too, their numbers free again.
+    fn discarded(&mut self, blocks: &[BlockRecord]) {
+        log::warn!(
+            "link to {}: the peer lost a frame before its commit; {} blocks discarded",
+            self.params.peer,
+            blocks.len()
+        );
+        for block in blocks {
+            let next = self.next_seq(&block.owner);
+            *next = (*next).min(block.seq);
+        }
+    }
+
+    /// Blocks now held at both ends: own ones to the pool. Returns the authentication ones.
+    fn accept(&mut self, blocks: Vec<BlockRecord>) -> Vec<StoredBlock> {
+        let auth = auth_owner();
+        let mut own = Vec::new();
+        let mut auth_blocks = Vec::new();
+        for b in blocks {
+            if b.owner != auth {
+                self.blocks_produced += 1;
+                self.bytes_produced += b.data.len() as u64;
+            }
+            let seq = self.next_seq(&b.owner);
+            *seq = (*seq).max(b.seq + 1);
+            let stored = StoredBlock {
+                seq: b.seq,
+                data: b.data,
+            };
+            if b.owner == self.params.me {
+                own.push(stored);
+            } else if b.owner == auth {
+                auth_blocks.push(stored);
+            }
+        }
+        if !own.is_empty() {
+            self.own_level += (own.len() * self.params.block_bytes) as u64;
+            self.pool.do_send(AddBlocks(own));
+        }
+        auth_blocks
+    }
+}
+
+/// One end of a link, fed by the source `S`.
+pub struct Link<S: KeySource> {
+    core: LinkCore,
+    source: S,
+}
+
+impl<S: KeySource> Link<S> {
+    fn new(setup: LinkSetup, source: S) -> Self {
+        let LinkSetup {
+            params,
+            state,
+            pool,
+            peer,
+            store,
+        } = setup;
+        // After a restart, blocks of a source that delivers by number are committed by
+        // number: their key bytes must never travel.
+        let shipment = match source.delivery() {
+            Delivery::Bytes => Shipment::Bytes,
+            Delivery::ByNumber => Shipment::Commit {
+                key: None,
+                used: None,
+            },
+        };
+        let pending = (!state.unshipped.is_empty()).then_some(PendingDelivery {
+            blocks: state.unshipped,
+            stored: true,
+            shipment,
+        });
+        Self {
+            core: LinkCore {
+                params,
+                pool,
+                peer,
+                store,
+                next_own_seq: state.next_own_seq,
+                next_peer_seq: state.next_peer_seq,
+                next_auth_seq: state.next_auth_seq,
+                own_level: 0,
+                peer_level: 0,
+                reported_level: None,
+                busy: false,
+                pending,
+                held: None,
+                failure: None,
+                blocks_produced: 0,
+                bytes_produced: 0,
+            },
+            source,
+        }
+    }
+
+    fn health(&self) -> Health {
+        let core = &self.core;
+        let source = self.source.health();
+        let (state, reason) = match &core.failure {
+            Some(failure) => (Condition::Down, Some(failure.clone())),
+            None => (source.condition, source.reason),
+        };
+        Health {
+            state,
+            reason,
+            source: self.source.name(),
+            blocks_produced: core.blocks_produced,
+            bytes_produced: core.bytes_produced,
+            own_level_bytes: core.own_level,
+            peer_level_bytes: core.peer_level,
+            qkd: source.qkd,
+        }
+    }
+
+    /// The source's work as an actor future: its step runs with the source and the core.
+    fn run<T: 'static>(work: Work<S, T>) -> ResponseActFuture<Self, T> {
+        match work {
+            Work::Ready(value) => Box::pin(fut::ready(value)),
+            Work::Later(future) => Box::pin(
+                fut::wrap_future(future)
+                    .map(|then, act: &mut Self, _| then(&mut act.source, &mut act.core)),
+            ),
+        }
+    }
+
+    /// Driving end: delivers what the source yielded.
+    fn deliver(&mut self, ctx: &mut Context<Self>, produced: Produced) {
+        let (blocks, shipment) = match produced {
+            Produced::Nothing => return,
+            Produced::Bytes { material, to } => {
+                (self.core.cut(&material, Cut::To(to)), Shipment::Bytes)
+            }
+            Produced::Shared(key) => {
+                let windows = self
+                    .source
+                    .auth_stream()
+                    .map_or(u64::MAX, |auth| auth.windows_left());
+                let blocks = self.core.cut(&key.bytes, Cut::AuthFirst { windows });
+                let shipment = Shipment::Commit {
+                    key: Some(key.id),
+                    used: key.used,
+                };
+                (blocks, shipment)
+            }
+        };
+        if !blocks.is_empty() {
+            self.ship(ctx, blocks, false, shipment);
+        }
+    }
+
+    /// Store (unless already stored), deliver, confirm, then hand the blocks to their users.
+    fn ship(
+        &mut self,
+        ctx: &mut Context<Self>,
+        blocks: Vec<BlockRecord>,
+        stored: bool,
+        shipment: Shipment,
+    ) {
+        self.core.busy = true;
+        let store = self.core.store.clone();
+        let peer = self.core.peer.clone();
+        let link_peer = self.core.params.peer.clone();
+        let pending = shipment.clone();
+        let let_go = match &shipment {
+            Shipment::Commit {
+                used: Some(used), ..
+            } => Some(self.source.key_used(&self.core, used)),
+            _ => None,
+        };
+        let work = async move {
+            let mut stored = stored;
+            let shipment = &pending;
+            let result: Result<u64> = async {
+                if !stored {
+                    let key_file = match shipment {
+                        Shipment::Commit { used, .. } => used.clone(),
+                        Shipment::Bytes => None,
+                    };
+                    let op = Op::StoreBlocks {
+                        peer: link_peer.clone(),
+                        blocks: blocks.clone(),
+                        confirmed: false,
+                        key_file,
+                    };
+                    store.send(op.into()).await??;
+                    stored = true;
+                }
+                let level = match shipment {
+                    Shipment::Bytes => peer.send(ShipBlocks(blocks.clone())).await??,
+                    Shipment::Commit { key, .. } => {
+                        let ids = blocks
+                            .iter()
+                            .map(|b| BlockId {
+                                owner: b.owner.clone(),
+                                seq: b.seq,
+                            })
+                            .collect();
+                        let commit = SourceRequest::Commit {
+                            frame_id: *key,
+                            blocks: ids,
+                        };
+                        let level = match peer.send(SourceExchange(commit)).await? {
+                            Ok(reply) => reply.level.unwrap_or(0),
+                            Err(lost @ Error::FrameLost { .. }) => {
+                                let audit = AuditRecord::new(
+                                    "key_frame_discarded",
+                                    serde_json::json!({
+                                        "peer": link_peer.as_str(),
+                                        "frame_id": key,
+                                        "blocks": blocks.len(),
+                                    }),
+                                );
+                                let op = Op::DiscardBlocks {
+                                    peer: link_peer.clone(),
+                                    audit,
+                                };
+                                store.send(op.into()).await??;
+                                return Err(lost);
+                            }
+                            Err(err) => return Err(err),
+                        };
+                        // Both ends hold the blocks and record the key as used: its origin
+                        // goes (a key file that cannot go now is destroyed when it turns up
+                        // again).
+                        if let Some(let_go) = let_go {
+                            let_go.await;
+                        }
+                        level
+                    }
+                };
+                let op = Op::ConfirmBlocks {
+                    peer: link_peer.clone(),
+                    blocks: blocks.iter().map(|b| (b.owner.clone(), b.seq)).collect(),
+                };
+                store.send(op.into()).await??;
+                Ok(level)
+            }
+            .await;
+            (result, blocks, stored)
+        };
+        ctx.spawn(fut::wrap_future(work).map(
+            move |(result, blocks, stored), act: &mut Self, _| {
+                act.core.busy = false;
+                match result {
+                    Ok(level) => {
+                        act.core.peer_level = level;
+                        act.core.set_health(&Ok(()));
+                        act.accept(blocks);
+                    }
+                    Err(Error::FrameLost { .. }) => act.core.discarded(&blocks),
+                    Err(err) => {
+                        // Kept and retried on a later tick, with the same numbers and bytes.
+                        act.core.pending = Some(PendingDelivery {
+                            blocks,
+                            stored,
+                            shipment,
+                        });
+                        act.core.set_health(&Err(err));
+                    }
+                }
+            },
+        ));
+    }
+
+    /// Blocks now held at both ends: own ones to the pool, authentication ones to the stream.
+    fn accept(&mut self, blocks: Vec<BlockRecord>) {
+        let auth_blocks = self.core.accept(blocks);
+        if let Some(auth) = self.source.auth_stream() {
+            auth.append(auth_blocks);
+        }
+    }
+}
+
+impl<S: KeySource> Actor for Link<S> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if let work @ Work::Later(_) = self.source.start(&mut self.core) {
+            ctx.spawn(Self::run(work));
+        }
+        let every = Duration::from_millis(self.core.params.tick_ms.max(1));
+        ctx.run_interval(every, |act, ctx| act.tick(ctx));
+    }
+}
+
+impl<S: KeySource> Link<S> {
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if !self.core.params.is_generator() {
+            self.report_level(ctx);
+            return;
+        }
+        if self.core.busy {
+            return;
+        }
+        if let Some(pending) = self.core.pending.take() {
+            self.ship(ctx, pending.blocks, pending.stored, pending.shipment);
+            return;
+        }
+        match self.source.drive(&mut self.core, Instant::now()) {
+            Work::Ready(produced) => self.deliver(ctx, produced),
+            work @ Work::Later(_) => {
+                self.core.busy = true;
+                ctx.spawn(Self::run(work).map(|produced, act: &mut Self, ctx| {
+                    act.core.busy = false;
+                    act.deliver(ctx, produced)
+                }));
+            }
+        }
+    }
+
+    /// Receiving end: tell the generator our level when it changed.
+    fn report_level(&mut self, ctx: &mut Context<Self>) {
+        let core = &mut self.core;
+        if core.busy || core.reported_level == Some(core.own_level) {
+            return;
+        }
+        core.busy = true;
+        let level = core.own_level;
+        let peer = core.peer.clone();
+        ctx.spawn(
+            fut::wrap_future(async move { peer.send(ReportLevel(level)).await }).map(
+                move |result, act: &mut Self, _| {
+                    act.core.busy = false;
+                    let result = result.map_err(Error::from).and_then(|r| r);
+                    if result.is_ok() {
+                        act.core.reported_level = Some(level);
+                    }
+                    act.core.set_health(&result);
+                },
+            ),
+        );
+    }
+}
+
+impl<S: KeySource> Handler<PoolLevel> for Link<S> {
+    type Result = ();
+
+    fn handle(&mut self, msg: PoolLevel, _ctx: &mut Context<Self>) {
+        self.core.own_level = msg.0;
+    }
+}
+
+/// Blocks shipped with their bytes by the driving end (courier blocks; on a BB84 link only the
+/// bootstrap authentication key). Sent by the KME-to-KME edge. Result: our pool level.
+#[derive(Message)]
+#[rtype(result = "Result<u64>")]
+pub struct ReceiveBlocks(pub Vec<BlockRecord>);
+
+/// Atomic, like `SourceFromPeer`: a commit never looks at the stream while a shipment to it is
+/// half stored.
+impl<S: KeySource> Handler<ReceiveBlocks> for Link<S> {
+    type Result = AtomicResponse<Self, Result<u64>>;
+
+    fn handle(&mut self, msg: ReceiveBlocks, _ctx: &mut Context<Self>) -> Self::Result {
+        AtomicResponse::new(self.receive_blocks(msg.0))
+    }
+}
+
+impl<S: KeySource> Link<S> {
+    fn receive_blocks(&mut self, blocks: Vec<BlockRecord>) -> ResponseActFuture<Self, Result<u64>> {
+        let params = &self.core.params;
+        if params.is_generator() {
+            let err = Error::PeerMessage(format!(
+                "{} generates this link's material; it accepts no shipments",
+                params.me
+            ));
+            return Box::pin(fut::ready(Err(err)));
+        }
+        // Key bytes travel only from sources that deliver them; a source with an
+        // authentication stream takes its first key this way.
+        let bytes = self.source.delivery() == Delivery::Bytes;
+        let auth = self.source.auth_stream().is_some();
+        let core = &self.core;
+        if let Some(bad) = blocks.iter().find(|b| {
+            !core.accepts(&b.owner, bytes, auth) || b.data.len() != core.params.block_bytes
+        }) {
+            let err = Error::PeerMessage(format!(
+                "block {} of {} does not belong to this link",
+                bad.seq, bad.owner
+            ));
+            return Box::pin(fut::ready(Err(err)));
+        }
+        self.store_received(blocks, None)
+    }
+
+    /// Receiving end: stores blocks for good, then hands the new ones to their users.
+    /// Result: our pool level.
+    /// `key_file`: the record of the key they come from, stored with them.
+    fn store_received(
+        &mut self,
+        blocks: Vec<BlockRecord>,
+        key_file: Option<UsedKeyFile>,
+    ) -> ResponseActFuture<Self, Result<u64>> {
+        let store = self.core.store.clone();
+        let op = Op::StoreBlocks {
+            peer: self.core.params.peer.clone(),
+            blocks: blocks.clone(),
+            confirmed: true,
+            key_file,
+        };
+        let work = async move {
+            let outcomes = match store.send(op.into()).await?? {
+                Output::Blocks(outcomes) => outcomes,
+                _ => Vec::new(),
+            };
+            let fresh: Vec<BlockRecord> = blocks
+                .into_iter()
+                .zip(outcomes)
+                .filter(|(_, outcome)| *outcome == BlockOutcome::Stored)
+                .map(|(b, _)| b)
+                .collect();
+            Ok(fresh)
+        };
+        Box::pin(fut::wrap_future(work).map(
+            |result: Result<Vec<BlockRecord>>, act: &mut Self, _| {
+                act.accept(result?);
+                act.core.reported_level = Some(act.core.own_level);
+                act.core.set_health(&Ok(()));
+                Ok(act.core.own_level)
+            },
+        ))
+    }
+}
+
+/// A message of the driving end's source. Sent by the KME-to-KME edge.
+/// Result: our answer (for BB84: envelopes, our report once our part of the frame is over).
+#[derive(Message)]
+#[rtype(result = "Result<PeerReply>")]
+pub struct SourceFromPeer(pub SourceRequest);
+
+impl<S: KeySource> Handler<SourceFromPeer> for Link<S> {
+    type Result = AtomicResponse<Self, Result<PeerReply>>;
+
+    fn handle(&mut self, msg: SourceFromPeer, _ctx: &mut Context<Self>) -> Self::Result {
+        let params = &self.core.params;
+        let answer = match msg.0 {
+            _ if params.is_generator() => Self::run(Work::refuse(format!(
+                "{} drives the link with {}; it takes no key-source messages",
+                params.me, params.peer
+            ))),
+            SourceRequest::Commit { frame_id, blocks }
+                if self.source.delivery() == Delivery::ByNumber =>
+            {
+                self.commit(frame_id, blocks)
+            }
+            request => Self::run(self.source.answer(request, &mut self.core)),
+        };
+        AtomicResponse::new(answer)
+    }
+}
+
+type Reply<S> = ResponseActFuture<Link<S>, Result<PeerReply>>;
+
+/// Commits, at the end that does not drive (sources that deliver by number).
+impl<S: KeySource> Link<S> {
+    /// Stores the held key as the blocks the driving end names; without the key, answers
+    /// from what is stored: all named blocks held (a retried commit) or the key is lost.
+    fn commit(&mut self, key_id: Option<u64>, ids: Vec<BlockId>) -> Reply<S> {
+        let auth = self.source.auth_stream().is_some();
+        let core = &mut self.core;
+        if let Some(bad) = ids.iter().find(|id| !core.accepts(&id.owner, true, auth)) {
+            return Self::run(Work::refuse(format!(
+                "block owner {} is not of this link",
+                bad.owner
+            )));
+        }
+        let held = match (&core.held, key_id) {
+            (Some(held), Some(id)) if held.id == id => core.held.take(),
+            _ => None,
+        };
+        let Some(key) = held else {
+            let held: Vec<bool> = ids
+                .iter()
+                .map(|id| id.seq < *core.next_seq(&id.owner))
+                .collect();
+            // An empty commit (a file-drop file shorter than one block) proves nothing: lost.
+            return if !held.is_empty() && held.iter().all(|h| *h) {
+                Self::run(Work::Ready(Ok(PeerReply {
+                    ok: true,
+                    level: Some(core.own_level),
+                    ..PeerReply::default()
+                })))
+            } else if held.iter().any(|h| *h) {
+                Self::run(Work::refuse(
+                    "commit names blocks stored here and blocks not stored here".into(),
+                ))
+            } else {
+                Self::run(Work::Ready(Err(Error::FrameLost {
+                    peer: core.params.me.to_string(),
+                })))
+            };
+        };
+        let block = core.params.block_bytes;
+        // Exactly the key's whole blocks: a commit may not take a key for less.
+        if ids.len() != key.bytes.len() / block {
+            return Self::run(Work::refuse(format!(
+                "commit names {} blocks, the frame's key holds {}",
+                ids.len(),
+                key.bytes.len() / block
+            )));
+        }
+        let blocks = ids
+            .into_iter()
+            .zip(key.bytes.chunks_exact(block))
+            .map(|(id, data)| BlockRecord {
+                owner: id.owner,
+                seq: id.seq,
+                data: data.to_vec(),
+            })
+            .collect();
+        let let_go = key
+            .used
+            .as_ref()
+            .map(|used| self.source.key_used(&self.core, used));
+        let record = key.used.clone();
+        let stored = self
+            .store_received(blocks, record)
+            .then(move |level, act: &mut Self, _| {
+                if level.is_err() {
+                    // A passing storage failure: the retried commit finds the key again.
+                    act.core.held = Some(key);
+                }
+                let released = async move {
+                    let level = level?;
+                    // Used here for good: its origin goes before the driving end hears so.
+                    if let Some(let_go) = let_go {
+                        let_go.await;
+                    }
+                    Ok(PeerReply {
+                        ok: true,
+                        level: Some(level),
+                        ..PeerReply::default()
+                    })
+                };
+                fut::wrap_future(released)
+            });
+        Box::pin(stored)
+    }
+}
+
+/// The other end's pool level. Sent by the KME-to-KME edge.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PeerLevel(pub u64);
+
+impl<S: KeySource> Handler<PeerLevel> for Link<S> {
+    type Result = ();
+
+    fn handle(&mut self, msg: PeerLevel, _ctx: &mut Context<Self>) {
+        self.core.peer_level = msg.0;
+    }
+}
+
+/// Current health. Sent by the HTTP edge (status).
+#[derive(Message)]
+#[rtype(result = "Health")]
+pub struct LinkHealth;
+
+impl<S: KeySource> Handler<LinkHealth> for Link<S> {
+    type Result = MessageResult<LinkHealth>;
+
+    fn handle(&mut self, _msg: LinkHealth, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.health())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::key_source::SourceHealth;
+    use crate::link::sources::courier::Courier;
+
+    /// A courier link end kme-a — kme-b with 1 KiB blocks, pools full at 3200 bytes, and
+    /// actors that never run (nothing here sends to them and waits).
+    fn link() -> Link<Courier> {
+        link_with(Courier::new(1024))
+    }
+
+    fn link_with<S: KeySource>(source: S) -> Link<S> {
+        let setup = LinkSetup {
+            params: LinkParams::for_tests(1024, 100),
+            state: LinkState {
+                next_own_seq: 5,
+                next_peer_seq: 7,
+                next_auth_seq: 3,
+                unshipped: Vec::new(),
+            },
+            pool: Context::<KeyPool>::new().address(),
+            peer: Context::<PeerLink>::new().address(),
+            store: Context::<Store>::new().address(),
+        };
+        Link::new(setup, source)
+    }
+
+    fn core(own_level: u64, peer_level: u64) -> LinkCore {
+        let mut core = link().core;
+        core.own_level = own_level;
+        core.peer_level = peer_level;
+        core
+    }
+
+    fn owners(blocks: &[BlockRecord]) -> Vec<(String, u64)> {
+        blocks
+            .iter()
+            .map(|b| (b.owner.to_string(), b.seq))
+            .collect()
+    }
+
+    #[actix::test]
+    async fn blocks_are_wanted_until_both_pools_are_full() {
+        assert!(!core(0, 0).pools_full());
+        // Four blocks for each end take both from 0 to 4096 >= 3200.
+        assert_eq!(core(0, 0).wanted_blocks(16), 8);
+        assert_eq!(core(0, 0).wanted_blocks(3), 3);
+        // Only this end is short: four blocks take it from 0 to 4096 >= 3200.
+        assert_eq!(core(0, 3200).wanted_blocks(16), 4);
+        assert!(core(3200, 5000).pools_full());
+        assert_eq!(core(3200, 5000).wanted_blocks(16), 0);
+    }
+
+    #[actix::test]
+    async fn cuts_number_blocks_for_the_emptier_end_and_the_auth_stream() {
+        let key = vec![7u8; 3 * 1024 + 100];
+        let mut link = core(1024, 0);
+        // The emptier end first; the remainder below one block is dropped.
+        let blocks = link.cut(&key, Cut::To(Stream::Pools));
+        assert_eq!(
+            owners(&blocks),
+            [("kme-b", 7), ("kme-a", 5), ("kme-b", 8)].map(|(o, s)| (o.to_string(), s))
+        );
+        assert!(blocks.iter().all(|b| b.data.len() == 1024));
+        // 1 KiB holds three windows: one authentication block lifts 62 windows above 64.
+        let blocks = link.cut(&key, Cut::AuthFirst { windows: 62 });
+        assert_eq!(
+            owners(&blocks),
+            [("#auth", 3), ("kme-b", 9), ("kme-a", 6)].map(|(o, s)| (o.to_string(), s))
+        );
+        let blocks = link.cut(&key[..2048], Cut::To(Stream::Auth));
+        assert_eq!(
+            owners(&blocks),
+            [("#auth", 4), ("#auth", 5)].map(|(o, s)| (o.to_string(), s))
+        );
+    }
+
+    #[actix::test]
+    async fn lost_blocks_free_their_numbers_and_accepted_ones_move_them_on() {
+        let mut link = core(0, 0);
+        let blocks = link.cut(&[1u8; 2048], Cut::To(Stream::Pools));
+        assert_eq!(link.next_own_seq, 6);
+        link.discarded(&blocks);
+        assert_eq!((link.next_own_seq, link.next_peer_seq), (5, 7));
+        let auth_blocks = link.cut(&[2u8; 2048], Cut::To(Stream::Auth));
+        let auth = link.accept(auth_blocks);
+        assert_eq!(auth.iter().map(|b| b.seq).collect::<Vec<_>>(), [3, 4]);
+        assert_eq!((link.next_auth_seq, link.blocks_produced), (5, 0));
+        let own = BlockRecord {
+            owner: KmeId::new("kme-a"),
+            seq: 9,
+            data: vec![3u8; 1024],
+        };
+        assert!(link.accept(vec![own]).is_empty());
+        assert_eq!((link.next_own_seq, link.own_level), (10, 1024));
+        assert_eq!((link.blocks_produced, link.bytes_produced), (1, 1024));
+    }
+
+    #[actix::test]
+    async fn blocks_belong_to_the_two_ends_or_the_auth_stream() {
+        let link = core(0, 0);
+        let stream = |owner: &str| link.stream_of(&KmeId::new(owner));
+        assert_eq!(stream("kme-a"), Some(Stream::Pools));
+        assert_eq!(stream("kme-b"), Some(Stream::Pools));
+        assert_eq!(stream("#auth"), Some(Stream::Auth));
+        assert_eq!(stream("kme-c"), None);
+    }
+
+    /// A source whose own health is degraded (as a BB84 link after aborted frames).
+    struct DegradedSource;
+
+    impl KeySource for DegradedSource {
+        fn name(&self) -> &'static str {
+            "degraded"
+        }
+
+        fn delivery(&self) -> Delivery {
+            Delivery::ByNumber
+        }
+
+        fn drive(&mut self, _link: &mut LinkCore, _now: Instant) -> Work<Self, Produced> {
+            Work::Ready(Produced::Nothing)
+        }
+
+        fn health(&self) -> SourceHealth {
+            SourceHealth {
+                condition: Condition::Degraded,
+                reason: Some("frames aborted".into()),
+                qkd: None,
+            }
+        }
+    }
+
+    #[actix::test]
+    async fn a_failure_to_reach_the_peer_is_reported_before_the_source_health() {
+        let mut link = link_with(DegradedSource);
+        let health = link.health();
+        assert_eq!(
+            (health.state, health.source, health.reason.as_deref()),
+            (Condition::Degraded, "degraded", Some("frames aborted"))
+        );
+        link.core
+            .set_health(&Err(Error::Unavailable("peer unreachable".into())));
+        let health = link.health();
+        assert_eq!(health.state, Condition::Down);
+        assert!(health
+            .reason
+            .is_some_and(|r| r.contains("peer unreachable")));
+        link.core.set_health(&Ok(()));
+        assert_eq!(link.health().state, Condition::Degraded);
+    }
+
+    #[actix::test]
+    async fn source_work_runs_its_future_then_its_step() {
+        let mut link = core(0, 0);
+        let work: Work<u64, u64> = Work::later(async { 2 }, |out, sum: &mut u64, link| {
+            *sum += out + link.params().block_bytes as u64;
+            *sum
+        });
+        let Work::Later(future) = work else {
+            panic!("a future is later work");
+        };
+        let then = future.await;
+        let mut sum = 1;
+        assert_eq!(then(&mut sum, &mut link), 1027);
+    }
+}

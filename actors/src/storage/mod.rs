@@ -1,0 +1,17 @@
+//! Storage: the SQLite file (WAL) and everything that writes or reads it.
+//!
+//! | file | what |
+//! |---|---|
+//! | `store.rs` | `Store` actor: group commit in front of the writer; the storage operations |
+//! | `writer.rs` | `DbWriter` (SyncArbiter of 1): the write connection, one transaction per batch |
+//! | `checkpointer.rs` | `DbCheckpointer` (SyncArbiter of 1): WAL checkpoints off the writer's path |
+//! | `db.rs` | opening, migrations (`sql/migrations`), read-side queries, audit-chain verification |
+//! | `audit.rs` | audit records and their hash chain; the `AuditLog` actor |
+//! | `sealing.rs` | AES-256-GCM sealing of key material at rest, data keys by HKDF |
+
+pub mod audit;
+pub mod checkpointer;
+pub mod db;
+pub mod sealing;
+pub mod store;
+pub mod writer;
