@@ -21,11 +21,12 @@ use kme_actors::link::sources::file_drop::FileDrop;
 use kme_actors::link::{LinkSetup, LinkState};
 use kme_actors::peer::peer_link::PeerLink;
 use kme_actors::sae_registry::{NeighbourRoute, SaeRegistry};
-use kme_actors::storage::audit::{AuditLog, AuditRecord, Record};
+use kme_actors::storage::audit::AuditRecord;
 use kme_actors::storage::checkpointer::DbCheckpointer;
 use kme_actors::storage::db;
+use kme_actors::storage::ops::{AppendAudit, BlockRecord};
 use kme_actors::storage::sealing::Sealer;
-use kme_actors::storage::store::{BlockRecord, Store};
+use kme_actors::storage::store::{Exec, Store};
 use kme_actors::storage::writer::DbWriter;
 use kme_actors::types::SourceKind;
 
@@ -205,7 +206,6 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     let store = Store::new(writer, config.key_ttl)
         .with_checkpointer(checkpointer)
         .start();
-    let audit = AuditLog::new(store.clone()).start();
     // Half the SAE request timeout: a slow neighbour yields a 503 before the SAE gives up.
     let peer_timeout = config.request_timeout / 2;
     let mut routes = Vec::new();
@@ -281,7 +281,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         me: me.clone(),
         neighbours: ends,
         homes: config.sae_homes.clone(),
-        store,
+        store: store.clone(),
         timeout: config.request_timeout,
     });
     let sae_server = HttpServer::new(move || {
@@ -317,8 +317,8 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         "kme_started",
         serde_json::json!({"kme": me.as_str(), "epoch": epoch, "sae_api": sae_addr, "peer_api": peer_addr}),
     );
-    if let Ok(Err(err)) | Err(err) = audit
-        .send(Record(record))
+    if let Ok(Err(err)) | Err(err) = store
+        .send(Exec(AppendAudit(record)))
         .await
         .map_err(kme_actors::Error::from)
     {

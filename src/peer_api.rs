@@ -17,7 +17,8 @@ use kme_actors::link::{LinkAddr, PeerLevel, ReceiveBlocks, SourceFromPeer};
 use kme_actors::peer::protocol::{
     self, ActivationBatch, BlockShipment, LevelReport, PeerReply, SourceRequest,
 };
-use kme_actors::storage::store::{Exec, Op, Store};
+use kme_actors::storage::ops::Activate;
+use kme_actors::storage::store::{Exec, Store};
 use kme_actors::types::{CertIdentity, KmeId, SaeId};
 use kme_actors::Error;
 
@@ -258,7 +259,7 @@ async fn activate(
             return Err(Error::PeerMessage(reason).into());
         }
     }
-    let op = Op::Activate {
+    let op = Activate {
         peer,
         seq: batch.seq,
         digest: protocol::batch_digest(&body),

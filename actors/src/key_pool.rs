@@ -21,7 +21,8 @@ use crate::error::{Error, Result};
 use crate::peer::peer_link::{Activate, PeerLink};
 use crate::storage::audit::{AuditRecord, Delivered};
 use crate::storage::db::StoredBlock;
-use crate::storage::store::{Op, Store};
+use crate::storage::ops::{AppendAudit, CommitDelivery};
+use crate::storage::store::{Exec, Store};
 use crate::types::{Binding, Key, KeyLimits, LinkParams, SaeId};
 
 const MAILBOX_CAPACITY: usize = 1024;
@@ -224,7 +225,7 @@ impl Handler<Deliver> for KeyPool {
                 key_IDs: binding.key_ids.clone(),
             },
         );
-        let commit = Op::CommitDelivery {
+        let commit = CommitDelivery {
             peer: self.params.peer.clone(),
             owner: self.params.me.clone(),
             position: end,
@@ -239,7 +240,7 @@ impl Handler<Deliver> for KeyPool {
             // (the cursor moves past the material either way, so a failure only burns it).
             let (bound, committed) =
                 futures_util::future::join(async { peer.send(Activate(binding)).await? }, async {
-                    store.send(commit.into()).await?
+                    store.send(Exec(commit)).await?
                 })
                 .await;
             if let Some(err) = bound.as_ref().err().or(committed.as_ref().err()) {
@@ -250,7 +251,7 @@ impl Handler<Deliver> for KeyPool {
                     serde_json::json!({"request_id": request_id, "reason": err.to_string()}),
                 );
                 if let Ok(Err(audit_err)) | Err(audit_err) = store
-                    .send(Op::Audit(withdrawn).into())
+                    .send(Exec(AppendAudit(withdrawn)))
                     .await
                     .map_err(Error::from)
                 {

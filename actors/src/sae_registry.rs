@@ -19,7 +19,8 @@ use crate::error::{Error, Result};
 use crate::key_pool::{Deliver, KeyPool, PoolStatus};
 use crate::link::{Health, LinkAddr, LinkHealth};
 use crate::storage::audit::{AuditRecord, Delivered};
-use crate::storage::store::{Exec, LocalKey, Op, Output, Store};
+use crate::storage::ops::{InsertLocalKeys, LocalKey, Retrieve};
+use crate::storage::store::{Exec, Store};
 use crate::types::{CertIdentity, Key, KeyCount, KeyLimits, KeySizeBits, KmeId, SaeId};
 
 const MAILBOX_CAPACITY: usize = 4096;
@@ -363,7 +364,7 @@ fn local_keys(
     number: KeyCount,
     size: KeySizeBits,
     request_id: Uuid,
-) -> Result<(Vec<Key>, Op)> {
+) -> Result<(Vec<Key>, InsertLocalKeys)> {
     let mut keys = Vec::with_capacity(number.get() as usize);
     for _ in 0..number.get() {
         let mut material = vec![0u8; size.get() as usize / 8];
@@ -387,7 +388,7 @@ fn local_keys(
             key_IDs: keys.iter().map(|k| k.id).collect(),
         },
     );
-    let op = Op::InsertLocalKeys {
+    let op = InsertLocalKeys {
         keys: keys
             .iter()
             .map(|k| LocalKey {
@@ -421,19 +422,14 @@ impl Handler<DecKeys> for SaeRegistry {
             Ok(caller) => caller,
             Err(err) => return Box::pin(async { Err(err) }),
         };
-        let op = Op::Retrieve {
+        let op = Retrieve {
             caller,
             master: SaeId::new(&msg.master),
             key_ids: msg.key_ids,
             deadline: msg.deadline,
         };
         let store = self.store.clone();
-        Box::pin(async move {
-            match store.send(Exec(op)).await?? {
-                Output::Keys(keys) => Ok(keys),
-                _ => Err(Error::Storage("retrieval returned no keys".into())),
-            }
-        })
+        Box::pin(async move { store.send(Exec(op)).await? })
     }
 }
 

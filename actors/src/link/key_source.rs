@@ -45,7 +45,7 @@ use crate::error::{Error, Result};
 use crate::link::auth::AuthStream;
 use crate::link::LinkCore;
 use crate::peer::protocol::{PeerReply, SourceRequest};
-use crate::storage::store::UsedKeyFile;
+use crate::storage::ops::UsedKeyFile;
 
 /// A link's source of secret material. See the module doc.
 pub trait KeySource: Unpin + Sized + 'static {

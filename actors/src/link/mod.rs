@@ -46,7 +46,10 @@ use crate::peer::peer_link::{PeerLink, ReportLevel, ShipBlocks, SourceExchange};
 use crate::peer::protocol::{BlockId, PeerReply, SourceRequest};
 use crate::storage::audit::AuditRecord;
 use crate::storage::db::StoredBlock;
-use crate::storage::store::{BlockOutcome, BlockRecord, Op, Output, Store, UsedKeyFile};
+use crate::storage::ops::{
+    BlockOutcome, BlockRecord, ConfirmBlocks, DiscardBlocks, StoreBlocks, UsedKeyFile,
+};
+use crate::storage::store::{Exec, Store};
 use crate::types::{KmeId, LinkParams};
 
 /// Below this many windows, a shared key refills the authentication stream first.
@@ -479,13 +482,13 @@ impl<S: KeySource> Link<S> {
                         Shipment::Commit { used, .. } => used.clone(),
                         Shipment::Bytes => None,
                     };
-                    let op = Op::StoreBlocks {
+                    let op = StoreBlocks {
                         peer: link_peer.clone(),
                         blocks: blocks.clone(),
                         confirmed: false,
                         key_file,
                     };
-                    store.send(op.into()).await??;
+                    store.send(Exec(op)).await??;
                     stored = true;
                 }
                 let level = match shipment {
@@ -513,11 +516,11 @@ impl<S: KeySource> Link<S> {
                                         "blocks": blocks.len(),
                                     }),
                                 );
-                                let op = Op::DiscardBlocks {
+                                let op = DiscardBlocks {
                                     peer: link_peer.clone(),
                                     audit,
                                 };
-                                store.send(op.into()).await??;
+                                store.send(Exec(op)).await??;
                                 return Err(lost);
                             }
                             Err(err) => return Err(err),
@@ -531,11 +534,11 @@ impl<S: KeySource> Link<S> {
                         level
                     }
                 };
-                let op = Op::ConfirmBlocks {
+                let op = ConfirmBlocks {
                     peer: link_peer.clone(),
                     blocks: blocks.iter().map(|b| (b.owner.clone(), b.seq)).collect(),
                 };
-                store.send(op.into()).await??;
+                store.send(Exec(op)).await??;
                 Ok(level)
             }
             .await;
@@ -695,17 +698,14 @@ impl<S: KeySource> Link<S> {
         key_file: Option<UsedKeyFile>,
     ) -> ResponseActFuture<Self, Result<u64>> {
         let store = self.core.store.clone();
-        let op = Op::StoreBlocks {
+        let op = StoreBlocks {
             peer: self.core.params.peer.clone(),
             blocks: blocks.clone(),
             confirmed: true,
             key_file,
         };
         let work = async move {
-            let outcomes = match store.send(op.into()).await?? {
-                Output::Blocks(outcomes) => outcomes,
-                _ => Vec::new(),
-            };
+            let outcomes = store.send(Exec(op)).await??;
             let fresh: Vec<BlockRecord> = blocks
                 .into_iter()
                 .zip(outcomes)

@@ -21,7 +21,7 @@ use crate::peer::protocol::{
     ActivationBatch, BlockShipment, LevelReport, PeerReply, SourceRequest, WireBlock,
     ACTIVATE_PATH, BLOCKS_PATH, LEVEL_PATH, SOURCE_PATH,
 };
-use crate::storage::store::BlockRecord;
+use crate::storage::ops::BlockRecord;
 use crate::types::{Binding, KmeId};
 
 const MAILBOX_CAPACITY: usize = 1024;

@@ -6,7 +6,7 @@ use openssl::sha::sha256;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::storage::store::BlockRecord;
+use crate::storage::ops::BlockRecord;
 use crate::types::{Binding, KmeId};
 use kme_bb84::bits::BitVec;
 use kme_bb84::pipeline::{Envelope, FrameReport};

@@ -1,19 +1,15 @@
-//! AuditLog: the append-only, hash-chained audit trail of this KME.
+//! The audit trail of this KME: its records and their hash chain.
 //!
-//! Owns: nothing in memory but its store address; the chain itself lives in the `audit` table
-//! and is extended by `DbWriter` inside the same transaction as the key-state change it
-//! records (fail-closed: no audit record, no key). Handles: `Record` for events that change no
-//! key state (start-up, refused requests, link events), sent by the HTTP edge and the actors.
-//! Mailbox: bounded (default capacity); callers use `send` under a timeout, or `try_send` for
-//! best-effort events such as refusals, which must never slow down or block a request.
+//! The chain lives in the append-only `audit` table. Every record travels one way: as part of a
+//! storage operation (`ops.rs`), which `DbWriter` appends inside the same transaction as the
+//! key-state change it records (fail-closed: no audit record, no key). An event that changes
+//! no key state (start-up, withdrawn keys) is an operation of its own, `AppendAudit`.
 
-use actix::prelude::*;
 use openssl::sha::Sha256;
 use serde::Serialize;
 use uuid::Uuid;
 
 use crate::error::Result;
-use crate::storage::store::{Op, Store};
 use crate::types::{Binding, KmeId, SaeId};
 
 /// One audit event: a short machine-readable kind and a JSON detail. Never holds key bytes.
@@ -76,32 +72,4 @@ pub fn chain_hash(prev: &[u8], id: i64, at_ms: i64, event: &str, detail: &str) -
     hasher.update(&[0]);
     hasher.update(detail.as_bytes());
     Ok(hasher.finish())
-}
-
-pub struct AuditLog {
-    store: Addr<Store>,
-}
-
-impl AuditLog {
-    pub fn new(store: Addr<Store>) -> Self {
-        Self { store }
-    }
-}
-
-impl Actor for AuditLog {
-    type Context = Context<Self>;
-}
-
-/// Append one event that changes no key state. Sent by the edge and by actors.
-#[derive(Message)]
-#[rtype(result = "Result<()>")]
-pub struct Record(pub AuditRecord);
-
-impl Handler<Record> for AuditLog {
-    type Result = ResponseFuture<Result<()>>;
-
-    fn handle(&mut self, msg: Record, _ctx: &mut Context<Self>) -> Self::Result {
-        let store = self.store.clone();
-        Box::pin(async move { store.send(Op::Audit(msg.0).into()).await?.map(|_| ()) })
-    }
 }

@@ -2,7 +2,8 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `store.rs` | `Store` actor: group commit in front of the writer; the storage operations |
+//! | `store.rs` | `Store` actor: group commit in front of the writer |
+//! | `ops.rs` | the storage operations, one type each with its own result, and what each does in SQL |
 //! | `writer.rs` | `DbWriter` (SyncArbiter of 1): the write connection, one transaction per batch |
 //! | `checkpointer.rs` | `DbCheckpointer` (SyncArbiter of 1): WAL checkpoints off the writer's path |
 //! | `db.rs` | opening, migrations (`sql/migrations`), read-side queries, audit-chain verification |
@@ -12,6 +13,7 @@
 pub mod audit;
 pub mod checkpointer;
 pub mod db;
+pub mod ops;
 pub mod sealing;
 pub mod store;
 pub mod writer;

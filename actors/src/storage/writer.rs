@@ -16,10 +16,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::storage::audit::{chain_hash, AuditRecord, Bound, Retrieved};
+use crate::storage::audit::{chain_hash, AuditRecord, Bound};
 use crate::storage::db::{to_i64, to_u64, DbPool};
+use crate::storage::ops::{BlockOutcome, BlockRecord, Completion, Queued, Txn};
 use crate::storage::sealing::{block_aad, Purpose, Sealer};
-use crate::storage::store::{BlockOutcome, BlockRecord, Op, Output};
 use crate::types::{now_ms, Binding, Key, KmeId, SaeId};
 
 /// The smallest UUIDv7 (as stored bytes) created at `ms`: its first 48 bits are the time.
@@ -34,6 +34,26 @@ fn v7_floor(ms: i64) -> Vec<u8> {
 
 /// Most keys deleted by one expiry sweep.
 const EXPIRY_CHUNK: i64 = 10_000;
+
+/// Deletes keys created before `created_before_ms` (at most `EXPIRY_CHUNK`); returns their IDs.
+pub(super) fn expire_keys(tx: &Connection, created_before_ms: i64) -> Result<Vec<Uuid>> {
+    let expired: Vec<Uuid> = tx
+        // At most EXPIRY_CHUNK per sweep, so that a long-offline slave's backlog never makes
+        // one huge transaction that stalls every request; the next sweep goes on. key_IDs are
+        // UUIDv7 (checked where they enter), whose bytes start with their creation time in ms:
+        // the primary key itself is the time index.
+        .prepare_cached(
+            "DELETE FROM keys WHERE key_id IN
+             (SELECT key_id FROM keys WHERE key_id < ?1 ORDER BY key_id LIMIT ?2)
+             RETURNING key_id",
+        )?
+        .query_map(params![v7_floor(created_before_ms), EXPIRY_CHUNK], |r| {
+            r.get::<_, Vec<u8>>(0)
+        })?
+        .filter_map(|id| id.ok().and_then(|id| Uuid::from_slice(&id).ok()))
+        .collect();
+    Ok(expired)
+}
 
 pub struct DbWriter {
     pool: DbPool,
@@ -60,14 +80,15 @@ impl Actor for DbWriter {
     type Context = SyncContext<Self>;
 }
 
-/// Operations to run in one transaction, in order. Result: one outcome per operation, or an
-/// error for the whole batch when the transaction could not be committed.
+/// Operations to run in one transaction, in order. Each caller is told its operation's outcome
+/// only once the transaction is durable; when it could not be committed, every caller of the
+/// batch gets the error (and the result here is that error, for the log).
 #[derive(Message)]
-#[rtype(result = "Result<Vec<Result<Output>>>")]
-pub struct WriteBatch(pub Vec<Op>);
+#[rtype(result = "Result<()>")]
+pub struct WriteBatch(pub Vec<Box<dyn Queued>>);
 
 impl Handler<WriteBatch> for DbWriter {
-    type Result = Result<Vec<Result<Output>>>;
+    type Result = Result<()>;
 
     fn handle(&mut self, msg: WriteBatch, _ctx: &mut SyncContext<Self>) -> Self::Result {
         let started = std::time::Instant::now();
@@ -78,37 +99,67 @@ impl Handler<WriteBatch> for DbWriter {
 }
 
 impl DbWriter {
-    fn write(&mut self, ops: Vec<Op>) -> Result<Vec<Result<Output>>> {
+    fn write(&mut self, batch: Vec<Box<dyn Queued>>) -> Result<()> {
+        let mut applied = Vec::with_capacity(batch.len());
+        let mut waiting = batch.into_iter();
+        match self.transaction(&mut waiting, &mut applied) {
+            Ok(()) => {
+                applied.into_iter().for_each(|done| done.complete());
+                Ok(())
+            }
+            Err(err) => {
+                self.audit_head = None;
+                log::error!("storage batch failed: {err}");
+                applied.into_iter().for_each(|done| done.fail(&err));
+                waiting.for_each(|op| op.fail(&err));
+                Err(err)
+            }
+        }
+    }
+
+    /// Applies the operations in one transaction, each in a savepoint of its own, and commits.
+    /// On an error, the operations not yet applied are left in `waiting`.
+    fn transaction(
+        &mut self,
+        waiting: &mut impl Iterator<Item = Box<dyn Queued>>,
+        applied: &mut Vec<Box<dyn Completion>>,
+    ) -> Result<()> {
         let mut conn = self.pool.get()?;
         let tx = conn.transaction()?;
         let mut head = match self.audit_head.clone() {
             Some(head) => head,
             None => audit_head(&tx)?,
         };
-        let mut outcomes = Vec::with_capacity(ops.len());
-        for op in ops {
+        // Cached statements: `Transaction::savepoint` parses its SQL on every call, which
+        // showed up as a tenth of the writer's time.
+        let savepoint = |sql: &str| -> Result<()> {
+            tx.prepare_cached(sql)?.execute([])?;
+            Ok(())
+        };
+        for op in waiting.by_ref() {
+            if let Err(err) = savepoint("SAVEPOINT op") {
+                op.fail(&err);
+                return Err(err);
+            }
             let savepoint_head = head.clone();
-            // Cached statements: `Transaction::savepoint` parses its SQL on every call, which
-            // showed up as a tenth of the writer's time.
-            tx.prepare_cached("SAVEPOINT op")?.execute([])?;
-            let outcome = apply(&tx, &self.sealer, op, &mut head, &mut self.block_cache);
-            if outcome.is_err() {
-                tx.prepare_cached("ROLLBACK TO op")?.execute([])?;
+            let mut txn = Txn {
+                tx: &tx,
+                sealer: &self.sealer,
+                head: &mut head,
+                block_cache: &mut self.block_cache,
+            };
+            let done = op.apply(&mut txn);
+            let failed = done.failed();
+            applied.push(done);
+            if failed {
+                savepoint("ROLLBACK TO op")?;
                 head = savepoint_head;
             }
-            tx.prepare_cached("RELEASE op")?.execute([])?;
-            outcomes.push(outcome);
+            savepoint("RELEASE op")?;
         }
-        match tx.commit() {
-            Ok(()) => {
-                self.audit_head = Some(head);
-                Ok(outcomes)
-            }
-            Err(err) => {
-                self.audit_head = None;
-                Err(err.into())
-            }
-        }
+        tx.commit()?;
+        self.audit_head = Some(head);
+        Ok(())
     }
 }
 
@@ -123,7 +174,11 @@ fn audit_head(tx: &Connection) -> Result<(i64, Vec<u8>)> {
     Ok(row.unwrap_or((0, vec![0u8; 32])))
 }
 
-fn append_audit(tx: &Connection, head: &mut (i64, Vec<u8>), record: &AuditRecord) -> Result<()> {
+pub(super) fn append_audit(
+    tx: &Connection,
+    head: &mut (i64, Vec<u8>),
+    record: &AuditRecord,
+) -> Result<()> {
     let id = head.0 + 1;
     let at_ms = now_ms();
     let hash = chain_hash(&head.1, id, at_ms, record.event, &record.detail)?;
@@ -135,186 +190,7 @@ fn append_audit(tx: &Connection, head: &mut (i64, Vec<u8>), record: &AuditRecord
     Ok(())
 }
 
-fn apply(
-    tx: &Connection,
-    sealer: &Sealer,
-    op: Op,
-    head: &mut (i64, Vec<u8>),
-    block_cache: &mut HashMap<KmeId, BlockCache>,
-) -> Result<Output> {
-    match op {
-        Op::StoreBlocks {
-            peer,
-            blocks,
-            confirmed,
-            key_file,
-        } => {
-            if let Some(file) = key_file {
-                let inserted = tx
-                    .prepare_cached(
-                        "INSERT OR IGNORE INTO key_files(peer, name, sha256, pending)
-                         VALUES (?1, ?2, ?3, ?4)",
-                    )?
-                    .execute(params![
-                        peer.as_str(),
-                        file.name,
-                        file.sha256.as_slice(),
-                        !confirmed
-                    ])?;
-                if inserted == 0 {
-                    return Err(Error::PeerMessage(format!(
-                        "key file {} was used before",
-                        file.name
-                    )));
-                }
-            }
-            store_blocks(tx, sealer, &peer, blocks, confirmed).map(Output::Blocks)
-        }
-        Op::KeyFileUsed { peer, sha256 } => {
-            let used = tx
-                .prepare_cached(
-                    "SELECT 1 FROM key_files WHERE peer = ?1 AND sha256 = ?2 AND pending = 0",
-                )?
-                .exists(params![peer.as_str(), sha256.as_slice()])?;
-            Ok(Output::Flag(used))
-        }
-        Op::ConfirmBlocks { peer, blocks } => {
-            let mut stmt = tx.prepare_cached(
-                "UPDATE link_blocks SET confirmed = 1 WHERE peer = ?1 AND owner = ?2 AND seq = ?3",
-            )?;
-            for (owner, seq) in blocks {
-                stmt.execute(params![peer.as_str(), owner.as_str(), to_i64(seq)])?;
-            }
-            tx.prepare_cached("UPDATE key_files SET pending = 0 WHERE peer = ?1 AND pending = 1")?
-                .execute(params![peer.as_str()])?;
-            Ok(Output::Done)
-        }
-        Op::DiscardBlocks { peer, audit } => {
-            tx.prepare_cached(
-                "UPDATE link_streams SET next_seq = (SELECT min(b.seq) FROM link_blocks b
-                     WHERE b.peer = link_streams.peer AND b.owner = link_streams.owner
-                       AND b.confirmed = 0)
-                 WHERE peer = ?1 AND EXISTS (SELECT 1 FROM link_blocks b
-                     WHERE b.peer = link_streams.peer AND b.owner = link_streams.owner
-                       AND b.confirmed = 0)",
-            )?
-            .execute(params![peer.as_str()])?;
-            tx.prepare_cached("DELETE FROM link_blocks WHERE peer = ?1 AND confirmed = 0")?
-                .execute(params![peer.as_str()])?;
-            tx.prepare_cached("DELETE FROM key_files WHERE peer = ?1 AND pending = 1")?
-                .execute(params![peer.as_str()])?;
-            block_cache.remove(&peer);
-            append_audit(tx, head, &audit)?;
-            Ok(Output::Done)
-        }
-        Op::Activate {
-            peer,
-            seq,
-            digest,
-            block_bytes,
-            bindings,
-        } => {
-            let cache = block_cache.entry(peer.clone()).or_default();
-            if activate(
-                tx,
-                sealer,
-                &peer,
-                seq,
-                &digest,
-                block_bytes,
-                &bindings,
-                cache,
-            )? {
-                append_audit(tx, head, &bound_record(&peer, seq, &bindings))?;
-            }
-            Ok(Output::Done)
-        }
-        Op::CommitDelivery {
-            peer,
-            owner,
-            position,
-            block_bytes,
-            audit,
-        } => {
-            advance_position(tx, &peer, &owner, position, block_bytes)?;
-            append_audit(tx, head, &audit)?;
-            Ok(Output::Done)
-        }
-        Op::InsertLocalKeys { keys, audit } => {
-            let now = now_ms();
-            for key in keys {
-                let slaves = serde_json::to_string(&key.slaves)
-                    .map_err(|e| Error::Storage(e.to_string()))?;
-                insert_key(
-                    tx,
-                    sealer,
-                    &key.id,
-                    &key.master,
-                    &slaves,
-                    &key.material,
-                    now,
-                )?;
-            }
-            append_audit(tx, head, &audit)?;
-            Ok(Output::Done)
-        }
-        Op::Retrieve {
-            caller,
-            master,
-            key_ids,
-            deadline,
-        } => {
-            if std::time::Instant::now() > deadline {
-                return Err(Error::Unavailable(
-                    "dec_keys expired before it reached storage".into(),
-                ));
-            }
-            let keys = retrieve(tx, sealer, &caller, &master, &key_ids)?;
-            let record = AuditRecord::new(
-                "keys_retrieved",
-                Retrieved {
-                    slave: &caller,
-                    master: &master,
-                    key_IDs: &key_ids,
-                },
-            );
-            append_audit(tx, head, &record)?;
-            Ok(Output::Keys(keys))
-        }
-        Op::ExpireKeys { created_before_ms } => {
-            let expired: Vec<Uuid> = tx
-                // At most EXPIRY_CHUNK per sweep, so that a long-offline slave's backlog never
-                // makes one huge transaction that stalls every request; the next sweep goes on.
-                // key_IDs are UUIDv7 (checked where they enter), whose bytes start with their
-                // creation time in ms: the primary key itself is the time index.
-                .prepare_cached(
-                    "DELETE FROM keys WHERE key_id IN
-                     (SELECT key_id FROM keys WHERE key_id < ?1 ORDER BY key_id LIMIT ?2)
-                     RETURNING key_id",
-                )?
-                .query_map(params![v7_floor(created_before_ms), EXPIRY_CHUNK], |r| {
-                    r.get::<_, Vec<u8>>(0)
-                })?
-                .filter_map(|id| id.ok().and_then(|id| Uuid::from_slice(&id).ok()))
-                .collect();
-            if !expired.is_empty() {
-                log::info!("{} keys expired unretrieved", expired.len());
-                let record = AuditRecord::new(
-                    "keys_expired",
-                    serde_json::json!({"count": expired.len(), "key_IDs": expired}),
-                );
-                append_audit(tx, head, &record)?;
-            }
-            Ok(Output::Done)
-        }
-        Op::Audit(record) => {
-            append_audit(tx, head, &record)?;
-            Ok(Output::Done)
-        }
-    }
-}
-
-fn bound_record(peer: &KmeId, seq: u64, bindings: &[Binding]) -> AuditRecord {
+pub(super) fn bound_record(peer: &KmeId, seq: u64, bindings: &[Binding]) -> AuditRecord {
     AuditRecord::new(
         "keys_bound",
         Bound {
@@ -325,7 +201,7 @@ fn bound_record(peer: &KmeId, seq: u64, bindings: &[Binding]) -> AuditRecord {
     )
 }
 
-fn store_blocks(
+pub(super) fn store_blocks(
     tx: &Connection,
     sealer: &Sealer,
     peer: &KmeId,
@@ -408,7 +284,7 @@ const MAX_POSITION: u64 = 1 << 62;
 /// Binds positions of the peer's stream to key_IDs. Returns false for an idempotent retry of
 /// the last batch (nothing changed), true when the batch was bound now.
 #[allow(clippy::too_many_arguments)]
-fn activate(
+pub(super) fn activate(
     tx: &Connection,
     sealer: &Sealer,
     peer: &KmeId,
@@ -470,7 +346,7 @@ fn activate(
 }
 
 /// The last block read of one peer stream (number and bytes).
-type BlockCache = Option<(u64, Vec<u8>)>;
+pub(super) type BlockCache = Option<(u64, Vec<u8>)>;
 
 /// Reads `len` bytes at `start` of `owner`'s stream on the link to `owner`.
 fn read_stream(
@@ -523,7 +399,7 @@ fn read_stream(
 }
 
 /// Moves the stream position forward (never back) and deletes blocks wholly below it.
-fn advance_position(
+pub(super) fn advance_position(
     tx: &Connection,
     peer: &KmeId,
     owner: &KmeId,
@@ -553,7 +429,7 @@ fn advance_position(
 }
 
 /// `slaves_json`: the JSON array of slave SAE IDs (made once per binding, not per key).
-fn insert_key(
+pub(super) fn insert_key(
     tx: &Connection,
     sealer: &Sealer,
     id: &Uuid,
@@ -600,7 +476,7 @@ fn key_aad(id: &Uuid, master: &str, slaves_json: &str) -> Vec<u8> {
 }
 
 /// Consume-once retrieval by a slave. Nothing changes unless every key can be returned.
-fn retrieve(
+pub(super) fn retrieve(
     tx: &Connection,
     sealer: &Sealer,
     caller: &SaeId,
@@ -701,7 +577,21 @@ fn parse_ids(json: &str) -> Result<Vec<String>> {
 mod tests {
     use super::*;
     use crate::storage::db;
-    use crate::storage::store::UsedKeyFile;
+    use crate::storage::ops::{
+        pending, Activate, AppendAudit, DiscardBlocks, ExpireKeys, KeyFileUsed, Operation,
+        StoreBlocks, UsedKeyFile,
+    };
+    use tokio::sync::oneshot;
+
+    /// Adds `op` to `batch`; the receiver gives its outcome once the batch is written.
+    fn queue<O: Operation>(
+        batch: &mut Vec<Box<dyn Queued>>,
+        op: O,
+    ) -> oneshot::Receiver<Result<O::Output>> {
+        let (queued, rx) = pending(op);
+        batch.push(queued);
+        rx
+    }
 
     fn conn() -> (
         tempfile::TempDir,
@@ -909,41 +799,57 @@ mod tests {
                 sha256: [name.len() as u8; 32],
             })
         };
-        let store = |blocks, confirmed, key_file| Op::StoreBlocks {
+        let store = |blocks, confirmed, key_file| StoreBlocks {
             peer: peer.clone(),
             blocks,
             confirmed,
             key_file,
         };
-        let used = |name: &str| Op::KeyFileUsed {
+        let used = |name: &str| KeyFileUsed {
             peer: peer.clone(),
             sha256: [name.len() as u8; 32],
         };
-        let outcomes = writer.write(vec![
-            store(vec![block("kme-a", 0), block("kme-a", 1)], true, file("f1")),
-            store(
-                vec![block("kme-a", 2), block("#auth", 0)],
-                false,
-                file("f22"),
+        let mut batch = Vec::new();
+        let stored = [
+            queue(
+                &mut batch,
+                store(vec![block("kme-a", 0), block("kme-a", 1)], true, file("f1")),
             ),
-            Op::DiscardBlocks {
+            queue(
+                &mut batch,
+                store(
+                    vec![block("kme-a", 2), block("#auth", 0)],
+                    false,
+                    file("f22"),
+                ),
+            ),
+        ];
+        let mut discarded = queue(
+            &mut batch,
+            DiscardBlocks {
                 peer: peer.clone(),
                 audit: AuditRecord::new("bb84_frame_lost", serde_json::json!({})),
             },
-            used("f1"),
-            used("f22"),
-            // The contents of a used file never give blocks again, under any name.
-            store(vec![block("kme-a", 2)], true, file("g1")),
-        ]);
-        let outcomes = outcomes.unwrap();
-        assert!(outcomes[..3].iter().all(|o| o.is_ok()), "{outcomes:?}");
-        assert_eq!(outcomes[3], Ok(Output::Flag(true)));
+        );
+        let mut f1_used = queue(&mut batch, used("f1"));
+        let mut f22_used = queue(&mut batch, used("f22"));
+        // The contents of a used file never give blocks again, under any name.
+        let mut reused = queue(&mut batch, store(vec![block("kme-a", 2)], true, file("g1")));
+        writer.write(batch).unwrap();
+        for mut outcome in stored {
+            assert!(outcome.try_recv().unwrap().is_ok());
+        }
+        assert_eq!(discarded.try_recv().unwrap(), Ok(()));
+        assert_eq!(f1_used.try_recv().unwrap(), Ok(true));
         assert_eq!(
-            outcomes[4],
-            Ok(Output::Flag(false)),
+            f22_used.try_recv().unwrap(),
+            Ok(false),
             "discarded with its blocks"
         );
-        assert!(matches!(outcomes[5], Err(Error::PeerMessage(_))));
+        assert!(matches!(
+            reused.try_recv().unwrap(),
+            Err(Error::PeerMessage(_))
+        ));
         let conn = pool.get().unwrap();
         assert_eq!(
             db::stream_state(&conn, &peer, &kme("kme-a"))
@@ -979,34 +885,49 @@ mod tests {
         let mut writer = DbWriter::new(pool.clone(), Arc::new(sealer()));
         let peer = kme("kme-a");
         let good = binding(0, &["sae-b"]);
-        let outcomes = writer
-            .write(vec![
-                Op::StoreBlocks {
-                    peer: peer.clone(),
-                    blocks: vec![block("kme-a", 0)],
-                    confirmed: true,
-                    key_file: None,
-                },
-                Op::Activate {
-                    peer: peer.clone(),
-                    seq: 5,
-                    digest: [1; 32],
-                    block_bytes: 16,
-                    bindings: vec![good.clone()],
-                },
-                // Refused: the same positions again under a newer number.
-                Op::Activate {
-                    peer: peer.clone(),
-                    seq: 6,
-                    digest: [2; 32],
-                    block_bytes: 16,
-                    bindings: vec![binding(0, &["sae-b"])],
-                },
-                Op::Audit(AuditRecord::new("test", serde_json::json!({}))),
-            ])
-            .unwrap();
-        assert!(outcomes[0].is_ok() && outcomes[1].is_ok() && outcomes[3].is_ok());
-        assert!(matches!(outcomes[2], Err(Error::ActivationRejected { .. })));
+        let mut batch = Vec::new();
+        let mut stored = queue(
+            &mut batch,
+            StoreBlocks {
+                peer: peer.clone(),
+                blocks: vec![block("kme-a", 0)],
+                confirmed: true,
+                key_file: None,
+            },
+        );
+        let mut bound = queue(
+            &mut batch,
+            Activate {
+                peer: peer.clone(),
+                seq: 5,
+                digest: [1; 32],
+                block_bytes: 16,
+                bindings: vec![good.clone()],
+            },
+        );
+        // Refused: the same positions again under a newer number.
+        let mut refused = queue(
+            &mut batch,
+            Activate {
+                peer: peer.clone(),
+                seq: 6,
+                digest: [2; 32],
+                block_bytes: 16,
+                bindings: vec![binding(0, &["sae-b"])],
+            },
+        );
+        let mut audited = queue(
+            &mut batch,
+            AppendAudit(AuditRecord::new("test", serde_json::json!({}))),
+        );
+        writer.write(batch).unwrap();
+        assert_eq!(stored.try_recv().unwrap(), Ok(vec![BlockOutcome::Stored]));
+        assert_eq!(bound.try_recv().unwrap(), Ok(()));
+        assert_eq!(audited.try_recv().unwrap(), Ok(()));
+        assert!(matches!(
+            refused.try_recv().unwrap(),
+            Err(Error::ActivationRejected { .. })
+        ));
         let conn = pool.get().unwrap();
         let keys: i64 = conn
             .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
@@ -1031,10 +952,18 @@ mod tests {
         let mut head = audit_head(&tx).unwrap();
         // Expires keys created before `before`; returns the keys left.
         let mut expire = |before| -> i64 {
-            let op = Op::ExpireKeys {
+            let op = ExpireKeys {
                 created_before_ms: before,
             };
-            apply(&tx, &sealer(), op, &mut head, &mut HashMap::new()).unwrap();
+            let sealer = sealer();
+            let mut cache = HashMap::new();
+            let mut txn = Txn {
+                tx: &tx,
+                sealer: &sealer,
+                head: &mut head,
+                block_cache: &mut cache,
+            };
+            op.apply(&mut txn).unwrap();
             tx.query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
                 .unwrap()
         };

@@ -35,7 +35,8 @@ use crate::peer::peer_link::{PeerLink, SourceExchange};
 use crate::peer::protocol::DetectionRecord;
 use crate::peer::protocol::{PeerReply, SourceRequest};
 use crate::storage::audit::AuditRecord;
-use crate::storage::store::Op;
+use crate::storage::ops::CommitDelivery;
+use crate::storage::store::Exec;
 use crate::types::{Bb84Settings, KmeId};
 use kme_bb84::pipeline::{AbortReason, Envelope, FrameReport, PROTOCOL_VERSION};
 
@@ -285,7 +286,7 @@ impl Bb84 {
             let burn = burn_window(&link_peer, block_bytes, frame_id, window);
             // Burned durably before the first tag from this end.
             if let Err(err) = store
-                .send(burn.into())
+                .send(Exec(burn))
                 .await
                 .map_err(Error::from)
                 .and_then(|r| r)
@@ -598,7 +599,7 @@ impl Bb84 {
             window,
         );
         let work = async move {
-            store.send(burn.into()).await??;
+            store.send(Exec(burn)).await??;
             let begin = BeginBob {
                 frame_id,
                 auth: material,
@@ -675,8 +676,8 @@ impl Bb84 {
 
 /// Burns authentication window `window` for frame `frame_id` durably, with its audit record
 /// (at each end before its first tag).
-fn burn_window(peer: &KmeId, block_bytes: usize, frame_id: u64, window: u64) -> Op {
-    Op::CommitDelivery {
+fn burn_window(peer: &KmeId, block_bytes: usize, frame_id: u64, window: u64) -> CommitDelivery {
+    CommitDelivery {
         peer: peer.clone(),
         owner: auth_owner(),
         position: AuthStream::position_after(window),

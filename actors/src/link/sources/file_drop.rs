@@ -23,7 +23,8 @@ use crate::link::sources::key_files::{self, KeyFile};
 use crate::link::LinkCore;
 use crate::peer::peer_link::SourceExchange;
 use crate::peer::protocol::{FileMatch, PeerReply, SourceRequest};
-use crate::storage::store::{Op, Output, Store, UsedKeyFile};
+use crate::storage::ops::{KeyFileUsed, UsedKeyFile};
+use crate::storage::store::{Exec, Store};
 use crate::types::{hex, KmeId};
 
 /// How long the driving end of a file-drop link waits after finding no usable file.
@@ -263,11 +264,11 @@ fn shared_key(file: KeyFile) -> SharedKey {
 
 /// Whether key file contents gave blocks for good on the link to `peer`.
 async fn key_file_used(store: &Addr<Store>, peer: &KmeId, sha256: &[u8; 32]) -> Result<bool> {
-    let op = Op::KeyFileUsed {
+    let op = KeyFileUsed {
         peer: peer.clone(),
         sha256: *sha256,
     };
-    Ok(matches!(store.send(op.into()).await??, Output::Flag(true)))
+    store.send(Exec(op)).await?
 }
 
 /// file-drop, the other end.

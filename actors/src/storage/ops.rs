@@ -1,0 +1,416 @@
+//! The storage operations: one type per operation, each with its own result type.
+//!
+//! A caller sends `Exec(op)` to `Store` and gets `Result<op's Output>` back, after the
+//! transaction that holds the operation is durable. Each operation's `apply` runs inside the
+//! writer's batch transaction, in a savepoint of its own: an operation that fails leaves no
+//! trace, and the others of its batch stand. No caller decodes a shared outcome type.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use rusqlite::{params, Connection};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::storage::audit::{AuditRecord, Retrieved};
+use crate::storage::db::to_i64;
+use crate::storage::sealing::Sealer;
+use crate::storage::writer::{
+    activate, advance_position, append_audit, bound_record, expire_keys, insert_key, retrieve,
+    store_blocks, BlockCache,
+};
+use crate::types::{now_ms, Binding, Key, KmeId, SaeId};
+
+/// One block of link material to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockRecord {
+    pub owner: KmeId,
+    pub seq: u64,
+    pub data: Vec<u8>,
+}
+
+/// What storing a block did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockOutcome {
+    Stored,
+    /// Already held with the same digest (a retried shipment): nothing changed.
+    Duplicate,
+}
+
+/// A key whose material never leaves this KME (master and slaves are all local SAEs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalKey {
+    pub id: Uuid,
+    pub master: SaeId,
+    pub slaves: Vec<SaeId>,
+    pub material: Vec<u8>,
+}
+
+/// A key file of a file-drop link, as recorded once it gives blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsedKeyFile {
+    pub name: String,
+    pub sha256: [u8; 32],
+}
+
+/// What an operation works with inside the batch transaction.
+pub struct Txn<'a> {
+    pub(super) tx: &'a Connection,
+    pub(super) sealer: &'a Sealer,
+    /// The audit chain's head (id, hash), advanced by every record appended.
+    pub(super) head: &'a mut (i64, Vec<u8>),
+    pub(super) block_cache: &'a mut HashMap<KmeId, BlockCache>,
+}
+
+impl Txn<'_> {
+    fn audit(&mut self, record: &AuditRecord) -> Result<()> {
+        append_audit(self.tx, self.head, record)
+    }
+}
+
+/// One storage operation and what it answers.
+pub trait Operation: Send + 'static {
+    type Output: Send + 'static;
+    /// Audit records are small and must not be lost to load: they are queued even when the
+    /// store's queue is full.
+    const ALWAYS_QUEUED: bool = false;
+    fn apply(self, txn: &mut Txn<'_>) -> Result<Self::Output>;
+}
+
+/// Store link blocks (idempotent per owner and number; a replay of a consumed number fails).
+/// `key_file`: the file-drop key file they come from, recorded as used in the same
+/// transaction (refused if a file with its contents was used before).
+pub struct StoreBlocks {
+    pub peer: KmeId,
+    pub blocks: Vec<BlockRecord>,
+    pub confirmed: bool,
+    pub key_file: Option<UsedKeyFile>,
+}
+
+impl Operation for StoreBlocks {
+    type Output = Vec<BlockOutcome>;
+
+    fn apply(self, txn: &mut Txn<'_>) -> Result<Self::Output> {
+        if let Some(file) = self.key_file {
+            let inserted = txn
+                .tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO key_files(peer, name, sha256, pending)
+                     VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![
+                    self.peer.as_str(),
+                    file.name,
+                    file.sha256.as_slice(),
+                    !self.confirmed
+                ])?;
+            if inserted == 0 {
+                return Err(Error::PeerMessage(format!(
+                    "key file {} was used before",
+                    file.name
+                )));
+            }
+        }
+        store_blocks(txn.tx, txn.sealer, &self.peer, self.blocks, self.confirmed)
+    }
+}
+
+/// file-drop: did a key file with these contents give blocks for good on this link?
+pub struct KeyFileUsed {
+    pub peer: KmeId,
+    pub sha256: [u8; 32],
+}
+
+impl Operation for KeyFileUsed {
+    type Output = bool;
+
+    fn apply(self, txn: &mut Txn<'_>) -> Result<bool> {
+        Ok(txn
+            .tx
+            .prepare_cached(
+                "SELECT 1 FROM key_files WHERE peer = ?1 AND sha256 = ?2 AND pending = 0",
+            )?
+            .exists(params![self.peer.as_str(), self.sha256.as_slice()])?)
+    }
+}
+
+/// The other end holds these blocks (owner, number) durably: they may be used now.
+pub struct ConfirmBlocks {
+    pub peer: KmeId,
+    pub blocks: Vec<(KmeId, u64)>,
+}
+
+impl Operation for ConfirmBlocks {
+    type Output = ();
+
+    fn apply(self, txn: &mut Txn<'_>) -> Result<()> {
+        let peer = self.peer.as_str();
+        let mut stmt = txn.tx.prepare_cached(
+            "UPDATE link_blocks SET confirmed = 1 WHERE peer = ?1 AND owner = ?2 AND seq = ?3",
+        )?;
+        for (owner, seq) in self.blocks {
+            stmt.execute(params![peer, owner.as_str(), to_i64(seq)])?;
+        }
+        txn.tx
+            .prepare_cached("UPDATE key_files SET pending = 0 WHERE peer = ?1 AND pending = 1")?
+            .execute(params![peer])?;
+        Ok(())
+    }
+}
+
+/// BB84, Alice end: the Bob end lost the frame these unconfirmed blocks came from. Delete
+/// every unconfirmed block of the link and rewind each stream to its first deleted number
+/// (nobody allocated from them, and the Bob end never stored them).
+pub struct DiscardBlocks {
+    pub peer: KmeId,
+    pub audit: AuditRecord,
+}
+
+impl Operation for DiscardBlocks {
+    type Output = ();
+
+    fn apply(self, txn: &mut Txn<'_>) -> Result<()> {
+        let peer = self.peer.as_str();
+        txn.tx
+            .prepare_cached(
+                "UPDATE link_streams SET next_seq = (SELECT min(b.seq) FROM link_blocks b
+                     WHERE b.peer = link_streams.peer AND b.owner = link_streams.owner
+                       AND b.confirmed = 0)
+                 WHERE peer = ?1 AND EXISTS (SELECT 1 FROM link_blocks b
+                     WHERE b.peer = link_streams.peer AND b.owner = link_streams.owner
+                       AND b.confirmed = 0)",
+            )?
+            .execute(params![peer])?;
+        txn.tx
+            .prepare_cached("DELETE FROM link_blocks WHERE peer = ?1 AND confirmed = 0")?
+            .execute(params![peer])?;
+        txn.tx
+            .prepare_cached("DELETE FROM key_files WHERE peer = ?1 AND pending = 1")?
+            .execute(params![peer])?;
+        txn.block_cache.remove(&self.peer);
+        txn.audit(&self.audit)
+    }
+}
+
+/// At the slave's KME: bind positions of the peer's stream to key_IDs (one peer batch).
+pub struct Activate {
+    pub peer: KmeId,
+    pub seq: u64,
+    pub digest: [u8; 32],
+    pub block_bytes: usize,
+    pub bindings: Vec<Binding>,
+}
+
+impl Operation for Activate {
+    type Output = ();
+
+    fn apply(self, txn: &mut Txn<'_>) -> Result<()> {
+        let cache = txn.block_cache.entry(self.peer.clone()).or_default();
+        let fresh = activate(
+            txn.tx,
+            txn.sealer,
+            &self.peer,
+            self.seq,
+            &self.digest,
+            self.block_bytes,
+            &self.bindings,
+            cache,
+        )?;
+        if fresh {
+            txn.audit(&bound_record(&self.peer, self.seq, &self.bindings))?;
+        }
+        Ok(())
+    }
+}
+
+/// At the master's KME: keys up to `position` of our stream were delivered (or burned).
+pub struct CommitDelivery {
+    pub peer: KmeId,
+    pub owner: KmeId,
+    pub position: u64,
+    pub block_bytes: usize,
+    pub audit: AuditRecord,
+}
+
+impl Operation for CommitDelivery {
+    type Output = ();
+
+    fn apply(self, txn: &mut Txn<'_>) -> Result<()> {
+        advance_position(
+            txn.tx,
+            &self.peer,
+            &self.owner,
+            self.position,
+            self.block_bytes,
+        )?;
+        txn.audit(&self.audit)
+    }
+}
+
+/// Keys for SAE pairs on this KME only.
+pub struct InsertLocalKeys {
+    pub keys: Vec<LocalKey>,
+    pub audit: AuditRecord,
+}
+
+impl Operation for InsertLocalKeys {
+    type Output = ();
+
+    fn apply(self, txn: &mut Txn<'_>) -> Result<()> {
+        let now = now_ms();
+        for key in self.keys {
+            let slaves =
+                serde_json::to_string(&key.slaves).map_err(|e| Error::Storage(e.to_string()))?;
+            insert_key(
+                txn.tx,
+                txn.sealer,
+                &key.id,
+                &key.master,
+                &slaves,
+                &key.material,
+                now,
+            )?;
+        }
+        txn.audit(&self.audit)
+    }
+}
+
+/// dec_keys: consume-once retrieval by a named slave. Not applied after `deadline`: by then
+/// the SAE has had its 503, and a key it never received must stay retrievable.
+pub struct Retrieve {
+    pub caller: SaeId,
+    pub master: SaeId,
+    pub key_ids: Vec<Uuid>,
+    pub deadline: Instant,
+}
+
+impl Operation for Retrieve {
+    type Output = Vec<Key>;
+
+    fn apply(self, txn: &mut Txn<'_>) -> Result<Vec<Key>> {
+        if Instant::now() > self.deadline {
+            return Err(Error::Unavailable(
+                "dec_keys expired before it reached storage".into(),
+            ));
+        }
+        let keys = retrieve(
+            txn.tx,
+            txn.sealer,
+            &self.caller,
+            &self.master,
+            &self.key_ids,
+        )?;
+        let record = AuditRecord::new(
+            "keys_retrieved",
+            Retrieved {
+                slave: &self.caller,
+                master: &self.master,
+                key_IDs: &self.key_ids,
+            },
+        );
+        txn.audit(&record)?;
+        Ok(keys)
+    }
+}
+
+/// Delete keys bound before `created_before_ms` that some slave never retrieved (at most a
+/// chunk per sweep). Output: how many were deleted.
+pub struct ExpireKeys {
+    pub created_before_ms: i64,
+}
+
+impl Operation for ExpireKeys {
+    type Output = usize;
+
+    fn apply(self, txn: &mut Txn<'_>) -> Result<usize> {
+        let expired = expire_keys(txn.tx, self.created_before_ms)?;
+        if !expired.is_empty() {
+            log::info!("{} keys expired unretrieved", expired.len());
+            let record = AuditRecord::new(
+                "keys_expired",
+                serde_json::json!({"count": expired.len(), "key_IDs": expired}),
+            );
+            txn.audit(&record)?;
+        }
+        Ok(expired.len())
+    }
+}
+
+/// An audit event that changes no key state (start-up, withdrawn keys).
+pub struct AppendAudit(pub AuditRecord);
+
+impl Operation for AppendAudit {
+    type Output = ();
+    const ALWAYS_QUEUED: bool = true;
+
+    fn apply(self, txn: &mut Txn<'_>) -> Result<()> {
+        txn.audit(&self.0)
+    }
+}
+
+/// An operation queued for the writer with the channel its caller waits on; the writer runs
+/// batches of them without knowing their types.
+pub trait Queued: Send {
+    /// Runs the operation; its outcome waits in the returned completion until the batch's
+    /// transaction is durable (or failed).
+    fn apply(self: Box<Self>, txn: &mut Txn<'_>) -> Box<dyn Completion>;
+    /// The batch never ran: the caller gets `err`.
+    fn fail(self: Box<Self>, err: &Error);
+}
+
+/// The outcome of an applied operation, not yet told to its caller.
+pub trait Completion: Send {
+    fn failed(&self) -> bool;
+    /// The transaction is durable: the caller gets the operation's outcome.
+    fn complete(self: Box<Self>);
+    /// The transaction was rolled back: the caller gets `err` instead of the outcome.
+    fn fail(self: Box<Self>, err: &Error);
+}
+
+struct Pending<O: Operation> {
+    op: O,
+    waiter: oneshot::Sender<Result<O::Output>>,
+}
+
+/// `op` ready for a batch, and the receiver its caller waits on.
+pub(super) fn pending<O: Operation>(
+    op: O,
+) -> (Box<dyn Queued>, oneshot::Receiver<Result<O::Output>>) {
+    let (waiter, rx) = oneshot::channel();
+    (Box::new(Pending { op, waiter }), rx)
+}
+
+impl<O: Operation> Queued for Pending<O> {
+    fn apply(self: Box<Self>, txn: &mut Txn<'_>) -> Box<dyn Completion> {
+        Box::new(Applied {
+            outcome: self.op.apply(txn),
+            waiter: self.waiter,
+        })
+    }
+
+    fn fail(self: Box<Self>, err: &Error) {
+        // A dropped receiver is a caller that timed out.
+        let _ = self.waiter.send(Err(err.clone()));
+    }
+}
+
+struct Applied<T> {
+    outcome: Result<T>,
+    waiter: oneshot::Sender<Result<T>>,
+}
+
+impl<T: Send + 'static> Completion for Applied<T> {
+    fn failed(&self) -> bool {
+        self.outcome.is_err()
+    }
+
+    fn complete(self: Box<Self>) {
+        // A dropped receiver is a caller that timed out; its write stands.
+        let _ = self.waiter.send(self.outcome);
+    }
+
+    fn fail(self: Box<Self>, err: &Error) {
+        let _ = self.waiter.send(Err(err.clone()));
+    }
+}
