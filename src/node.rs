@@ -1,8 +1,8 @@
 //! Starting one KME: storage, actors, and the two mTLS listeners.
 //!
-//! `start` runs inside an actix `System` (actors need one): it opens the SQLite file, reads
-//! the state each actor resumes from, starts the actors once (never per HTTP worker), and
-//! binds the SAE API and the KME-to-KME channel. `spawn` does the same on a thread of its own,
+//! `start` runs inside an actix `System` (actors need one): it opens the SQLite file, has the
+//! domain read what each link resumes from (`kme_actors::startup`), starts the actors once
+//! (never per HTTP worker), and binds the SAE API and the KME-to-KME channel. `spawn` does the same on a thread of its own,
 //! for tests and tools that run several KMEs in one process.
 
 use std::collections::HashMap;
@@ -12,26 +12,19 @@ use std::sync::Arc;
 use actix::prelude::*;
 use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpServer};
-use kme_actors::key_pool::{KeyPool, WatchLevel};
-use kme_actors::link::auth::{auth_owner, AuthStream};
-use kme_actors::link::sources::bb84::Bb84;
-use kme_actors::link::sources::bb84_engine::Bb84Engine;
-use kme_actors::link::sources::courier::Courier;
-use kme_actors::link::sources::file_drop::FileDrop;
-use kme_actors::link::{LinkSetup, LinkState};
 use kme_actors::peer::peer_link::PeerLink;
-use kme_actors::sae_registry::{NeighbourRoute, SaeRegistry};
+use kme_actors::sae_registry::SaeRegistry;
+use kme_actors::startup;
 use kme_actors::storage::audit::AuditRecord;
 use kme_actors::storage::checkpointer::DbCheckpointer;
 use kme_actors::storage::db;
-use kme_actors::storage::ops::{AppendAudit, BlockRecord};
+use kme_actors::storage::ops::AppendAudit;
 use kme_actors::storage::sealing::Sealer;
 use kme_actors::storage::store::{Exec, Store};
 use kme_actors::storage::writer::DbWriter;
-use kme_actors::types::SourceKind;
 
 use crate::config::NodeConfig;
-use crate::peer_api::{self, PeerEnd, PeerState};
+use crate::peer_api::{self, PeerState};
 use crate::sae_api::{self, SaeState};
 use crate::tls;
 
@@ -87,78 +80,6 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     })
 }
 
-/// What one link resumes from, read before any actor starts.
-struct Resume {
-    params: kme_actors::types::LinkParams,
-    url: String,
-    connector: openssl::ssl::SslConnector,
-    position: u64,
-    own_blocks: Vec<db::StoredBlock>,
-    link_state: LinkState,
-    /// The link's authentication stream (BB84 links use it).
-    auth: AuthStream,
-}
-
-fn resume(
-    config: &NodeConfig,
-    reader: &db::DbPool,
-    sealer: &Sealer,
-) -> Result<Vec<Resume>, StartError> {
-    let me = &config.me.id;
-    let conn = reader.get().map_err(kme_actors::Error::from)?;
-    let mut links = Vec::new();
-    for neighbour in &config.neighbours {
-        let params = neighbour.params.clone();
-        let peer = params.peer.clone();
-        let connector = tls::peer_connector(&config.ca, &config.cert, &config.key, peer.as_str())?;
-        let own = db::stream_state(&conn, &peer, me)?;
-        let theirs = db::stream_state(&conn, &peer, &peer)?;
-        let auth_owner = auth_owner();
-        let auth = db::stream_state(&conn, &peer, &auth_owner)?;
-        let block = params.block_bytes as u64;
-        let own_blocks = db::blocks(&conn, sealer, &peer, me, own.position / block, true)?;
-        let auth_blocks = db::blocks(
-            &conn,
-            sealer,
-            &peer,
-            &auth_owner,
-            auth.position / block,
-            true,
-        )?;
-        let mut unshipped = Vec::new();
-        for owner in [me, &peer, &auth_owner] {
-            for b in db::blocks(&conn, sealer, &peer, owner, 0, false)? {
-                unshipped.push(BlockRecord {
-                    owner: owner.clone(),
-                    seq: b.seq,
-                    data: b.data,
-                });
-            }
-        }
-        log::info!(
-            "link {me} — {peer}: resuming at position {} with {} own blocks, {} to ship",
-            own.position,
-            own_blocks.len(),
-            unshipped.len()
-        );
-        links.push(Resume {
-            url: neighbour.url.clone(),
-            connector,
-            position: own.position,
-            own_blocks,
-            link_state: LinkState {
-                next_own_seq: own.next_seq,
-                next_peer_seq: theirs.next_seq,
-                next_auth_seq: auth.next_seq,
-                unshipped,
-            },
-            auth: AuthStream::new(params.block_bytes, auth.position, auth_blocks),
-            params,
-        });
-    }
-    Ok(links)
-}
-
 /// Starts one KME. Everything that can fail (storage, keys, certificates, listeners) is done
 /// before the first actor starts, so a failed start leaves nothing running.
 pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<Node, StartError> {
@@ -187,7 +108,17 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         (Arc::new(sealer), epoch)
     };
     let (sealer, epoch) = sealer;
-    let links = resume(&config, &reader_pool, &sealer)?;
+    // What each link resumes from, and its TLS client, before any actor starts.
+    let mut links = Vec::new();
+    {
+        let conn = reader_pool.get().map_err(kme_actors::Error::from)?;
+        for neighbour in &config.neighbours {
+            let peer = neighbour.params.peer.as_str();
+            let connector = tls::peer_connector(&config.ca, &config.cert, &config.key, peer)?;
+            let resume = startup::resume(&conn, &sealer, neighbour.params.clone())?;
+            links.push((neighbour, connector, resume));
+        }
+    }
     let sae_tls = tls::sae_acceptor(&config.ca, &config.cert, &config.key)?;
     let peer_tls = tls::peer_acceptor(&config.ca, &config.cert, &config.key)?;
     let (sae_listener, peer_listener) = match listeners {
@@ -210,56 +141,14 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     let peer_timeout = config.request_timeout / 2;
     let mut routes = Vec::new();
     let mut ends = HashMap::new();
-    for link in links {
-        let params = link.params;
-        let peer = params.peer.clone();
-        let client = tls::https_client(link.connector, 64, peer_timeout);
-        let peer_link = PeerLink::new(peer.clone(), link.url, client, peer_timeout, epoch).start();
-        let pool = KeyPool::new(
-            params.clone(),
-            link.position,
-            link.own_blocks,
-            store.clone(),
-            peer_link.clone(),
-        )
-        .start();
-        let setup = LinkSetup {
-            params: params.clone(),
-            state: link.link_state,
-            pool: pool.clone(),
-            peer: peer_link,
-            store: store.clone(),
-        };
-        let link = match &params.source {
-            SourceKind::Bb84(settings) => {
-                let settings = (**settings).clone();
-                let mut seed = [0u8; 32];
-                openssl::rand::rand_bytes(&mut seed)
-                    .map_err(|err| kme_actors::Error::Unavailable(format!("CSPRNG: {err}")))?;
-                let engine_settings = settings.clone();
-                let engine =
-                    SyncArbiter::start(1, move || Bb84Engine::new(engine_settings.clone(), seed));
-                setup.start(Bb84::new(settings, engine, link.auth))
-            }
-            SourceKind::FileDrop => setup.start(FileDrop::new(params.key_drop_dir.clone())),
-            SourceKind::Courier => setup.start(Courier::new(params.block_bytes)),
-        };
-        pool.do_send(WatchLevel(link.pool_level.clone()));
-        ends.insert(
-            peer.clone(),
-            PeerEnd {
-                link: link.clone(),
-                block_bytes: params.block_bytes,
-                max_key_bytes: params.limits.max_key_size / 8,
-                max_keys: params.limits.max_key_per_request as usize,
-            },
-        );
-        routes.push(NeighbourRoute {
-            peer,
-            pool,
-            link,
-            limits: params.limits,
-        });
+    for (neighbour, connector, resume) in links {
+        let peer = neighbour.params.peer.clone();
+        let client = tls::https_client(connector, 64, peer_timeout);
+        let url = neighbour.url.clone();
+        let peer_link = PeerLink::new(peer.clone(), url, client, peer_timeout, epoch).start();
+        let started = startup::start_link(resume, store.clone(), peer_link)?;
+        ends.insert(peer, started.link);
+        routes.push(started.route);
     }
     let registry = SaeRegistry::new(
         me.clone(),
@@ -274,14 +163,12 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
 
     let sae_state = web::Data::new(SaeState {
         me: me.clone(),
-        registry,
+        registry: registry.clone(),
         timeout: config.request_timeout,
     });
     let peer_state = web::Data::new(PeerState {
-        me: me.clone(),
         neighbours: ends,
-        homes: config.sae_homes.clone(),
-        store: store.clone(),
+        registry,
         timeout: config.request_timeout,
     });
     let sae_server = HttpServer::new(move || {

@@ -2,9 +2,11 @@
 //! and pool levels from neighbour KMEs.
 //!
 //! Only neighbours named in `[[link]]` get here: the TLS handshake requires a certificate of
-//! our CA, and each request's certificate CN must be a neighbour. Activations are checked
-//! (every slave must be an SAE of this KME), made durable through `Store` (sequence numbers
-//! and the stream high mark reject replays and double binding), then acknowledged.
+//! our CA, and each request's certificate CN must be a neighbour. Each handler identifies the
+//! neighbour, parses its message and hands it to the domain: activations to `SaeRegistry`,
+//! which decides which bindings the neighbour may make and has them made durable (sequence
+//! numbers and the stream high mark reject replays and double binding); the rest to the link
+//! end.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -17,9 +19,8 @@ use kme_actors::link::{LinkAddr, PeerLevel, ReceiveBlocks, SourceFromPeer};
 use kme_actors::peer::protocol::{
     self, ActivationBatch, BlockShipment, LevelReport, PeerReply, SourceRequest,
 };
-use kme_actors::storage::ops::Activate;
-use kme_actors::storage::store::{Exec, Store};
-use kme_actors::types::{CertIdentity, KmeId, SaeId};
+use kme_actors::sae_registry::{BindFromPeer, SaeRegistry};
+use kme_actors::types::{CertIdentity, KmeId};
 use kme_actors::Error;
 
 use crate::ask::{ask, Mailbox};
@@ -28,22 +29,11 @@ use crate::tls::PeerIdentity;
 /// Largest peer request body (a batch of activations or of blocks).
 const MAX_PEER_BODY: usize = 256 * 1024 * 1024;
 
-/// The local end of one link, as the channel needs it.
-pub struct PeerEnd {
-    pub link: LinkAddr,
-    pub block_bytes: usize,
-    /// Largest key of the link, in bytes: no binding may be longer.
-    pub max_key_bytes: u32,
-    /// Most keys in one binding (one enc_keys request).
-    pub max_keys: usize,
-}
-
 pub struct PeerState {
-    pub me: KmeId,
-    pub neighbours: HashMap<KmeId, PeerEnd>,
-    /// Home KME of every SAE of the network.
-    pub homes: HashMap<SaeId, KmeId>,
-    pub store: Addr<Store>,
+    /// This KME's end of the link to each neighbour.
+    pub neighbours: HashMap<KmeId, LinkAddr>,
+    /// Decides which bindings a neighbour may make.
+    pub registry: Addr<SaeRegistry>,
     pub timeout: Duration,
 }
 
@@ -145,7 +135,7 @@ where
 fn neighbour<'a>(
     req: &HttpRequest,
     state: &'a PeerState,
-) -> Result<(KmeId, &'a PeerEnd), PeerRefusal> {
+) -> Result<(KmeId, &'a LinkAddr), PeerRefusal> {
     let Some(PeerIdentity::Verified(CertIdentity { cn: Some(cn), .. })) =
         req.conn_data::<PeerIdentity>()
     else {
@@ -195,7 +185,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, PeerRefusal> 
 /// A request from a neighbour: who sent it, its link end, the raw body and the parsed message.
 struct Incoming<'a, T> {
     peer: KmeId,
-    end: &'a PeerEnd,
+    end: &'a LinkAddr,
     body: web::BytesMut,
     message: T,
 }
@@ -223,50 +213,17 @@ async fn activate(
 ) -> Result<HttpResponse, PeerRefusal> {
     let Incoming {
         peer,
-        end,
         body,
         message: batch,
+        ..
     } = incoming::<ActivationBatch>(&req, payload, &state).await?;
-    for b in &batch.bindings {
-        if b.len == 0
-            || b.len > end.max_key_bytes
-            || b.slaves.is_empty()
-            || b.key_ids.is_empty()
-            || b.key_ids.len() > end.max_keys
-        {
-            let reason = format!(
-                "a binding of {} has a bad length, no key or no slave",
-                b.master
-            );
-            return Err(Error::PeerMessage(reason).into());
-        }
-        // UUIDv7 only: their time prefix orders keys for expiry (`ExpireKeys`).
-        if b.key_ids.iter().any(|id| id.get_version_num() != 7) {
-            let reason = format!("a binding of {} has key_IDs that are not UUIDv7", b.master);
-            return Err(Error::PeerMessage(reason).into());
-        }
-        // A neighbour binds keys of its own SAEs for SAEs of this KME, nothing else.
-        if state.homes.get(&b.master) != Some(&peer) {
-            let reason = format!("master {} is not an SAE of {peer}", b.master);
-            return Err(Error::PeerMessage(reason).into());
-        }
-        if let Some(foreign) = b
-            .slaves
-            .iter()
-            .find(|s| state.homes.get(*s) != Some(&state.me))
-        {
-            let reason = format!("slave {foreign} is not an SAE of this KME");
-            return Err(Error::PeerMessage(reason).into());
-        }
-    }
-    let op = Activate {
+    let bind = BindFromPeer {
         peer,
         seq: batch.seq,
         digest: protocol::batch_digest(&body),
-        block_bytes: end.block_bytes,
         bindings: batch.bindings,
     };
-    ask_domain(&state.store, Exec(op), state.timeout).await?;
+    ask_domain(&state.registry, bind, state.timeout).await?;
     Ok(ok(None))
 }
 
@@ -310,7 +267,7 @@ where
     let Incoming {
         end, message: m, ..
     } = incoming::<T>(req, payload, state).await?;
-    Ok(ask_domain(to(&end.link), message(m)?, state.timeout).await?)
+    Ok(ask_domain(to(end), message(m)?, state.timeout).await?)
 }
 
 async fn level(
@@ -323,7 +280,7 @@ async fn level(
         message: report,
         ..
     } = incoming::<LevelReport>(&req, payload, &state).await?;
-    ask(&end.link.peer_level, PeerLevel(report.level), state.timeout)
+    ask(&end.peer_level, PeerLevel(report.level), state.timeout)
         .await
         .map_err(|err| PeerRefusal::new(StatusCode::SERVICE_UNAVAILABLE, err.message))?;
     Ok(ok(None))

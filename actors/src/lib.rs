@@ -21,6 +21,7 @@
 //! stand-in that is not QKD), `peer/` (the KME-to-KME client and its wire types in
 //! `protocol.rs`), `storage/` (SQLite, sealing at rest, the audit chain). The BB84
 //! post-processing itself is the `kme-bb84` crate (`bb84/`): no actors, no storage.
+//! `startup.rs` reads what each link end resumes from and starts its actors.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
@@ -29,6 +30,7 @@ pub mod key_pool;
 pub mod link;
 pub mod peer;
 pub mod sae_registry;
+pub mod startup;
 pub mod storage;
 pub mod types;
 

@@ -3,7 +3,9 @@
 //! Owns: certificate identity → SAE ID (the CN by default), SAE → home KME, the KMEs of the
 //! network, and the route to each neighbour (its `KeyPool`, `Link` and ETSI limits).
 //! Handles, one message per HTTP request from the edge: `KeyStatus` (status), `EncKeys`
-//! (enc_keys), `DecKeys` (dec_keys), `Identify` (whoami, and refusals of bad requests). It
+//! (enc_keys), `DecKeys` (dec_keys), `Identify` (whoami, and refusals of bad requests), and
+//! from the KME-to-KME edge `BindFromPeer` (a neighbour's activation batch, which it may send
+//! only for its own SAEs' keys to SAEs of this KME). It
 //! authorises and validates synchronously, then forwards to the actor that owns the answer —
 //! `KeyPool`/`Link` of the route, or `Store` — on its own arbiter, so a request crosses
 //! threads once each way. Keys between SAEs of this KME are made here (OS CSPRNG) and stored.
@@ -19,9 +21,9 @@ use crate::error::{Error, Result};
 use crate::key_pool::{Deliver, KeyPool, PoolStatus};
 use crate::link::{Health, LinkAddr, LinkHealth};
 use crate::storage::audit::{AuditRecord, Delivered};
-use crate::storage::ops::{InsertLocalKeys, LocalKey, Retrieve};
+use crate::storage::ops::{Activate, InsertLocalKeys, LocalKey, Retrieve};
 use crate::storage::store::{Exec, Store};
-use crate::types::{CertIdentity, Key, KeyCount, KeyLimits, KeySizeBits, KmeId, SaeId};
+use crate::types::{Binding, CertIdentity, Key, KeyCount, KeyLimits, KeySizeBits, KmeId, SaeId};
 
 const MAILBOX_CAPACITY: usize = 4096;
 
@@ -32,6 +34,8 @@ pub struct NeighbourRoute {
     pub pool: Addr<KeyPool>,
     pub link: LinkAddr,
     pub limits: KeyLimits,
+    /// Block size of the link: positions the neighbour binds are read in these units.
+    pub block_bytes: usize,
 }
 
 /// Where the keys of one request come from.
@@ -430,6 +434,90 @@ impl Handler<DecKeys> for SaeRegistry {
         };
         let store = self.store.clone();
         Box::pin(async move { store.send(Exec(op)).await? })
+    }
+}
+
+/// At the slave's KME: a neighbour binds positions of its stream to key_IDs (one activation
+/// batch, whose SHA-256 `digest` makes a retry recognisable). Only keys of the neighbour's own
+/// SAEs, for SAEs of this KME, within the link's limits: anything else is refused whole.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub struct BindFromPeer {
+    pub peer: KmeId,
+    pub seq: u64,
+    pub digest: [u8; 32],
+    pub bindings: Vec<Binding>,
+}
+
+impl Handler<BindFromPeer> for SaeRegistry {
+    type Result = ResponseFuture<Result<()>>;
+
+    fn handle(&mut self, msg: BindFromPeer, _ctx: &mut Context<Self>) -> Self::Result {
+        let op = match self.authorise_bindings(msg) {
+            Ok(op) => op,
+            Err(err) => return Box::pin(async { Err(err) }),
+        };
+        let store = self.store.clone();
+        Box::pin(async move { store.send(Exec(op)).await? })
+    }
+}
+
+impl SaeRegistry {
+    /// The durable activation of `msg`, if every binding in it is one the neighbour may make.
+    fn authorise_bindings(&self, msg: BindFromPeer) -> Result<Activate> {
+        let BindFromPeer {
+            peer,
+            seq,
+            digest,
+            bindings,
+        } = msg;
+        let Some(route) = self.neighbours.get(&peer) else {
+            return Err(Error::PeerMessage(format!("{peer} is not a neighbour")));
+        };
+        let max_key_bytes = route.limits.max_key_size / 8;
+        let max_keys = route.limits.max_key_per_request as usize;
+        for b in &bindings {
+            if b.len == 0
+                || b.len > max_key_bytes
+                || b.slaves.is_empty()
+                || b.key_ids.is_empty()
+                || b.key_ids.len() > max_keys
+            {
+                return Err(Error::PeerMessage(format!(
+                    "a binding of {} has a bad length, no key or no slave",
+                    b.master
+                )));
+            }
+            // UUIDv7 only: their time prefix orders keys for expiry (`ExpireKeys`).
+            if b.key_ids.iter().any(|id| id.get_version_num() != 7) {
+                return Err(Error::PeerMessage(format!(
+                    "a binding of {} has key_IDs that are not UUIDv7",
+                    b.master
+                )));
+            }
+            if self.homes.get(&b.master) != Some(&peer) {
+                return Err(Error::PeerMessage(format!(
+                    "master {} is not an SAE of {peer}",
+                    b.master
+                )));
+            }
+            if let Some(foreign) = b
+                .slaves
+                .iter()
+                .find(|s| self.homes.get(*s) != Some(&self.me))
+            {
+                return Err(Error::PeerMessage(format!(
+                    "slave {foreign} is not an SAE of this KME"
+                )));
+            }
+        }
+        Ok(Activate {
+            block_bytes: route.block_bytes,
+            peer,
+            seq,
+            digest,
+            bindings,
+        })
     }
 }
 

@@ -65,7 +65,7 @@ pub struct KeyLimits {
     pub max_sae_id_count: u32,
 }
 
-/// Which key source feeds a link, as configured (`node.rs` builds the `KeySource` from it).
+/// Which key source feeds a link, as configured (`startup.rs` builds the `KeySource` from it).
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceKind {
     /// Stand-in, not QKD: the lower-ID end draws blocks from the OS CSPRNG and ships them.

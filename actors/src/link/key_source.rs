@@ -33,7 +33,7 @@
 //!   ships them ([`Produced::Bytes`]). NOT quantum key distribution.
 //!
 //! A new source (a device driver) is one file in `link/sources/` implementing `KeySource`, plus its
-//! `SourceKind` variant with its configuration and the line in `node.rs` that builds it.
+//! `SourceKind` variant with its configuration and the line in `startup.rs` that builds it.
 
 use std::future::Future;
 use std::time::Instant;
