@@ -23,7 +23,7 @@ use crate::storage::audit::{AuditRecord, Delivered};
 use crate::storage::db::StoredBlock;
 use crate::storage::ops::{AppendAudit, CommitDelivery};
 use crate::storage::store::{Exec, Store};
-use crate::types::{Binding, Key, KeyLimits, LinkParams, SaeId};
+use crate::types::{Binding, Key, KeyLimits, LinkParams, Owner, SaeId};
 
 const MAILBOX_CAPACITY: usize = 1024;
 
@@ -97,28 +97,29 @@ impl KeyPool {
         }
     }
 
-    /// Takes `len` bytes at the cursor; the caller checked `available`.
-    fn take(&mut self, len: u64) -> Vec<u8> {
+    /// Takes `len` bytes at the cursor; the caller checked `available`. A pool that holds less
+    /// than it counted (a block shorter than the link's block size) is an error, and the bytes
+    /// passed over stay taken: material is never offered twice.
+    fn take(&mut self, len: u64) -> Result<Vec<u8>> {
         let block = self.block_bytes();
         let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
         let end = self.cursor + len;
         while self.cursor < end {
-            let Some(front) = self.blocks.front() else {
-                break;
-            };
+            let short = || Error::Storage(format!("the pool holds less than {len} bytes"));
+            let front = self.blocks.front().ok_or_else(short)?;
             let base = front.seq.saturating_mul(block);
-            let from = usize::try_from(self.cursor.saturating_sub(base)).unwrap_or(usize::MAX);
-            let to =
-                usize::try_from(end.min(base.saturating_add(block)) - base).unwrap_or(usize::MAX);
-            if let Some(slice) = front.data.get(from..to) {
-                out.extend_from_slice(slice);
-            }
-            self.cursor = base.saturating_add(to as u64).min(end);
+            let to = end.min(base.saturating_add(block)) - base;
+            let range = usize::try_from(self.cursor.saturating_sub(base))
+                .ok()
+                .zip(usize::try_from(to).ok());
+            let slice = range.and_then(|(from, to)| front.data.get(from..to));
+            out.extend_from_slice(slice.ok_or_else(short)?);
+            self.cursor = base.saturating_add(to).min(end);
             if self.cursor >= base.saturating_add(block) {
                 self.blocks.pop_front();
             }
         }
-        out
+        Ok(out)
     }
 
     /// The peer says positions below `high_mark` are bound there: never offer them again.
@@ -127,12 +128,17 @@ impl KeyPool {
             return;
         }
         let skip = high_mark - self.cursor;
-        let burned = self.take(skip.min(self.available()));
-        log::warn!(
-            "link {}: burned {} bytes up to position {high_mark} already bound at the peer",
-            self.params.peer,
-            burned.len()
-        );
+        match self.take(skip.min(self.available())) {
+            Ok(burned) => log::warn!(
+                "link {}: burned {} bytes up to position {high_mark} already bound at the peer",
+                self.params.peer,
+                burned.len()
+            ),
+            Err(err) => log::error!(
+                "link {}: burning up to {high_mark}: {err}",
+                self.params.peer
+            ),
+        }
         self.cursor = self.cursor.max(high_mark);
     }
 
@@ -194,7 +200,13 @@ impl Handler<Deliver> for KeyPool {
             return Box::pin(fut::ready(Err(err)));
         }
         let start = self.cursor;
-        let material = self.take(need);
+        let material = match self.take(need) {
+            Ok(material) => material,
+            Err(err) => {
+                log::error!("link {}: {err}", self.params.peer);
+                return Box::pin(fut::ready(Err(err)));
+            }
+        };
         let end = self.cursor;
         self.report_level();
 
@@ -227,7 +239,7 @@ impl Handler<Deliver> for KeyPool {
         );
         let commit = CommitDelivery {
             peer: self.params.peer.clone(),
-            owner: self.params.me.clone(),
+            owner: Owner::Kme(self.params.me.clone()),
             position: end,
             block_bytes: self.params.block_bytes,
             audit,
@@ -347,8 +359,8 @@ mod tests {
     async fn take_crosses_blocks_and_never_repeats_bytes() {
         let mut pool = pool(0, vec![block(0, 8), block(1, 8), block(2, 8)]);
         assert_eq!(pool.available(), 24);
-        let a = pool.take(5);
-        let b = pool.take(6);
+        let a = pool.take(5).unwrap();
+        let b = pool.take(6).unwrap();
         assert_eq!(a, block(0, 8).data[..5].to_vec());
         let mut expected = block(0, 8).data[5..].to_vec();
         expected.extend_from_slice(&block(1, 8).data[..3]);
@@ -356,7 +368,7 @@ mod tests {
         assert_eq!(pool.available(), 13);
         pool.burn_to(20);
         assert_eq!(pool.available(), 4);
-        assert_eq!(pool.take(4), block(2, 8).data[4..].to_vec());
+        assert_eq!(pool.take(4).unwrap(), block(2, 8).data[4..].to_vec());
     }
 
     #[actix::test]
@@ -365,7 +377,14 @@ mod tests {
         assert_eq!(pool.available(), 12);
         pool.add_blocks(vec![block(5, 8)]);
         assert_eq!(pool.available(), 8, "material before a gap is not used");
-        assert_eq!(pool.take(8), block(5, 8).data);
+        assert_eq!(pool.take(8).unwrap(), block(5, 8).data);
+    }
+
+    #[actix::test]
+    async fn a_pool_holding_less_than_it_counts_refuses_and_offers_nothing_twice() {
+        let mut pool = pool(0, vec![block(0, 8), block(1, 5)]);
+        assert!(matches!(pool.take(16), Err(Error::Storage(_))));
+        assert_eq!(pool.cursor, 8, "the good block passed over stays taken");
     }
 
     /// A pool of 8-byte blocks whose store and peer are real actors that the test never uses.

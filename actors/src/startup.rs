@@ -11,7 +11,7 @@ use rusqlite::Connection;
 
 use crate::error::{Error, Result};
 use crate::key_pool::{KeyPool, WatchLevel};
-use crate::link::auth::{auth_owner, AuthStream};
+use crate::link::auth::AuthStream;
 use crate::link::sources::bb84::Bb84;
 use crate::link::sources::bb84_engine::Bb84Engine;
 use crate::link::sources::courier::Courier;
@@ -23,7 +23,7 @@ use crate::storage::db::{self, StoredBlock};
 use crate::storage::ops::BlockRecord;
 use crate::storage::sealing::Sealer;
 use crate::storage::store::Store;
-use crate::types::{LinkParams, SourceKind};
+use crate::types::{LinkParams, Owner, SourceKind};
 
 /// What one link end resumes from.
 pub struct LinkResume {
@@ -40,15 +40,20 @@ pub struct LinkResume {
 /// Reads what the link end `params` resumes from.
 pub fn resume(conn: &Connection, sealer: &Sealer, params: LinkParams) -> Result<LinkResume> {
     let (me, peer) = (&params.me, &params.peer);
-    let own = db::stream_state(conn, peer, me)?;
-    let theirs = db::stream_state(conn, peer, peer)?;
-    let auth_owner = auth_owner();
-    let auth = db::stream_state(conn, peer, &auth_owner)?;
+    let owners = [
+        Owner::Kme(me.clone()),
+        Owner::Kme(peer.clone()),
+        Owner::Auth,
+    ];
+    let [mine, theirs, auth_owner] = &owners;
+    let own = db::stream_state(conn, peer, mine)?;
+    let theirs = db::stream_state(conn, peer, theirs)?;
+    let auth = db::stream_state(conn, peer, auth_owner)?;
     let block = params.block_bytes as u64;
-    let own_blocks = db::blocks(conn, sealer, peer, me, own.position / block, true)?;
-    let auth_blocks = db::blocks(conn, sealer, peer, &auth_owner, auth.position / block, true)?;
+    let own_blocks = db::blocks(conn, sealer, peer, mine, own.position / block, true)?;
+    let auth_blocks = db::blocks(conn, sealer, peer, auth_owner, auth.position / block, true)?;
     let mut unshipped = Vec::new();
-    for owner in [me, peer, &auth_owner] {
+    for owner in &owners {
         for b in db::blocks(conn, sealer, peer, owner, 0, false)? {
             unshipped.push(BlockRecord {
                 owner: owner.clone(),

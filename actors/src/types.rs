@@ -40,6 +40,60 @@ macro_rules! string_id {
 string_id!(KmeId);
 string_id!(SaeId);
 
+/// Whose stream a link block belongs to: one end's pool, named by its KME ID, or the link's
+/// authentication stream. Stored and sent as text: the KME ID, or `#auth` (never a KME ID:
+/// the configuration allows only letters, digits, `-`, `_` and `.` in them).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Owner {
+    Kme(KmeId),
+    Auth,
+}
+
+impl Owner {
+    const AUTH: &'static str = "#auth";
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Owner::Kme(kme) => kme.as_str(),
+            Owner::Auth => Self::AUTH,
+        }
+    }
+
+    /// The owner written as `text` (see the type's doc).
+    pub fn parse(text: &str) -> Self {
+        if text == Self::AUTH {
+            Owner::Auth
+        } else {
+            Owner::Kme(KmeId::new(text))
+        }
+    }
+}
+
+impl From<KmeId> for Owner {
+    fn from(kme: KmeId) -> Self {
+        Owner::Kme(kme)
+    }
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Owner {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Owner {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Ok(Owner::parse(&text))
+    }
+}
+
 /// Lowercase hex of a digest (certificate fingerprints, key file hashes).
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

@@ -2,7 +2,7 @@
 //! of the post-processing messages (not an actor; the `bb84` key source of the `Link` at each
 //! end owns one).
 //!
-//! The stream is stored as link blocks of the pseudo-owner [`AUTH_OWNER`] (no KME ID can take
+//! The stream is stored as link blocks of the owner [`Owner::Auth`](crate::types::Owner) (no KME ID can take
 //! that name), so it is written, confirmed, discarded and deleted by the same code as key
 //! blocks, and no SAE pool ever allocates from it. Frame attempt `k` uses window `k`:
 //! [`WINDOW_BYTES`] bytes at `k * WINDOW_BYTES`, holding a fresh polynomial-hash key and
@@ -16,21 +16,14 @@
 use std::collections::VecDeque;
 
 use crate::storage::db::StoredBlock;
-use crate::types::KmeId;
+
 use kme_bb84::auth::AuthKeyMaterial;
 
-/// Owner name of the authentication stream's blocks (not a valid KME ID).
-pub const AUTH_OWNER: &str = "#auth";
 /// One-time pads per direction and frame attempt. A frame uses at most 7 (its tagged messages
 /// and the verification key); the rest is margin (a frame that runs out aborts).
 pub const WINDOW_PADS: usize = 16;
 /// Bytes of one window: the hash key and the pads of both directions.
 pub const WINDOW_BYTES: u64 = 8 * (1 + 2 * WINDOW_PADS as u64);
-
-/// The owner ID of the authentication stream.
-pub fn auth_owner() -> KmeId {
-    KmeId::new(AUTH_OWNER)
-}
 
 /// The part of the stream this end holds: whole blocks from the one holding `position` on.
 #[derive(Debug, Clone)]

@@ -38,7 +38,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::key_pool::{AddBlocks, KeyPool, PoolLevel};
-use crate::link::auth::{auth_owner, WINDOW_BYTES};
+use crate::link::auth::WINDOW_BYTES;
 use crate::link::key_source::{
     Condition, Delivery, KeySource, Produced, QkdHealth, SharedKey, Stream, Work,
 };
@@ -50,7 +50,7 @@ use crate::storage::ops::{
     BlockOutcome, BlockRecord, ConfirmBlocks, DiscardBlocks, StoreBlocks, UsedKeyFile,
 };
 use crate::storage::store::{Exec, Store};
-use crate::types::{KmeId, LinkParams};
+use crate::types::{KmeId, LinkParams, Owner};
 
 /// Below this many windows, a shared key refills the authentication stream first.
 const AUTH_LOW_WINDOWS: u64 = 64;
@@ -128,6 +128,78 @@ enum Shipment {
         key: Option<u64>,
         used: Option<UsedKeyFile>,
     },
+}
+
+/// The three steps of a delivery at the driving end, with what they need cloned out of the
+/// link so that they run without borrowing it.
+struct DeliverySteps {
+    store: Addr<Store>,
+    peer: Addr<PeerLink>,
+    link_peer: KmeId,
+}
+
+impl DeliverySteps {
+    /// Stores the blocks here, unconfirmed (with the key file they come from, if any).
+    async fn store_unconfirmed(&self, blocks: &[BlockRecord], shipment: &Shipment) -> Result<()> {
+        let key_file = match shipment {
+            Shipment::Commit { used, .. } => used.clone(),
+            Shipment::Bytes => None,
+        };
+        let op = StoreBlocks {
+            peer: self.link_peer.clone(),
+            blocks: blocks.to_vec(),
+            confirmed: false,
+            key_file,
+        };
+        self.store.send(Exec(op)).await??;
+        Ok(())
+    }
+
+    /// Has the other end store its copy of key `key` as these blocks; returns its pool level.
+    /// If it lost the key, the blocks are discarded here too (`FrameLost`).
+    async fn commit(&self, blocks: &[BlockRecord], key: Option<u64>) -> Result<u64> {
+        let ids = blocks
+            .iter()
+            .map(|b| BlockId {
+                owner: b.owner.clone(),
+                seq: b.seq,
+            })
+            .collect();
+        let commit = SourceRequest::Commit {
+            frame_id: key,
+            blocks: ids,
+        };
+        match self.peer.send(SourceExchange(commit)).await? {
+            Ok(reply) => Ok(reply.level.unwrap_or(0)),
+            Err(lost @ Error::FrameLost { .. }) => {
+                let audit = AuditRecord::new(
+                    "key_frame_discarded",
+                    serde_json::json!({
+                        "peer": self.link_peer.as_str(),
+                        "frame_id": key,
+                        "blocks": blocks.len(),
+                    }),
+                );
+                let op = DiscardBlocks {
+                    peer: self.link_peer.clone(),
+                    audit,
+                };
+                self.store.send(Exec(op)).await??;
+                Err(lost)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The other end holds the blocks durably: they may be used here now.
+    async fn confirm(&self, blocks: &[BlockRecord]) -> Result<()> {
+        let op = ConfirmBlocks {
+            peer: self.link_peer.clone(),
+            blocks: blocks.iter().map(|b| (b.owner.clone(), b.seq)).collect(),
+        };
+        self.store.send(Exec(op)).await??;
+        Ok(())
+    }
 }
 
 /// Blocks still to be delivered, retried on every tick until the other end has them.
@@ -224,30 +296,29 @@ impl LinkCore {
         self.held = key;
     }
 
-    fn next_seq(&mut self, owner: &KmeId) -> &mut u64 {
-        if *owner == self.params.me {
-            &mut self.next_own_seq
-        } else if *owner == self.params.peer {
-            &mut self.next_peer_seq
-        } else {
-            &mut self.next_auth_seq
+    /// The next number of `owner`'s stream (an owner this link `accepts`).
+    fn next_seq(&mut self, owner: &Owner) -> &mut u64 {
+        match owner {
+            Owner::Auth => &mut self.next_auth_seq,
+            Owner::Kme(kme) if *kme == self.params.me => &mut self.next_own_seq,
+            Owner::Kme(_) => &mut self.next_peer_seq,
         }
     }
 
     /// Owner of the next block: the emptier end (its level is raised by one block).
-    fn next_owner(&self, own: &mut u64, peer: &mut u64) -> KmeId {
+    fn next_owner(&self, own: &mut u64, peer: &mut u64) -> Owner {
         let block = self.params.block_bytes as u64;
         if *own <= *peer {
             *own += block;
-            self.params.me.clone()
+            Owner::Kme(self.params.me.clone())
         } else {
             *peer += block;
-            self.params.peer.clone()
+            Owner::Kme(self.params.peer.clone())
         }
     }
 
     /// Numbers the next block of `owner`.
-    fn take_seq(&mut self, owner: &KmeId) -> u64 {
+    fn take_seq(&mut self, owner: &Owner) -> u64 {
         let next = self.next_seq(owner);
         let seq = *next;
         *next += 1;
@@ -257,7 +328,7 @@ impl LinkCore {
     /// Which stream a block of `owner` belongs to, if it is of this link at all.
     /// Whether blocks of `owner` may arrive here: pool blocks if `pools`, authentication
     /// blocks if `auth` (the source keeps a stream), nobody else's.
-    fn accepts(&self, owner: &KmeId, pools: bool, auth: bool) -> bool {
+    fn may_receive(&self, owner: &Owner, pools: bool, auth: bool) -> bool {
         match self.stream_of(owner) {
             Some(Stream::Pools) => pools,
             Some(Stream::Auth) => auth,
@@ -265,13 +336,13 @@ impl LinkCore {
         }
     }
 
-    fn stream_of(&self, owner: &KmeId) -> Option<Stream> {
-        if *owner == self.params.me || *owner == self.params.peer {
-            Some(Stream::Pools)
-        } else if *owner == auth_owner() {
-            Some(Stream::Auth)
-        } else {
-            None
+    fn stream_of(&self, owner: &Owner) -> Option<Stream> {
+        match owner {
+            Owner::Auth => Some(Stream::Auth),
+            Owner::Kme(kme) if *kme == self.params.me || *kme == self.params.peer => {
+                Some(Stream::Pools)
+            }
+            Owner::Kme(_) => None,
         }
     }
 
@@ -281,14 +352,13 @@ impl LinkCore {
         let block = self.params.block_bytes;
         let window_per_block = (block as u64 / WINDOW_BYTES).max(1);
         let (mut own, mut peer) = (self.own_level, self.peer_level);
-        let auth = auth_owner();
         let mut blocks = Vec::new();
         for chunk in key.chunks_exact(block) {
             let owner = match &mut cut {
-                Cut::To(Stream::Auth) => auth.clone(),
+                Cut::To(Stream::Auth) => Owner::Auth,
                 Cut::AuthFirst { windows } if *windows < AUTH_LOW_WINDOWS => {
                     *windows += window_per_block;
-                    auth.clone()
+                    Owner::Auth
                 }
                 Cut::AuthFirst { .. } | Cut::To(Stream::Pools) => {
                     self.next_owner(&mut own, &mut peer)
@@ -318,12 +388,11 @@ impl LinkCore {
     }
 
     /// Blocks now held at both ends: own ones to the pool. Returns the authentication ones.
-    fn accept(&mut self, blocks: Vec<BlockRecord>) -> Vec<StoredBlock> {
-        let auth = auth_owner();
+    fn held_by_both(&mut self, blocks: Vec<BlockRecord>) -> Vec<StoredBlock> {
         let mut own = Vec::new();
         let mut auth_blocks = Vec::new();
         for b in blocks {
-            if b.owner != auth {
+            if b.owner != Owner::Auth {
                 self.blocks_produced += 1;
                 self.bytes_produced += b.data.len() as u64;
             }
@@ -333,10 +402,10 @@ impl LinkCore {
                 seq: b.seq,
                 data: b.data,
             };
-            if b.owner == self.params.me {
-                own.push(stored);
-            } else if b.owner == auth {
-                auth_blocks.push(stored);
+            match &b.owner {
+                Owner::Kme(kme) if *kme == self.params.me => own.push(stored),
+                Owner::Kme(_) => {}
+                Owner::Auth => auth_blocks.push(stored),
             }
         }
         if !own.is_empty() {
@@ -463,68 +532,29 @@ impl<S: KeySource> Link<S> {
         shipment: Shipment,
     ) {
         self.core.busy = true;
-        let store = self.core.store.clone();
-        let peer = self.core.peer.clone();
-        let link_peer = self.core.params.peer.clone();
-        let pending = shipment.clone();
+        let to = DeliverySteps {
+            store: self.core.store.clone(),
+            peer: self.core.peer.clone(),
+            link_peer: self.core.params.peer.clone(),
+        };
         let let_go = match &shipment {
             Shipment::Commit {
                 used: Some(used), ..
             } => Some(self.source.key_used(&self.core, used)),
             _ => None,
         };
+        let pending = shipment.clone();
         let work = async move {
             let mut stored = stored;
-            let shipment = &pending;
             let result: Result<u64> = async {
                 if !stored {
-                    let key_file = match shipment {
-                        Shipment::Commit { used, .. } => used.clone(),
-                        Shipment::Bytes => None,
-                    };
-                    let op = StoreBlocks {
-                        peer: link_peer.clone(),
-                        blocks: blocks.clone(),
-                        confirmed: false,
-                        key_file,
-                    };
-                    store.send(Exec(op)).await??;
+                    to.store_unconfirmed(&blocks, &pending).await?;
                     stored = true;
                 }
-                let level = match shipment {
-                    Shipment::Bytes => peer.send(ShipBlocks(blocks.clone())).await??,
+                let level = match &pending {
+                    Shipment::Bytes => to.peer.send(ShipBlocks(blocks.clone())).await??,
                     Shipment::Commit { key, .. } => {
-                        let ids = blocks
-                            .iter()
-                            .map(|b| BlockId {
-                                owner: b.owner.clone(),
-                                seq: b.seq,
-                            })
-                            .collect();
-                        let commit = SourceRequest::Commit {
-                            frame_id: *key,
-                            blocks: ids,
-                        };
-                        let level = match peer.send(SourceExchange(commit)).await? {
-                            Ok(reply) => reply.level.unwrap_or(0),
-                            Err(lost @ Error::FrameLost { .. }) => {
-                                let audit = AuditRecord::new(
-                                    "key_frame_discarded",
-                                    serde_json::json!({
-                                        "peer": link_peer.as_str(),
-                                        "frame_id": key,
-                                        "blocks": blocks.len(),
-                                    }),
-                                );
-                                let op = DiscardBlocks {
-                                    peer: link_peer.clone(),
-                                    audit,
-                                };
-                                store.send(Exec(op)).await??;
-                                return Err(lost);
-                            }
-                            Err(err) => return Err(err),
-                        };
+                        let level = to.commit(&blocks, *key).await?;
                         // Both ends hold the blocks and record the key as used: its origin
                         // goes (a key file that cannot go now is destroyed when it turns up
                         // again).
@@ -534,11 +564,7 @@ impl<S: KeySource> Link<S> {
                         level
                     }
                 };
-                let op = ConfirmBlocks {
-                    peer: link_peer.clone(),
-                    blocks: blocks.iter().map(|b| (b.owner.clone(), b.seq)).collect(),
-                };
-                store.send(Exec(op)).await??;
+                to.confirm(&blocks).await?;
                 Ok(level)
             }
             .await;
@@ -551,7 +577,7 @@ impl<S: KeySource> Link<S> {
                     Ok(level) => {
                         act.core.peer_level = level;
                         act.core.set_health(&Ok(()));
-                        act.accept(blocks);
+                        act.on_held_by_both(blocks);
                     }
                     Err(Error::FrameLost { .. }) => act.core.discarded(&blocks),
                     Err(err) => {
@@ -569,8 +595,8 @@ impl<S: KeySource> Link<S> {
     }
 
     /// Blocks now held at both ends: own ones to the pool, authentication ones to the stream.
-    fn accept(&mut self, blocks: Vec<BlockRecord>) {
-        let auth_blocks = self.core.accept(blocks);
+    fn on_held_by_both(&mut self, blocks: Vec<BlockRecord>) {
+        let auth_blocks = self.core.held_by_both(blocks);
         if let Some(auth) = self.source.auth_stream() {
             auth.append(auth_blocks);
         }
@@ -678,7 +704,7 @@ impl<S: KeySource> Link<S> {
         let auth = self.source.auth_stream().is_some();
         let core = &self.core;
         if let Some(bad) = blocks.iter().find(|b| {
-            !core.accepts(&b.owner, bytes, auth) || b.data.len() != core.params.block_bytes
+            !core.may_receive(&b.owner, bytes, auth) || b.data.len() != core.params.block_bytes
         }) {
             let err = Error::PeerMessage(format!(
                 "block {} of {} does not belong to this link",
@@ -716,7 +742,7 @@ impl<S: KeySource> Link<S> {
         };
         Box::pin(fut::wrap_future(work).map(
             |result: Result<Vec<BlockRecord>>, act: &mut Self, _| {
-                act.accept(result?);
+                act.on_held_by_both(result?);
                 act.core.reported_level = Some(act.core.own_level);
                 act.core.set_health(&Ok(()));
                 Ok(act.core.own_level)
@@ -761,7 +787,10 @@ impl<S: KeySource> Link<S> {
     fn commit(&mut self, key_id: Option<u64>, ids: Vec<BlockId>) -> Reply<S> {
         let auth = self.source.auth_stream().is_some();
         let core = &mut self.core;
-        if let Some(bad) = ids.iter().find(|id| !core.accepts(&id.owner, true, auth)) {
+        if let Some(bad) = ids
+            .iter()
+            .find(|id| !core.may_receive(&id.owner, true, auth))
+        {
             return Self::run(Work::refuse(format!(
                 "block owner {} is not of this link",
                 bad.owner
@@ -872,6 +901,7 @@ mod tests {
     use super::*;
     use crate::link::key_source::SourceHealth;
     use crate::link::sources::courier::Courier;
+    use crate::types::KmeId;
 
     /// A courier link end kme-a — kme-b with 1 KiB blocks, pools full at 3200 bytes, and
     /// actors that never run (nothing here sends to them and waits).
@@ -953,15 +983,15 @@ mod tests {
         link.discarded(&blocks);
         assert_eq!((link.next_own_seq, link.next_peer_seq), (5, 7));
         let auth_blocks = link.cut(&[2u8; 2048], Cut::To(Stream::Auth));
-        let auth = link.accept(auth_blocks);
+        let auth = link.held_by_both(auth_blocks);
         assert_eq!(auth.iter().map(|b| b.seq).collect::<Vec<_>>(), [3, 4]);
         assert_eq!((link.next_auth_seq, link.blocks_produced), (5, 0));
         let own = BlockRecord {
-            owner: KmeId::new("kme-a"),
+            owner: Owner::Kme(KmeId::new("kme-a")),
             seq: 9,
             data: vec![3u8; 1024],
         };
-        assert!(link.accept(vec![own]).is_empty());
+        assert!(link.held_by_both(vec![own]).is_empty());
         assert_eq!((link.next_own_seq, link.own_level), (10, 1024));
         assert_eq!((link.blocks_produced, link.bytes_produced), (1, 1024));
     }
@@ -969,7 +999,7 @@ mod tests {
     #[actix::test]
     async fn blocks_belong_to_the_two_ends_or_the_auth_stream() {
         let link = core(0, 0);
-        let stream = |owner: &str| link.stream_of(&KmeId::new(owner));
+        let stream = |owner: &str| link.stream_of(&Owner::parse(owner));
         assert_eq!(stream("kme-a"), Some(Stream::Pools));
         assert_eq!(stream("kme-b"), Some(Stream::Pools));
         assert_eq!(stream("#auth"), Some(Stream::Auth));

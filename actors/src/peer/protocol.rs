@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::storage::ops::BlockRecord;
-use crate::types::{Binding, KmeId};
+use crate::types::{Binding, Owner};
 use kme_bb84::bits::BitVec;
 use kme_bb84::pipeline::{Envelope, FrameReport};
 
@@ -28,7 +28,7 @@ pub struct ActivationBatch {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WireBlock {
-    pub owner: KmeId,
+    pub owner: Owner,
     pub seq: u64,
     /// Standard base64.
     pub data: String,
@@ -51,7 +51,7 @@ pub struct LevelReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BlockId {
-    pub owner: KmeId,
+    pub owner: Owner,
     pub seq: u64,
 }
 

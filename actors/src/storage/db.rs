@@ -12,7 +12,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::{Error, Result};
 use crate::storage::sealing::{block_aad, Purpose, Sealer};
-use crate::types::KmeId;
+use crate::types::{KmeId, Owner};
 
 pub type DbPool = Pool<SqliteConnectionManager>;
 
@@ -137,7 +137,7 @@ pub struct StreamState {
     pub position: u64,
 }
 
-pub fn stream_state(conn: &Connection, peer: &KmeId, owner: &KmeId) -> Result<StreamState> {
+pub fn stream_state(conn: &Connection, peer: &KmeId, owner: &Owner) -> Result<StreamState> {
     let row = conn
         .query_row(
             "SELECT next_seq, position FROM link_streams WHERE peer = ?1 AND owner = ?2",
@@ -166,7 +166,7 @@ pub fn blocks(
     conn: &Connection,
     sealer: &Sealer,
     peer: &KmeId,
-    owner: &KmeId,
+    owner: &Owner,
     from_seq: u64,
     confirmed: bool,
 ) -> Result<Vec<StoredBlock>> {

@@ -20,12 +20,12 @@ use crate::storage::writer::{
     activate, advance_position, append_audit, bound_record, expire_keys, insert_key, retrieve,
     store_blocks, BlockCache,
 };
-use crate::types::{now_ms, Binding, Key, KmeId, SaeId};
+use crate::types::{now_ms, Binding, Key, KmeId, Owner, SaeId};
 
 /// One block of link material to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockRecord {
-    pub owner: KmeId,
+    pub owner: Owner,
     pub seq: u64,
     pub data: Vec<u8>,
 }
@@ -138,7 +138,7 @@ impl Operation for KeyFileUsed {
 /// The other end holds these blocks (owner, number) durably: they may be used now.
 pub struct ConfirmBlocks {
     pub peer: KmeId,
-    pub blocks: Vec<(KmeId, u64)>,
+    pub blocks: Vec<(Owner, u64)>,
 }
 
 impl Operation for ConfirmBlocks {
@@ -227,7 +227,7 @@ impl Operation for Activate {
 /// At the master's KME: keys up to `position` of our stream were delivered (or burned).
 pub struct CommitDelivery {
     pub peer: KmeId,
-    pub owner: KmeId,
+    pub owner: Owner,
     pub position: u64,
     pub block_bytes: usize,
     pub audit: AuditRecord,

@@ -20,7 +20,7 @@ use crate::storage::audit::{chain_hash, AuditRecord, Bound};
 use crate::storage::db::{to_i64, to_u64, DbPool};
 use crate::storage::ops::{BlockOutcome, BlockRecord, Completion, Queued, Txn};
 use crate::storage::sealing::{block_aad, Purpose, Sealer};
-use crate::types::{now_ms, Binding, Key, KmeId, SaeId};
+use crate::types::{now_ms, Binding, Key, KmeId, Owner, SaeId};
 
 /// The smallest UUIDv7 (as stored bytes) created at `ms`: its first 48 bits are the time.
 fn v7_floor(ms: i64) -> Vec<u8> {
@@ -309,7 +309,8 @@ pub(super) fn activate(
             )));
         }
     }
-    let state = crate::storage::db::stream_state(tx, peer, peer)?;
+    let peer_stream = Owner::Kme(peer.clone());
+    let state = crate::storage::db::stream_state(tx, peer, &peer_stream)?;
     let mut high_mark = state.position;
     let now = now_ms();
     for binding in bindings {
@@ -336,7 +337,7 @@ pub(super) fn activate(
         }
         high_mark = end;
     }
-    advance_position(tx, peer, peer, high_mark, block_bytes)?;
+    advance_position(tx, peer, &peer_stream, high_mark, block_bytes)?;
     tx.prepare_cached(
         "INSERT INTO peer_sequence(peer, last_seq, last_digest) VALUES (?1, ?2, ?3)
          ON CONFLICT(peer) DO UPDATE SET last_seq = excluded.last_seq, last_digest = excluded.last_digest",
@@ -384,14 +385,17 @@ fn read_stream(
             .as_ref()
             .map(|(_, d)| d.as_slice())
             .unwrap_or_default();
-        let from = usize::try_from(pos - seq * block).unwrap_or(usize::MAX);
         let block_end = (seq + 1).saturating_mul(block);
-        let to = usize::try_from(end.min(block_end) - seq * block).unwrap_or(usize::MAX);
-        let slice = data.get(from..to).ok_or_else(|| {
-            Error::Storage(format!(
-                "block {seq} of {owner} is shorter than {block_bytes} bytes"
-            ))
-        })?;
+        let range = usize::try_from(pos - seq * block)
+            .ok()
+            .zip(usize::try_from(end.min(block_end) - seq * block).ok());
+        let slice = range
+            .and_then(|(from, to)| data.get(from..to))
+            .ok_or_else(|| {
+                Error::Storage(format!(
+                    "block {seq} of {owner} is shorter than {block_bytes} bytes"
+                ))
+            })?;
         out.extend_from_slice(slice);
         pos = block_end;
     }
@@ -402,7 +406,7 @@ fn read_stream(
 pub(super) fn advance_position(
     tx: &Connection,
     peer: &KmeId,
-    owner: &KmeId,
+    owner: &Owner,
     position: u64,
     block_bytes: usize,
 ) -> Result<()> {
@@ -622,7 +626,7 @@ mod tests {
 
     fn block(owner: &str, seq: u64) -> BlockRecord {
         BlockRecord {
-            owner: kme(owner),
+            owner: Owner::parse(owner),
             seq,
             data: (0..16).map(|i| (seq * 16 + i) as u8).collect(),
         }
@@ -676,7 +680,7 @@ mod tests {
             Err(Error::PeerMessage(_))
         ));
         // Block 0 is consumed (deleted): shipping it again changes nothing, it is not stored.
-        advance_position(&conn, &peer, &peer, 16, 16).unwrap();
+        advance_position(&conn, &peer, &Owner::Kme(peer.clone()), 16, 16).unwrap();
         let replay = store(&conn, &peer, vec![block("kme-a", 0)]).unwrap();
         assert_eq!(replay, vec![BlockOutcome::Duplicate]);
         let held: i64 = conn
@@ -852,13 +856,13 @@ mod tests {
         ));
         let conn = pool.get().unwrap();
         assert_eq!(
-            db::stream_state(&conn, &peer, &kme("kme-a"))
+            db::stream_state(&conn, &peer, &Owner::parse("kme-a"))
                 .unwrap()
                 .next_seq,
             2
         );
         assert_eq!(
-            db::stream_state(&conn, &peer, &kme("#auth"))
+            db::stream_state(&conn, &peer, &Owner::Auth)
                 .unwrap()
                 .next_seq,
             0

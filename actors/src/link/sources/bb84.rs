@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::link::auth::{auth_owner, AuthStream, WINDOW_BYTES};
+use crate::link::auth::{AuthStream, WINDOW_BYTES};
 use crate::link::key_source::{
     foreign, Condition, Delivery, KeySource, Produced, QkdHealth, SharedKey, SourceHealth, Stream,
     Work,
@@ -37,7 +37,7 @@ use crate::peer::protocol::{PeerReply, SourceRequest};
 use crate::storage::audit::AuditRecord;
 use crate::storage::ops::CommitDelivery;
 use crate::storage::store::Exec;
-use crate::types::{Bb84Settings, KmeId};
+use crate::types::{Bb84Settings, KmeId, Owner};
 use kme_bb84::pipeline::{AbortReason, Envelope, FrameReport, PROTOCOL_VERSION};
 
 /// How often a running BB84 link logs a summary at info level (and at its first frame).
@@ -679,7 +679,7 @@ impl Bb84 {
 fn burn_window(peer: &KmeId, block_bytes: usize, frame_id: u64, window: u64) -> CommitDelivery {
     CommitDelivery {
         peer: peer.clone(),
-        owner: auth_owner(),
+        owner: Owner::Auth,
         position: AuthStream::position_after(window),
         block_bytes,
         audit: AuditRecord::new(
