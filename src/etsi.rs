@@ -4,6 +4,7 @@
 //! values are then validated against the link's limits by the domain (`KeyCount`,
 //! `KeySizeBits` in `kme_actors::types`).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
@@ -60,17 +61,21 @@ pub struct KeyQuery {
     pub size: Option<i64>,
 }
 
-/// Key container (clause 6.3).
+/// Key container (clause 6.3). Keys borrow from the JSON they are read from (clients such as
+/// the load generator parse thousands per second); a server answer owns them.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct KeyContainer {
-    pub keys: Vec<KeyEntry>,
+pub struct KeyContainer<'a> {
+    #[serde(borrow)]
+    pub keys: Vec<KeyEntry<'a>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[allow(non_snake_case)]
-pub struct KeyEntry {
+pub struct KeyEntry<'a> {
     pub key_ID: Uuid,
-    pub key: String,
+    /// Standard base64.
+    #[serde(borrow)]
+    pub key: Cow<'a, str>,
 }
 
 /// Key IDs (clause 6.4).

@@ -261,7 +261,7 @@ fn key_container(keys: Vec<Key>) -> HttpResponse {
             .into_iter()
             .map(|k| KeyEntry {
                 key_ID: k.id,
-                key: engine.encode(&k.material),
+                key: engine.encode(&k.material).into(),
             })
             .collect(),
     })

@@ -119,6 +119,17 @@ pub fn peer_connector(
     Ok(builder.build())
 }
 
+/// Client of the SAE API, for Rust SAEs and the load generator (`kme-bench load`): our CA
+/// only, the SAE's certificate and key, HTTP/1.1 by ALPN (one request in flight per
+/// connection, kept alive).
+pub fn sae_connector(ca: &Path, cert: &Path, key: &Path) -> Result<SslConnector, TlsError> {
+    let mut builder = SslConnector::builder(SslMethod::tls_client()).map_err(at(cert))?;
+    load_identity(&mut builder, ca, cert, key)?;
+    builder.set_verify(SslVerifyMode::PEER);
+    builder.set_alpn_protos(b"\x08http/1.1").map_err(at(cert))?;
+    Ok(builder.build())
+}
+
 pub fn common_name(cert: &X509Ref) -> Option<String> {
     cert.subject_name()
         .entries_by_nid(Nid::COMMONNAME)

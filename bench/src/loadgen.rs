@@ -22,7 +22,6 @@
 //! Non-200 answers are counted by status and the loop goes on; after a 503 (exhausted pool) a
 //! connection backs off 1–5 ms, after a transport error or timeout 10 ms, so it never spins.
 
-use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -39,9 +38,9 @@ use awc::{Client, Connector};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use hdrhistogram::Histogram;
-use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode, SslVersion};
-use openssl::x509::store::X509StoreBuilder;
-use openssl::x509::X509;
+use kme::etsi::KeyContainer;
+use kme::tls::{sae_connector, TlsError};
+use openssl::ssl::SslConnector;
 use serde::{Deserialize, Serialize};
 
 /// Time limit of one HTTP request (send + response head + body).
@@ -190,14 +189,8 @@ pub enum LoadError {
         source: std::io::Error,
     },
     /// The TLS client could not be set up (bad certificate, key or CA file).
-    #[error("TLS setup ({what}): {source}")]
-    Tls {
-        /// Which step failed.
-        what: String,
-        /// The OpenSSL error stack.
-        #[source]
-        source: openssl::error::ErrorStack,
-    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// A latency histogram could not be created.
     #[error("histogram: {0}")]
     HistogramCreate(#[from] hdrhistogram::CreationError),
@@ -480,9 +473,9 @@ impl Plan {
         let dec_uri = make_uri(&format!("{slave}/api/v1/keys/{master_seg}/dec_keys"))?;
         let enc_body = format!(r#"{{"number":{},"size":{}}}"#, opts.number, opts.size).into_bytes();
 
-        let master_tls = tls_connector(&opts.ca, &opts.master_cert, &opts.master_key)?;
+        let master_tls = sae_connector(&opts.ca, &opts.master_cert, &opts.master_key)?;
         let slave_tls = if opts.mode == Mode::EncDec {
-            Some(tls_connector(&opts.ca, &opts.slave_cert, &opts.slave_key)?)
+            Some(sae_connector(&opts.ca, &opts.slave_cert, &opts.slave_key)?)
         } else {
             None
         };
@@ -546,48 +539,6 @@ fn pct_encode_segment(s: &str) -> String {
         }
     }
     out
-}
-
-/// mTLS client context: our client certificate and key, trusting only the given CA, TLS >= 1.2,
-/// HTTP/1.1 (one request in flight per connection; keep-alive).
-fn tls_connector(ca: &Path, cert: &Path, key: &Path) -> Result<SslConnector, LoadError> {
-    let tls = |what: String| move |source| LoadError::Tls { what, source };
-    let ca_pem = std::fs::read(ca).map_err(|source| LoadError::Io {
-        path: ca.to_path_buf(),
-        source,
-    })?;
-    let ca_certs =
-        X509::stack_from_pem(&ca_pem).map_err(tls(format!("CA file {}", ca.display())))?;
-    if ca_certs.is_empty() {
-        return Err(LoadError::InvalidOption(format!(
-            "no certificate in CA file {}",
-            ca.display()
-        )));
-    }
-    let mut store = X509StoreBuilder::new().map_err(tls("X509 store".into()))?;
-    for c in ca_certs {
-        store
-            .add_cert(c)
-            .map_err(tls(format!("CA file {}", ca.display())))?;
-    }
-
-    let mut b = SslConnector::builder(SslMethod::tls_client()).map_err(tls("context".into()))?;
-    b.set_min_proto_version(Some(SslVersion::TLS1_2))
-        .map_err(tls("min TLS version".into()))?;
-    b.set_cert_store(store.build());
-    b.set_verify(SslVerifyMode::PEER);
-    b.set_certificate_chain_file(cert)
-        .map_err(tls(format!("client certificate {}", cert.display())))?;
-    b.set_private_key_file(key, SslFiletype::PEM)
-        .map_err(tls(format!("client key {}", key.display())))?;
-    b.check_private_key().map_err(tls(format!(
-        "{} does not match {}",
-        key.display(),
-        cert.display()
-    )))?;
-    b.set_alpn_protos(b"\x08http/1.1")
-        .map_err(tls("ALPN".into()))?;
-    Ok(b.build())
 }
 
 fn make_client(tls: &SslConnector, conns: usize) -> Client {
@@ -1072,7 +1023,7 @@ async fn dec_and_compare(
     })
 }
 
-/// `{"key_IDs":[{"key_ID":"…"},…]}` — the IDs were checked to be UUIDs, so no escaping is needed.
+/// `{"key_IDs":[{"key_ID":"…"},…]}` — UUIDs need no escaping.
 fn dec_body(enc: &KeyContainer<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + enc.keys.len() * 50);
     out.extend_from_slice(br#"{"key_IDs":["#);
@@ -1081,25 +1032,12 @@ fn dec_body(enc: &KeyContainer<'_>) -> Vec<u8> {
             out.push(b',');
         }
         out.extend_from_slice(br#"{"key_ID":""#);
-        out.extend_from_slice(k.key_id.as_bytes());
+        let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        out.extend_from_slice(k.key_ID.hyphenated().encode_lower(&mut id).as_bytes());
         out.extend_from_slice(br#""}"#);
     }
     out.extend_from_slice(b"]}");
     out
-}
-
-#[derive(Deserialize)]
-struct KeyContainer<'a> {
-    #[serde(borrow)]
-    keys: Vec<KeyItem<'a>>,
-}
-
-#[derive(Deserialize)]
-struct KeyItem<'a> {
-    #[serde(borrow, rename = "key_ID")]
-    key_id: Cow<'a, str>,
-    #[serde(borrow)]
-    key: Cow<'a, str>,
 }
 
 #[derive(Deserialize)]
@@ -1124,19 +1062,13 @@ fn check_enc_keys(
     out.resize(number * key_bytes + 3, 0);
     ids.clear();
     for (i, k) in c.keys.iter().enumerate() {
-        let Some(id) = parse_uuid(&k.key_id) else {
-            return Err(format!(
-                "key_ID {:?} is not a UUID",
-                truncate(&k.key_id, 60)
-            ));
-        };
-        ids.push(id);
+        ids.push(k.key_ID.as_u128());
         let slot = &mut out[i * key_bytes..];
         let n = B64
             .decode_slice(k.key.as_bytes(), slot)
-            .map_err(|e| format!("key {}: bad base64 or too long: {e}", k.key_id))?;
+            .map_err(|e| format!("key {}: bad base64 or too long: {e}", k.key_ID))?;
         if n != key_bytes {
-            return Err(format!("key {}: {n} bytes, expected {key_bytes}", k.key_id));
+            return Err(format!("key {}: {n} bytes, expected {key_bytes}", k.key_ID));
         }
     }
     out.truncate(number * key_bytes);
@@ -1180,10 +1112,10 @@ fn compare_dec_keys(
     buf.resize(key_bytes + 3, 0);
     for (i, k) in dec.keys.iter().enumerate() {
         // Same order as requested is the fast path; otherwise search.
-        let pos = if ids.get(i).is_some_and(|e| e.key_id == k.key_id) {
+        let pos = if ids.get(i).is_some_and(|e| e.key_ID == k.key_ID) {
             Some(i)
         } else {
-            ids.iter().position(|e| e.key_id == k.key_id)
+            ids.iter().position(|e| e.key_ID == k.key_ID)
         };
         let Some(j) = pos else {
             mismatched += 1;
@@ -1191,7 +1123,7 @@ fn compare_dec_keys(
                 &mut detail,
                 format!(
                     "dec_keys returned key_ID {} that enc_keys did not",
-                    truncate(&k.key_id, 60)
+                    k.key_ID
                 ),
             );
             continue;
@@ -1200,7 +1132,7 @@ fn compare_dec_keys(
             mismatched += 1;
             note(
                 &mut detail,
-                format!("dec_keys returned key_ID {} twice", k.key_id),
+                format!("dec_keys returned key_ID {} twice", k.key_ID),
             );
             continue;
         }
@@ -1215,7 +1147,7 @@ fn compare_dec_keys(
                 mismatched += 1;
                 note(
                     &mut detail,
-                    format!("key {}: bytes from dec_keys differ from enc_keys", k.key_id),
+                    format!("key {}: bytes from dec_keys differ from enc_keys", k.key_ID),
                 );
             }
         }
@@ -1236,26 +1168,6 @@ fn compare_dec_keys(
         mismatched,
         detail,
     }
-}
-
-/// Parses a UUID in its `8-4-4-4-12` hexadecimal form (either case).
-fn parse_uuid(s: &str) -> Option<u128> {
-    let b = s.as_bytes();
-    if b.len() != 36 {
-        return None;
-    }
-    let mut v: u128 = 0;
-    for (i, c) in b.iter().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            if *c != b'-' {
-                return None;
-            }
-            continue;
-        }
-        let d = char::from(*c).to_digit(16)?;
-        v = (v << 4) | u128::from(d);
-    }
-    Some(v)
 }
 
 /// Tiny PRNG for back-off jitter.
@@ -1318,14 +1230,7 @@ mod tests {
     }
 
     #[test]
-    fn uuids_and_segments() {
-        assert_eq!(
-            parse_uuid("0b9e1c44-6c0c-4d7b-9f5e-3f1a2b3c4d5E"),
-            Some(0x0b9e1c44_6c0c_4d7b_9f5e_3f1a2b3c4d5e)
-        );
-        assert!(parse_uuid("0b9e1c44-6c0c-4d7b-9f5e-3f1a2b3c4d5").is_none());
-        assert!(parse_uuid("0b9e1c44x6c0c-4d7b-9f5e-3f1a2b3c4d5e").is_none());
-        assert!(parse_uuid("0b9e1c44-6c0c-4d7b-9f5e-3f1a2b3c4d5g").is_none());
+    fn url_segments() {
         assert_eq!(pct_encode_segment("sae-a"), "sae-a");
         assert_eq!(pct_encode_segment("a b/c"), "a%20b%2Fc");
     }
@@ -1346,7 +1251,9 @@ mod tests {
         assert!(matches!(Plan::new(&o), Err(LoadError::InvalidUrl { .. })));
         o.master_url = "https://localhost:1".into();
         o.ca = "/nonexistent/ca.crt".into();
-        assert!(matches!(Plan::new(&o), Err(LoadError::Io { .. })));
+        let err = Plan::new(&o).err().unwrap();
+        assert!(matches!(err, LoadError::Tls(_)), "{err}");
+        assert!(err.to_string().contains("/nonexistent/ca.crt"), "{err}");
     }
 
     fn container(json: &str) -> KeyContainer<'_> {
@@ -1374,7 +1281,7 @@ mod tests {
         assert!(check_enc_keys(&container(&json), 2, 5, &mut out, &mut ids).is_err());
         assert!(check_enc_keys(&container(&json), 2, 3, &mut out, &mut ids).is_err());
         let bad_id = json.replace(ID1, "not-a-uuid");
-        assert!(check_enc_keys(&container(&bad_id), 2, 4, &mut out, &mut ids).is_err());
+        assert!(serde_json::from_str::<KeyContainer<'_>>(&bad_id).is_err());
         let dup = json.replace(ID2, ID1);
         assert!(check_enc_keys(&container(&dup), 2, 4, &mut out, &mut ids).is_err());
     }
