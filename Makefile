@@ -14,7 +14,7 @@ build: ## build the kme binary (release)
 	$(CARGO) build --release --bin kme
 
 build-bench: ## build the kme-bench binary (release): load generator and link bench
-	$(CARGO) build --release --bin kme-bench
+	$(CARGO) build --release -p kme-bench
 
 certs: ## make the dev/test PKI for every KME and SAE of $(CONFIG) (idempotent)
 	bash certs/gen.sh $(CONFIG) certs
