@@ -17,7 +17,8 @@ use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
 use kme_actors::link::{LinkAddr, PeerLevel, ReceiveBlocks, SourceFromPeer};
 use kme_actors::peer::protocol::{
-    self, ActivationBatch, BlockShipment, LevelReport, PeerReply, SourceRequest,
+    self, Activated, ActivationBatch, BlockShipment, BlocksStored, LevelNoted, LevelReport,
+    Refusal, SourceRequest,
 };
 use kme_actors::sae_registry::{BindFromPeer, SaeRegistry};
 use kme_actors::types::{CertIdentity, KmeId};
@@ -50,7 +51,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         }));
 }
 
-/// A refused or failed peer request; answers with `PeerReply { ok: false, .. }`.
+/// A refused or failed peer request; answers with a `Refusal`.
 #[derive(Debug, thiserror::Error)]
 #[error("{status}: {message}")]
 pub struct PeerRefusal {
@@ -102,22 +103,12 @@ impl ResponseError for PeerRefusal {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).json(PeerReply {
-            ok: false,
+        HttpResponse::build(self.status).json(Refusal {
+            error: self.message.clone(),
             high_mark: self.high_mark,
-            error: Some(self.message.clone()),
             frame_lost: self.frame_lost,
-            ..PeerReply::default()
         })
     }
-}
-
-fn ok(level: Option<u64>) -> HttpResponse {
-    HttpResponse::Ok().json(PeerReply {
-        ok: true,
-        level,
-        ..PeerReply::default()
-    })
 }
 
 /// Asks an actor and keeps its domain error (the peer needs the precise refusal).
@@ -224,7 +215,7 @@ async fn activate(
         bindings: batch.bindings,
     };
     ask_domain(&state.registry, bind, state.timeout).await?;
-    Ok(ok(None))
+    Ok(HttpResponse::Ok().json(Activated {}))
 }
 
 async fn blocks(
@@ -247,7 +238,7 @@ async fn blocks(
         },
     )
     .await?;
-    Ok(ok(Some(level)))
+    Ok(HttpResponse::Ok().json(BlocksStored { level }))
 }
 
 /// Parses a neighbour's message `T`, turns it into the message for its link end (taken by
@@ -283,7 +274,7 @@ async fn level(
     ask(&end.peer_level, PeerLevel(report.level), state.timeout)
         .await
         .map_err(|err| PeerRefusal::new(StatusCode::SERVICE_UNAVAILABLE, err.message))?;
-    Ok(ok(None))
+    Ok(HttpResponse::Ok().json(LevelNoted {}))
 }
 
 async fn source(

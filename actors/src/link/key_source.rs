@@ -44,7 +44,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::link::auth::AuthStream;
 use crate::link::LinkCore;
-use crate::peer::protocol::{PeerReply, SourceRequest};
+use crate::peer::protocol::{SourceReply, SourceRequest};
 use crate::storage::ops::UsedKeyFile;
 
 /// A link's source of secret material. See the module doc.
@@ -73,7 +73,7 @@ pub trait KeySource: Unpin + Sized + 'static {
         &mut self,
         _request: SourceRequest,
         _link: &mut LinkCore,
-    ) -> Work<Self, Result<PeerReply>> {
+    ) -> Work<Self, Result<SourceReply>> {
         foreign(self)
     }
 
@@ -98,7 +98,7 @@ pub trait KeySource: Unpin + Sized + 'static {
 }
 
 /// The answer to a message that is not of `source`'s protocol.
-pub fn foreign<S: KeySource>(source: &S) -> Work<S, Result<PeerReply>> {
+pub fn foreign<S: KeySource>(source: &S) -> Work<S, Result<SourceReply>> {
     Work::refuse(format!(
         "not a message of the {} source of this link",
         source.name()

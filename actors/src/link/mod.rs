@@ -43,7 +43,7 @@ use crate::link::key_source::{
     Condition, Delivery, KeySource, Produced, QkdHealth, SharedKey, Stream, Work,
 };
 use crate::peer::peer_link::{PeerLink, ReportLevel, ShipBlocks, SourceExchange};
-use crate::peer::protocol::{BlockId, PeerReply, SourceRequest};
+use crate::peer::protocol::{BlockId, SourceReply, SourceRequest};
 use crate::storage::audit::AuditRecord;
 use crate::storage::db::StoredBlock;
 use crate::storage::ops::{
@@ -170,7 +170,8 @@ impl DeliverySteps {
             blocks: ids,
         };
         match self.peer.send(SourceExchange(commit)).await? {
-            Ok(reply) => Ok(reply.level.unwrap_or(0)),
+            Ok(SourceReply::Committed { level }) => Ok(level),
+            Ok(other) => Err(other.unexpected("commit")),
             Err(lost @ Error::FrameLost { .. }) => {
                 let audit = AuditRecord::new(
                     "key_frame_discarded",
@@ -754,11 +755,11 @@ impl<S: KeySource> Link<S> {
 /// A message of the driving end's source. Sent by the KME-to-KME edge.
 /// Result: our answer (for BB84: envelopes, our report once our part of the frame is over).
 #[derive(Message)]
-#[rtype(result = "Result<PeerReply>")]
+#[rtype(result = "Result<SourceReply>")]
 pub struct SourceFromPeer(pub SourceRequest);
 
 impl<S: KeySource> Handler<SourceFromPeer> for Link<S> {
-    type Result = AtomicResponse<Self, Result<PeerReply>>;
+    type Result = AtomicResponse<Self, Result<SourceReply>>;
 
     fn handle(&mut self, msg: SourceFromPeer, _ctx: &mut Context<Self>) -> Self::Result {
         let params = &self.core.params;
@@ -778,7 +779,7 @@ impl<S: KeySource> Handler<SourceFromPeer> for Link<S> {
     }
 }
 
-type Reply<S> = ResponseActFuture<Link<S>, Result<PeerReply>>;
+type Reply<S> = ResponseActFuture<Link<S>, Result<SourceReply>>;
 
 /// Commits, at the end that does not drive (sources that deliver by number).
 impl<S: KeySource> Link<S> {
@@ -807,10 +808,8 @@ impl<S: KeySource> Link<S> {
                 .collect();
             // An empty commit (a file-drop file shorter than one block) proves nothing: lost.
             return if !held.is_empty() && held.iter().all(|h| *h) {
-                Self::run(Work::Ready(Ok(PeerReply {
-                    ok: true,
-                    level: Some(core.own_level),
-                    ..PeerReply::default()
+                Self::run(Work::Ready(Ok(SourceReply::Committed {
+                    level: core.own_level,
                 })))
             } else if held.iter().any(|h| *h) {
                 Self::run(Work::refuse(
@@ -858,11 +857,7 @@ impl<S: KeySource> Link<S> {
                     if let Some(let_go) = let_go {
                         let_go.await;
                     }
-                    Ok(PeerReply {
-                        ok: true,
-                        level: Some(level),
-                        ..PeerReply::default()
-                    })
+                    Ok(SourceReply::Committed { level })
                 };
                 fut::wrap_future(released)
             });

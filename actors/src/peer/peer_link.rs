@@ -13,13 +13,14 @@
 use std::time::Duration;
 
 use actix::prelude::*;
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 use crate::peer::protocol::{
-    ActivationBatch, BlockShipment, LevelReport, PeerReply, SourceRequest, WireBlock,
-    ACTIVATE_PATH, BLOCKS_PATH, LEVEL_PATH, SOURCE_PATH,
+    Activated, ActivationBatch, BlockShipment, BlocksStored, LevelNoted, LevelReport, Refusal,
+    SourceReply, SourceRequest, WireBlock, ACTIVATE_PATH, BLOCKS_PATH, LEVEL_PATH, SOURCE_PATH,
 };
 use crate::storage::ops::BlockRecord;
 use crate::types::{Binding, KmeId};
@@ -94,9 +95,15 @@ impl PeerLink {
             bindings,
         };
         self.in_flight = true;
-        let request = post_json(self.clone_request(), ACTIVATE_PATH, to_body(&batch), true);
+        let request = post_json(
+            self.clone_request(),
+            ACTIVATE_PATH,
+            to_body(&batch),
+            true,
+            MAX_REPLY_BYTES,
+        );
         ctx.spawn(fut::wrap_future(request).map(
-            move |result: Result<PeerReply>, act: &mut Self, ctx| {
+            move |result: Result<Activated>, act: &mut Self, ctx| {
                 let outcome = result.map(|_| ());
                 for waiter in waiters {
                     let _ = waiter.send(outcome.clone());
@@ -134,23 +141,15 @@ impl Target {
     }
 }
 
-/// POSTs `body` as JSON; with `retry`, a transport failure is retried once with the same bytes.
-async fn post_json(
-    target: Target,
-    path: &str,
-    body: Result<Vec<u8>>,
-    retry: bool,
-) -> Result<PeerReply> {
-    post_json_limited(target, path, body, retry, MAX_REPLY_BYTES).await
-}
-
-async fn post_json_limited(
+/// POSTs `body` as JSON and reads the endpoint's answer `R` (at most `limit` bytes); with
+/// `retry`, a transport failure is retried once with the same bytes.
+async fn post_json<R: DeserializeOwned>(
     target: Target,
     path: &str,
     body: Result<Vec<u8>>,
     retry: bool,
     limit: usize,
-) -> Result<PeerReply> {
+) -> Result<R> {
     let bytes = body?;
     let url = format!("{}{}", target.base_url, path);
     let attempts = if retry { 2 } else { 1 };
@@ -171,29 +170,29 @@ async fn post_json_limited(
             }
         };
         let status = response.status();
-        let reply: PeerReply = match response.json().limit(limit).await {
-            Ok(reply) => reply,
+        if status.is_success() {
+            return response
+                .json::<R>()
+                .limit(limit)
+                .await
+                .map_err(|err| target.unavailable(format!("HTTP {status}: {err}")));
+        }
+        let refusal: Refusal = match response.json().limit(MAX_REPLY_BYTES).await {
+            Ok(refusal) => refusal,
             Err(err) => return Err(target.unavailable(format!("HTTP {status}: {err}"))),
         };
-        if status.is_success() && reply.ok {
-            return Ok(reply);
-        }
-        let reason = reply
-            .error
-            .clone()
-            .unwrap_or_else(|| format!("HTTP {status}"));
-        if reply.frame_lost {
+        if refusal.frame_lost {
             return Err(Error::FrameLost {
                 peer: target.peer.to_string(),
             });
         }
-        return Err(match reply.high_mark {
+        return Err(match refusal.high_mark {
             Some(high_mark) => Error::ActivationRejected {
                 peer: target.peer.to_string(),
                 high_mark,
-                reason,
+                reason: refusal.error,
             },
-            None => target.unavailable(reason),
+            None => target.unavailable(refusal.error),
         });
     }
     Err(last)
@@ -249,8 +248,9 @@ impl Handler<ShipBlocks> for PeerLink {
         });
         let target = self.clone_request();
         Box::pin(async move {
-            let reply = post_json(target, BLOCKS_PATH, body, true).await?;
-            Ok(reply.level.unwrap_or(0))
+            let stored: BlocksStored =
+                post_json(target, BLOCKS_PATH, body, true, MAX_REPLY_BYTES).await?;
+            Ok(stored.level)
         })
     }
 }
@@ -266,24 +266,28 @@ impl Handler<ReportLevel> for PeerLink {
     fn handle(&mut self, msg: ReportLevel, _ctx: &mut Context<Self>) -> Self::Result {
         let target = self.clone_request();
         let body = to_body(&LevelReport { level: msg.0 });
-        Box::pin(async move { post_json(target, LEVEL_PATH, body, false).await.map(|_| ()) })
+        Box::pin(async move {
+            post_json::<LevelNoted>(target, LEVEL_PATH, body, false, MAX_REPLY_BYTES)
+                .await
+                .map(|_| ())
+        })
     }
 }
 
 /// A BB84 post-processing message for the Bob end. Sent by `Link` at the Alice end.
 /// Result: the Bob end's answer. Only a commit (idempotent) is retried after a transport error.
 #[derive(Message)]
-#[rtype(result = "Result<PeerReply>")]
+#[rtype(result = "Result<SourceReply>")]
 pub struct SourceExchange(pub SourceRequest);
 
 impl Handler<SourceExchange> for PeerLink {
-    type Result = ResponseFuture<Result<PeerReply>>;
+    type Result = ResponseFuture<Result<SourceReply>>;
 
     fn handle(&mut self, msg: SourceExchange, _ctx: &mut Context<Self>) -> Self::Result {
         let retry = matches!(msg.0, SourceRequest::Commit { .. });
         let body = to_body(&msg.0);
         let target = self.clone_request();
-        Box::pin(post_json_limited(
+        Box::pin(post_json(
             target,
             SOURCE_PATH,
             body,

@@ -104,29 +104,71 @@ pub enum FileMatch {
     Used,
 }
 
-/// Answer of every peer endpoint.
+/// Answer of the activation endpoint: the batch is durable here.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct PeerReply {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub level: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub high_mark: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// BB84: the answering end's post-processing messages.
+#[serde(deny_unknown_fields)]
+pub struct Activated {}
+
+/// Answer of the blocks endpoint: the blocks are stored; the receiver's pool level now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlocksStored {
+    pub level: u64,
+}
+
+/// Answer of the level endpoint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LevelNoted {}
+
+/// The answering end's part of a running BB84 frame.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrameProgress {
+    /// Its post-processing messages.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub envelopes: Vec<Envelope>,
-    /// BB84: the answering end's statistics, once its part of the frame is over.
+    /// Its statistics, once its part of the frame is over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<FrameReport>,
-    /// BB84: the `Start`'s authentication window is burned here; this is the next one.
+}
+
+/// Answer of the source endpoint: one variant per outcome of a `SourceRequest`. The driving
+/// end takes only the variants its request can have, and any other is an error.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum SourceReply {
+    /// `Start`: its authentication window is burned here; go on from `next_window`.
+    WindowBehind { next_window: u64 },
+    /// `Start`, `Step`: the frame goes on (or ended) here.
+    Progress(Box<FrameProgress>),
+    /// `FileOffer`: what this end found under the offered name.
+    FileOffer { file: FileMatch },
+    /// `Commit`: the blocks are stored here; this end's pool level now.
+    Committed { level: u64 },
+}
+
+impl SourceReply {
+    /// The error for an answer that `request` cannot have.
+    pub fn unexpected(&self, request: &str) -> Error {
+        let answer = match self {
+            SourceReply::WindowBehind { .. } => "window_behind",
+            SourceReply::Progress(_) => "progress",
+            SourceReply::FileOffer { .. } => "file_offer",
+            SourceReply::Committed { .. } => "committed",
+        };
+        Error::PeerMessage(format!("a {request} was answered with {answer}"))
+    }
+}
+
+/// Body of a refused or failed request, any endpoint (with a 4xx or 5xx status).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Refusal {
+    pub error: String,
+    /// Activation: positions below this are bound here already.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_window: Option<u64>,
-    /// file-drop: what the answering end found under the offered name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file: Option<FileMatch>,
-    /// BB84: the answering end no longer holds the committed frame's key.
+    pub high_mark: Option<u64>,
+    /// Commit: this end no longer holds the frame's key.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub frame_lost: bool,
 }
@@ -166,4 +208,28 @@ pub fn batch_digest(body: &[u8]) -> [u8; 32] {
 pub struct DetectionRecord {
     pub bits: BitVec,
     pub bases: BitVec,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_replies_are_flat_objects_tagged_by_outcome() {
+        let behind = serde_json::to_value(SourceReply::WindowBehind { next_window: 7 }).unwrap();
+        assert_eq!(
+            behind,
+            serde_json::json!({"reply": "window_behind", "next_window": 7})
+        );
+        let committed: SourceReply =
+            serde_json::from_str(r#"{"reply":"committed","level":42}"#).unwrap();
+        assert!(matches!(committed, SourceReply::Committed { level: 42 }));
+        // An answer without its outcome, or without the outcome's fields, is refused.
+        assert!(serde_json::from_str::<SourceReply>(r#"{"level":42}"#).is_err());
+        assert!(serde_json::from_str::<SourceReply>(r#"{"reply":"committed"}"#).is_err());
+        assert!(matches!(
+            committed.unexpected("start"),
+            Error::PeerMessage(message) if message == "a start was answered with committed"
+        ));
+    }
 }

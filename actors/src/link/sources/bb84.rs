@@ -33,7 +33,7 @@ use crate::link::sources::courier::random_bytes;
 use crate::link::LinkCore;
 use crate::peer::peer_link::{PeerLink, SourceExchange};
 use crate::peer::protocol::DetectionRecord;
-use crate::peer::protocol::{PeerReply, SourceRequest};
+use crate::peer::protocol::{FrameProgress, SourceReply, SourceRequest};
 use crate::storage::audit::AuditRecord;
 use crate::storage::ops::CommitDelivery;
 use crate::storage::store::Exec;
@@ -152,7 +152,7 @@ impl KeySource for Bb84 {
         &mut self,
         request: SourceRequest,
         link: &mut LinkCore,
-    ) -> Work<Self, Result<PeerReply>> {
+    ) -> Work<Self, Result<SourceReply>> {
         match request {
             SourceRequest::Start { protocol, .. } if protocol != PROTOCOL_VERSION => {
                 Work::refuse(format!(
@@ -270,18 +270,23 @@ impl Bb84 {
             };
             let sent = peer.send(SourceExchange(start)).await;
             let mut reply = match sent.map_err(Error::from).and_then(|r| r) {
-                Ok(reply) => reply,
+                Ok(SourceReply::Progress(progress)) => *progress,
+                Ok(SourceReply::WindowBehind { next_window }) => {
+                    abort_in_engine(&engine, frame_id).await;
+                    run.end = FrameEnd::WindowBehind(next_window);
+                    return run;
+                }
+                Ok(other) => {
+                    abort_in_engine(&engine, frame_id).await;
+                    run.end = FrameEnd::Failed(other.unexpected("start"));
+                    return run;
+                }
                 Err(err) => {
                     abort_in_engine(&engine, frame_id).await;
                     run.end = FrameEnd::Failed(err);
                     return run;
                 }
             };
-            if let Some(next) = reply.next_window {
-                abort_in_engine(&engine, frame_id).await;
-                run.end = FrameEnd::WindowBehind(next);
-                return run;
-            }
             run.window_used = true;
             let burn = burn_window(&link_peer, block_bytes, frame_id, window);
             // Burned durably before the first tag from this end.
@@ -331,8 +336,12 @@ impl Bb84 {
                     }
                 };
                 let sent = peer.send(SourceExchange(request)).await;
-                reply = match sent.map_err(Error::from).and_then(|r| r) {
-                    Ok(reply) => reply,
+                let answer = sent.map_err(Error::from).and_then(|r| match r? {
+                    SourceReply::Progress(progress) => Ok(*progress),
+                    other => Err(other.unexpected("step")),
+                });
+                reply = match answer {
+                    Ok(progress) => progress,
                     Err(err) => {
                         // The Bob end may be waiting for a message that will never come, or
                         // may have moved on: our tagged abort notice ends the frame there too
@@ -569,15 +578,11 @@ impl Bb84 {
         frame_id: u64,
         window: u64,
         record: DetectionRecord,
-    ) -> Work<Self, Result<PeerReply>> {
+    ) -> Work<Self, Result<SourceReply>> {
         let next = self.auth.next_window();
         if window < next {
             // Already burned (a retried Start): tell the Alice end where to continue.
-            return Work::Ready(Ok(PeerReply {
-                ok: true,
-                next_window: Some(next),
-                ..PeerReply::default()
-            }));
+            return Work::Ready(Ok(SourceReply::WindowBehind { next_window: next }));
         }
         if window - next > MAX_WINDOW_SKIP {
             return Work::refuse(format!(
@@ -614,7 +619,7 @@ impl Bb84 {
         &mut self,
         frame_id: u64,
         envelopes: Vec<Envelope>,
-    ) -> Work<Self, Result<PeerReply>> {
+    ) -> Work<Self, Result<SourceReply>> {
         let engine = self.engine.clone();
         let work = async move {
             engine
@@ -631,7 +636,7 @@ impl Bb84 {
     fn then_bob_progress(
         work: impl std::future::Future<Output = Result<Progress>> + 'static,
         frame_id: u64,
-    ) -> Work<Self, Result<PeerReply>> {
+    ) -> Work<Self, Result<SourceReply>> {
         Work::later(
             work,
             move |progress: Result<Progress>, me: &mut Self, link| {
@@ -645,7 +650,7 @@ impl Bb84 {
         link: &mut LinkCore,
         frame_id: u64,
         progress: Progress,
-    ) -> Result<PeerReply> {
+    ) -> Result<SourceReply> {
         let peer = link.params().peer.clone();
         let finished = progress.state != FrameState::Running;
         match progress.state {
@@ -665,12 +670,10 @@ impl Bb84 {
                 self.record(&peer, &progress.report, 0, took, Err(Abort::Frame(reason)));
             }
         }
-        Ok(PeerReply {
-            ok: true,
+        Ok(SourceReply::Progress(Box::new(FrameProgress {
             envelopes: progress.out,
             report: finished.then_some(progress.report),
-            ..PeerReply::default()
-        })
+        })))
     }
 }
 

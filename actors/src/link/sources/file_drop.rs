@@ -22,7 +22,7 @@ use crate::link::key_source::{foreign, Delivery, KeySource, Produced, SharedKey,
 use crate::link::sources::key_files::{self, KeyFile};
 use crate::link::LinkCore;
 use crate::peer::peer_link::SourceExchange;
-use crate::peer::protocol::{FileMatch, PeerReply, SourceRequest};
+use crate::peer::protocol::{FileMatch, SourceReply, SourceRequest};
 use crate::storage::ops::{KeyFileUsed, UsedKeyFile};
 use crate::storage::store::{Exec, Store};
 use crate::types::{hex, KmeId};
@@ -55,7 +55,7 @@ enum Offered {
     /// Shorter than one block: never offered.
     TooShort(KeyFile),
     /// The other end answered this: the file waits or is skipped.
-    Refused(KeyFile, Option<FileMatch>),
+    Refused(KeyFile, FileMatch),
 }
 
 impl FileDrop {
@@ -101,7 +101,7 @@ impl KeySource for FileDrop {
         &mut self,
         request: SourceRequest,
         link: &mut LinkCore,
-    ) -> Work<Self, Result<PeerReply>> {
+    ) -> Work<Self, Result<SourceReply>> {
         match request {
             SourceRequest::FileOffer {
                 name,
@@ -165,9 +165,12 @@ impl FileDrop {
                 destroy_key_file(&link_peer, file.path.clone()).await;
                 return Ok(Some(Offered::Destroyed));
             }
-            Ok(Some(match reply.file {
-                Some(FileMatch::Matched) => Offered::Use(file),
-                answer => Offered::Refused(file, answer),
+            Ok(Some(match reply {
+                SourceReply::FileOffer {
+                    file: FileMatch::Matched,
+                } => Offered::Use(file),
+                SourceReply::FileOffer { file: answer } => Offered::Refused(file, answer),
+                other => return Err(other.unexpected("file offer")),
             }))
         };
         Work::later(
@@ -218,12 +221,12 @@ impl FileDrop {
         &mut self,
         link: &mut LinkCore,
         file: KeyFile,
-        answer: Option<FileMatch>,
+        answer: FileMatch,
         since: Option<Instant>,
     ) {
         let peer = link.params().peer.clone();
         let err = match answer {
-            Some(FileMatch::Missing) | None => {
+            FileMatch::Missing => {
                 let since = since.unwrap_or_else(Instant::now);
                 if since.elapsed() < TWIN_PATIENCE {
                     link.set_health(&Err(Error::Unavailable(format!(
@@ -235,8 +238,8 @@ impl FileDrop {
                 }
                 format!("{peer} never got key file {}", file.name)
             }
-            Some(FileMatch::Mismatch) => format!("key file {} differs at {peer}", file.name),
-            Some(FileMatch::Used | FileMatch::Matched) => {
+            FileMatch::Mismatch => format!("key file {} differs at {peer}", file.name),
+            FileMatch::Used | FileMatch::Matched => {
                 format!(
                     "{peer} says key file {} was used; this KME has no record of it",
                     file.name
@@ -280,7 +283,7 @@ impl FileDrop {
         name: String,
         bytes: u64,
         sha256: String,
-    ) -> Work<Self, Result<PeerReply>> {
+    ) -> Work<Self, Result<SourceReply>> {
         if !key_files::valid_name(&name) {
             return Work::refuse(format!("\"{name}\" is not a key file name"));
         }
@@ -325,11 +328,7 @@ impl FileDrop {
                     );
                 }
                 link.hold(file.map(shared_key));
-                Ok(PeerReply {
-                    ok: true,
-                    file: Some(answer),
-                    ..PeerReply::default()
-                })
+                Ok(SourceReply::FileOffer { file: answer })
             },
         )
     }
