@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use kme_actors::db::{self, DbPool};
+use serde_json::Value;
 
 /// A reader of the database of `kme` in the test network under `dir`.
 pub fn open(dir: &Path, kme: &str) -> DbPool {
@@ -34,4 +35,17 @@ pub fn next_seq(dir: &Path, kme: &str, peer: &str, owner: &str) -> u64 {
     )
     .unwrap()
     .next_seq
+}
+/// The details of every audit record `event` of `kme`, in order.
+pub fn audit_events(dir: &Path, kme: &str, event: &str) -> Vec<Value> {
+    let conn = open(dir, kme).get().unwrap();
+    let mut stmt = conn
+        .prepare("SELECT detail FROM audit WHERE event = ?1 ORDER BY id")
+        .unwrap();
+    let details = stmt
+        .query_map([event], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|d| serde_json::from_str(&d.unwrap()).unwrap())
+        .collect();
+    details
 }

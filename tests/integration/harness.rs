@@ -497,3 +497,22 @@ pub fn keys(body: &Value) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+impl Net {
+    /// Restarts one KME (same data) on new ports of 127.0.0.1:0, so that no test binding `:0`
+    /// meanwhile can take its old ones. Its peers reach its new peer listener only through a
+    /// `peer_url` that forwards to it (e.g. a proxy the test retargets).
+    pub fn restart_on_new_ports(&mut self, kme: &'static str) {
+        self.stop(kme);
+        let sae = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ports = (
+            sae.local_addr().unwrap().port(),
+            peer.local_addr().unwrap().port(),
+        );
+        self.setup.ports.insert(kme, ports);
+        let config = Config::load(&self.setup.config_file()).unwrap();
+        let node = node::spawn(config.node(kme).unwrap(), Some(Listeners { sae, peer }));
+        self.nodes.push((kme, node.unwrap()));
+    }
+}
