@@ -1,8 +1,12 @@
 //! BB84 links end to end: keys SAEs get come from frames post-processed between two KMEs, an
 //! eavesdropper makes the link abort (503 for its SAEs) and the link recovers without it.
 
+use std::time::{Duration, Instant};
+
+use base64::Engine;
 use serde_json::{json, Value};
 
+use super::db_probe;
 use super::harness::{enc, LinkOptions, Net};
 
 fn qkd(status: &Value) -> &Value {
@@ -87,43 +91,79 @@ async fn an_eavesdropper_aborts_the_link_its_saes_get_503_and_it_recovers_withou
     assert!(qkd(&status)["qber"].as_f64().unwrap() < 0.03, "{status}");
 }
 
+/// Both pools of the link a — b hold `max_key_count` keys (512 with `LinkOptions::bb84`): the
+/// driving end starts no frame until SAEs take keys, so the link's state holds still. That is
+/// some 40 frames: on a loaded 2-core machine, more than the usual 30 s.
+async fn until_pools_full(net: &Net) {
+    let limit = Duration::from_secs(180);
+    for (master, kme, slave) in [("sae-a", "kme-a", "sae-b"), ("sae-b", "kme-b", "sae-a")] {
+        net.wait_for_status_within(limit, master, kme, slave, "a full pool", |s| {
+            s["stored_key_count"].as_u64() >= Some(512)
+        })
+        .await;
+    }
+}
+
+/// `bytes_produced` of the link a — b at `kme`.
+async fn bytes_produced(net: &Net, kme: &str) -> u64 {
+    let (master, slave) = if kme == "kme-a" {
+        ("sae-a", "sae-b")
+    } else {
+        ("sae-b", "sae-a")
+    };
+    let status = net
+        .wait_for_status(master, kme, slave, "status", |_| true)
+        .await;
+    status["status_extension"]["link"]["bytes_produced"]
+        .as_u64()
+        .unwrap()
+}
+
 #[actix::test]
 async fn the_bob_end_refuses_stale_or_forged_bb84_messages_and_keeps_working() {
     let net = Net::start(LinkOptions::bb84(""));
-    net.wait_for_status("sae-b", "kme-b", "sae-a", "a good frame", |s| {
-        qkd(s)["frames_ok"].as_u64() >= Some(1)
-    })
-    .await;
+    until_pools_full(&net).await;
     let kme_a = net.client(Some("kme-a"));
     let url = format!("{}/peer/v1/source", net.setup.peer_url("kme-b"));
     let empty = json!({"words": [], "len": 0});
-    // Window 0 keyed the first frame: it never serves again (the answer names the next one).
     let start = |window: u64| json!({"start": {"frame_id": 1, "window": window, "record": {"bits": empty, "bases": empty}, "protocol": 2}});
+    // Window 0 keyed the first frame: it never serves again, and a Start for it is answered
+    // with the Bob end's next window, burning nothing: the probe of his position.
+    let position = || async {
+        let (code, answer) = kme_a.try_post(&url, &start(0)).await.unwrap();
+        assert_eq!(code, 200, "{answer}");
+        assert!(answer.get("envelopes").is_none(), "{answer}");
+        answer["next_window"].as_u64().unwrap()
+    };
+    let next = position().await;
+    assert!(next >= 1, "{next}");
     // A KME of another post-processing protocol (here one from before versions were sent) is
     // refused before anything is used, with a message saying why.
-    let old =
-        json!({"start": {"frame_id": 1, "window": 1, "record": {"bits": empty, "bases": empty}}});
+    let old = json!({"start": {"frame_id": 1, "window": next, "record": {"bits": empty, "bases": empty}}});
     let (code, answer) = kme_a.try_post(&url, &old).await.unwrap();
     assert_eq!(code, 400, "{answer}");
     assert!(
         answer["error"].as_str().unwrap().contains("protocol"),
         "{answer}"
     );
-    let (code, answer) = kme_a.try_post(&url, &start(0)).await.unwrap();
-    assert_eq!(code, 200, "{answer}");
-    let next = answer["next_window"].as_u64().unwrap();
-    assert!(next >= 1, "{answer}");
-    assert!(answer.get("envelopes").is_none(), "{answer}");
     // One message must not burn the rest of the stream.
     let (code, answer) = kme_a.try_post(&url, &start(next + 200)).await.unwrap();
     assert_eq!(code, 400, "{answer}");
     let (code, answer) = kme_a.try_post(&url, &start(u64::MAX / 264)).await.unwrap();
     assert_eq!(code, 400, "{answer}");
-    // A malformed bit vector never reaches the pipeline.
-    let bad = json!({"start": {"frame_id": 1, "window": 9, "protocol": 2, "record": {
+    // A malformed bit vector never reaches the pipeline, even for the window due next.
+    let bad = json!({"start": {"frame_id": 1, "window": next, "protocol": 2, "record": {
         "bits": {"words": [255], "len": 3}, "bases": empty}}});
     let (code, answer) = kme_a.try_post(&url, &bad).await.unwrap();
     assert_eq!(code, 400, "{answer}");
+    // None of the refused Starts burned a window: the Bob end's position is where it was (the
+    // pools are full, so the Alice end runs no frame meanwhile; one at most if a level report
+    // was late).
+    let after = position().await;
+    assert!(
+        (next..=next + 1).contains(&after),
+        "refused Starts moved the authentication position from {next} to {after}"
+    );
     // Messages for a frame that is not running.
     let step = json!({"step": {"frame_id": 12345, "envelopes": []}});
     let (code, answer) = kme_a.try_post(&url, &step).await.unwrap();
@@ -141,22 +181,69 @@ async fn the_bob_end_refuses_stale_or_forged_bb84_messages_and_keeps_working() {
     let foreign = json!({"commit": {"frame_id": null, "blocks": [{"owner": "kme-c", "seq": 0}]}});
     let (code, answer) = kme_a.try_post(&url, &foreign).await.unwrap();
     assert_eq!(code, 400, "{answer}");
-    // Key bytes never travel on a BB84 link: a shipment of key blocks is refused.
-    let shipment = json!({"blocks": [{"owner": "kme-b", "seq": 999, "data": "AAAA"}]});
+    // Key bytes never travel on a BB84 link: a shipment of a key block is refused, although
+    // it is a whole block (1 KiB) of an owner of this link. Nothing is stored.
+    // It is numbered as the next block of its owner, so that nothing but the link's source
+    // refuses it.
+    let dir = net.setup.path();
+    let produced = bytes_produced(&net, "kme-b").await;
+    let seq = db_probe::next_seq(dir, "kme-b", "kme-a", "kme-b");
+    let block = base64::engine::general_purpose::STANDARD.encode([7u8; 1024]);
+    let shipment = json!({"blocks": [{"owner": "kme-b", "seq": seq, "data": block}]});
     let blocks_url = format!("{}/peer/v1/blocks", net.setup.peer_url("kme-b"));
     let (code, answer) = kme_a.try_post(&blocks_url, &shipment).await.unwrap();
     assert_eq!(code, 400, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not belong"),
+        "{answer}"
+    );
+    assert_eq!(bytes_produced(&net, "kme-b").await, produced);
+    let dir = net.setup.path();
+    assert_eq!(
+        db_probe::link_blocks(dir, "kme-b", "kme-a", "kme-b", 999),
+        0
+    );
 
-    // The link goes on producing matching keys.
-    let before = net
-        .wait_for_status("sae-a", "kme-a", "sae-b", "status", |_| true)
-        .await;
-    let frames = qkd(&before)["frames_ok"].as_u64().unwrap();
-    net.wait_for_status("sae-a", "kme-a", "sae-b", "more good frames", |s| {
-        qkd(s)["frames_ok"].as_u64() > Some(frames + 1)
-            || s["stored_key_count"].as_u64() >= Some(16)
-    })
-    .await;
+    // The link goes on producing matching keys: new frames at both ends after the forged
+    // messages (the SAEs take keys, so that the pools want more).
+    let frames = |s: &Value| qkd(s)["frames_ok"].as_u64().unwrap();
+    let (a0, b0) = (
+        frames(
+            &net.wait_for_status("sae-a", "kme-a", "sae-b", "status", |_| true)
+                .await,
+        ),
+        frames(
+            &net.wait_for_status("sae-b", "kme-b", "sae-a", "status", |_| true)
+                .await,
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let a = net
+            .wait_for_status("sae-a", "kme-a", "sae-b", "status", |_| true)
+            .await;
+        let b = net
+            .wait_for_status("sae-b", "kme-b", "sae-a", "status", |_| true)
+            .await;
+        if frames(&a) >= a0 + 2 && frames(&b) >= b0 + 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new frames after the forged messages:\nkme-a {a}\nkme-b {b}"
+        );
+        if a["stored_key_count"].as_u64().unwrap() >= 64 {
+            net.key_pair(("sae-a", "kme-a"), ("sae-b", "kme-b"), 64)
+                .await;
+        } else {
+            actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     net.key_pair(("sae-a", "kme-a"), ("sae-b", "kme-b"), 2)
+        .await;
+    net.key_pair(("sae-b", "kme-b"), ("sae-a", "kme-a"), 2)
         .await;
 }

@@ -18,6 +18,7 @@ use kme_actors::peer::protocol::SOURCE_PATH;
 use kme_actors::types::CertIdentity;
 use serde_json::Value;
 
+use super::db_probe;
 use super::harness::{LinkOptions, Net};
 
 /// One fault, fired once at the first message it fits.
@@ -35,6 +36,30 @@ enum Fault {
     /// The privacy-amplification seed of kme-b's Verify (a tagged envelope, in kme-b's answer
     /// at the end of Cascade) flips one bit.
     FlipVerifySeed,
+    /// kme-a's `Commit` of a frame's blocks never reaches kme-b (kme-a gets a 502).
+    DropCommit,
+    /// kme-b stores the committed blocks and answers; the answer never reaches kme-a.
+    DropCommitReply,
+    /// kme-b's answer that carries its final `Confirm` never reaches kme-a: kme-b has the key,
+    /// kme-a gives the frame up.
+    DropConfirm,
+}
+
+/// A message of kme-a's BB84 source, as the proxy saw it go to kme-b.
+#[derive(Debug, Clone)]
+enum Seen {
+    Start { frame: u64, window: u64 },
+    Commit(CommitSeen),
+    Other,
+}
+
+/// A `Commit` of kme-a: the frame (None: a commit retried after a restart of kme-a), the
+/// blocks it names, and kme-b's answer (None: it never reached kme-b).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CommitSeen {
+    frame: Option<u64>,
+    blocks: Vec<(String, u64)>,
+    status: Option<u16>,
 }
 
 /// What the proxy does next; shared with the test.
@@ -46,6 +71,12 @@ struct Plan {
     /// The frame kme-a runs now, and its Cascade answers seen so far.
     frame: Option<u64>,
     cascade_answers: u32,
+    /// Starts kme-b took (answered without naming another window): (frame, window), in order.
+    started: Vec<(u64, u64)>,
+    /// Every commit of kme-a, in order.
+    commits: Vec<CommitSeen>,
+    /// While set, every commit is dropped (kme-a gets a 502).
+    hold_commits: bool,
 }
 
 /// What to do with one request.
@@ -99,15 +130,50 @@ fn flip_bitvec(bits: &mut Value) -> bool {
 impl Plan {
     /// A BB84 message from kme-a on its way to kme-b: note where the frame stands, apply the
     /// armed fault if this is its message (the body is rewritten, still valid JSON).
-    fn on_request(&mut self, body: &mut Vec<u8>) -> Action {
+    fn on_request(&mut self, body: &mut Vec<u8>) -> (Action, Seen) {
         let Ok(mut message) = serde_json::from_slice::<Value>(body) else {
-            return Action::Forward;
+            return (Action::Forward, Seen::Other);
         };
         if let Some(frame) = message["start"]["frame_id"].as_u64() {
             self.frame = Some(frame);
             self.cascade_answers = 0;
-            return Action::Forward;
+            let window = message["start"]["window"].as_u64().unwrap();
+            return (Action::Forward, Seen::Start { frame, window });
         }
+        if let Some(commit) = message.get("commit") {
+            let seen = CommitSeen {
+                frame: commit["frame_id"].as_u64(),
+                blocks: commit["blocks"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| {
+                        let owner = b["owner"].as_str().unwrap().to_string();
+                        (owner, b["seq"].as_u64().unwrap())
+                    })
+                    .collect(),
+                status: None,
+            };
+            let action = match self.armed {
+                _ if self.hold_commits => Action::Drop,
+                Some(Fault::DropCommit) => Action::Drop,
+                Some(Fault::DropCommitReply) => Action::DropReply,
+                _ => return (Action::Forward, Seen::Commit(seen)),
+            };
+            if !self.hold_commits {
+                self.fire(seen.frame.unwrap_or_default());
+            }
+            if let Action::Drop = action {
+                self.commits.push(seen.clone());
+            }
+            return (action, Seen::Commit(seen));
+        }
+        let action = self.on_step(&mut message, body);
+        (action, Seen::Other)
+    }
+
+    /// A post-processing message of kme-a (see `on_request`).
+    fn on_step(&mut self, message: &mut Value, body: &mut Vec<u8>) -> Action {
         let Some(frame) = message["step"]["frame_id"].as_u64() else {
             return Action::Forward;
         };
@@ -134,14 +200,14 @@ impl Plan {
                     // Nothing to flip in this one (no parities): wait for the next frame.
                     return Action::Forward;
                 }
-                *body = serde_json::to_vec(&message).unwrap();
+                *body = serde_json::to_vec(&*message).unwrap();
                 Action::Forward
             }
             Some(Fault::FlipDisclosureSeed) if kinds.iter().any(|k| k == "Disclosure") => {
                 let disclosure = envelope_body(&mut message["step"]["envelopes"], "Disclosure")
                     .expect("a Disclosure");
                 flip(&mut disclosure["sample_seed"]);
-                *body = serde_json::to_vec(&message).unwrap();
+                *body = serde_json::to_vec(&*message).unwrap();
                 Action::Forward
             }
             _ => return Action::Forward,
@@ -150,21 +216,41 @@ impl Plan {
         action
     }
 
-    /// kme-b's answer to a BB84 message of kme-a, on its way back.
-    fn on_reply(&mut self, body: &mut Vec<u8>) {
-        if self.armed != Some(Fault::FlipVerifySeed) {
-            return;
-        }
+    /// kme-b's answer (`status`, `body`) to the BB84 message `seen` of kme-a, on its way back:
+    /// noted, and rewritten if the armed fault says so. Returns whether to drop it.
+    fn on_reply(&mut self, seen: Seen, status: u16, body: &mut Vec<u8>) -> bool {
         let Ok(mut answer) = serde_json::from_slice::<Value>(body) else {
-            return;
+            return false;
         };
-        let Some(verify) = envelope_body(&mut answer["envelopes"], "Verify") else {
-            return;
-        };
-        flip(&mut verify["pa_seed"]);
-        *body = serde_json::to_vec(&answer).unwrap();
+        match seen {
+            Seen::Start { frame, window } => {
+                if status == 200 && answer["next_window"].is_null() {
+                    self.started.push((frame, window));
+                }
+            }
+            Seen::Commit(commit) => self.commits.push(CommitSeen {
+                status: Some(status),
+                ..commit
+            }),
+            Seen::Other => {}
+        }
         let frame = self.frame.unwrap_or_default();
-        self.fire(frame);
+        match self.armed {
+            Some(Fault::DropConfirm) if bodies(&answer).iter().any(|b| b == "Confirm") => {
+                self.fire(frame);
+                true
+            }
+            Some(Fault::FlipVerifySeed) => {
+                let Some(verify) = envelope_body(&mut answer["envelopes"], "Verify") else {
+                    return false;
+                };
+                flip(&mut verify["pa_seed"]);
+                *body = serde_json::to_vec(&answer).unwrap();
+                self.fire(frame);
+                false
+            }
+            _ => false,
+        }
     }
 
     fn fire(&mut self, frame: u64) {
@@ -177,7 +263,8 @@ impl Plan {
 struct ProxyState {
     /// Clients to kme-b's real listener, one per neighbour of kme-b, with its certificate.
     clients: HashMap<String, awc::Client>,
-    target: String,
+    /// kme-b's real peer listener (it moves when kme-b restarts).
+    target: Arc<Mutex<String>>,
     plan: Arc<Mutex<Plan>>,
 }
 
@@ -197,15 +284,16 @@ async fn forward(req: HttpRequest, body: web::Bytes, state: web::Data<ProxyState
     let path = req.uri().path().to_string();
     let bb84 = path == SOURCE_PATH && cn == "kme-a";
     let mut body = body.to_vec();
-    let action = if bb84 {
+    let (action, seen) = if bb84 {
         state.plan.lock().unwrap().on_request(&mut body)
     } else {
-        Action::Forward
+        (Action::Forward, Seen::Other)
     };
     if let Action::Drop = action {
         return bad_gateway();
     }
-    let mut request = client.request(req.method().clone(), format!("{}{path}", state.target));
+    let target = state.target.lock().unwrap().clone();
+    let mut request = client.request(req.method().clone(), format!("{target}{path}"));
     if let Some(content_type) = req.headers().get("content-type") {
         request = request.insert_header(("content-type", content_type.clone()));
     }
@@ -215,12 +303,16 @@ async fn forward(req: HttpRequest, body: web::Bytes, state: web::Data<ProxyState
     let Ok(answer) = response.body().limit(256 * 1024 * 1024).await else {
         return bad_gateway();
     };
-    if let Action::DropReply = action {
-        return bad_gateway();
-    }
     let mut answer = answer.to_vec();
-    if bb84 {
-        state.plan.lock().unwrap().on_reply(&mut answer);
+    let status = response.status().as_u16();
+    let drop = bb84
+        && state
+            .plan
+            .lock()
+            .unwrap()
+            .on_reply(seen, status, &mut answer);
+    if drop || matches!(action, Action::DropReply) {
+        return bad_gateway();
     }
     let mut reply = HttpResponse::build(response.status());
     if let Some(content_type) = response.headers().get("content-type") {
@@ -232,6 +324,7 @@ async fn forward(req: HttpRequest, body: web::Bytes, state: web::Data<ProxyState
 /// The man in the middle in front of kme-b's peer listener.
 struct Proxy {
     plan: Arc<Mutex<Plan>>,
+    target: Arc<Mutex<String>>,
     server: ServerHandle,
 }
 
@@ -239,6 +332,8 @@ impl Proxy {
     /// Serves on `listener` as kme-b (certificates in `dir`), forwarding to `target`.
     fn start(listener: TcpListener, dir: &Path, target: String) -> Proxy {
         let plan = Arc::new(Mutex::new(Plan::default()));
+        let target = Arc::new(Mutex::new(target));
+        let to = target.clone();
         let acceptor = tls::peer_acceptor(
             &dir.join("ca.crt"),
             &dir.join("kme-b.crt"),
@@ -265,7 +360,7 @@ impl Proxy {
             App::new()
                 .app_data(web::Data::new(ProxyState {
                     clients,
-                    target: target.clone(),
+                    target: to.clone(),
                     plan: shared.clone(),
                 }))
                 .app_data(web::PayloadConfig::new(256 * 1024 * 1024))
@@ -282,12 +377,29 @@ impl Proxy {
         actix_web::rt::spawn(server);
         Proxy {
             plan,
+            target,
             server: handle,
         }
     }
 
     fn arm(&self, fault: Fault) {
         self.plan.lock().unwrap().armed = Some(fault);
+    }
+
+    fn retarget(&self, target: String) {
+        *self.target.lock().unwrap() = target;
+    }
+
+    fn hold_commits(&self, hold: bool) {
+        self.plan.lock().unwrap().hold_commits = hold;
+    }
+
+    fn commits(&self) -> Vec<CommitSeen> {
+        self.plan.lock().unwrap().commits.clone()
+    }
+
+    fn started(&self) -> Vec<(u64, u64)> {
+        self.plan.lock().unwrap().started.clone()
     }
 
     fn fired(&self, fault: Fault) -> Option<u64> {
@@ -340,6 +452,38 @@ async fn until(net: &Net, what: &str, done: impl Fn(&Value, &Value) -> bool) -> 
     }
 }
 
+/// Takes every key that the pools of the link a — b held when `a` and `b` (kme-a's and kme-b's
+/// status) were read — pools hand keys out oldest first, so these include every key of the
+/// frames before — in both directions, each checked identical at the other end.
+async fn every_key_matches(net: &Net, a: &Value, b: &Value) {
+    let stored = |s: &Value| s["stored_key_count"].as_u64().unwrap();
+    assert!(stored(a) + stored(b) > 0, "no key to compare:\n{a}\n{b}");
+    for ((master, slave), status) in [
+        ((("sae-a", "kme-a"), ("sae-b", "kme-b")), a),
+        ((("sae-b", "kme-b"), ("sae-a", "kme-a")), b),
+    ] {
+        let mut left = stored(status);
+        while left > 0 {
+            let number = left.min(128);
+            net.key_pair(master, slave, number as u32).await;
+            left -= number;
+        }
+    }
+}
+
+/// Waits for good frames at both ends after `a0`, `b0` (kme-a's and kme-b's status after a
+/// fault), the link up at both ends, then compares every key the pools hold then.
+async fn recovers(net: &Net, what: &str, a0: &Value, b0: &Value) {
+    let (a, b) = until(net, &format!("good frames after {what}"), |a, b| {
+        count(a, "frames_ok") > count(a0, "frames_ok")
+            && count(b, "frames_ok") > count(b0, "frames_ok")
+            && a["status_extension"]["link"]["state"] == "up"
+            && b["status_extension"]["link"]["state"] == "up"
+    })
+    .await;
+    every_key_matches(net, &a, &b).await;
+}
+
 /// Fires `fault` in the next frame and checks what users rely on: the frame is discarded at
 /// both ends (for one of the reasons given for kme-a and for kme-b), and the link goes on
 /// producing identical keys at both ends, in both directions.
@@ -366,25 +510,41 @@ async fn survive(net: &Net, proxy: &Proxy, fault: Fault, at_a: &[&str], at_b: &[
     .await;
     assert!(matches(&a1, at_a), "{fault:?}: kme-a {}", qkd(&a1));
     assert!(matches(&b1, at_b), "{fault:?}: kme-b {}", qkd(&b1));
-
-    // The link recovers by itself: new frames at both ends, and keys that match.
-    until(net, &format!("good frames after {fault:?}"), |a, b| {
-        count(a, "frames_ok") > count(&a1, "frames_ok")
-            && count(b, "frames_ok") > count(&b1, "frames_ok")
-            && a["status_extension"]["link"]["state"] == "up"
-            && b["status_extension"]["link"]["state"] == "up"
-    })
-    .await;
-    net.wait_for_keys("sae-a", "kme-a", "sae-b", 8).await;
-    net.key_pair(("sae-a", "kme-a"), ("sae-b", "kme-b"), 8)
-        .await;
-    net.wait_for_keys("sae-b", "kme-b", "sae-a", 8).await;
-    net.key_pair(("sae-b", "kme-b"), ("sae-a", "kme-a"), 8)
-        .await;
+    // The link recovers by itself: new frames at both ends, and every key made up to then
+    // matches, those of the new frames included.
+    recovers(net, &format!("{fault:?}"), &a1, &b1).await;
+    // Its window was used up: no frame after it had it again.
+    windows_never_serve_twice(proxy, &[frame]);
+    // No key from the discarded frame.
+    assert!(
+        proxy.commits().iter().all(|c| c.frame != Some(frame)),
+        "{fault:?}: the discarded frame {frame} was committed"
+    );
 }
 
-#[actix::test]
-async fn a_dropped_or_corrupted_bb84_message_discards_the_frame_at_both_ends() {
+/// Every window kme-b took for a frame (its Start answered), in order, is new: an aborted
+/// frame's window is used up too, no pad ever serves twice.
+fn windows_never_serve_twice(proxy: &Proxy, aborted: &[u64]) {
+    let started = proxy.started();
+    for pair in started.windows(2) {
+        assert!(
+            pair[1].1 > pair[0].1,
+            "authentication window used again: {started:?}"
+        );
+    }
+    for frame in aborted {
+        let at = started.iter().position(|(f, _)| f == frame);
+        let at = at.unwrap_or_else(|| panic!("aborted frame {frame} not started: {started:?}"));
+        assert!(
+            at + 1 < started.len(),
+            "no frame after the aborted frame {frame}: {started:?}"
+        );
+    }
+}
+
+/// The network with kme-b's peer listener behind the man in the middle, with good frames
+/// and matching keys through it.
+async fn network_behind_proxy() -> (Net, Proxy) {
     let proxy_listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let proxy_url = format!(
         "https://127.0.0.1:{}",
@@ -396,8 +556,6 @@ async fn a_dropped_or_corrupted_bb84_message_discards_the_frame_at_both_ends() {
     });
     let target = format!("https://127.0.0.1:{}", net.setup.ports["kme-b"].1);
     let proxy = Proxy::start(proxy_listener, net.setup.path(), target);
-
-    // Through the proxy, frames succeed and keys match before any fault.
     until(&net, "good frames through the proxy", |a, b| {
         count(a, "frames_ok") >= 2 && count(b, "frames_ok") >= 2
     })
@@ -405,6 +563,12 @@ async fn a_dropped_or_corrupted_bb84_message_discards_the_frame_at_both_ends() {
     net.wait_for_keys("sae-a", "kme-a", "sae-b", 8).await;
     net.key_pair(("sae-a", "kme-a"), ("sae-b", "kme-b"), 8)
         .await;
+    (net, proxy)
+}
+
+#[actix::test]
+async fn a_dropped_or_corrupted_bb84_message_discards_the_frame_at_both_ends() {
+    let (net, proxy) = network_behind_proxy().await;
 
     // A lost message: the Alice end (kme-a) gives the frame up and sends a tagged abort
     // notice; kme-b finds the gap in the sequence, or takes the notice.
@@ -436,6 +600,131 @@ async fn a_dropped_or_corrupted_bb84_message_discards_the_frame_at_both_ends() {
     let auth = ["authentication failed"];
     survive(&net, &proxy, Fault::FlipDisclosureSeed, &auth, &auth).await;
     survive(&net, &proxy, Fault::FlipVerifySeed, &auth, &auth).await;
+    proxy.server.stop(true).await;
+}
+
+/// The commits of `frame` after the first one, which kme-a sent again.
+fn retried_commits(proxy: &Proxy, frame: u64) -> Vec<CommitSeen> {
+    let commits: Vec<CommitSeen> = proxy
+        .commits()
+        .into_iter()
+        .filter(|c| c.frame == Some(frame))
+        .collect();
+    commits.into_iter().skip(1).collect()
+}
+
+/// A commit lost on its way or on its way back is sent again, with the same numbers, and
+/// kme-b stores (or has stored) the frame's key: no frame is lost, nothing is discarded.
+async fn a_lost_commit_is_retried(net: &Net, proxy: &Proxy, fault: Fault) {
+    proxy.arm(fault);
+    until(net, &format!("{fault:?}"), |_, _| {
+        proxy.fired(fault).is_some()
+    })
+    .await;
+    let frame = proxy.fired(fault).unwrap();
+    let (a, b) = until(net, &format!("{fault:?}: the commit retried"), |_, _| {
+        retried_commits(proxy, frame)
+            .iter()
+            .any(|c| c.status == Some(200))
+    })
+    .await;
+    let commits: Vec<CommitSeen> = proxy
+        .commits()
+        .into_iter()
+        .filter(|c| c.frame == Some(frame))
+        .collect();
+    assert!(
+        commits.iter().all(|c| c.blocks == commits[0].blocks),
+        "{fault:?}: a retried commit names other blocks: {commits:?}"
+    );
+    let discarded = db_probe::audit_events(net.setup.path(), "kme-a", "key_frame_discarded");
+    assert!(
+        discarded.is_empty(),
+        "{fault:?}: frame {frame} discarded: {discarded:?}"
+    );
+    every_key_matches(net, &a, &b).await;
+}
+
+#[actix::test]
+async fn a_lost_commit_or_final_confirm_never_mismatches_and_a_lost_frame_frees_its_numbers() {
+    let (mut net, proxy) = network_behind_proxy().await;
+    a_lost_commit_is_retried(&net, &proxy, Fault::DropCommit).await;
+    a_lost_commit_is_retried(&net, &proxy, Fault::DropCommitReply).await;
+
+    // The final Confirm lost: kme-b counted the frame as good and holds its key, kme-a gave it
+    // up. Only a Commit delivers key, and it never comes for that frame.
+    let (a0, _) = both_ends(&net).await;
+    proxy.arm(Fault::DropConfirm);
+    let (a1, b1) = until(&net, "the final Confirm lost", |a, _| {
+        proxy.fired(Fault::DropConfirm).is_some()
+            && count(a, "frames_aborted") > count(&a0, "frames_aborted")
+    })
+    .await;
+    let frame = proxy.fired(Fault::DropConfirm).unwrap();
+    let last = qkd(&a1)["last_abort"].as_str().unwrap_or("");
+    assert!(last.contains("message exchange failed"), "{a1}");
+    recovers(&net, "the lost Confirm", &a1, &b1).await;
+    assert!(
+        proxy.commits().iter().all(|c| c.frame != Some(frame)),
+        "the frame {frame} of the lost Confirm was committed"
+    );
+
+    // kme-b restarts between the end of a frame and its commit, so it lost its copy: kme-a's
+    // commit, held up meanwhile, is answered `frame_lost`; kme-a discards the blocks (audited)
+    // and numbers the next frames' blocks from the same numbers.
+    proxy.hold_commits(true);
+    until(&net, "a commit held up", |_, _| {
+        !proxy.commits().is_empty() && proxy.commits().last().unwrap().status.is_none()
+    })
+    .await;
+    let lost = proxy.commits().last().unwrap().clone();
+    let frame = lost.frame.unwrap();
+    net.restart_on_new_ports("kme-b");
+    proxy.retarget(format!("https://127.0.0.1:{}", net.setup.ports["kme-b"].1));
+    let b0 = both_ends(&net).await.1;
+    proxy.hold_commits(false);
+    let dir = net.setup.path().to_path_buf();
+    let discarded = || {
+        db_probe::audit_events(&dir, "kme-a", "key_frame_discarded")
+            .into_iter()
+            .find(|d| d["frame_id"] == frame)
+    };
+    until(&net, "the lost frame discarded", |_, _| {
+        discarded().is_some()
+    })
+    .await;
+    assert_eq!(
+        discarded().unwrap()["blocks"],
+        lost.blocks.len(),
+        "{lost:?}"
+    );
+    assert!(
+        proxy
+            .commits()
+            .iter()
+            .any(|c| c.frame == Some(frame) && c.status == Some(410)),
+        "no frame_lost answer: {:?}",
+        proxy.commits()
+    );
+    // The first number of each stream the lost frame took is taken again by a later frame.
+    let mut firsts: Vec<(String, u64)> = Vec::new();
+    for (owner, seq) in &lost.blocks {
+        match firsts.iter_mut().find(|(o, _)| o == owner) {
+            Some((_, first)) => *first = (*first).min(*seq),
+            None => firsts.push((owner.clone(), *seq)),
+        }
+    }
+    let reused = |first: &(String, u64)| {
+        proxy
+            .commits()
+            .iter()
+            .any(|c| c.frame != Some(frame) && c.status == Some(200) && c.blocks.contains(first))
+    };
+    let (a2, b2) = until(&net, "the lost frame's numbers used again", |_, b| {
+        firsts.iter().all(reused) && count(b, "frames_ok") > count(&b0, "frames_ok")
+    })
+    .await;
+    every_key_matches(&net, &a2, &b2).await;
 
     proxy.server.stop(true).await;
 }

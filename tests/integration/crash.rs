@@ -1,13 +1,17 @@
 //! `kill -9` of real `kme` processes at arbitrary moments: no key is delivered twice, every
 //! key a master received stays retrievable by its slave, pools resume.
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use serde_json::json;
 
+use super::db_probe;
 use super::harness::{dec, enc, keys, Client, LinkOptions, Setup, KMES};
 
 struct Process {
@@ -69,10 +73,85 @@ async fn kill_9_at_any_moment_loses_and_repeats_nothing() {
 /// frames run all the time): no frame may leave the two ends with different blocks.
 #[actix::test]
 async fn kill_9_in_the_middle_of_bb84_frames_never_mismatches() {
-    kill_9_rounds(LinkOptions::bb84(""), 4).await;
+    kill_9_rounds(LinkOptions::bb84(""), 6).await;
+}
+
+/// Keys delivered before the kill of each round, at least.
+const BEFORE_KILL: u32 = 20;
+
+/// What the load of one round saw.
+#[derive(Default)]
+struct Round {
+    killed: Cell<bool>,
+    /// Requests answered 200 before the kill.
+    before: Cell<u32>,
+    /// Requests sent before the kill that failed (503 or no answer): the kill cut them.
+    cut: Cell<u32>,
+    /// Requests in flight when the kill came.
+    in_flight: Cell<u32>,
+    in_flight_at_kill: Cell<u32>,
+}
+
+/// One worker of the load: enc_keys until the kill cut one of its requests (or 400 requests,
+/// or 30 s). 503 is what a KME answers when its pool is empty or its peer is down; any other
+/// non-200 is a failure of the test.
+async fn load(master: Client, a: String, round: Rc<Round>) -> Vec<(String, String)> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for _ in 0..400 {
+        if Instant::now() > deadline {
+            break;
+        }
+        let sent_before_kill = !round.killed.get();
+        round.in_flight.set(round.in_flight.get() + 1);
+        let answer = master
+            .inner_post(
+                &format!("{a}/api/v1/keys/sae-b/enc_keys"),
+                &json!({"number": 2}),
+            )
+            .await;
+        round.in_flight.set(round.in_flight.get() - 1);
+        match answer {
+            Some((200, body)) => {
+                got.extend(keys(&body));
+                if !round.killed.get() {
+                    round.before.set(round.before.get() + 1);
+                }
+            }
+            Some((503, _)) | None => {
+                if round.killed.get() {
+                    if sent_before_kill {
+                        round.cut.set(round.cut.get() + 1);
+                    }
+                    break;
+                }
+                assert!(answer.is_some(), "no answer from {a} before the kill");
+                // Empty pool: give production a moment.
+                actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+            }
+            Some((code, body)) => panic!("enc_keys answered {code}: {body}"),
+        }
+    }
+    got
+}
+
+/// kme-a's view of the BB84 link: (frames_ok, frames_aborted), and how many frames it
+/// discarded because kme-b had lost them (`key_frame_discarded`).
+async fn frames_at_a(setup: &Setup, master: &Client) -> (u64, u64, usize) {
+    let url = format!("{}/api/v1/keys/sae-b/status", setup.sae_url("kme-a"));
+    let (code, status) = master.get(&url).await;
+    assert_eq!(code, 200, "{status}");
+    let qkd = &status["status_extension"]["link"]["qkd"];
+    let discarded = db_probe::audit_events(setup.path(), "kme-a", "key_frame_discarded");
+    (
+        qkd["frames_ok"].as_u64().unwrap(),
+        qkd["frames_aborted"].as_u64().unwrap(),
+        discarded.len(),
+    )
 }
 
 async fn kill_9_rounds(options: LinkOptions, rounds: u64) {
+    let bb84 = options.bb84.is_some();
     let ports: HashMap<&'static str, (TcpListener, TcpListener)> = KMES
         .iter()
         .map(|k| {
@@ -96,82 +175,137 @@ async fn kill_9_rounds(options: LinkOptions, rounds: u64) {
     wait_up(&slave, &b).await;
 
     let mut delivered: Vec<(String, String)> = Vec::new();
-    for round in 0..rounds {
+    // Rounds in which kme-b died in the middle of a BB84 frame (kme-a aborted it, or
+    // discarded it when kme-b, restarted, had lost it).
+    let mut frames_cut = 0;
+    for round_no in 0..rounds {
         wait_for_keys(&master, &a, 16).await;
-        // Load from 8 concurrent masters, and a kill -9 in the middle of it.
-        let load = (0..8).map(|_| {
-            let (master, a) = (master.clone(), a.clone());
-            async move {
-                let mut got = Vec::new();
-                for _ in 0..40 {
-                    match master
-                        .inner_post(
-                            &format!("{a}/api/v1/keys/sae-b/enc_keys"),
-                            &json!({"number": 2}),
-                        )
-                        .await
-                    {
-                        Some((200, body)) => got.extend(keys(&body)),
-                        // Empty pool (503): give production a moment.
-                        Some(_) => actix_web::rt::time::sleep(Duration::from_millis(10)).await,
-                        None => break,
-                    }
-                }
-                got
-            }
-        });
+        let kill_b = round_no % 2 == 1;
+        let frames_before = if bb84 && kill_b {
+            Some(frames_at_a(&setup, &master).await)
+        } else {
+            None
+        };
+        // Load from 8 concurrent masters, and a kill -9 in the middle of it: once the load
+        // has had its successes, while its requests are in flight.
+        let round = Rc::new(Round::default());
+        let workers = (0..8).map(|_| load(master.clone(), a.clone(), round.clone()));
         let killer = async {
-            actix_web::rt::time::sleep(Duration::from_millis(50 + 37 * round)).await;
-            let victim = if round % 2 == 0 {
-                &mut kme_a
-            } else {
-                &mut kme_b
-            };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while round.before.get() < BEFORE_KILL {
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round_no}: only {} keys before the kill",
+                    round.before.get()
+                );
+                actix_web::rt::time::sleep(Duration::from_millis(2)).await;
+            }
+            let victim = if kill_b { &mut kme_b } else { &mut kme_a };
+            round.in_flight_at_kill.set(round.in_flight.get());
             victim.child.kill().unwrap(); // SIGKILL
+            round.killed.set(true);
             victim.child.wait().unwrap();
         };
-        let (results, ()) = futures_util::join!(futures_util::future::join_all(load), killer);
+        let (results, ()) = futures_util::join!(futures_util::future::join_all(workers), killer);
         delivered.extend(results.into_iter().flatten());
-        if round % 2 == 0 {
-            kme_a = spawn(&setup, "kme-a");
-        } else {
+        assert!(
+            round.in_flight_at_kill.get() > 0,
+            "round {round_no}: no request in flight at the kill"
+        );
+        assert!(
+            round.cut.get() > 0,
+            "round {round_no}: no request failed after the kill"
+        );
+        if kill_b {
             kme_b = spawn(&setup, "kme-b");
+        } else {
+            kme_a = spawn(&setup, "kme-a");
         }
         wait_up(&master, &a).await;
         wait_up(&slave, &b).await;
+        if let Some((ok, aborted, discarded)) = frames_before {
+            // Once kme-a has a good frame after the restart, the frame the kill cut (if any)
+            // has been aborted or discarded at kme-a. (The pool drained: frames run.)
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let (ok_now, _, _) = frames_at_a(&setup, &master).await;
+            let (after_ok, after_aborted, after_discarded) = loop {
+                let now = frames_at_a(&setup, &master).await;
+                if now.0 > ok_now.max(ok) {
+                    break now;
+                }
+                assert!(Instant::now() < deadline, "no BB84 frame after the restart");
+                actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+            };
+            assert!(after_ok > ok);
+            if after_aborted > aborted || after_discarded > discarded {
+                frames_cut += 1;
+            }
+        }
+    }
+    if bb84 {
+        assert!(frames_cut > 0, "no kill of kme-b cut a BB84 frame");
     }
     // And some keys after the last restart.
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut after = 0;
     while after < 10 {
         let (code, body) = enc(&master, &a, "sae-b", json!({"number": 1})).await;
-        if code == 200 {
-            delivered.extend(keys(&body));
-            after += 1;
+        match code {
+            200 => {
+                delivered.extend(keys(&body));
+                after += 1;
+            }
+            // The pool refilling, or the peer link reconnecting.
+            503 => actix_web::rt::time::sleep(Duration::from_millis(10)).await,
+            _ => panic!("enc_keys after the restarts answered {code}: {body}"),
         }
         assert!(Instant::now() < deadline, "pools did not resume");
     }
-    let ids: HashSet<_> = delivered.iter().map(|(id, _)| id.clone()).collect();
-    let material: HashSet<_> = delivered.iter().map(|(_, key)| key.clone()).collect();
-    assert_eq!(ids.len(), delivered.len(), "a key_ID was delivered twice");
-    assert_eq!(
-        material.len(),
-        delivered.len(),
-        "key material was delivered twice"
-    );
+    let min = rounds as usize * 2 * BEFORE_KILL as usize + 10;
     assert!(
-        delivered.len() > 20,
-        "too few keys delivered to mean anything: {}",
+        delivered.len() >= min,
+        "{} keys delivered, fewer than {min}",
         delivered.len()
     );
+    let ids: HashSet<_> = delivered.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(ids.len(), delivered.len(), "a key_ID was delivered twice");
+    // No 16 bytes of key material twice, at any offset: keys cut from overlapping positions
+    // share a window.
+    let mut windows = HashSet::new();
+    for (id, key) in &delivered {
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .unwrap();
+        for window in key.windows(16) {
+            assert!(
+                windows.insert(window.to_vec()),
+                "key {id} repeats 16 bytes of key material"
+            );
+        }
+    }
     for chunk in delivered.chunks(64) {
         let ids: Vec<&str> = chunk.iter().map(|(id, _)| id.as_str()).collect();
         let (code, body) = dec(&slave, &b, "sae-a", &ids).await;
         assert_eq!(code, 200, "a delivered key is not retrievable: {body}");
         assert_eq!(keys(&body), chunk.to_vec());
     }
+    // The audit trails of both, killed again, verify (what `kme audit-verify` does).
     drop(kme_a);
     drop(kme_b);
+    for kme in ["kme-a", "kme-b"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kme"))
+            .args(["audit-verify", "--config"])
+            .arg(setup.config_file())
+            .args(["--kme", kme])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("hash chain intact"),
+            "audit-verify {kme}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[actix::test]

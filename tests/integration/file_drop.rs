@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use base64::Engine;
 use serde_json::{json, Value};
 
+use super::db_probe;
 use super::harness::{LinkOptions, Net};
 
 fn drop_dir(net: &Net, kme: &str, peer: &str) -> PathBuf {
@@ -98,8 +99,15 @@ async fn keys_come_from_matching_key_files_which_are_destroyed_after_use() {
             actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
-    // Key bytes never travel on a file-drop link.
-    let shipment = json!({"blocks": [{"owner": "kme-b", "seq": 999, "data": "AAAA"}]});
+    // Key bytes never travel on a file-drop link: a shipment of a key block is refused,
+    // although it is a whole block (1 KiB) of an owner of this link, numbered as its owner's
+    // next. Nothing is stored.
+    let dir = net.setup.path();
+    let produced = |s: &Value| s["status_extension"]["link"]["bytes_produced"].as_u64();
+    let before = link_status(&net, "kme-b").await;
+    let seq = db_probe::next_seq(dir, "kme-b", "kme-a", "kme-b");
+    let block = base64::engine::general_purpose::STANDARD.encode([7u8; 1024]);
+    let shipment = json!({"blocks": [{"owner": "kme-b", "seq": seq, "data": block}]});
     let blocks_url = format!("{}/peer/v1/blocks", net.setup.peer_url("kme-b"));
     let (code, answer) = net
         .client(Some("kme-a"))
@@ -107,6 +115,21 @@ async fn keys_come_from_matching_key_files_which_are_destroyed_after_use() {
         .await
         .unwrap();
     assert_eq!(code, 400, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not belong"),
+        "{answer}"
+    );
+    assert_eq!(
+        produced(&link_status(&net, "kme-b").await),
+        produced(&before)
+    );
+    assert_eq!(
+        db_probe::link_blocks(dir, "kme-b", "kme-a", "kme-b", seq),
+        0
+    );
     let rejected = std::fs::read(at_a.join("0001.rejected")).unwrap();
     assert_eq!(
         rejected, early,
@@ -115,32 +138,65 @@ async fn keys_come_from_matching_key_files_which_are_destroyed_after_use() {
 
     // Used files that turn up again (as a crash between storing and destroying leaves them),
     // under their name or another, are destroyed and never give key again: at an offer, and
-    // at the next start.
-    let produced = |s: &Value| s["status_extension"]["link"]["bytes_produced"].as_u64();
-    let before = net
-        .wait_for_status("sae-a", "kme-a", "sae-b", "status", |_| true)
-        .await;
+    // at the next start. Each time a fresh pair of files follows them (files are taken in
+    // name order): once its key is in, the used files had their turn.
+    let before = link_status(&net, "kme-a").await;
+    assert!(produced(&before) > Some(0), "{before}");
     std::fs::write(at_a.join("0007"), &files[0]).unwrap();
     std::fs::write(at_b.join("0007"), &files[0]).unwrap();
     std::fs::write(at_b.join("0003"), &files[1]).unwrap();
-    wait_until_gone(&at_a.join("0007")).await;
-    wait_until_gone(&at_b.join("0007")).await;
-    let gone = net
-        .wait_for_status("sae-a", "kme-a", "sae-b", "status", |_| true)
-        .await;
-    assert!(produced(&before) > Some(0), "{before}");
-    assert_eq!(
-        produced(&gone),
-        produced(&before),
-        "a used file gave blocks: {gone}"
-    );
-    net.restart_all(&options);
-    wait_until_gone(&at_b.join("0003")).await;
+    let fresh = random(4096);
+    std::fs::write(at_a.join("0008"), &fresh).unwrap();
+    std::fs::write(at_b.join("0008"), &fresh).unwrap();
+    let expected = produced(&before).unwrap() + 4096;
     let after = net
-        .wait_for_status("sae-a", "kme-a", "sae-b", "status", |_| true)
+        .wait_for_status("sae-a", "kme-a", "sae-b", "the fresh file's key", |s| {
+            produced(s) >= Some(expected)
+        })
         .await;
-    let stored = |s: &Value| s["stored_key_count"].as_u64();
-    assert_eq!(stored(&after), stored(&before), "no key from a used file");
+    assert_eq!(
+        produced(&after),
+        Some(expected),
+        "a used file gave blocks: {after}"
+    );
+    assert!(!at_a.join("0007").exists() && !at_b.join("0007").exists());
+
+    // At start: the used contents at both ends under a new name (and the one left at the
+    // other end under its old name).
+    std::fs::write(at_a.join("0009"), &files[1]).unwrap();
+    std::fs::write(at_b.join("0009"), &files[1]).unwrap();
+    let fresh = random(4096);
+    std::fs::write(at_a.join("0010"), &fresh).unwrap();
+    std::fs::write(at_b.join("0010"), &fresh).unwrap();
+    net.restart_all(&options);
+    // Counters start at 0 with the process.
+    let after = net
+        .wait_for_status("sae-a", "kme-a", "sae-b", "the fresh file's key", |s| {
+            produced(s) >= Some(4096)
+        })
+        .await;
+    assert_eq!(
+        produced(&after),
+        Some(4096),
+        "a used file gave blocks: {after}"
+    );
+    assert_eq!(produced(&link_status(&net, "kme-b").await), Some(4096));
+    for dir in [&at_a, &at_b] {
+        for name in ["0003", "0009", "0010"] {
+            wait_until_gone(&dir.join(name)).await;
+        }
+    }
+}
+
+/// The status of the link a — b at `kme`.
+async fn link_status(net: &Net, kme: &str) -> Value {
+    let (master, slave) = if kme == "kme-a" {
+        ("sae-a", "sae-b")
+    } else {
+        ("sae-b", "sae-a")
+    };
+    net.wait_for_status(master, kme, slave, "status", |_| true)
+        .await
 }
 
 async fn wait_until_gone(path: &std::path::Path) {

@@ -245,8 +245,24 @@ impl Net {
         what: &str,
         done: impl Fn(&Value) -> bool,
     ) -> Value {
+        let limit = Duration::from_secs(30);
+        self.wait_for_status_within(limit, master, master_kme, slave, what, done)
+            .await
+    }
+
+    /// `wait_for_status` with a bound of its own, for what takes many BB84 frames (a bound on
+    /// a wait, not a speed check: it only stops a test that would otherwise hang).
+    pub async fn wait_for_status_within(
+        &self,
+        limit: Duration,
+        master: &str,
+        master_kme: &str,
+        slave: &str,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         let client = self.client(Some(master));
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + limit;
         loop {
             let url = format!("{}/api/v1/keys/{slave}/status", self.url(master_kme));
             let (status, body) = client.get(&url).await;
@@ -496,4 +512,23 @@ pub fn keys(body: &Value) -> Vec<(String, String)> {
             )
         })
         .collect()
+}
+
+impl Net {
+    /// Restarts one KME (same data) on new ports of 127.0.0.1:0, so that no test binding `:0`
+    /// meanwhile can take its old ones. Its peers reach its new peer listener only through a
+    /// `peer_url` that forwards to it (e.g. a proxy the test retargets).
+    pub fn restart_on_new_ports(&mut self, kme: &'static str) {
+        self.stop(kme);
+        let sae = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ports = (
+            sae.local_addr().unwrap().port(),
+            peer.local_addr().unwrap().port(),
+        );
+        self.setup.ports.insert(kme, ports);
+        let config = Config::load(&self.setup.config_file()).unwrap();
+        let node = node::spawn(config.node(kme).unwrap(), Some(Listeners { sae, peer }));
+        self.nodes.push((kme, node.unwrap()));
+    }
 }

@@ -8,6 +8,7 @@ mod bad_input;
 mod bb84;
 mod bb84_faults;
 mod crash;
+mod db_probe;
 mod file_drop;
 mod harness;
 mod load;
