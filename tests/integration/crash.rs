@@ -175,17 +175,9 @@ async fn kill_9_rounds(options: LinkOptions, rounds: u64) {
     wait_up(&slave, &b).await;
 
     let mut delivered: Vec<(String, String)> = Vec::new();
-    // Rounds in which kme-b died in the middle of a BB84 frame (kme-a aborted it, or
-    // discarded it when kme-b, restarted, had lost it).
-    let mut frames_cut = 0;
     for round_no in 0..rounds {
         wait_for_keys(&master, &a, 16).await;
         let kill_b = round_no % 2 == 1;
-        let frames_before = if bb84 && kill_b {
-            Some(frames_at_a(&setup, &master).await)
-        } else {
-            None
-        };
         // Load from 8 concurrent masters, and a kill -9 in the middle of it: once the load
         // has had its successes, while its requests are in flight.
         let round = Rc::new(Round::default());
@@ -199,6 +191,15 @@ async fn kill_9_rounds(options: LinkOptions, rounds: u64) {
                     round.before.get()
                 );
                 actix_web::rt::time::sleep(Duration::from_millis(2)).await;
+            }
+            // And while requests are in flight (an empty pool answers 503 at once, and the
+            // load then pauses for a moment).
+            while round.in_flight.get() == 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round_no}: no request in flight"
+                );
+                actix_web::rt::time::sleep(Duration::from_micros(200)).await;
             }
             let victim = if kill_b { &mut kme_b } else { &mut kme_a };
             round.in_flight_at_kill.set(round.in_flight.get());
@@ -223,27 +224,50 @@ async fn kill_9_rounds(options: LinkOptions, rounds: u64) {
         }
         wait_up(&master, &a).await;
         wait_up(&slave, &b).await;
-        if let Some((ok, aborted, discarded)) = frames_before {
-            // Once kme-a has a good frame after the restart, the frame the kill cut (if any)
-            // has been aborted or discarded at kme-a. (The pool drained: frames run.)
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let (ok_now, _, _) = frames_at_a(&setup, &master).await;
-            let (after_ok, after_aborted, after_discarded) = loop {
-                let now = frames_at_a(&setup, &master).await;
-                if now.0 > ok_now.max(ok) {
-                    break now;
-                }
-                assert!(Instant::now() < deadline, "no BB84 frame after the restart");
-                actix_web::rt::time::sleep(Duration::from_millis(20)).await;
-            };
-            assert!(after_ok > ok);
-            if after_aborted > aborted || after_discarded > discarded {
-                frames_cut += 1;
-            }
-        }
     }
     if bb84 {
-        assert!(frames_cut > 0, "no kill of kme-b cut a BB84 frame");
+        // And one kill of kme-b that surely lands in a frame: just after kme-a started one
+        // (its window is burned once kme-b accepted the Start), while its post-processing,
+        // hundreds of round trips, runs.
+        let started = || db_probe::audit_events(setup.path(), "kme-a", "bb84_frame_started").len();
+        let count = started();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while started() == count {
+            assert!(Instant::now() < deadline, "no BB84 frame started");
+            // Take keys, so that the pools want more.
+            let (code, body) = enc(&master, &a, "sae-b", json!({"number": 16})).await;
+            match code {
+                200 => delivered.extend(keys(&body)),
+                503 => actix_web::rt::time::sleep(Duration::from_millis(2)).await,
+                _ => panic!("enc_keys answered {code}: {body}"),
+            }
+        }
+        let before = frames_at_a(&setup, &master).await;
+        kme_b.child.kill().unwrap(); // SIGKILL
+        kme_b.child.wait().unwrap();
+        kme_b = spawn(&setup, "kme-b");
+        wait_up(&slave, &b).await;
+        // Once kme-a has a good frame after the restart, the frame the kill cut has been
+        // aborted there, or discarded when kme-b, restarted, had lost it.
+        let (ok, aborted, discarded) = before;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let after = loop {
+            let now = frames_at_a(&setup, &master).await;
+            if now.0 > ok {
+                break now;
+            }
+            assert!(Instant::now() < deadline, "no BB84 frame after the restart");
+            let (code, body) = enc(&master, &a, "sae-b", json!({"number": 16})).await;
+            match code {
+                200 => delivered.extend(keys(&body)),
+                503 => actix_web::rt::time::sleep(Duration::from_millis(20)).await,
+                _ => panic!("enc_keys answered {code}: {body}"),
+            }
+        };
+        assert!(
+            after.1 > aborted || after.2 > discarded,
+            "the kill of kme-b in a frame cut no frame: before {before:?}, after {after:?}"
+        );
     }
     // And some keys after the last restart.
     let deadline = Instant::now() + Duration::from_secs(30);
