@@ -149,12 +149,25 @@ impl SaeRegistry {
         }
     }
 
+    /// The route of a request for `slave` (and `additional` slaves). Whatever can never pass
+    /// (identity, unknown or repeated SAEs, too many slaves) is refused before what depends on
+    /// the network now (a slave KME no route reaches): 401/400 before 503.
     pub fn route(
         &self,
         identity: &CertIdentity,
         slave: &str,
         additional: &[String],
     ) -> Result<KeyRoute> {
+        self.resolve(identity, slave, additional)?.into_route()
+    }
+
+    /// A request's SAEs, checked; its target, or why no route reaches it now.
+    fn resolve(
+        &self,
+        identity: &CertIdentity,
+        slave: &str,
+        additional: &[String],
+    ) -> Result<Resolved> {
         let master = self.identify(identity)?;
         let (slave, slave_kme) = self.known_sae(slave, "slave_SAE_ID")?;
         if slave == master {
@@ -163,6 +176,7 @@ impl SaeRegistry {
             ));
         }
         let mut slaves = vec![slave];
+        let mut elsewhere = None;
         for extra in additional {
             let (extra, home) = self.known_sae(extra, "additional slave SAE ID")?;
             if extra == master {
@@ -175,34 +189,87 @@ impl SaeRegistry {
                     "slave SAE ID {extra} is listed more than once"
                 )));
             }
-            if home != slave_kme {
-                return Err(Error::Unreachable(format!(
-                    "additional slave {extra} is not at the KME of the first slave: multicast across KMEs needs trusted-node relay, not available yet"
-                )));
+            if home != slave_kme && elsewhere.is_none() {
+                elsewhere = Some(extra.clone());
             }
             slaves.push(extra);
         }
         let target = if slave_kme == self.me {
-            Target::Local(self.local_limits)
-        } else if let Some(route) = self.neighbours.get(&slave_kme) {
-            Target::Neighbour(route.clone())
+            Some(Target::Local(self.local_limits))
         } else {
-            return Err(Error::Unreachable(
-                "the KME of the slave SAE is not a neighbour of this KME: trusted-node relay is not available yet".into(),
-            ));
+            self.neighbours
+                .get(&slave_kme)
+                .cloned()
+                .map(Target::Neighbour)
         };
-        let limit = target.limits().max_sae_id_count as usize;
-        if additional.len() > limit {
-            return Err(Error::BadRequest(format!(
-                "at most {limit} additional slave SAE IDs are allowed"
-            )));
+        if let Some(target) = &target {
+            let limit = target.limits().max_sae_id_count as usize;
+            if additional.len() > limit {
+                return Err(Error::BadRequest(format!(
+                    "at most {limit} additional slave SAE IDs are allowed"
+                )));
+            }
         }
-        Ok(KeyRoute {
+        let reach = match (target, elsewhere) {
+            (Some(target), None) => Reach::Now(target),
+            (Some(target), Some(extra)) => Reach::Later {
+                limits: Some(target.limits()),
+                why: Error::Unreachable(format!(
+                    "additional slave {extra} is not at the KME of the first slave: multicast across KMEs needs trusted-node relay, not available yet"
+                )),
+            },
+            (None, _) => Reach::Later {
+                limits: None,
+                why: Error::Unreachable(format!(
+                    "no route to {slave_kme}, the KME of the slave SAE: it is not a neighbour of this KME and trusted-node relay is not available yet"
+                )),
+            },
+        };
+        Ok(Resolved {
             master,
             slaves,
             slave_kme,
-            target,
+            reach,
         })
+    }
+}
+
+/// A request whose SAEs are checked, and how far it reaches.
+struct Resolved {
+    master: SaeId,
+    slaves: Vec<SaeId>,
+    slave_kme: KmeId,
+    reach: Reach,
+}
+
+enum Reach {
+    /// Served now from this target.
+    Now(Target),
+    /// Not servable now (503): `why`; `limits` of the first slave's route, if there is one.
+    Later {
+        limits: Option<KeyLimits>,
+        why: Error,
+    },
+}
+
+impl Resolved {
+    fn limits(&self) -> Option<KeyLimits> {
+        match &self.reach {
+            Reach::Now(target) => Some(target.limits()),
+            Reach::Later { limits, .. } => *limits,
+        }
+    }
+
+    fn into_route(self) -> Result<KeyRoute> {
+        match self.reach {
+            Reach::Now(target) => Ok(KeyRoute {
+                master: self.master,
+                slaves: self.slaves,
+                slave_kme: self.slave_kme,
+                target,
+            }),
+            Reach::Later { why, .. } => Err(why),
+        }
     }
 }
 
@@ -300,10 +367,21 @@ impl Handler<EncKeys> for SaeRegistry {
     type Result = ResponseFuture<Result<Vec<Key>>>;
 
     fn handle(&mut self, msg: EncKeys, _ctx: &mut Context<Self>) -> Self::Result {
+        // 400 for a request that can never pass before 503 for one no route serves now: the
+        // size checks use the limits of the first slave's link even when an additional slave
+        // is out of reach.
         let prepared = self
-            .route(&msg.identity, &msg.slave, &msg.additional)
-            .and_then(|route| {
-                let (number, size) = validate(route.target.limits(), msg.number, msg.size)?;
+            .resolve(&msg.identity, &msg.slave, &msg.additional)
+            .and_then(|resolved| {
+                let checked = resolved
+                    .limits()
+                    .map(|limits| validate(limits, msg.number, msg.size))
+                    .transpose()?;
+                let route = resolved.into_route()?;
+                let (number, size) = match checked {
+                    Some(checked) => checked,
+                    None => validate(route.target.limits(), msg.number, msg.size)?,
+                };
                 Ok((route, number, size))
             });
         let (route, number, size) = match prepared {
@@ -642,5 +720,31 @@ mod tests {
             r.route(&cert("sae-b"), "sae-b2", &own),
             Err(Error::BadRequest(_))
         ));
+    }
+
+    #[actix::test]
+    async fn a_request_that_can_never_pass_gets_400_before_one_no_route_serves_now_gets_503() {
+        let r = registry().start();
+        let enc = |additional: &[&str], size| EncKeys {
+            identity: cert("sae-b"),
+            slave: "sae-b2".into(),
+            additional: additional.iter().map(|s| s.to_string()).collect(),
+            number: Some(1),
+            size: Some(size),
+            request_id: Uuid::new_v4(),
+        };
+        // sae-a is at another KME (503 now), but two additional slaves exceed the limit of
+        // one, and 12 bits is not a size: those never pass.
+        let too_many = r.send(enc(&["sae-a", "sae-c"], 256)).await.unwrap();
+        assert_eq!(
+            too_many,
+            Err(Error::BadRequest(
+                "at most 1 additional slave SAE IDs are allowed".into()
+            ))
+        );
+        let bad_size = r.send(enc(&["sae-a"], 12)).await.unwrap();
+        assert!(matches!(bad_size, Err(Error::BadRequest(m)) if m.contains("multiple of 8")));
+        let elsewhere = r.send(enc(&["sae-a"], 256)).await.unwrap();
+        assert!(matches!(elsewhere, Err(Error::Unreachable(_))));
     }
 }
