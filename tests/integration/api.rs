@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use base64::Engine;
 use serde_json::json;
 
+use super::db_probe;
 use super::harness::{dec, enc, keys, LinkOptions, Net};
 
 #[actix::test]
@@ -45,26 +46,30 @@ async fn status_enc_and_dec_with_get_and_post() {
     let (code, body) = dec(&slave, &b, "sae-a", &ids).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(keys(&body), issued);
-    // Key material is encrypted at rest: not one key appears in the slave's database files.
-    let data = net.setup.path().join("data/kme-b");
-    let mut files = Vec::new();
-    for name in ["kme.sqlite", "kme.sqlite-wal"] {
-        files.extend(std::fs::read(data.join(name)).unwrap_or_default());
-    }
-    assert!(files.len() > 4096);
-    let (code, body) = enc(&master, &a, "sae-b", json!({"number": 4, "size": 256})).await;
+    // Key material is encrypted at rest: no 16 bytes of any key appear in the database files
+    // of any KME (the master's link blocks, the slave's bound keys), nor of its link.
+    let (code, body) = enc(&master, &a, "sae-b", json!({"number": 64, "size": 256})).await;
     assert_eq!(code, 200, "{body}");
-    let mut files = Vec::new();
-    for name in ["kme.sqlite", "kme.sqlite-wal"] {
-        files.extend(std::fs::read(data.join(name)).unwrap_or_default());
-    }
-    for (_, key) in keys(&body) {
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(key)
-            .unwrap();
+    let windows: HashSet<Vec<u8>> = keys(&body)
+        .iter()
+        .flat_map(|(_, key)| {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(key)
+                .unwrap();
+            [raw[..16].to_vec(), raw[16..].to_vec()]
+        })
+        .collect();
+    assert_eq!(windows.len(), 128);
+    for kme in ["kme-a", "kme-b"] {
+        let data = net.setup.path().join("data").join(kme);
+        let mut files = Vec::new();
+        for name in ["kme.sqlite", "kme.sqlite-wal"] {
+            files.extend(std::fs::read(data.join(name)).unwrap_or_default());
+        }
+        assert!(files.len() > 4096, "{kme}");
         assert!(
-            !files.windows(raw.len()).any(|w| w == raw.as_slice()),
-            "plaintext key on disk"
+            !files.windows(16).any(|w| windows.contains(w)),
+            "plaintext key material in {kme}'s database"
         );
     }
     // Consumed once.
@@ -147,7 +152,7 @@ async fn multicast_and_local_keys_on_one_kme() {
         assert_eq!(code, 400, "each slave retrieves once");
     }
 
-    // sae-b → sae-b2, both on kme-b: the key never leaves kme-b.
+    // sae-b → sae-b2, both on kme-b: the key never leaves kme-b (no neighbour binds it).
     let (code, status) = b1.get(&format!("{b}/api/v1/keys/sae-b2/status")).await;
     assert_eq!(code, 200, "{status}");
     assert_eq!(status["target_KME_ID"], "kme-b");
@@ -160,6 +165,62 @@ async fn multicast_and_local_keys_on_one_kme() {
     assert_eq!(keys(&body), issued);
     let unique: HashSet<_> = issued.iter().map(|(_, k)| k).collect();
     assert_eq!(unique.len(), 4);
+    for kme in ["kme-a", "kme-c"] {
+        let bound = db_probe::audit_events(net.setup.path(), kme, "keys_bound");
+        let text = serde_json::to_string(&bound).unwrap();
+        assert!(
+            ids.iter().all(|id| !text.contains(id)),
+            "a key between SAEs of kme-b was bound at {kme}"
+        );
+    }
+    let local = db_probe::audit_events(net.setup.path(), "kme-b", "keys_delivered");
+    let text = serde_json::to_string(&local).unwrap();
+    assert!(ids.iter().all(|id| text.contains(id)), "{text}");
+}
+
+#[actix::test]
+async fn optional_extensions_are_ignored() {
+    let net = Net::start(LinkOptions::default());
+    let a = net.url("kme-a");
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 1).await;
+    let master = net.client(Some("sae-a"));
+    let body =
+        json!({"number": 1, "extension_optional": [{"vendor_thing": {"x": 1}}, {"other": true}]});
+    let (code, answer) = enc(&master, &a, "sae-b", body).await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(keys(&answer).len(), 1);
+}
+
+#[actix::test]
+async fn a_key_not_retrieved_within_key_ttl_expires_with_an_audit_record() {
+    let net = Net::start(LinkOptions {
+        key_ttl_s: Some(1),
+        ..LinkOptions::default()
+    });
+    let (a, b) = (net.url("kme-a"), net.url("kme-b"));
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 1).await;
+    let master = net.client(Some("sae-a"));
+    let (code, body) = enc(&master, &a, "sae-b", json!({"number": 1})).await;
+    assert_eq!(code, 200, "{body}");
+    let id = keys(&body)[0].0.clone();
+    // Wait for the sweep's audit record (polling dec_keys would retrieve the key).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let expired = db_probe::audit_events(net.setup.path(), "kme-b", "keys_expired");
+        if serde_json::to_string(&expired).unwrap().contains(&id) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the key never expired"
+        );
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (code, answer) = dec(&net.client(Some("sae-b")), &b, "sae-a", &[&id]).await;
+    assert_eq!(
+        (code, answer["message"].as_str()),
+        (400, Some("one or more keys specified are not found on KME"))
+    );
 }
 
 #[actix::test]

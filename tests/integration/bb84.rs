@@ -80,6 +80,7 @@ async fn an_eavesdropper_aborts_the_link_its_saes_get_503_and_it_recovers_withou
 
     // The eavesdropper leaves: the same KMEs (same data, same authentication stream) recover.
     net.restart_all(&LinkOptions::bb84(""));
+    let a = net.url("kme-a");
     net.wait_for_keys("sae-a", "kme-a", "sae-b", 1).await;
     let (code, body) = enc(&sae_a, &a, "sae-b", json!({"number": 1})).await;
     assert_eq!(code, 200, "{body}");

@@ -39,6 +39,8 @@ pub struct LinkOptions {
     pub file_drop: bool,
     /// (KME, URL): where the other KMEs reach that KME's peer listener (`peer_url`).
     pub peer_urls: Vec<(&'static str, String)>,
+    /// `key_ttl_s` of every KME (how long a bound key waits for its slaves); None: default.
+    pub key_ttl_s: Option<u64>,
 }
 
 impl LinkOptions {
@@ -66,6 +68,7 @@ impl Default for LinkOptions {
             bb84: None,
             file_drop: false,
             peer_urls: Vec::new(),
+            key_ttl_s: None,
         }
     }
 }
@@ -138,6 +141,9 @@ fn network_file(
         "[tls]\nca = \"ca.crt\"\ncert_dir = \".\"\n[defaults]\nrequest_timeout_ms = 5000\nmax_sae_id_count = {}\n",
         options.max_sae_id_count
     );
+    if let Some(ttl) = options.key_ttl_s {
+        text += &format!("key_ttl_s = {ttl}\n");
+    }
     for kme in KMES {
         let (sae, peer) = ports[kme];
         text += &format!(
@@ -211,20 +217,18 @@ impl Net {
         Net { setup, nodes }
     }
 
-    /// Restarts every KME with new link options on the same ports and data (e.g. with the
+    /// Restarts every KME with new link options on the same data and new ports (e.g. with the
     /// eavesdropper gone).
     pub fn restart_all(&mut self, options: &LinkOptions) {
         for (_, node) in self.nodes.drain(..) {
             node.stop();
         }
-        let listeners: HashMap<_, _> = KMES
-            .iter()
-            .map(|k| {
-                let (sae, peer) = self.setup.ports[k];
-                let bind = |port| TcpListener::bind(("127.0.0.1", port)).unwrap();
-                (*k, (bind(sae), bind(peer)))
-            })
-            .collect();
+        // New ports: a port just freed may already be another test's (bound to :0 meanwhile).
+        let listeners = bind_all();
+        for (kme, (sae, peer)) in &listeners {
+            let port = |l: &TcpListener| l.local_addr().unwrap().port();
+            self.setup.ports.insert(*kme, (port(sae), port(peer)));
+        }
         let text = network_file(options, &self.setup.ports, self.setup.path());
         std::fs::write(self.setup.config_file(), text).unwrap();
         let config = Config::load(&self.setup.config_file()).unwrap();

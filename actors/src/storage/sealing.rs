@@ -54,6 +54,8 @@ impl Purpose {
 pub struct Sealer {
     master: [u8; 32],
     seals: AtomicU64,
+    /// Seals under one data key before the next key id is drawn (`SEALS_PER_KEY`).
+    seals_per_key: u64,
     /// Random key id of each generation (`seals / SEALS_PER_KEY`) of this run.
     key_ids: Mutex<HashMap<u64, u64>>,
     /// Fetched once: OpenSSL 3 looks an algorithm up by name on every implicit use, which
@@ -104,6 +106,7 @@ impl Sealer {
         Ok(Self {
             master,
             seals: AtomicU64::new(0),
+            seals_per_key: SEALS_PER_KEY,
             key_ids: Mutex::new(HashMap::new()),
             cipher: Cipher::fetch(None, "AES-256-GCM", None).map_err(crypto)?,
             keys: Mutex::new(HashMap::new()),
@@ -152,7 +155,7 @@ impl Sealer {
 
     pub fn seal(&self, purpose: Purpose, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
         let count = self.seals.fetch_add(1, Ordering::Relaxed);
-        let epoch = self.key_id(count / SEALS_PER_KEY)?;
+        let epoch = self.key_id(count / self.seals_per_key)?;
         let mut sealed = Vec::with_capacity(EPOCH + NONCE + plaintext.len() + TAG);
         sealed.extend_from_slice(&epoch.to_be_bytes());
         // Unique under this key: `count` is unique in this run, and the key id is of this run.
@@ -295,6 +298,33 @@ pub fn block_aad(peer: &str, owner: &str, seq: u64) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_data_key_every_seals_per_key_seals() {
+        let sealer = Sealer {
+            seals_per_key: 4,
+            ..Sealer::from_master(&[7u8; 32]).unwrap()
+        };
+        let sealed: Vec<Vec<u8>> = (0..10u8)
+            .map(|i| sealer.seal(Purpose::Key, &[i], &[i; 32]).unwrap())
+            .collect();
+        let key_id = |v: &Vec<u8>| v[..EPOCH].to_vec();
+        let generations: Vec<Vec<u8>> = sealed.iter().map(key_id).collect();
+        for (i, id) in generations.iter().enumerate() {
+            assert_eq!(
+                *id,
+                generations[i - i % 4],
+                "seal {i}: key id of its generation"
+            );
+        }
+        assert_ne!(generations[0], generations[4]);
+        assert_ne!(generations[4], generations[8]);
+        assert_ne!(generations[0], generations[8]);
+        for (i, value) in sealed.iter().enumerate() {
+            let i = i as u8;
+            assert_eq!(sealer.open(Purpose::Key, &[i], value).unwrap(), vec![i; 32]);
+        }
+    }
 
     #[test]
     fn sealed_values_open_only_with_their_key_purpose_and_row() {

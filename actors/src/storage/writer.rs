@@ -1001,12 +1001,32 @@ mod tests {
         assert!(
             conn.execute("UPDATE audit SET detail = '{}' WHERE id = 2", [])
                 .is_err(),
-            "append-only"
+            "no update"
         );
-        conn.execute_batch(
-            "DROP TRIGGER audit_no_update; UPDATE audit SET detail = '{\"i\":9}' WHERE id = 2;",
-        )
-        .unwrap();
-        assert!(db::verify_audit_chain(&conn).is_err());
+        assert!(
+            conn.execute("DELETE FROM audit WHERE id = 2", []).is_err(),
+            "no delete"
+        );
+        assert_eq!(db::verify_audit_chain(&conn).unwrap(), 3);
+        // Past the triggers (someone with the file): a middle record changed, or deleted,
+        // breaks the chain.
+        let copy = |conn: &Connection| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("copy.sqlite");
+            conn.execute("VACUUM INTO ?1", [path.to_str().unwrap()])
+                .unwrap();
+            (dir, Connection::open(path).unwrap())
+        };
+        let (_d1, changed) = copy(&conn);
+        changed
+            .execute_batch(
+                "DROP TRIGGER audit_no_update; UPDATE audit SET detail = '{\"i\":9}' WHERE id = 2;",
+            )
+            .unwrap();
+        assert!(db::verify_audit_chain(&changed).is_err(), "changed record");
+        let (_d2, cut) = copy(&conn);
+        cut.execute_batch("DROP TRIGGER audit_no_delete; DELETE FROM audit WHERE id = 2;")
+            .unwrap();
+        assert!(db::verify_audit_chain(&cut).is_err(), "deleted record");
     }
 }
