@@ -1137,7 +1137,8 @@ mod tests {
         let clean = run_frame_in_process(&p, &mut StdRng::seed_from_u64(3)).unwrap();
         let n = clean.messages as usize;
         assert!(n > 8);
-        // Every message index: drop it, or flip a bit in its content.
+        // About a dozen message indices spread over the frame, and the last two: drop it, or
+        // flip a bit in its content.
         for victim in (0..n).step_by((n / 12).max(1)).chain([n - 2, n - 1]) {
             for corrupt in [false, true] {
                 let mut rng = StdRng::seed_from_u64(3);

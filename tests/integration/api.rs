@@ -249,3 +249,84 @@ async fn a_slave_behind_a_non_neighbour_gets_503_until_relay_exists() {
     .await;
     assert_eq!(code, 503);
 }
+
+#[actix::test]
+async fn deliveries_bindings_and_retrievals_are_audited_and_the_live_chain_verifies() {
+    let net = Net::start(LinkOptions::default());
+    let (a, b) = (net.url("kme-a"), net.url("kme-b"));
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 2).await;
+    let (code, body) = enc(
+        &net.client(Some("sae-a")),
+        &a,
+        "sae-b",
+        json!({"number": 2}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let issued = keys(&body);
+    let ids: Vec<&str> = issued.iter().map(|(id, _)| id.as_str()).collect();
+    let (code, body) = dec(&net.client(Some("sae-b")), &b, "sae-a", &ids).await;
+    assert_eq!(code, 200, "{body}");
+    for (kme, event) in [
+        ("kme-a", "keys_delivered"),
+        ("kme-b", "keys_bound"),
+        ("kme-b", "keys_retrieved"),
+    ] {
+        let records = db_probe::audit_events(net.setup.path(), kme, event);
+        let text = serde_json::to_string(&records).unwrap();
+        assert!(
+            ids.iter().all(|id| text.contains(id)),
+            "{event} at {kme}: {text}"
+        );
+    }
+    // `kme audit-verify` on the live databases, next to the running KMEs.
+    for kme in ["kme-a", "kme-b", "kme-c"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kme"))
+            .args(["audit-verify", "--config"])
+            .arg(net.setup.config_file())
+            .args(["--kme", kme])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("hash chain intact"),
+            "audit-verify {kme}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[actix::test]
+async fn stored_key_count_is_exact_and_capped_at_max_key_count() {
+    // Blocks of 128 keys, pools full at 16: the pool holds far more than it may announce.
+    let net = Net::start(LinkOptions {
+        block_bytes: 4096,
+        max_key_count: 16,
+        ..LinkOptions::default()
+    });
+    let a = net.url("kme-a");
+    let master = net.client(Some("sae-a"));
+    let status = net.wait_for_keys("sae-a", "kme-a", "sae-b", 16).await;
+    let available = |s: &serde_json::Value| {
+        s["status_extension"]["link"]["available_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(available(&status) / 32 > 16, "{status}");
+    assert_eq!(status["stored_key_count"], 16, "{status}");
+    assert_eq!(status["max_key_count"], 16, "{status}");
+    // Above its high mark the link does not produce: taking 5 keys leaves 5 keys' bytes less,
+    // and the announced count stays at the cap.
+    let (code, body) = enc(&master, &a, "sae-b", json!({"number": 5})).await;
+    assert_eq!(code, 200, "{body}");
+    let after = net.wait_for_keys("sae-a", "kme-a", "sae-b", 0).await;
+    assert_eq!(available(&after), available(&status) - 5 * 32, "{after}");
+    assert_eq!(after["stored_key_count"], 16, "{after}");
+    // Still above the high mark: the pool holds exactly 16 keys fewer, and announces the cap.
+    let keys_held = available(&after) / 32;
+    let (code, body) = enc(&master, &a, "sae-b", json!({"number": 16})).await;
+    assert_eq!(code, 200, "{body}");
+    let rest = net.wait_for_keys("sae-a", "kme-a", "sae-b", 0).await;
+    assert_eq!(available(&rest) / 32, keys_held - 16, "{rest}");
+    assert_eq!(rest["stored_key_count"], 16, "{rest}");
+}
