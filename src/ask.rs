@@ -59,3 +59,52 @@ where
 {
     Ok(ask(to, msg, timeout).await??)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix::prelude::*;
+
+    /// An actor that takes one message and then never gets to the next: its mailbox (of one)
+    /// fills up behind it.
+    struct Stuck;
+
+    impl Actor for Stuck {
+        type Context = Context<Self>;
+
+        fn started(&mut self, ctx: &mut Context<Self>) {
+            ctx.set_mailbox_capacity(1);
+        }
+    }
+
+    #[derive(Message)]
+    #[rtype(result = "()")]
+    struct Hold;
+
+    impl Handler<Hold> for Stuck {
+        type Result = ();
+
+        fn handle(&mut self, _: Hold, ctx: &mut Context<Self>) {
+            ctx.wait(fut::wrap_future(std::future::pending::<()>()));
+        }
+    }
+
+    #[actix::test]
+    async fn a_full_mailbox_is_a_503_never_a_hang() {
+        let stuck = Stuck.start();
+        // One message blocks the actor; the next ones fill its mailbox.
+        stuck.do_send(Hold);
+        for _ in 0..4 {
+            let _ = stuck.try_send(Hold);
+        }
+        let answer = actix_web::rt::time::timeout(
+            Duration::from_secs(10),
+            ask(&stuck, Hold, Duration::from_millis(50)),
+        )
+        .await
+        .expect("ask returned");
+        let err = answer.expect_err("no answer from a stuck actor");
+        assert_eq!(err.status.as_u16(), 503);
+        assert_eq!(err.message, "the KME is busy; retry later");
+    }
+}
