@@ -6,7 +6,7 @@ use base64::Engine;
 use serde_json::json;
 
 use super::db_probe;
-use super::harness::{dec, enc, keys, LinkOptions, Net};
+use super::harness::{audit_verify, dec, enc, keys, LinkOptions, Net};
 
 #[actix::test]
 async fn status_enc_and_dec_with_get_and_post() {
@@ -281,18 +281,7 @@ async fn deliveries_bindings_and_retrievals_are_audited_and_the_live_chain_verif
     }
     // `kme audit-verify` on the live databases, next to the running KMEs.
     for kme in ["kme-a", "kme-b", "kme-c"] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kme"))
-            .args(["audit-verify", "--config"])
-            .arg(net.setup.config_file())
-            .args(["--kme", kme])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && stdout.contains("hash chain intact"),
-            "audit-verify {kme}: {stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        audit_verify(&net.setup, kme);
     }
 }
 

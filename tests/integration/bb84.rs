@@ -1,13 +1,13 @@
 //! BB84 links end to end: keys SAEs get come from frames post-processed between two KMEs, an
 //! eavesdropper makes the link abort (503 for its SAEs) and the link recovers without it.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use serde_json::{json, Value};
 
 use super::db_probe;
-use super::harness::{enc, LinkOptions, Net};
+use super::harness::{assert_shipment_refused, enc, LinkOptions, Net};
 
 fn qkd(status: &Value) -> &Value {
     &status["status_extension"]["link"]["qkd"]
@@ -192,15 +192,7 @@ async fn the_bob_end_refuses_stale_or_forged_bb84_messages_and_keeps_working() {
     let block = base64::engine::general_purpose::STANDARD.encode([7u8; 1024]);
     let shipment = json!({"blocks": [{"owner": "kme-b", "seq": seq, "data": block}]});
     let blocks_url = format!("{}/peer/v1/blocks", net.setup.peer_url("kme-b"));
-    let (code, answer) = kme_a.try_post(&blocks_url, &shipment).await.unwrap();
-    assert_eq!(code, 400, "{answer}");
-    assert!(
-        answer["error"]
-            .as_str()
-            .unwrap()
-            .contains("does not belong"),
-        "{answer}"
-    );
+    assert_shipment_refused(&kme_a, &blocks_url, &shipment).await;
     assert_eq!(bytes_produced(&net, "kme-b").await, produced);
     let dir = net.setup.path();
     assert_eq!(
@@ -211,38 +203,13 @@ async fn the_bob_end_refuses_stale_or_forged_bb84_messages_and_keeps_working() {
     // The link goes on producing matching keys: new frames at both ends after the forged
     // messages (the SAEs take keys, so that the pools want more).
     let frames = |s: &Value| qkd(s)["frames_ok"].as_u64().unwrap();
-    let (a0, b0) = (
-        frames(
-            &net.wait_for_status("sae-a", "kme-a", "sae-b", "status", |_| true)
-                .await,
-        ),
-        frames(
-            &net.wait_for_status("sae-b", "kme-b", "sae-a", "status", |_| true)
-                .await,
-        ),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let a = net
-            .wait_for_status("sae-a", "kme-a", "sae-b", "status", |_| true)
-            .await;
-        let b = net
-            .wait_for_status("sae-b", "kme-b", "sae-a", "status", |_| true)
-            .await;
-        if frames(&a) >= a0 + 2 && frames(&b) >= b0 + 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no new frames after the forged messages:\nkme-a {a}\nkme-b {b}"
-        );
-        if a["stored_key_count"].as_u64().unwrap() >= 64 {
-            net.key_pair(("sae-a", "kme-a"), ("sae-b", "kme-b"), 64)
-                .await;
-        } else {
-            actix_web::rt::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    let (a0, b0) = net.link_ends().await;
+    let (a0, b0) = (frames(&a0), frames(&b0));
+    net.until_link(
+        "new frames at both ends after the forged messages",
+        |a, b| frames(a) >= a0 + 2 && frames(b) >= b0 + 2,
+    )
+    .await;
     net.key_pair(("sae-a", "kme-a"), ("sae-b", "kme-b"), 2)
         .await;
     net.key_pair(("sae-b", "kme-b"), ("sae-a", "kme-a"), 2)

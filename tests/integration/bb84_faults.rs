@@ -419,39 +419,6 @@ fn count(status: &Value, key: &str) -> u64 {
     qkd(status)[key].as_u64().unwrap()
 }
 
-/// The link a — b as each end sees it: (kme-a's status, kme-b's status).
-async fn both_ends(net: &Net) -> (Value, Value) {
-    let a = net
-        .wait_for_status("sae-a", "kme-a", "sae-b", "status", |_| true)
-        .await;
-    let b = net
-        .wait_for_status("sae-b", "kme-b", "sae-a", "status", |_| true)
-        .await;
-    (a, b)
-}
-
-/// Polls both ends until `done` holds (30 s at most). The link runs frames only while a pool
-/// is below its high mark: keys are taken from kme-a's pool (and checked against kme-b's)
-/// whenever it holds plenty, so that frames keep coming.
-async fn until(net: &Net, what: &str, done: impl Fn(&Value, &Value) -> bool) -> (Value, Value) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (a, b) = both_ends(net).await;
-        if done(&a, &b) {
-            return (a, b);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen:\nkme-a {a}\nkme-b {b}"
-        );
-        if a["stored_key_count"].as_u64().unwrap() >= 128 {
-            net.key_pair(("sae-a", "kme-a"), ("sae-b", "kme-b"), 64)
-                .await;
-        }
-        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Takes every key that the pools of the link a — b held when `a` and `b` (kme-a's and kme-b's
 /// status) were read — pools hand keys out oldest first, so these include every key of the
 /// frames before — in both directions, each checked identical at the other end.
@@ -464,7 +431,7 @@ async fn every_key_matches(net: &Net, a: &Value, b: &Value) {
     } else {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let (a, b) = both_ends(net).await;
+            let (a, b) = net.link_ends().await;
             if stored(&a) + stored(&b) > 0 {
                 break (a, b);
             }
@@ -489,13 +456,14 @@ async fn every_key_matches(net: &Net, a: &Value, b: &Value) {
 /// Waits for good frames at both ends after `a0`, `b0` (kme-a's and kme-b's status after a
 /// fault), the link up at both ends, then compares every key the pools hold then.
 async fn recovers(net: &Net, what: &str, a0: &Value, b0: &Value) {
-    let (a, b) = until(net, &format!("good frames after {what}"), |a, b| {
-        count(a, "frames_ok") > count(a0, "frames_ok")
-            && count(b, "frames_ok") > count(b0, "frames_ok")
-            && a["status_extension"]["link"]["state"] == "up"
-            && b["status_extension"]["link"]["state"] == "up"
-    })
-    .await;
+    let (a, b) = net
+        .until_link(&format!("good frames after {what}"), |a, b| {
+            count(a, "frames_ok") > count(a0, "frames_ok")
+                && count(b, "frames_ok") > count(b0, "frames_ok")
+                && a["status_extension"]["link"]["state"] == "up"
+                && b["status_extension"]["link"]["state"] == "up"
+        })
+        .await;
     every_key_matches(net, &a, &b).await;
 }
 
@@ -503,26 +471,24 @@ async fn recovers(net: &Net, what: &str, a0: &Value, b0: &Value) {
 /// both ends (for one of the reasons given for kme-a and for kme-b), and the link goes on
 /// producing identical keys at both ends, in both directions.
 async fn survive(net: &Net, proxy: &Proxy, fault: Fault, at_a: &[&str], at_b: &[&str]) {
-    let (a0, b0) = both_ends(net).await;
+    let (a0, b0) = net.link_ends().await;
     proxy.arm(fault);
-    until(net, &format!("{fault:?}"), |_, _| {
-        proxy.fired(fault).is_some()
-    })
-    .await;
+    net.until_link(&format!("{fault:?}"), |_, _| proxy.fired(fault).is_some())
+        .await;
     let frame = proxy.fired(fault).unwrap();
     let matches = |status: &Value, reasons: &[&str]| {
         let last = qkd(status)["last_abort"].as_str().unwrap_or("");
         reasons.iter().any(|r| last.contains(r))
     };
-    let (a1, b1) = until(
-        net,
-        &format!("{fault:?} (frame {frame}) discarded at both ends"),
-        |a, b| {
-            count(a, "frames_aborted") > count(&a0, "frames_aborted")
-                && count(b, "frames_aborted") > count(&b0, "frames_aborted")
-        },
-    )
-    .await;
+    let (a1, b1) = net
+        .until_link(
+            &format!("{fault:?} (frame {frame}) discarded at both ends"),
+            |a, b| {
+                count(a, "frames_aborted") > count(&a0, "frames_aborted")
+                    && count(b, "frames_aborted") > count(&b0, "frames_aborted")
+            },
+        )
+        .await;
     assert!(matches(&a1, at_a), "{fault:?}: kme-a {}", qkd(&a1));
     assert!(matches(&b1, at_b), "{fault:?}: kme-b {}", qkd(&b1));
     // The link recovers by itself: new frames at both ends, and every key made up to then
@@ -571,7 +537,7 @@ async fn network_behind_proxy() -> (Net, Proxy) {
     });
     let target = format!("https://127.0.0.1:{}", net.setup.ports["kme-b"].1);
     let proxy = Proxy::start(proxy_listener, net.setup.path(), target);
-    until(&net, "good frames through the proxy", |a, b| {
+    net.until_link("good frames through the proxy", |a, b| {
         count(a, "frames_ok") >= 2 && count(b, "frames_ok") >= 2
     })
     .await;
@@ -632,17 +598,16 @@ fn retried_commits(proxy: &Proxy, frame: u64) -> Vec<CommitSeen> {
 /// kme-b stores (or has stored) the frame's key: no frame is lost, nothing is discarded.
 async fn a_lost_commit_is_retried(net: &Net, proxy: &Proxy, fault: Fault) {
     proxy.arm(fault);
-    until(net, &format!("{fault:?}"), |_, _| {
-        proxy.fired(fault).is_some()
-    })
-    .await;
+    net.until_link(&format!("{fault:?}"), |_, _| proxy.fired(fault).is_some())
+        .await;
     let frame = proxy.fired(fault).unwrap();
-    let (a, b) = until(net, &format!("{fault:?}: the commit retried"), |_, _| {
-        retried_commits(proxy, frame)
-            .iter()
-            .any(|c| c.status == Some(200))
-    })
-    .await;
+    let (a, b) = net
+        .until_link(&format!("{fault:?}: the commit retried"), |_, _| {
+            retried_commits(proxy, frame)
+                .iter()
+                .any(|c| c.status == Some(200))
+        })
+        .await;
     let commits: Vec<CommitSeen> = proxy
         .commits()
         .into_iter()
@@ -668,13 +633,14 @@ async fn a_lost_commit_or_final_confirm_never_mismatches_and_a_lost_frame_frees_
 
     // The final Confirm lost: kme-b counted the frame as good and holds its key, kme-a gave it
     // up. Only a Commit delivers key, and it never comes for that frame.
-    let (a0, _) = both_ends(&net).await;
+    let (a0, _) = net.link_ends().await;
     proxy.arm(Fault::DropConfirm);
-    let (a1, b1) = until(&net, "the final Confirm lost", |a, _| {
-        proxy.fired(Fault::DropConfirm).is_some()
-            && count(a, "frames_aborted") > count(&a0, "frames_aborted")
-    })
-    .await;
+    let (a1, b1) = net
+        .until_link("the final Confirm lost", |a, _| {
+            proxy.fired(Fault::DropConfirm).is_some()
+                && count(a, "frames_aborted") > count(&a0, "frames_aborted")
+        })
+        .await;
     let frame = proxy.fired(Fault::DropConfirm).unwrap();
     let last = qkd(&a1)["last_abort"].as_str().unwrap_or("");
     assert!(last.contains("message exchange failed"), "{a1}");
@@ -688,7 +654,7 @@ async fn a_lost_commit_or_final_confirm_never_mismatches_and_a_lost_frame_frees_
     // commit, held up meanwhile, is answered `frame_lost`; kme-a discards the blocks (audited)
     // and numbers the next frames' blocks from the same numbers.
     proxy.hold_commits(true);
-    until(&net, "a commit held up", |_, _| {
+    net.until_link("a commit held up", |_, _| {
         !proxy.commits().is_empty() && proxy.commits().last().unwrap().status.is_none()
     })
     .await;
@@ -696,7 +662,7 @@ async fn a_lost_commit_or_final_confirm_never_mismatches_and_a_lost_frame_frees_
     let frame = lost.frame.unwrap();
     net.restart_on_new_ports("kme-b");
     proxy.retarget(format!("https://127.0.0.1:{}", net.setup.ports["kme-b"].1));
-    let b0 = both_ends(&net).await.1;
+    let b0 = net.link_ends().await.1;
     proxy.hold_commits(false);
     let dir = net.setup.path().to_path_buf();
     let discarded = || {
@@ -704,10 +670,8 @@ async fn a_lost_commit_or_final_confirm_never_mismatches_and_a_lost_frame_frees_
             .into_iter()
             .find(|d| d["frame_id"] == frame)
     };
-    until(&net, "the lost frame discarded", |_, _| {
-        discarded().is_some()
-    })
-    .await;
+    net.until_link("the lost frame discarded", |_, _| discarded().is_some())
+        .await;
     assert_eq!(
         discarded().unwrap()["blocks"],
         lost.blocks.len(),
@@ -735,10 +699,11 @@ async fn a_lost_commit_or_final_confirm_never_mismatches_and_a_lost_frame_frees_
             .iter()
             .any(|c| c.frame != Some(frame) && c.status == Some(200) && c.blocks.contains(first))
     };
-    let (a2, b2) = until(&net, "the lost frame's numbers used again", |_, b| {
-        firsts.iter().all(reused) && count(b, "frames_ok") > count(&b0, "frames_ok")
-    })
-    .await;
+    let (a2, b2) = net
+        .until_link("the lost frame's numbers used again", |_, b| {
+            firsts.iter().all(reused) && count(b, "frames_ok") > count(&b0, "frames_ok")
+        })
+        .await;
     every_key_matches(&net, &a2, &b2).await;
 
     proxy.server.stop(true).await;

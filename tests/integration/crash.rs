@@ -12,7 +12,7 @@ use base64::Engine;
 use serde_json::json;
 
 use super::db_probe;
-use super::harness::{dec, enc, keys, Client, LinkOptions, Setup, KMES};
+use super::harness::{audit_verify, dec, enc, keys, Client, LinkOptions, Setup, KMES};
 
 struct Process {
     child: Child,
@@ -318,18 +318,7 @@ async fn kill_9_rounds(options: LinkOptions, rounds: u64) {
     drop(kme_a);
     drop(kme_b);
     for kme in ["kme-a", "kme-b"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_kme"))
-            .args(["audit-verify", "--config"])
-            .arg(setup.config_file())
-            .args(["--kme", kme])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && stdout.contains("hash chain intact"),
-            "audit-verify {kme}: {stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        audit_verify(&setup, kme);
     }
 }
 

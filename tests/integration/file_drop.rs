@@ -7,7 +7,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use super::db_probe;
-use super::harness::{LinkOptions, Net};
+use super::harness::{assert_shipment_refused, LinkOptions, Net};
 
 fn drop_dir(net: &Net, kme: &str, peer: &str) -> PathBuf {
     let dir = net.setup.path().join(format!("data/{kme}/key-drop/{peer}"));
@@ -109,19 +109,7 @@ async fn keys_come_from_matching_key_files_which_are_destroyed_after_use() {
     let block = base64::engine::general_purpose::STANDARD.encode([7u8; 1024]);
     let shipment = json!({"blocks": [{"owner": "kme-b", "seq": seq, "data": block}]});
     let blocks_url = format!("{}/peer/v1/blocks", net.setup.peer_url("kme-b"));
-    let (code, answer) = net
-        .client(Some("kme-a"))
-        .try_post(&blocks_url, &shipment)
-        .await
-        .unwrap();
-    assert_eq!(code, 400, "{answer}");
-    assert!(
-        answer["error"]
-            .as_str()
-            .unwrap()
-            .contains("does not belong"),
-        "{answer}"
-    );
+    assert_shipment_refused(&net.client(Some("kme-a")), &blocks_url, &shipment).await;
     assert_eq!(
         produced(&link_status(&net, "kme-b").await),
         produced(&before)

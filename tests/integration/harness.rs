@@ -240,6 +240,43 @@ impl Net {
         }
     }
 
+    /// The link a — b as each end sees it: (kme-a's status, kme-b's status).
+    pub async fn link_ends(&self) -> (Value, Value) {
+        let a = self
+            .wait_for_status("sae-a", "kme-a", "sae-b", "status", |_| true)
+            .await;
+        let b = self
+            .wait_for_status("sae-b", "kme-b", "sae-a", "status", |_| true)
+            .await;
+        (a, b)
+    }
+
+    /// Polls both ends of the link a — b until `done` holds (30 s at most). The link runs
+    /// frames only while a pool is below its high mark: keys are taken from kme-a's pool (and
+    /// checked against kme-b's) whenever it holds plenty, so that frames keep coming.
+    pub async fn until_link(
+        &self,
+        what: &str,
+        done: impl Fn(&Value, &Value) -> bool,
+    ) -> (Value, Value) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (a, b) = self.link_ends().await;
+            if done(&a, &b) {
+                return (a, b);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not happen:\nkme-a {a}\nkme-b {b}"
+            );
+            if a["stored_key_count"].as_u64().unwrap() >= 128 {
+                self.key_pair(("sae-a", "kme-a"), ("sae-b", "kme-b"), 64)
+                    .await;
+            }
+            actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Polls `master`'s status towards `slave` until `done` holds for it (30 s at most).
     pub async fn wait_for_status(
         &self,
@@ -535,4 +572,35 @@ impl Net {
         let node = node::spawn(config.node(kme).unwrap(), Some(Listeners { sae, peer }));
         self.nodes.push((kme, node.unwrap()));
     }
+}
+
+/// Runs `kme audit-verify` on `kme`'s database (the KME may be running, or killed) and asserts
+/// that it reports the hash chain intact.
+pub fn audit_verify(setup: &Setup, kme: &str) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kme"))
+        .args(["audit-verify", "--config"])
+        .arg(setup.config_file())
+        .args(["--kme", kme])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("hash chain intact"),
+        "audit-verify {kme}: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Ships `shipment` (a blocks message) to `url` as a neighbour (`client`) and asserts that it
+/// is refused because its block is not the receiver's to take.
+pub async fn assert_shipment_refused(client: &Client, url: &str, shipment: &Value) {
+    let (code, answer) = client.try_post(url, shipment).await.unwrap();
+    assert_eq!(code, 400, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not belong"),
+        "{answer}"
+    );
 }
