@@ -15,9 +15,10 @@ use kme_actors::types::CertIdentity;
 use openssl::hash::MessageDigest;
 use openssl::nid::Nid;
 use openssl::ssl::{
-    SslAcceptor, SslAcceptorBuilder, SslConnector, SslContextBuilder, SslFiletype, SslMethod,
-    SslVerifyMode, SslVersion,
+    SslAcceptor, SslAcceptorBuilder, SslConnector, SslConnectorBuilder, SslContextBuilder,
+    SslFiletype, SslMethod, SslVerifyMode, SslVersion,
 };
+use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::{X509PurposeId, X509Ref, X509VerifyResult};
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +97,17 @@ pub fn peer_acceptor(ca: &Path, cert: &Path, key: &Path) -> Result<SslAcceptorBu
     Ok(builder)
 }
 
+/// Client side of mutual TLS: [`load_identity`], the server's certificate verified.
+fn base_connector(ca: &Path, cert: &Path, key: &Path) -> Result<SslConnectorBuilder, TlsError> {
+    let mut builder = SslConnector::builder(SslMethod::tls_client()).map_err(at(cert))?;
+    // `SslConnector::builder` also trusts the system's CAs: start from an empty store, so
+    // that our CA is the only trust anchor.
+    builder.set_cert_store(X509StoreBuilder::new().map_err(at(ca))?.build());
+    load_identity(&mut builder, ca, cert, key)?;
+    builder.set_verify(SslVerifyMode::PEER);
+    Ok(builder)
+}
+
 /// Client of the KME-to-KME channel towards `expected_peer`.
 pub fn peer_connector(
     ca: &Path,
@@ -103,8 +115,7 @@ pub fn peer_connector(
     key: &Path,
     expected_peer: &str,
 ) -> Result<SslConnector, TlsError> {
-    let mut builder = SslConnector::builder(SslMethod::tls()).map_err(at(cert))?;
-    load_identity(&mut builder, ca, cert, key)?;
+    let mut builder = base_connector(ca, cert, key)?;
     let expected = expected_peer.to_string();
     builder.set_verify_callback(SslVerifyMode::PEER, move |preverified, ctx| {
         if !preverified {
@@ -123,9 +134,7 @@ pub fn peer_connector(
 /// only, the SAE's certificate and key, HTTP/1.1 by ALPN (one request in flight per
 /// connection, kept alive).
 pub fn sae_connector(ca: &Path, cert: &Path, key: &Path) -> Result<SslConnector, TlsError> {
-    let mut builder = SslConnector::builder(SslMethod::tls_client()).map_err(at(cert))?;
-    load_identity(&mut builder, ca, cert, key)?;
-    builder.set_verify(SslVerifyMode::PEER);
+    let mut builder = base_connector(ca, cert, key)?;
     builder.set_alpn_protos(b"\x08http/1.1").map_err(at(cert))?;
     Ok(builder.build())
 }
@@ -220,4 +229,47 @@ pub fn https_client(
         )
         .timeout(timeout)
         .finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openssl::asn1::Asn1Time;
+    use openssl::ec::{EcGroup, EcKey};
+    use openssl::pkey::PKey;
+    use openssl::x509::extension::BasicConstraints;
+    use openssl::x509::{X509Name, X509};
+
+    #[test]
+    fn our_ca_is_the_only_trust_anchor_of_our_clients() {
+        let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+        let key = PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
+        let mut name = X509Name::builder().unwrap();
+        name.append_entry_by_nid(Nid::COMMONNAME, "test ca")
+            .unwrap();
+        let name = name.build();
+        let mut ca = X509::builder().unwrap();
+        ca.set_version(2).unwrap();
+        ca.set_subject_name(&name).unwrap();
+        ca.set_issuer_name(&name).unwrap();
+        ca.set_pubkey(&key).unwrap();
+        ca.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        ca.set_not_after(&Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        ca.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
+            .unwrap();
+        ca.sign(&key, MessageDigest::sha256()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (ca_file, key_file) = (dir.path().join("ca.crt"), dir.path().join("ca.key"));
+        std::fs::write(&ca_file, ca.build().to_pem().unwrap()).unwrap();
+        std::fs::write(&key_file, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+        for connector in [
+            sae_connector(&ca_file, &ca_file, &key_file).unwrap(),
+            peer_connector(&ca_file, &ca_file, &key_file, "kme-b").unwrap(),
+        ] {
+            let anchors = connector.context().cert_store().all_certificates();
+            assert_eq!(anchors.len(), 1, "the system's CAs are trusted too");
+        }
+    }
 }
