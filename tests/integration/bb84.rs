@@ -1,7 +1,7 @@
 //! BB84 links end to end: keys SAEs get come from frames post-processed between two KMEs, an
 //! eavesdropper makes the link abort (503 for its SAEs) and the link recovers without it.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::{json, Value};
@@ -96,12 +96,21 @@ async fn an_eavesdropper_aborts_the_link_its_saes_get_503_and_it_recovers_withou
 /// driving end starts no frame until SAEs take keys, so the link's state holds still. That is
 /// some 40 frames: on a loaded 2-core machine, more than the usual 30 s.
 async fn until_pools_full(net: &Net) {
-    let limit = Duration::from_secs(180);
+    let deadline = Instant::now() + Duration::from_secs(180);
     for (master, kme, slave) in [("sae-a", "kme-a", "sae-b"), ("sae-b", "kme-b", "sae-a")] {
-        net.wait_for_status_within(limit, master, kme, slave, "a full pool", |s| {
-            s["stored_key_count"].as_u64() >= Some(512)
-        })
-        .await;
+        loop {
+            let status = net
+                .wait_for_status(master, kme, slave, "status", |_| true)
+                .await;
+            if status["stored_key_count"].as_u64() >= Some(512) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a full pool did not happen: {status}"
+            );
+            actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 

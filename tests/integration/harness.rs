@@ -286,24 +286,8 @@ impl Net {
         what: &str,
         done: impl Fn(&Value) -> bool,
     ) -> Value {
-        let limit = Duration::from_secs(30);
-        self.wait_for_status_within(limit, master, master_kme, slave, what, done)
-            .await
-    }
-
-    /// `wait_for_status` with a bound of its own, for what takes many BB84 frames (a bound on
-    /// a wait, not a speed check: it only stops a test that would otherwise hang).
-    pub async fn wait_for_status_within(
-        &self,
-        limit: Duration,
-        master: &str,
-        master_kme: &str,
-        slave: &str,
-        what: &str,
-        done: impl Fn(&Value) -> bool,
-    ) -> Value {
         let client = self.client(Some(master));
-        let deadline = Instant::now() + limit;
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let url = format!("{}/api/v1/keys/{slave}/status", self.url(master_kme));
             let (status, body) = client.get(&url).await;
