@@ -86,6 +86,51 @@ async fn exhaustion_answers_503_then_the_pool_refills() {
     }
 }
 
+/// `stored_key_count` is exactly what the master can get: it falls by each request, and at 0
+/// the next key is a 503 from the pool. The link makes two blocks at once at start (one per
+/// end), then one per 1024 s at 8 bit/s: no refill lands during the test, so the count can be
+/// checked exactly.
+#[actix::test]
+async fn stored_key_count_is_exactly_what_the_master_can_get() {
+    let net = Net::start(LinkOptions {
+        rate_bits_per_s: 8,
+        block_bytes: 1024,
+        max_key_count: 1000,
+        ..LinkOptions::default()
+    });
+    let a = net.url("kme-a");
+    let master = net.client(Some("sae-a"));
+    let status_url = format!("{a}/api/v1/keys/sae-b/status");
+    let status = net
+        .wait_for_status("sae-a", "kme-a", "sae-b", "the first blocks", |s| {
+            s["status_extension"]["link"]["bytes_produced"] == 2048
+                && s["stored_key_count"].as_u64() > Some(0)
+        })
+        .await;
+    let stored = status["stored_key_count"].as_u64().unwrap();
+    assert_eq!(stored, 1024 / 32, "one block of 256-bit keys: {status}");
+    let mut left = stored;
+    for number in [10, 7, 15] {
+        let (code, body) = enc(&master, &a, "sae-b", json!({ "number": number })).await;
+        assert_eq!(code, 200, "{body}");
+        left -= number;
+        let (code, status) = master.get(&status_url).await;
+        assert_eq!(code, 200);
+        assert_eq!(status["stored_key_count"], left, "{status}");
+    }
+    assert_eq!(left, 0);
+    let (code, body) = enc(&master, &a, "sae-b", json!({"number": 1})).await;
+    assert_eq!(
+        (code, &body["message"]),
+        (
+            503,
+            &json!("not enough key material for this request right now; retry later")
+        )
+    );
+    let (_, status) = master.get(&status_url).await;
+    assert_eq!(status["status_extension"]["link"]["bytes_produced"], 2048);
+}
+
 #[actix::test]
 async fn a_dead_peer_gives_503_and_the_kme_keeps_serving() {
     let mut net = Net::start(LinkOptions::default());

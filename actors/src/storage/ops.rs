@@ -361,7 +361,8 @@ pub trait Queued: Send {
 
 /// The outcome of an applied operation, not yet told to its caller.
 pub trait Completion: Send {
-    fn failed(&self) -> bool;
+    /// Why the operation failed, if it did.
+    fn error(&self) -> Option<&Error>;
     /// The transaction is durable: the caller gets the operation's outcome.
     fn complete(self: Box<Self>);
     /// The transaction was rolled back: the caller gets `err` instead of the outcome.
@@ -401,8 +402,8 @@ struct Applied<T> {
 }
 
 impl<T: Send + 'static> Completion for Applied<T> {
-    fn failed(&self) -> bool {
-        self.outcome.is_err()
+    fn error(&self) -> Option<&Error> {
+        self.outcome.as_ref().err()
     }
 
     fn complete(self: Box<Self>) {

@@ -149,9 +149,14 @@ impl DbWriter {
                 block_cache: &mut self.block_cache,
             };
             let done = op.apply(&mut txn);
-            let failed = done.failed();
+            let error = done.error().cloned();
             applied.push(done);
-            if failed {
+            if let Some(err) = error {
+                if tx.is_autocommit() {
+                    // SQLite rolled the whole transaction back (it does on SQLITE_FULL, and
+                    // may on I/O errors): nothing of the batch stands, and this is why.
+                    return Err(err);
+                }
                 savepoint("ROLLBACK TO op")?;
                 head = savepoint_head;
             }
@@ -981,6 +986,42 @@ mod tests {
             )
             .unwrap();
         assert_eq!(events, 1);
+    }
+
+    /// A batch that fills the database (its quota, as on a full disk) fails as a whole, with
+    /// the reason: SQLite rolls the whole transaction back on SQLITE_FULL, and the batch must
+    /// not then fail with "no such savepoint" instead. Nothing of it stands; the next batch
+    /// goes on from the same audit head.
+    #[test]
+    fn a_full_database_fails_the_batch_with_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, _) = db::open_with_quota(&dir.path().join("t.sqlite"), 1, Some(1)).unwrap();
+        let mut writer = DbWriter::new(pool.clone(), Arc::new(sealer()));
+        let small = |i: u32| AppendAudit(AuditRecord::new("test", serde_json::json!({ "i": i })));
+        let mut batch = Vec::new();
+        let mut first = queue(&mut batch, small(0));
+        writer.write(batch).unwrap();
+        assert_eq!(first.try_recv().unwrap(), Ok(()));
+        let mut batch = Vec::new();
+        let mut before = queue(&mut batch, small(1));
+        let huge = AppendAudit(AuditRecord::new("test", "x".repeat(2 << 20)));
+        let mut filling = queue(&mut batch, huge);
+        let mut after = queue(&mut batch, small(2));
+        let reason = writer.write(batch).unwrap_err().to_string();
+        assert!(reason.contains("database or disk is full"), "{reason}");
+        for outcome in [&mut before, &mut filling, &mut after] {
+            let told = outcome.try_recv().unwrap().unwrap_err().to_string();
+            assert!(told.contains("database or disk is full"), "{told}");
+        }
+        let conn = pool.get().unwrap();
+        assert_eq!(db::verify_audit_chain(&conn).unwrap(), 1, "nothing stands");
+        drop(conn);
+        let mut batch = Vec::new();
+        let mut next = queue(&mut batch, small(3));
+        writer.write(batch).unwrap();
+        assert_eq!(next.try_recv().unwrap(), Ok(()));
+        let conn = pool.get().unwrap();
+        assert_eq!(db::verify_audit_chain(&conn).unwrap(), 2);
     }
 
     #[test]
