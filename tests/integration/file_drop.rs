@@ -150,13 +150,14 @@ async fn keys_come_from_matching_key_files_which_are_destroyed_after_use() {
     assert!(!at_a.join("0007").exists() && !at_b.join("0007").exists());
 
     // At start: the used contents at both ends under a new name (and the one left at the
-    // other end under its old name).
-    std::fs::write(at_a.join("0009"), &files[1]).unwrap();
-    std::fs::write(at_b.join("0009"), &files[1]).unwrap();
+    // other end under its old name), written while the KMEs are down.
     let fresh = random(4096);
-    std::fs::write(at_a.join("0010"), &fresh).unwrap();
-    std::fs::write(at_b.join("0010"), &fresh).unwrap();
-    net.restart_all(&options);
+    net.restart_all_after(&options, || {
+        std::fs::write(at_a.join("0009"), &files[1]).unwrap();
+        std::fs::write(at_b.join("0009"), &files[1]).unwrap();
+        std::fs::write(at_a.join("0010"), &fresh).unwrap();
+        std::fs::write(at_b.join("0010"), &fresh).unwrap();
+    });
     // Counters start at 0 with the process.
     let after = net
         .wait_for_status("sae-a", "kme-a", "sae-b", "the fresh file's key", |s| {

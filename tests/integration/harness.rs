@@ -220,9 +220,15 @@ impl Net {
     /// Restarts every KME with new link options on the same data and new ports (e.g. with the
     /// eavesdropper gone).
     pub fn restart_all(&mut self, options: &LinkOptions) {
+        self.restart_all_after(options, || {});
+    }
+
+    /// `restart_all`, running `while_stopped` once every KME has stopped.
+    pub fn restart_all_after(&mut self, options: &LinkOptions, while_stopped: impl FnOnce()) {
         for (_, node) in self.nodes.drain(..) {
             node.stop();
         }
+        while_stopped();
         // New ports: a port just freed may already be another test's (bound to :0 meanwhile).
         let listeners = bind_all();
         for (kme, (sae, peer)) in &listeners {
