@@ -253,13 +253,6 @@ enum Reach {
 }
 
 impl Resolved {
-    fn limits(&self) -> Option<KeyLimits> {
-        match &self.reach {
-            Reach::Now(target) => Some(target.limits()),
-            Reach::Later { limits, .. } => *limits,
-        }
-    }
-
     fn into_route(self) -> Result<KeyRoute> {
         match self.reach {
             Reach::Now(target) => Ok(KeyRoute {
@@ -270,6 +263,25 @@ impl Resolved {
             }),
             Reach::Later { why, .. } => Err(why),
         }
+    }
+
+    /// The route of an enc_keys request and its checked `number` and `size`. The size checks
+    /// use the first slave's limits even when the request cannot be served now: 400 before 503.
+    fn into_request(
+        self,
+        number: Option<i64>,
+        size: Option<i64>,
+    ) -> Result<(KeyRoute, KeyCount, KeySizeBits)> {
+        if let Reach::Later {
+            limits: Some(limits),
+            ..
+        } = &self.reach
+        {
+            validate(*limits, number, size)?;
+        }
+        let route = self.into_route()?;
+        let (number, size) = validate(route.target.limits(), number, size)?;
+        Ok((route, number, size))
     }
 }
 
@@ -367,23 +379,9 @@ impl Handler<EncKeys> for SaeRegistry {
     type Result = ResponseFuture<Result<Vec<Key>>>;
 
     fn handle(&mut self, msg: EncKeys, _ctx: &mut Context<Self>) -> Self::Result {
-        // 400 for a request that can never pass before 503 for one no route serves now: the
-        // size checks use the limits of the first slave's link even when an additional slave
-        // is out of reach.
         let prepared = self
             .resolve(&msg.identity, &msg.slave, &msg.additional)
-            .and_then(|resolved| {
-                let checked = resolved
-                    .limits()
-                    .map(|limits| validate(limits, msg.number, msg.size))
-                    .transpose()?;
-                let route = resolved.into_route()?;
-                let (number, size) = match checked {
-                    Some(checked) => checked,
-                    None => validate(route.target.limits(), msg.number, msg.size)?,
-                };
-                Ok((route, number, size))
-            });
+            .and_then(|resolved| resolved.into_request(msg.number, msg.size));
         let (route, number, size) = match prepared {
             Ok(prepared) => prepared,
             Err(err) => return Box::pin(async { Err(err) }),

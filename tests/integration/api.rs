@@ -286,7 +286,7 @@ async fn deliveries_bindings_and_retrievals_are_audited_and_the_live_chain_verif
 }
 
 #[actix::test]
-async fn stored_key_count_is_exact_and_capped_at_max_key_count() {
+async fn stored_key_count_is_capped_at_max_key_count_while_the_pool_holds_more() {
     // Blocks of 128 keys, pools full at 16: the pool holds far more than it may announce.
     let net = Net::start(LinkOptions {
         block_bytes: 4096,

@@ -36,12 +36,6 @@ impl<O: Operation> Message for Exec<O> {
     type Result = Result<O::Output>;
 }
 
-impl<O: Operation> From<O> for Exec<O> {
-    fn from(op: O) -> Self {
-        Exec(op)
-    }
-}
-
 pub struct Store {
     writer: Addr<DbWriter>,
     checkpointer: Option<Addr<DbCheckpointer>>,
