@@ -140,3 +140,22 @@ impl Pki {
         .unwrap();
     }
 }
+
+/// Our clients (KME-to-KME, SAE) trust our CA only: `SslConnector::builder` also loads the
+/// system's trust store, which would let a publicly issued certificate naming a neighbour's
+/// KME ID pass.
+#[test]
+fn our_ca_is_the_only_trust_anchor_of_our_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    pki.issue("kme-a", Some("kme-a"), true, Validity::Valid);
+    let file = |name: &str| dir.path().join(name);
+    let (ca, cert, key) = (file("ca.crt"), file("kme-a.crt"), file("kme-a.key"));
+    for connector in [
+        kme::tls::sae_connector(&ca, &cert, &key).unwrap(),
+        kme::tls::peer_connector(&ca, &cert, &key, "kme-b").unwrap(),
+    ] {
+        let anchors = connector.context().cert_store().all_certificates();
+        assert_eq!(anchors.len(), 1, "the system's CAs are trusted too");
+    }
+}
