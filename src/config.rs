@@ -61,6 +61,7 @@ struct RawTls {
 struct RawLinkSettings {
     request_timeout_ms: Option<u64>,
     key_ttl_s: Option<u64>,
+    route_advert_ms: Option<u64>,
     source: Option<String>,
     rate_bits_per_s: Option<u64>,
     block_bytes: Option<usize>,
@@ -120,6 +121,7 @@ impl RawLinkSettings {
         RawLinkSettings {
             request_timeout_ms: self.request_timeout_ms.or(d.request_timeout_ms),
             key_ttl_s: self.key_ttl_s.or(d.key_ttl_s),
+            route_advert_ms: self.route_advert_ms.or(d.route_advert_ms),
             source: self.source.clone().or_else(|| d.source.clone()),
             rate_bits_per_s: self.rate_bits_per_s.or(d.rate_bits_per_s),
             block_bytes: self.block_bytes.or(d.block_bytes),
@@ -206,6 +208,8 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Keys not retrieved by all their slaves within this time are deleted (audited).
     pub key_ttl: Duration,
+    /// How often each KME sends its link states to its neighbours (relay routing).
+    pub route_advert: Duration,
     pub kmes: Vec<KmeSpec>,
     pub sae_homes: HashMap<SaeId, KmeId>,
     /// SAEs identified by certificate fingerprint (SHA-256, lowercase hex) instead of CN.
@@ -232,7 +236,10 @@ pub struct NodeConfig {
     pub key: PathBuf,
     pub request_timeout: Duration,
     pub key_ttl: Duration,
+    pub route_advert: Duration,
     pub neighbours: Vec<Neighbour>,
+    /// Every link of the network (the static topology relay routes are found in).
+    pub links: Vec<(KmeId, KmeId)>,
     pub sae_homes: HashMap<SaeId, KmeId>,
     pub pinned: HashMap<String, SaeId>,
     pub kmes: HashSet<KmeId>,
@@ -305,7 +312,13 @@ impl Config {
             ca: self.ca.clone(),
             request_timeout: self.request_timeout,
             key_ttl: self.key_ttl,
+            route_advert: self.route_advert,
             neighbours,
+            links: self
+                .links
+                .iter()
+                .map(|l| (l.ends[0].clone(), l.ends[1].clone()))
+                .collect(),
             sae_homes: self.sae_homes.clone(),
             pinned: self.pinned.clone(),
             kmes: self.kmes.iter().map(|k| k.id.clone()).collect(),
@@ -477,10 +490,13 @@ impl Validator<'_> {
             if !pairs.insert(pair) {
                 return Err(self.err("link.ends", format!("link {a} — {b} is defined twice")));
             }
-            if l.settings.request_timeout_ms.is_some() || l.settings.key_ttl_s.is_some() {
+            if l.settings.request_timeout_ms.is_some()
+                || l.settings.key_ttl_s.is_some()
+                || l.settings.route_advert_ms.is_some()
+            {
                 return Err(self.err(
                     "link",
-                    "request_timeout_ms and key_ttl_s belong in [defaults]",
+                    "request_timeout_ms, key_ttl_s and route_advert_ms belong in [defaults]",
                 ));
             }
             let s = l.settings.or(&defaults);
@@ -502,6 +518,9 @@ impl Validator<'_> {
                     .key_ttl_s
                     .unwrap_or(86_400)
                     .clamp(1, 10 * 365 * 86_400),
+            ),
+            route_advert: Duration::from_millis(
+                defaults.route_advert_ms.unwrap_or(500).clamp(50, 60_000),
             ),
             kmes,
             sae_homes,

@@ -50,6 +50,8 @@ impl From<Error> for ApiError {
         match err {
             Error::BadRequest(message) => Self::bad_request(message),
             Error::KeysNotFound => Self::bad_request(etsi::KEYS_NOT_FOUND),
+            Error::ExtensionUnmet(why) => Self::bad_request(etsi::EXTENSION_UNSATISFIED)
+                .with_detail(serde_json::json!({"extension_mandatory_unmet": why})),
             Error::NotAuthorized(message) => Self::unauthorized(message),
             Error::PoolExhausted { .. } | Error::Unreachable(_) => {
                 Self::unavailable(err.to_string())
@@ -95,7 +97,7 @@ mod tests {
     /// until it is given its code here (and an example in the test below).
     fn expected_status(err: &Error) -> u16 {
         match err {
-            Error::BadRequest(_) | Error::KeysNotFound => 400,
+            Error::BadRequest(_) | Error::KeysNotFound | Error::ExtensionUnmet(_) => 400,
             Error::NotAuthorized(_) => 401,
             Error::PoolExhausted { .. }
             | Error::Unreachable(_)
@@ -114,6 +116,7 @@ mod tests {
         let cases = [
             Error::BadRequest("x".into()),
             Error::KeysNotFound,
+            Error::ExtensionUnmet("x".into()),
             Error::NotAuthorized("x".into()),
             Error::PoolExhausted { peer: "p".into() },
             Error::Unreachable("x".into()),

@@ -1,6 +1,7 @@
 //! ETSI GS QKD 014 V1.1.1 data formats (clause 6) and the messages the standard fixes.
 //!
-//! Requests are parsed strictly: unknown fields and wrong types are refused with 400. The
+//! Requests are parsed strictly: wrong types are refused with 400, and so are unknown fields,
+//! except at the top level of a key request (see `KeyRequest`). The
 //! values are then validated against the link's limits by the domain (`KeyCount`,
 //! `KeySizeBits` in `kme_actors::types`).
 
@@ -41,16 +42,37 @@ pub struct Status {
     pub status_extension: Option<serde_json::Value>,
 }
 
-/// Key request (clause 6.2): every item optional.
+/// Key request (clause 6.2): every item optional. Deployed clients send fields the standard
+/// does not name: `additional_target_sae_ids` is taken as `additional_slave_SAE_IDs`; other
+/// unknown top-level fields are kept in `unknown` (logged, then ignored). Known fields are
+/// typed strictly.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 #[allow(non_snake_case)]
 pub struct KeyRequest {
     pub number: Option<i64>,
     pub size: Option<i64>,
     pub additional_slave_SAE_IDs: Option<Vec<String>>,
+    pub additional_target_sae_ids: Option<Vec<String>>,
     pub extension_mandatory: Option<Vec<HashMap<String, serde_json::Value>>>,
     pub extension_optional: Option<Vec<HashMap<String, serde_json::Value>>>,
+    #[serde(flatten)]
+    pub unknown: HashMap<String, serde_json::Value>,
+}
+
+impl KeyRequest {
+    /// The additional slaves, under either name (both at once is a 400).
+    pub fn additional_slaves(&mut self) -> Result<Vec<String>, &'static str> {
+        match (
+            self.additional_slave_SAE_IDs.take(),
+            self.additional_target_sae_ids.take(),
+        ) {
+            (Some(_), Some(_)) => Err(
+                "additional_slave_SAE_IDs and additional_target_sae_ids name the same list; send one",
+            ),
+            (Some(ids), None) | (None, Some(ids)) => Ok(ids),
+            (None, None) => Ok(Vec::new()),
+        }
+    }
 }
 
 /// Query of GET enc_keys: only `number` and `size`.
@@ -147,8 +169,20 @@ mod tests {
     fn request_parsing_is_strict() {
         assert!(serde_json::from_str::<KeyRequest>(r#"{"number": "3"}"#).is_err());
         assert!(serde_json::from_str::<KeyRequest>(r#"{"number": 1.5}"#).is_err());
-        assert!(serde_json::from_str::<KeyRequest>(r#"{"bogus": 1}"#).is_err());
+        assert!(serde_json::from_str::<KeyRequest>(r#"{"number": -1.0}"#).is_err());
         let ok: KeyRequest = serde_json::from_str(r#"{"number": 2, "size": 512}"#).unwrap();
         assert_eq!((ok.number, ok.size), (Some(2), Some(512)));
+        // Unknown top-level fields are set aside; the alias of the additional slaves is taken.
+        let mut other: KeyRequest = serde_json::from_str(
+            r#"{"number": 1, "vendor_hint": {"x": 1}, "additional_target_sae_ids": ["sae-c"]}"#,
+        )
+        .unwrap();
+        assert_eq!(other.unknown.keys().collect::<Vec<_>>(), ["vendor_hint"]);
+        assert_eq!(other.additional_slaves().unwrap(), ["sae-c"]);
+        let mut both: KeyRequest = serde_json::from_str(
+            r#"{"additional_slave_SAE_IDs": ["a"], "additional_target_sae_ids": ["b"]}"#,
+        )
+        .unwrap();
+        assert!(both.additional_slaves().is_err());
     }
 }

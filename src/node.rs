@@ -13,7 +13,9 @@ use actix::prelude::*;
 use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpServer};
 use kme_actors::peer::peer_link::PeerLink;
-use kme_actors::sae_registry::SaeRegistry;
+use kme_actors::relay::router::{OwnLink, Router};
+use kme_actors::relay::transport::{NextHop, Relay};
+use kme_actors::sae_registry::{Network, SaeRegistry};
 use kme_actors::startup;
 use kme_actors::storage::audit::AuditRecord;
 use kme_actors::storage::checkpointer::DbCheckpointer;
@@ -141,15 +143,40 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     let peer_timeout = config.request_timeout / 2;
     let mut routes = Vec::new();
     let mut ends = HashMap::new();
+    let mut own_links = Vec::new();
+    let mut hops = HashMap::new();
     for (neighbour, connector, resume) in links {
         let peer = neighbour.params.peer.clone();
         let client = tls::https_client(connector, 64, peer_timeout);
         let url = neighbour.url.clone();
         let peer_link = PeerLink::new(peer.clone(), url, client, peer_timeout, epoch).start();
-        let started = startup::start_link(resume, store.clone(), peer_link)?;
+        let started = startup::start_link(resume, store.clone(), peer_link.clone())?;
+        own_links.push(OwnLink {
+            peer: peer.clone(),
+            pool: started.route.pool.clone(),
+            link: started.link.clone(),
+            peer_link: peer_link.clone(),
+        });
+        hops.insert(
+            peer.clone(),
+            NextHop {
+                pool: started.route.pool.clone(),
+                peer_link,
+            },
+        );
         ends.insert(peer, started.link);
         routes.push(started.route);
     }
+    let router = Router::new(
+        me.clone(),
+        &config.links,
+        own_links,
+        config.route_advert,
+        epoch,
+    )
+    .start();
+    // Held keys of a relay wait for its release at most twice the request timeout.
+    let relay = Relay::new(store.clone(), hops, config.request_timeout * 2).start();
     let registry = SaeRegistry::new(
         me.clone(),
         store.clone(),
@@ -159,6 +186,10 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         config.local_limits,
     )
     .with_pinned(config.pinned.clone())
+    .with_network(Network {
+        router: router.clone(),
+        relay: relay.clone(),
+    })
     .start();
 
     let sae_state = web::Data::new(SaeState {
@@ -169,6 +200,8 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     let peer_state = web::Data::new(PeerState {
         neighbours: ends,
         registry,
+        router,
+        relay,
         timeout: config.request_timeout,
     });
     let sae_server = HttpServer::new(move || {

@@ -1,5 +1,5 @@
-//! The KME-to-KME channel (server side): activations, courier blocks, BB84 post-processing
-//! and pool levels from neighbour KMEs.
+//! The KME-to-KME channel (server side): activations (with relay legs), courier blocks, BB84
+//! post-processing, pool levels, link state news and relay settlements from neighbour KMEs.
 //!
 //! Only neighbours named in `[[link]]` get here: the TLS handshake requires a certificate of
 //! our CA, and each request's certificate CN must be a neighbour. Each handler identifies the
@@ -18,8 +18,10 @@ use futures_util::StreamExt;
 use kme_actors::link::{LinkAddr, PeerLevel, ReceiveBlocks, SourceFromPeer};
 use kme_actors::peer::protocol::{
     self, Activated, ActivationBatch, BlockShipment, BlocksStored, LevelNoted, LevelReport,
-    Refusal, SourceRequest,
+    Refusal, SettleRequest, Settled, SourceRequest, TopologyNoted, TopologyUpdate,
 };
+use kme_actors::relay::router::{Router, TopologyFromPeer};
+use kme_actors::relay::transport::{Relay, SettleFromPeer};
 use kme_actors::sae_registry::{BindFromPeer, SaeRegistry};
 use kme_actors::types::{CertIdentity, KmeId};
 use kme_actors::Error;
@@ -35,6 +37,10 @@ pub struct PeerState {
     pub neighbours: HashMap<KmeId, LinkAddr>,
     /// Decides which bindings a neighbour may make.
     pub registry: Addr<SaeRegistry>,
+    /// Takes link state news.
+    pub router: Addr<Router>,
+    /// Settles relays.
+    pub relay: Addr<Relay>,
     pub timeout: Duration,
 }
 
@@ -43,6 +49,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route(protocol::BLOCKS_PATH, web::post().to(blocks))
         .route(protocol::LEVEL_PATH, web::post().to(level))
         .route(protocol::SOURCE_PATH, web::post().to(source))
+        .route(protocol::TOPOLOGY_PATH, web::post().to(topology))
+        .route(protocol::SETTLE_PATH, web::post().to(settle))
         .default_service(web::to(|| async {
             Err::<HttpResponse, _>(PeerRefusal::new(
                 StatusCode::NOT_FOUND,
@@ -291,4 +299,37 @@ async fn source(
     )
     .await?;
     Ok(HttpResponse::Ok().json(reply))
+}
+
+async fn topology(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<PeerState>,
+) -> Result<HttpResponse, PeerRefusal> {
+    let Incoming {
+        peer,
+        message: update,
+        ..
+    } = incoming::<TopologyUpdate>(&req, payload, &state).await?;
+    let news = TopologyFromPeer { from: peer, update };
+    ask_domain(&state.router, news, state.timeout).await?;
+    Ok(HttpResponse::Ok().json(TopologyNoted {}))
+}
+
+async fn settle(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<PeerState>,
+) -> Result<HttpResponse, PeerRefusal> {
+    let Incoming {
+        peer,
+        message: request,
+        ..
+    } = incoming::<SettleRequest>(&req, payload, &state).await?;
+    let settle = SettleFromPeer {
+        from: peer,
+        request,
+    };
+    ask_domain(&state.relay, settle, state.timeout).await?;
+    Ok(HttpResponse::Ok().json(Settled {}))
 }

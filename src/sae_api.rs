@@ -6,13 +6,15 @@
 //! ETSI Error JSON with 400, 401 or 503 (`error.rs`). Unknown paths and methods answer 400.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::Addr;
 use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine;
 use futures_util::StreamExt;
-use kme_actors::sae_registry::{DecKeys, EncKeys, Identify, KeyStatus, SaeRegistry};
+use kme_actors::sae_registry::{
+    DecKeys, EncKeys, Identify, KeyStatus, RoutePolicy, SaeRegistry, MAX_RELAY_HOPS,
+};
 use kme_actors::types::{CertIdentity, Key, KmeId};
 use uuid::Uuid;
 
@@ -28,8 +30,9 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 const DRAIN_LIMIT_BYTES: usize = 64 * 1024 * 1024;
 /// Most key_IDs in one dec_keys request.
 pub const MAX_KEY_IDS: usize = 4096;
-/// Vendor extension we understand in `extension_mandatory`: `{"kme_route_type": "direct"}`.
+/// Vendor extensions of the route (see `route_policy`).
 const ROUTE_TYPE_EXTENSION: &str = "kme_route_type";
+const MAX_HOPS_EXTENSION: &str = "kme_max_hops";
 
 /// Shared by all handlers of one KME (actor addresses are cheap to clone).
 pub struct SaeState {
@@ -156,7 +159,10 @@ async fn status(
                 "qkd": health.qkd,
             }
         }),
-        None => serde_json::json!({"route": "local"}),
+        None => match &report.route {
+            Some(hops) => serde_json::json!({"route": "relay", "hops": hops}),
+            None => serde_json::json!({"route": "local"}),
+        },
     };
     Ok(HttpResponse::Ok().json(Status {
         source_KME_ID: state.me.to_string(),
@@ -213,23 +219,64 @@ async fn enc_keys_post(
     enc_keys(identity, path.into_inner(), request, &state).await
 }
 
-/// Checks `extension_mandatory`: only `kme_route_type: "direct"` is understood (and always met).
-fn mandatory_extensions(request: &KeyRequest) -> Result<(), ApiError> {
+/// The route policy of `extension_mandatory`: the vendor extensions `kme_route_type`
+/// (`"direct"`: one link, never a relay; `"indirect"`: relay allowed, the default) and
+/// `kme_max_hops` (1 to 16). Any other mandatory extension is unsupported (400). The same
+/// names in `extension_optional` are accepted and not enforced (the KME always takes the
+/// shortest usable route); other optional extensions are ignored.
+fn route_policy(request: &KeyRequest) -> Result<RoutePolicy, ApiError> {
+    let unmet = |name: &str, why: String| {
+        ApiError::bad_request(etsi::EXTENSION_UNSATISFIED)
+            .with_detail(serde_json::json!({ name: why }))
+    };
+    let mut policy = RoutePolicy::default();
     for extension in request.extension_mandatory.iter().flatten() {
         for (name, value) in extension {
-            if name != ROUTE_TYPE_EXTENSION {
-                return Err(ApiError::bad_request(etsi::EXTENSION_UNSUPPORTED).with_detail(
-                    serde_json::json!({"extension_mandatory_unsupported": format!("{name} is not supported")}),
-                ));
-            }
-            if value.as_str() != Some("direct") {
-                return Err(ApiError::bad_request(etsi::EXTENSION_UNSATISFIED).with_detail(
-                    serde_json::json!({ROUTE_TYPE_EXTENSION: format!("{value} cannot be met: only \"direct\" routes are available")}),
-                ));
+            match (name.as_str(), value) {
+                (ROUTE_TYPE_EXTENSION, serde_json::Value::String(kind)) if kind == "direct" => {
+                    policy.direct_only = true
+                }
+                (ROUTE_TYPE_EXTENSION, serde_json::Value::String(kind)) if kind == "indirect" => {}
+                (ROUTE_TYPE_EXTENSION, other) => {
+                    return Err(unmet(
+                        name,
+                        format!("{other} cannot be met: the route types are \"direct\" and \"indirect\""),
+                    ))
+                }
+                (MAX_HOPS_EXTENSION, value) => {
+                    policy.max_hops = value
+                        .as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .filter(|n| (1..=MAX_RELAY_HOPS).contains(n))
+                        .ok_or_else(|| {
+                            unmet(
+                                name,
+                                format!("{value} cannot be met: 1 to {MAX_RELAY_HOPS} hops"),
+                            )
+                        })?
+                }
+                _ => {
+                    return Err(ApiError::bad_request(etsi::EXTENSION_UNSUPPORTED).with_detail(
+                        serde_json::json!({"extension_mandatory_unsupported": format!("{name} is not supported")}),
+                    ))
+                }
             }
         }
     }
-    Ok(())
+    Ok(policy)
+}
+
+/// The parts of a key request the domain takes: additional slaves and route policy.
+fn prepare(mut request: KeyRequest) -> Result<(KeyRequest, Vec<String>, RoutePolicy), ApiError> {
+    if !request.unknown.is_empty() {
+        log::debug!(
+            "enc_keys: ignoring fields the standard does not name: {:?}",
+            request.unknown.keys().collect::<Vec<_>>()
+        );
+    }
+    let additional = request.additional_slaves().map_err(ApiError::bad_request)?;
+    let policy = route_policy(&request)?;
+    Ok((request, additional, policy))
 }
 
 async fn enc_keys(
@@ -238,17 +285,19 @@ async fn enc_keys(
     request: Result<KeyRequest, ApiError>,
     state: &SaeState,
 ) -> Result<HttpResponse, ApiError> {
-    let request = match request.and_then(|r| mandatory_extensions(&r).map(|()| r)) {
-        Ok(request) => request,
+    let (request, additional, policy) = match request.and_then(prepare) {
+        Ok(prepared) => prepared,
         Err(err) => return refuse(state, identity, err).await,
     };
     let msg = EncKeys {
         identity,
         slave,
-        additional: request.additional_slave_SAE_IDs.unwrap_or_default(),
+        additional,
         number: request.number,
         size: request.size,
         request_id: Uuid::new_v4(),
+        policy,
+        deadline: Instant::now() + state.timeout,
     };
     let keys = ask_ok(&state.registry, msg, state.timeout).await?;
     Ok(key_container(keys))

@@ -15,6 +15,10 @@ pub enum Error {
     /// `dec_keys` named keys that are unknown, already retrieved or of another master.
     #[error("one or more keys specified are not found on KME")]
     KeysNotFound,
+    /// A mandatory extension of the request is understood but cannot be met (the text says
+    /// which and why).
+    #[error("{0}")]
+    ExtensionUnmet(String),
     /// The caller may not do this (unknown identity, not a named slave, foreign SAE).
     #[error("{0}")]
     NotAuthorized(String),

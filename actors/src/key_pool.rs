@@ -19,11 +19,14 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::peer::peer_link::{Activate, PeerLink};
+use crate::relay::seal::seal;
 use crate::storage::audit::{AuditRecord, Delivered};
 use crate::storage::db::StoredBlock;
 use crate::storage::ops::{AppendAudit, CommitDelivery};
 use crate::storage::store::{Exec, Store};
-use crate::types::{Binding, Key, KeyLimits, LinkParams, Owner, SaeId};
+use crate::types::{
+    Binding, Branch, Key, KeyLimits, LinkParams, Owner, RelayLeg, SaeId, MAC_KEY_BYTES,
+};
 
 const MAILBOX_CAPACITY: usize = 1024;
 
@@ -184,6 +187,18 @@ pub struct Deliver {
     pub number: u32,
     pub size_bits: u32,
     pub request_id: Uuid,
+    /// A leg of a relay (see `relay`); None: the slaves' KME is this neighbour.
+    pub relay: Option<Outbound>,
+}
+
+/// A relay leg sent over this link.
+pub struct Outbound {
+    pub relay_id: Uuid,
+    /// The KMEs the neighbour forwards to.
+    pub onward: Vec<Branch>,
+    /// None: the keys are this link's material (positions only travel). Some: these keys
+    /// (key_ID, bytes), sealed with pads of this link.
+    pub seal: Option<Vec<Key>>,
 }
 
 impl Handler<Deliver> for KeyPool {
@@ -191,8 +206,10 @@ impl Handler<Deliver> for KeyPool {
 
     fn handle(&mut self, msg: Deliver, _ctx: &mut Context<Self>) -> Self::Result {
         let key_bytes = msg.size_bits / 8;
-        let need = u64::from(msg.number) * u64::from(key_bytes);
-        if need == 0 || self.available() < need {
+        let sealing = msg.relay.as_ref().is_some_and(|r| r.seal.is_some());
+        let mac = if sealing { MAC_KEY_BYTES as u64 } else { 0 };
+        let need = u64::from(msg.number) * u64::from(key_bytes) + mac;
+        if need == mac || self.available() < need {
             self.report_level();
             let err = Error::PoolExhausted {
                 peer: self.params.peer.to_string(),
@@ -210,19 +227,9 @@ impl Handler<Deliver> for KeyPool {
         let end = self.cursor;
         self.report_level();
 
-        let keys: Vec<Key> = material
-            .chunks(key_bytes as usize)
-            .map(|chunk| Key {
-                id: Uuid::now_v7(),
-                material: chunk.to_vec(),
-            })
-            .collect();
-        let binding = Binding {
-            master: msg.master.clone(),
-            slaves: msg.slaves.clone(),
-            start,
-            len: key_bytes,
-            key_ids: keys.iter().map(|k| k.id).collect(),
+        let (keys, binding) = match bind(&msg, start, key_bytes, material) {
+            Ok(bound) => bound,
+            Err(err) => return Box::pin(fut::ready(Err(err))),
         };
         let audit = AuditRecord::new(
             "keys_delivered",
@@ -283,6 +290,55 @@ impl Handler<Deliver> for KeyPool {
             }),
         )
     }
+}
+
+/// The keys of `msg` and their binding at `start`: the material itself, or for a sealed relay
+/// leg the given keys sealed with it.
+fn bind(
+    msg: &Deliver,
+    start: u64,
+    key_bytes: u32,
+    material: Vec<u8>,
+) -> Result<(Vec<Key>, Binding)> {
+    let keys: Vec<Key> = match msg.relay.as_ref().and_then(|r| r.seal.as_ref()) {
+        Some(keys) => keys.clone(),
+        None => material
+            .chunks(key_bytes as usize)
+            .map(|chunk| Key {
+                id: Uuid::now_v7(),
+                material: chunk.to_vec(),
+            })
+            .collect(),
+    };
+    let mut binding = Binding {
+        master: msg.master.clone(),
+        slaves: msg.slaves.clone(),
+        start,
+        len: key_bytes,
+        key_ids: keys.iter().map(|k| k.id).collect(),
+        relay: None,
+    };
+    if let Some(out) = &msg.relay {
+        let sealed = match &out.seal {
+            Some(keys) => {
+                let plain: Vec<Vec<u8>> = keys.iter().map(|k| k.material.clone()).collect();
+                Some(seal(
+                    &binding,
+                    &out.relay_id,
+                    &out.onward,
+                    &plain,
+                    &material,
+                )?)
+            }
+            None => None,
+        };
+        binding.relay = Some(RelayLeg {
+            relay_id: out.relay_id,
+            onward: out.onward.clone(),
+            sealed,
+        });
+    }
+    Ok((keys, binding))
 }
 
 /// Counts for `status`.

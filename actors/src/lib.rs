@@ -29,6 +29,7 @@ pub mod error;
 pub mod key_pool;
 pub mod link;
 pub mod peer;
+pub mod relay;
 pub mod sae_registry;
 pub mod startup;
 pub mod storage;

@@ -20,10 +20,15 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::key_pool::{Deliver, KeyPool, PoolStatus};
 use crate::link::{Health, LinkAddr, LinkHealth};
+use crate::relay::router::{FindTree, HopView, RouteView, Router};
+use crate::relay::transport::{Arrived, Originate, Relay};
 use crate::storage::audit::{AuditRecord, Delivered};
 use crate::storage::ops::{Activate, InsertLocalKeys, LocalKey, Retrieve};
 use crate::storage::store::{Exec, Store};
-use crate::types::{Binding, CertIdentity, Key, KeyCount, KeyLimits, KeySizeBits, KmeId, SaeId};
+use crate::types::{
+    Binding, Branch, CertIdentity, Key, KeyCount, KeyLimits, KeySizeBits, KmeId, RelayLeg, SaeId,
+    MAC_KEY_BYTES,
+};
 
 const MAILBOX_CAPACITY: usize = 4096;
 
@@ -45,13 +50,43 @@ pub enum Target {
     Neighbour(NeighbourRoute),
     /// Master and slaves are all on this KME: the key never leaves it.
     Local(KeyLimits),
+    /// The slaves are not all on this KME or one neighbour: trusted-node relay to `kmes`
+    /// (multicast when there are several), keys held here too for `local_slaves`.
+    Relay {
+        kmes: Vec<KmeId>,
+        local_slaves: Vec<SaeId>,
+        limits: KeyLimits,
+    },
 }
 
 impl Target {
     pub fn limits(&self) -> KeyLimits {
         match self {
             Target::Neighbour(route) => route.limits,
-            Target::Local(limits) => *limits,
+            Target::Local(limits) | Target::Relay { limits, .. } => *limits,
+        }
+    }
+}
+
+/// Longest relay path, in hops, unless the SAE asks for fewer (`kme_max_hops`).
+pub const MAX_RELAY_HOPS: u32 = 16;
+/// Most KMEs in one relay tree (bounds what a neighbour can make this KME do).
+const MAX_TREE_KMES: usize = 64;
+
+/// Route constraints an SAE made mandatory (vendor extensions `kme_route_type` and
+/// `kme_max_hops` in `extension_mandatory`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoutePolicy {
+    /// `kme_route_type: "direct"`: one link only, never a relay.
+    pub direct_only: bool,
+    pub max_hops: u32,
+}
+
+impl Default for RoutePolicy {
+    fn default() -> Self {
+        Self {
+            direct_only: false,
+            max_hops: MAX_RELAY_HOPS,
         }
     }
 }
@@ -66,6 +101,13 @@ pub struct KeyRoute {
     pub target: Target,
 }
 
+/// The actors of the network beyond neighbours.
+#[derive(Clone)]
+pub struct Network {
+    pub router: Addr<Router>,
+    pub relay: Addr<Relay>,
+}
+
 pub struct SaeRegistry {
     me: KmeId,
     store: Addr<Store>,
@@ -76,6 +118,8 @@ pub struct SaeRegistry {
     local_limits: KeyLimits,
     /// SAEs identified by their certificate's SHA-256 instead of its CN.
     pinned: HashMap<String, SaeId>,
+    /// Routes and relay beyond neighbours (None: keys reach neighbours only).
+    network: Option<Network>,
 }
 
 impl SaeRegistry {
@@ -98,7 +142,14 @@ impl SaeRegistry {
                 .collect(),
             local_limits,
             pinned: HashMap::new(),
+            network: None,
         }
+    }
+
+    /// Keys for KMEs that are not neighbours go through `network`.
+    pub fn with_network(mut self, network: Network) -> Self {
+        self.network = Some(network);
+        self
     }
 
     /// Identify these SAEs by certificate fingerprint (SHA-256, lowercase hex) only: their CN
@@ -150,24 +201,16 @@ impl SaeRegistry {
     }
 
     /// The route of a request for `slave` (and `additional` slaves). Whatever can never pass
-    /// (identity, unknown or repeated SAEs, too many slaves) is refused before what depends on
-    /// the network now (a slave KME no route reaches): 401/400 before 503.
+    /// (identity, unknown or repeated SAEs, too many slaves, an unmet mandatory extension) is
+    /// refused here; what depends on the network now (a usable route) is found later: 401/400
+    /// before 503.
     pub fn route(
         &self,
         identity: &CertIdentity,
         slave: &str,
         additional: &[String],
+        policy: RoutePolicy,
     ) -> Result<KeyRoute> {
-        self.resolve(identity, slave, additional)?.into_route()
-    }
-
-    /// A request's SAEs, checked; its target, or why no route reaches it now.
-    fn resolve(
-        &self,
-        identity: &CertIdentity,
-        slave: &str,
-        additional: &[String],
-    ) -> Result<Resolved> {
         let master = self.identify(identity)?;
         let (slave, slave_kme) = self.known_sae(slave, "slave_SAE_ID")?;
         if slave == master {
@@ -176,7 +219,7 @@ impl SaeRegistry {
             ));
         }
         let mut slaves = vec![slave];
-        let mut elsewhere = None;
+        let mut kmes = vec![slave_kme.clone()];
         for extra in additional {
             let (extra, home) = self.known_sae(extra, "additional slave SAE ID")?;
             if extra == master {
@@ -189,99 +232,53 @@ impl SaeRegistry {
                     "slave SAE ID {extra} is listed more than once"
                 )));
             }
-            if home != slave_kme && elsewhere.is_none() {
-                elsewhere = Some(extra.clone());
+            if !kmes.contains(&home) {
+                kmes.push(home);
             }
             slaves.push(extra);
         }
-        let target = if slave_kme == self.me {
-            Some(Target::Local(self.local_limits))
-        } else {
-            self.neighbours
-                .get(&slave_kme)
-                .cloned()
-                .map(Target::Neighbour)
-        };
-        if let Some(target) = &target {
-            let limit = target.limits().max_sae_id_count as usize;
-            if additional.len() > limit {
-                return Err(Error::BadRequest(format!(
-                    "at most {limit} additional slave SAE IDs are allowed"
-                )));
+        let target = match kmes.as_slice() {
+            [one] if *one == self.me => Target::Local(self.local_limits),
+            [one] if self.neighbours.contains_key(one) => match self.neighbours.get(one) {
+                Some(route) => Target::Neighbour(route.clone()),
+                None => return Err(Error::Unreachable(format!("no route to {one}"))),
+            },
+            _ if policy.direct_only => {
+                return Err(Error::ExtensionUnmet(format!(
+                    "kme_route_type \"direct\": the slaves' KMEs ({}) are not one neighbour of this KME",
+                    kmes.iter().map(KmeId::as_str).collect::<Vec<_>>().join(", ")
+                )))
             }
-        }
-        let reach = match (target, elsewhere) {
-            (Some(target), None) => Reach::Now(target),
-            (Some(target), Some(extra)) => Reach::Later {
-                limits: Some(target.limits()),
-                why: Error::Unreachable(format!(
-                    "additional slave {extra} is not at the KME of the first slave: multicast across KMEs needs trusted-node relay, not available yet"
-                )),
-            },
-            (None, _) => Reach::Later {
-                limits: None,
-                why: Error::Unreachable(format!(
-                    "no route to {slave_kme}, the KME of the slave SAE: it is not a neighbour of this KME and trusted-node relay is not available yet"
-                )),
+            _ => Target::Relay {
+                local_slaves: slaves
+                    .iter()
+                    .filter(|s| self.homes.get(*s) == Some(&self.me))
+                    .cloned()
+                    .collect(),
+                kmes: kmes.into_iter().filter(|k| *k != self.me).collect(),
+                limits: self.local_limits,
             },
         };
-        Ok(Resolved {
+        let limit = target.limits().max_sae_id_count as usize;
+        if additional.len() > limit {
+            return Err(Error::BadRequest(format!(
+                "at most {limit} additional slave SAE IDs are allowed"
+            )));
+        }
+        Ok(KeyRoute {
             master,
             slaves,
             slave_kme,
-            reach,
+            target,
         })
     }
-}
 
-/// A request whose SAEs are checked, and how far it reaches.
-struct Resolved {
-    master: SaeId,
-    slaves: Vec<SaeId>,
-    slave_kme: KmeId,
-    reach: Reach,
-}
-
-enum Reach {
-    /// Served now from this target.
-    Now(Target),
-    /// Not servable now (503): `why`; `limits` of the first slave's route, if there is one.
-    Later {
-        limits: Option<KeyLimits>,
-        why: Error,
-    },
-}
-
-impl Resolved {
-    fn into_route(self) -> Result<KeyRoute> {
-        match self.reach {
-            Reach::Now(target) => Ok(KeyRoute {
-                master: self.master,
-                slaves: self.slaves,
-                slave_kme: self.slave_kme,
-                target,
-            }),
-            Reach::Later { why, .. } => Err(why),
-        }
-    }
-
-    /// The route of an enc_keys request and its checked `number` and `size`. The size checks
-    /// use the first slave's limits even when the request cannot be served now: 400 before 503.
-    fn into_request(
-        self,
-        number: Option<i64>,
-        size: Option<i64>,
-    ) -> Result<(KeyRoute, KeyCount, KeySizeBits)> {
-        if let Reach::Later {
-            limits: Some(limits),
-            ..
-        } = &self.reach
-        {
-            validate(*limits, number, size)?;
-        }
-        let route = self.into_route()?;
-        let (number, size) = validate(route.target.limits(), number, size)?;
-        Ok((route, number, size))
+    fn network(&self) -> Result<Network> {
+        self.network.clone().ok_or_else(|| {
+            Error::Unreachable(
+                "the slaves' KMEs are not neighbours of this KME, and it relays to none".into(),
+            )
+        })
     }
 }
 
@@ -317,8 +314,10 @@ pub struct StatusReport {
     pub slave_kme: KmeId,
     pub limits: KeyLimits,
     pub stored_key_count: u64,
-    /// The link's peer, health and available bytes (None for keys local to this KME).
+    /// The link's peer, health and available bytes (a neighbour's KME).
     pub link: Option<(KmeId, Health, u64)>,
+    /// The hops of the relay route and their states (a KME beyond the neighbours).
+    pub route: Option<Vec<HopView>>,
 }
 
 /// status: sent by the edge. Result: counts and limits of the route to the slave's KME.
@@ -333,10 +332,11 @@ impl Handler<KeyStatus> for SaeRegistry {
     type Result = ResponseFuture<Result<StatusReport>>;
 
     fn handle(&mut self, msg: KeyStatus, _ctx: &mut Context<Self>) -> Self::Result {
-        let route = match self.route(&msg.identity, &msg.slave, &[]) {
+        let route = match self.route(&msg.identity, &msg.slave, &[], RoutePolicy::default()) {
             Ok(route) => route,
             Err(err) => return Box::pin(async { Err(err) }),
         };
+        let limits = route.target.limits();
         let mut report = StatusReport {
             master: route.master,
             slave: route
@@ -345,9 +345,10 @@ impl Handler<KeyStatus> for SaeRegistry {
                 .next()
                 .unwrap_or_else(|| SaeId::new("")),
             slave_kme: route.slave_kme,
-            limits: route.target.limits(),
-            stored_key_count: route.target.limits().max_key_count,
+            limits,
+            stored_key_count: limits.max_key_count,
             link: None,
+            route: None,
         };
         match route.target {
             Target::Local(_) => Box::pin(async move { Ok(report) }),
@@ -358,12 +359,34 @@ impl Handler<KeyStatus> for SaeRegistry {
                 report.link = Some((link.peer, health, counts.available_bytes));
                 Ok(report)
             }),
+            Target::Relay { .. } => {
+                let network = self.network();
+                let to = report.slave_kme.clone();
+                Box::pin(async move {
+                    let view = RouteView {
+                        to,
+                        max_hops: MAX_RELAY_HOPS,
+                    };
+                    let hops = network?.router.send(view).await??;
+                    // What the bottleneck hop can carry now, in keys of the default size.
+                    let key_bytes = u64::from(limits.key_size / 8).max(1);
+                    let bottleneck = hops
+                        .iter()
+                        .map(|h| h.available_bytes.unwrap_or(0))
+                        .min()
+                        .unwrap_or(0);
+                    report.stored_key_count = (bottleneck / key_bytes).min(limits.max_key_count);
+                    report.route = Some(hops);
+                    Ok(report)
+                })
+            }
         }
     }
 }
 
 /// enc_keys: sent by the edge with the request's raw `number` and `size`. Result: the keys,
-/// durable at every KME involved; or why not (400/401/503 variants).
+/// durable at every KME involved; or why not (400/401/503 variants). Not served after
+/// `deadline` (by then the SAE has had its 503).
 #[derive(Message)]
 #[rtype(result = "Result<Vec<Key>>")]
 pub struct EncKeys {
@@ -373,6 +396,8 @@ pub struct EncKeys {
     pub number: Option<i64>,
     pub size: Option<i64>,
     pub request_id: Uuid,
+    pub policy: RoutePolicy,
+    pub deadline: Instant,
 }
 
 impl Handler<EncKeys> for SaeRegistry {
@@ -380,8 +405,11 @@ impl Handler<EncKeys> for SaeRegistry {
 
     fn handle(&mut self, msg: EncKeys, _ctx: &mut Context<Self>) -> Self::Result {
         let prepared = self
-            .resolve(&msg.identity, &msg.slave, &msg.additional)
-            .and_then(|resolved| resolved.into_request(msg.number, msg.size));
+            .route(&msg.identity, &msg.slave, &msg.additional, msg.policy)
+            .and_then(|route| {
+                let (number, size) = validate(route.target.limits(), msg.number, msg.size)?;
+                Ok((route, number, size))
+            });
         let (route, number, size) = match prepared {
             Ok(prepared) => prepared,
             Err(err) => return Box::pin(async { Err(err) }),
@@ -394,6 +422,7 @@ impl Handler<EncKeys> for SaeRegistry {
                     number: number.get(),
                     size_bits: size.get(),
                     request_id: msg.request_id,
+                    relay: None,
                 };
                 Box::pin(async move { link.pool.send(deliver).await? })
             }
@@ -404,6 +433,33 @@ impl Handler<EncKeys> for SaeRegistry {
                     let (keys, op) = op?;
                     store.send(Exec(op)).await??;
                     Ok(keys)
+                })
+            }
+            Target::Relay {
+                kmes, local_slaves, ..
+            } => {
+                let network = self.network();
+                Box::pin(async move {
+                    let network = network?;
+                    let need =
+                        u64::from(number.get()) * u64::from(size.get() / 8) + MAC_KEY_BYTES as u64;
+                    let find = FindTree {
+                        to: kmes,
+                        max_hops: msg.policy.max_hops,
+                        need_bytes: need,
+                    };
+                    let tree = network.router.send(find).await??;
+                    let originate = Originate {
+                        master: route.master,
+                        slaves: route.slaves,
+                        local_slaves,
+                        number: number.get(),
+                        size_bits: size.get(),
+                        request_id: msg.request_id,
+                        tree,
+                        deadline: msg.deadline,
+                    };
+                    network.relay.send(originate).await?
                 })
             }
         }
@@ -534,7 +590,15 @@ impl Handler<BindFromPeer> for SaeRegistry {
             Err(err) => return Box::pin(async { Err(err) }),
         };
         let store = self.store.clone();
-        Box::pin(async move { store.send(Exec(op)).await? })
+        let relay = self.network.as_ref().map(|n| n.relay.clone());
+        let from = op.peer.clone();
+        Box::pin(async move {
+            let arrivals = store.send(Exec(op)).await??;
+            if let (false, Some(relay)) = (arrivals.is_empty(), relay) {
+                relay.send(Arrived { from, arrivals }).await?;
+            }
+            Ok(())
+        })
     }
 }
 
@@ -552,6 +616,7 @@ impl SaeRegistry {
         };
         let max_key_bytes = route.limits.max_key_size / 8;
         let max_keys = route.limits.max_key_per_request as usize;
+        let mut local_slaves = Vec::with_capacity(bindings.len());
         for b in &bindings {
             if b.len == 0
                 || b.len > max_key_bytes
@@ -571,21 +636,11 @@ impl SaeRegistry {
                     b.master
                 )));
             }
-            if self.homes.get(&b.master) != Some(&peer) {
-                return Err(Error::PeerMessage(format!(
-                    "master {} is not an SAE of {peer}",
-                    b.master
-                )));
-            }
-            if let Some(foreign) = b
-                .slaves
-                .iter()
-                .find(|s| self.homes.get(*s) != Some(&self.me))
-            {
-                return Err(Error::PeerMessage(format!(
-                    "slave {foreign} is not an SAE of this KME"
-                )));
-            }
+            let local = match &b.relay {
+                None => self.direct_binding(&peer, b)?,
+                Some(leg) => self.relay_binding(&peer, b, leg)?,
+            };
+            local_slaves.push(local);
         }
         Ok(Activate {
             block_bytes: route.block_bytes,
@@ -593,7 +648,74 @@ impl SaeRegistry {
             seq,
             digest,
             bindings,
+            local_slaves,
         })
+    }
+
+    /// A neighbour binds keys of its own SAEs for SAEs of this KME. Returns those slaves.
+    fn direct_binding(&self, peer: &KmeId, b: &Binding) -> Result<Vec<SaeId>> {
+        if self.homes.get(&b.master) != Some(peer) {
+            return Err(Error::PeerMessage(format!(
+                "master {} is not an SAE of {peer}",
+                b.master
+            )));
+        }
+        if let Some(foreign) = b
+            .slaves
+            .iter()
+            .find(|s| self.homes.get(*s) != Some(&self.me))
+        {
+            return Err(Error::PeerMessage(format!(
+                "slave {foreign} is not an SAE of this KME"
+            )));
+        }
+        Ok(b.slaves.clone())
+    }
+
+    /// A relay leg: only the master's KME sends a leg of link material (unsealed); the tree
+    /// below is bounded, has no loop and starts at neighbours of this KME; every slave is a
+    /// registered SAE, and something is held here or goes on. Returns the slaves homed here.
+    fn relay_binding(&self, peer: &KmeId, b: &Binding, leg: &RelayLeg) -> Result<Vec<SaeId>> {
+        let refuse =
+            |why: String| Err(Error::PeerMessage(format!("relay {}: {why}", leg.relay_id)));
+        let Some(origin) = self.homes.get(&b.master) else {
+            return refuse(format!("master {} is not a registered SAE", b.master));
+        };
+        if leg.sealed.is_none() && origin != peer {
+            return refuse(format!("only {origin} sends the keys of {}", b.master));
+        }
+        let below: Vec<&KmeId> = leg.onward.iter().flat_map(Branch::kmes).collect();
+        let depth = leg.onward.iter().map(Branch::depth).max().unwrap_or(0);
+        let distinct: HashSet<&KmeId> = below.iter().copied().collect();
+        if below.len() > MAX_TREE_KMES
+            || depth > MAX_RELAY_HOPS as usize
+            || distinct.len() != below.len()
+            || [&self.me, peer, origin]
+                .iter()
+                .any(|k| distinct.contains(k))
+        {
+            return refuse("the tree below this KME is too large or loops".into());
+        }
+        if let Some(far) = leg
+            .onward
+            .iter()
+            .find(|n| !self.neighbours.contains_key(&n.kme))
+        {
+            return refuse(format!("{} is not a neighbour of this KME", far.kme));
+        }
+        if let Some(unknown) = b.slaves.iter().find(|s| !self.homes.contains_key(*s)) {
+            return refuse(format!("slave {unknown} is not a registered SAE"));
+        }
+        let local: Vec<SaeId> = b
+            .slaves
+            .iter()
+            .filter(|s| self.homes.get(*s) == Some(&self.me))
+            .cloned()
+            .collect();
+        if local.is_empty() && leg.onward.is_empty() {
+            return refuse("no slave of this KME and nowhere to go".into());
+        }
+        Ok(local)
     }
 }
 
@@ -694,28 +816,52 @@ mod tests {
     #[actix::test]
     async fn routes_and_refusals() {
         let r = registry();
-        let local = r.route(&cert("sae-b"), "sae-b2", &[]).unwrap();
+        let local = r
+            .route(&cert("sae-b"), "sae-b2", &[], RoutePolicy::default())
+            .unwrap();
         assert!(matches!(local.target, Target::Local(_)));
         assert!(matches!(
-            r.route(&cert("sae-b"), "sae-b", &[]),
+            r.route(&cert("sae-b"), "sae-b", &[], RoutePolicy::default()),
             Err(Error::BadRequest(_))
         ));
         assert!(matches!(
-            r.route(&cert("sae-b"), "ghost", &[]),
+            r.route(&cert("sae-b"), "ghost", &[], RoutePolicy::default()),
             Err(Error::BadRequest(_))
         ));
+        // Not a neighbour (this registry has none): relayed, unless the SAE made
+        // `kme_route_type: "direct"` mandatory.
+        let far = r.route(&cert("sae-b"), "sae-a", &[], RoutePolicy::default());
+        assert!(
+            matches!(far.map(|r| r.target), Ok(Target::Relay { kmes, local_slaves, .. })
+                if kmes == [KmeId::new("kme-a")] && local_slaves.is_empty())
+        );
+        let direct = RoutePolicy {
+            direct_only: true,
+            ..RoutePolicy::default()
+        };
         assert!(matches!(
-            r.route(&cert("sae-b"), "sae-a", &[]),
-            Err(Error::Unreachable(_))
+            r.route(&cert("sae-b"), "sae-a", &[], direct),
+            Err(Error::ExtensionUnmet(_))
         ));
+        // A multicast with a slave here and one elsewhere: held here too.
+        let mixed = r.route(
+            &cert("sae-b"),
+            "sae-b2",
+            &["sae-c".to_string()],
+            RoutePolicy::default(),
+        );
+        assert!(
+            matches!(mixed.map(|r| r.target), Ok(Target::Relay { kmes, local_slaves, .. })
+                if kmes == [KmeId::new("kme-c")] && local_slaves == [SaeId::new("sae-b2")])
+        );
         let dup = vec!["sae-b2".to_string()];
         assert!(matches!(
-            r.route(&cert("sae-b"), "sae-b2", &dup),
+            r.route(&cert("sae-b"), "sae-b2", &dup, RoutePolicy::default()),
             Err(Error::BadRequest(_))
         ));
         let own = vec!["sae-b".to_string()];
         assert!(matches!(
-            r.route(&cert("sae-b"), "sae-b2", &own),
+            r.route(&cert("sae-b"), "sae-b2", &own, RoutePolicy::default()),
             Err(Error::BadRequest(_))
         ));
     }
@@ -730,6 +876,8 @@ mod tests {
             number: Some(1),
             size: Some(size),
             request_id: Uuid::new_v4(),
+            policy: RoutePolicy::default(),
+            deadline: Instant::now() + std::time::Duration::from_secs(5),
         };
         // sae-a is at another KME (503 now), but two additional slaves exceed the limit of
         // one, and 12 bits is not a size: those never pass.

@@ -215,16 +215,77 @@ pub struct Binding {
     /// Length of each key in bytes.
     pub len: u32,
     pub key_ids: Vec<Uuid>,
+    /// Set when the keys travel by trusted-node relay or to slaves on several KMEs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayLeg>,
 }
 
 impl Binding {
-    /// First position after the last key, or None if it does not fit in a u64.
+    /// First position after the last key (and the MAC key of a sealed leg), or None if it
+    /// does not fit in a u64.
     pub fn end(&self) -> Option<u64> {
+        let mac = match &self.relay {
+            Some(RelayLeg {
+                sealed: Some(_), ..
+            }) => MAC_KEY_BYTES as u64,
+            _ => 0,
+        };
         u64::try_from(self.key_ids.len())
             .ok()?
             .checked_mul(u64::from(self.len))?
-            .checked_add(self.start)
+            .checked_add(self.start)?
+            .checked_add(mac)
     }
+}
+
+/// Bytes of link material keying the one-time MAC of a sealed relay leg (hash key, tag pad).
+pub const MAC_KEY_BYTES: usize = 16;
+
+/// One hop of a relayed key (see `relay`): what the receiving KME does with the keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayLeg {
+    /// One per enc_keys request; names the relay in release and abort.
+    pub relay_id: Uuid,
+    /// The KMEs the receiver forwards the keys to, each with the branches below it.
+    pub onward: Vec<Branch>,
+    /// None: the positions hold the keys themselves (the first hop, as for a neighbour).
+    /// Some: they hold one-time pads, then the MAC key; the keys travel sealed with them.
+    pub sealed: Option<Sealed>,
+}
+
+/// A KME of a relay tree and the subtree below it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Branch {
+    pub kme: KmeId,
+    pub onward: Vec<Branch>,
+}
+
+impl Branch {
+    /// Every KME of the subtree, this one first.
+    pub fn kmes(&self) -> Vec<&KmeId> {
+        let mut all = vec![&self.kme];
+        for below in &self.onward {
+            all.extend(below.kmes());
+        }
+        all
+    }
+
+    /// Longest path from this KME down, in hops (1 for a leaf).
+    pub fn depth(&self) -> usize {
+        1 + self.onward.iter().map(Branch::depth).max().unwrap_or(0)
+    }
+}
+
+/// Keys sealed with one-time pads of the link they cross, and the one-time MAC of the leg.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sealed {
+    /// Key `i` XOR pad `i`, standard base64.
+    pub keys: Vec<String>,
+    /// Wegman–Carter tag over the leg (see `relay::seal`).
+    pub tag: u64,
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).

@@ -224,33 +224,6 @@ async fn a_key_not_retrieved_within_key_ttl_expires_with_an_audit_record() {
 }
 
 #[actix::test]
-async fn a_slave_behind_a_non_neighbour_gets_503_until_relay_exists() {
-    let net = Net::start(LinkOptions::default());
-    let a = net.url("kme-a");
-    let master = net.client(Some("sae-a"));
-    let (code, body) = master.get(&format!("{a}/api/v1/keys/sae-c/status")).await;
-    assert_eq!(code, 503);
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("not a neighbour"),
-        "{body}"
-    );
-    let (code, _) = enc(&master, &a, "sae-c", json!({})).await;
-    assert_eq!(code, 503);
-    // Multicast across KMEs needs relay too.
-    let (code, _) = enc(
-        &master,
-        &a,
-        "sae-b",
-        json!({"additional_slave_SAE_IDs": ["sae-c"]}),
-    )
-    .await;
-    assert_eq!(code, 503);
-}
-
-#[actix::test]
 async fn deliveries_bindings_and_retrievals_are_audited_and_the_live_chain_verifies() {
     let net = Net::start(LinkOptions::default());
     let (a, b) = (net.url("kme-a"), net.url("kme-b"));

@@ -66,7 +66,6 @@ async fn bad_enc_keys_requests_consume_nothing() {
             "invalid JSON",
         ),
         (json!({"extension_mandatory": {"x": 1}}), "invalid JSON"),
-        (json!({"bogus": 1}), "invalid JSON"),
         (json!([1, 2]), "invalid JSON"),
         (json!({"number": 0}), "number"),
         (json!({"number": -1}), "number"),
@@ -91,9 +90,28 @@ async fn bad_enc_keys_requests_consume_nothing() {
             "not all extension_mandatory parameters are supported",
         ),
         (
-            json!({"extension_mandatory": [{"kme_route_type": "indirect"}]}),
+            json!({"extension_mandatory": [{"kme_route_type": "teleport"}]}),
             "not all extension_mandatory request options could be met",
         ),
+        (
+            json!({"extension_mandatory": [{"kme_max_hops": 0}]}),
+            "not all extension_mandatory request options could be met",
+        ),
+        (
+            json!({"extension_mandatory": [{"kme_max_hops": "two"}]}),
+            "not all extension_mandatory request options could be met",
+        ),
+        // The two names of the additional slaves at once.
+        (
+            json!({"additional_slave_SAE_IDs": ["sae-b2"], "additional_target_sae_ids": ["sae-b2"]}),
+            "send one",
+        ),
+        (
+            json!({"additional_target_sae_ids": ["sae-b"]}),
+            "more than once",
+        ),
+        // A known field of the wrong type is still refused, also next to unknown ones.
+        (json!({"number": "1", "vendor_field": 1}), "invalid JSON"),
     ];
     for (body, message) in cases {
         expect(&master, &enc_url, Some(body), 400, message).await;
@@ -150,8 +168,31 @@ async fn bad_enc_keys_requests_consume_nothing() {
         "multiple of 8",
     )
     .await;
+    // sae-c is two hops away: a mandatory direct route cannot be met; and one hop is not
+    // enough for it either.
+    for extension in [
+        json!({"kme_route_type": "direct"}),
+        json!({"kme_max_hops": 1}),
+    ] {
+        let (code, body) = enc(
+            &master,
+            &a,
+            "sae-c",
+            json!({"extension_mandatory": [extension]}),
+        )
+        .await;
+        assert_eq!(code, 400, "{body}");
+        assert_eq!(
+            body["message"],
+            "not all extension_mandatory request options could be met"
+        );
+        assert!(
+            body["details"][0]["extension_mandatory_unmet"].is_string(),
+            "{body}"
+        );
+    }
     // Too many additional slaves (max_SAE_ID_count = 1 here), all registered: refused for
-    // the limit (400) even though sae-c, at kme-c, is out of reach today (503).
+    // the limit (400) before anything depends on the route to sae-c (503 if none).
     expect(
         &master,
         &enc_url,
@@ -198,6 +239,30 @@ async fn bad_enc_keys_requests_consume_nothing() {
     );
     let (code, body) = enc(&master, &a, "sae-b", json!({})).await;
     assert_eq!(code, 200, "the KME still serves: {body}");
+    // Fields the standard does not name are ignored (deployed clients send them), and the
+    // additional slaves may come under the name one of them uses.
+    let (code, body) = enc(
+        &master,
+        &a,
+        "sae-b",
+        json!({"number": 1, "client_hint": {"x": 1}, "additional_target_sae_ids": ["sae-b2"]}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let sent = keys(&body);
+    let ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
+    let (code, body) = dec(
+        &net.client(Some("sae-b2")),
+        &net.url("kme-b"),
+        "sae-a",
+        &ids,
+    )
+    .await;
+    assert_eq!(code, 200, "sae-b2 was named as an additional slave: {body}");
+    // Mandatory route extensions that hold for a neighbour are met.
+    let route = json!({"extension_mandatory": [{"kme_route_type": "direct"}, {"kme_max_hops": 1}]});
+    let (code, body) = enc(&master, &a, "sae-b", route).await;
+    assert_eq!(code, 200, "{body}");
 }
 
 #[actix::test]

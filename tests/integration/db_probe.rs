@@ -47,3 +47,10 @@ pub fn audit_events(dir: &Path, kme: &str, event: &str) -> Vec<Value> {
         .collect();
     details
 }
+
+/// How many rows `table` of the database of `kme` holds.
+pub fn count(dir: &Path, kme: &str, table: &str) -> i64 {
+    let conn = open(dir, kme).get().unwrap();
+    conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+        .unwrap()
+}

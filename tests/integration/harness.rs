@@ -14,12 +14,55 @@ use serde_json::Value;
 use super::pki::{Pki, Validity};
 
 pub const KMES: [&str; 3] = ["kme-a", "kme-b", "kme-c"];
-pub const SAES: [(&str, &str); 4] = [
+const SAES: [(&str, &str); 4] = [
     ("sae-a", "kme-a"),
     ("sae-b", "kme-b"),
     ("sae-b2", "kme-b"),
     ("sae-c", "kme-c"),
 ];
+
+/// The KMEs, SAEs and links of a test network.
+#[derive(Clone)]
+pub struct Topology {
+    pub kmes: Vec<&'static str>,
+    pub saes: Vec<(&'static str, &'static str)>,
+    pub links: Vec<[&'static str; 2]>,
+}
+
+impl Topology {
+    /// kme-a — kme-b — kme-c; sae-a on a, sae-b and sae-b2 on b, sae-c on c.
+    pub fn line() -> Self {
+        Self {
+            kmes: KMES.to_vec(),
+            saes: SAES.to_vec(),
+            links: vec![["kme-a", "kme-b"], ["kme-b", "kme-c"]],
+        }
+    }
+
+    /// The line's KMEs and SAEs plus kme-d (sae-d), with `links` among them.
+    pub fn of(links: &[[&'static str; 2]]) -> Self {
+        let mut topology = Self::line();
+        topology.kmes.push("kme-d");
+        topology.saes.push(("sae-d", "kme-d"));
+        topology.links = links.to_vec();
+        topology
+    }
+
+    /// A ring of four: a — b — c — d — a.
+    pub fn ring() -> Self {
+        Self::of(&[
+            ["kme-a", "kme-b"],
+            ["kme-b", "kme-c"],
+            ["kme-c", "kme-d"],
+            ["kme-a", "kme-d"],
+        ])
+    }
+
+    /// A star around kme-b: a, c and d are its leaves.
+    pub fn star() -> Self {
+        Self::of(&[["kme-a", "kme-b"], ["kme-b", "kme-c"], ["kme-b", "kme-d"]])
+    }
+}
 
 /// Link settings of a test network.
 #[derive(Clone)]
@@ -41,6 +84,9 @@ pub struct LinkOptions {
     pub peer_urls: Vec<(&'static str, String)>,
     /// `key_ttl_s` of every KME (how long a bound key waits for its slaves); None: default.
     pub key_ttl_s: Option<u64>,
+    pub topology: Topology,
+    /// `route_advert_ms` of every KME (link state news); None: default.
+    pub route_advert_ms: Option<u64>,
 }
 
 impl LinkOptions {
@@ -69,6 +115,8 @@ impl Default for LinkOptions {
             file_drop: false,
             peer_urls: Vec::new(),
             key_ttl_s: None,
+            topology: Topology::line(),
+            route_advert_ms: Some(200),
         }
     }
 }
@@ -87,10 +135,10 @@ impl Setup {
     ) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::new(dir.path());
-        for kme in KMES {
+        for kme in &options.topology.kmes {
             pki.issue(kme, Some(kme), true, Validity::Valid);
         }
-        for (sae, _) in SAES {
+        for (sae, _) in &options.topology.saes {
             pki.issue(sae, Some(sae), false, Validity::Valid);
         }
         pki.issue("sae-x", Some("sae-x"), false, Validity::Valid);
@@ -144,7 +192,10 @@ fn network_file(
     if let Some(ttl) = options.key_ttl_s {
         text += &format!("key_ttl_s = {ttl}\n");
     }
-    for kme in KMES {
+    if let Some(ms) = options.route_advert_ms {
+        text += &format!("route_advert_ms = {ms}\n");
+    }
+    for kme in options.topology.kmes.iter().copied() {
         let (sae, peer) = ports[kme];
         text += &format!(
             "[[kme]]\nid = \"{kme}\"\nsae_listen = \"127.0.0.1:{sae}\"\npeer_listen = \"127.0.0.1:{peer}\"\ndata_dir = \"data/{kme}\"\n"
@@ -156,7 +207,7 @@ fn network_file(
             text += &format!("peer_url = \"{url}\"\n");
         }
     }
-    for (sae, kme) in SAES {
+    for (sae, kme) in options.topology.saes.iter().copied() {
         text += &format!("[[sae]]\nid = \"{sae}\"\nkme = \"{kme}\"\n");
         if let Some((_, file)) = options.pins.iter().find(|(pinned, _)| *pinned == sae) {
             let pem = std::fs::read(dir.join(format!("{file}.crt"))).unwrap();
@@ -166,7 +217,7 @@ fn network_file(
             text += &format!("cert_sha256 = \"{}\"\n", hex.join(":"));
         }
     }
-    for ends in [["kme-a", "kme-b"], ["kme-b", "kme-c"]] {
+    for ends in &options.topology.links {
         text += &format!(
             "[[link]]\nends = [\"{}\", \"{}\"]\nrate_bits_per_s = {}\nblock_bytes = {}\nmax_key_count = {}\nmax_sae_id_count = {}\ntick_ms = {}\n",
             ends[0], ends[1], options.rate_bits_per_s, options.block_bytes, options.max_key_count, options.max_sae_id_count, options.tick_ms
@@ -180,8 +231,8 @@ fn network_file(
     text
 }
 
-fn bind_all() -> HashMap<&'static str, (TcpListener, TcpListener)> {
-    KMES.iter()
+fn bind_all(kmes: &[&'static str]) -> HashMap<&'static str, (TcpListener, TcpListener)> {
+    kmes.iter()
         .map(|k| {
             (
                 *k,
@@ -202,11 +253,11 @@ pub struct Net {
 
 impl Net {
     pub fn start(options: LinkOptions) -> Net {
-        let mut listeners = bind_all();
+        let mut listeners = bind_all(&options.topology.kmes);
         let setup = Setup::new(&options, &listeners);
         let config = Config::load(&setup.config_file()).unwrap();
         let mut nodes = Vec::new();
-        for kme in KMES {
+        for kme in options.topology.kmes.iter().copied() {
             let (sae, peer) = listeners.remove(kme).unwrap();
             let node_config = config.node(kme).unwrap();
             nodes.push((
@@ -230,7 +281,7 @@ impl Net {
         }
         while_stopped();
         // New ports: a port just freed may already be another test's (bound to :0 meanwhile).
-        let listeners = bind_all();
+        let listeners = bind_all(&options.topology.kmes);
         for (kme, (sae, peer)) in &listeners {
             let port = |l: &TcpListener| l.local_addr().unwrap().port();
             self.setup.ports.insert(*kme, (port(sae), port(peer)));
@@ -239,7 +290,7 @@ impl Net {
         std::fs::write(self.setup.config_file(), text).unwrap();
         let config = Config::load(&self.setup.config_file()).unwrap();
         let mut listeners = listeners;
-        for kme in KMES {
+        for kme in options.topology.kmes.iter().copied() {
             let (sae, peer) = listeners.remove(kme).unwrap();
             let node = node::spawn(config.node(kme).unwrap(), Some(Listeners { sae, peer }));
             self.nodes.push((kme, node.unwrap()));

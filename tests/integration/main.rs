@@ -13,3 +13,4 @@ mod file_drop;
 mod harness;
 mod load;
 mod pki;
+mod relay;

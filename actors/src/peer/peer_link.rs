@@ -2,7 +2,8 @@
 //!
 //! Owns: the HTTPS client (mTLS, verifies the neighbour's certificate and KME ID), the
 //! outgoing sequence numbers, and the batch of pending activations. Handles: `Activate` (from
-//! `KeyPool`), `ShipBlocks` and `ReportLevel` (from `Link`). Activations of concurrent
+//! `KeyPool`), `ShipBlocks` and `ReportLevel` (from `Link`), `Advertise` (from `Router`),
+//! `Settle` (from `Relay`). Activations of concurrent
 //! requests are batched: while one batch is in flight, new ones queue and go together in the
 //! next, so one round trip and one commit at the neighbour serve many requests. Batches go one
 //! at a time and in order, so the neighbour sees positions strictly increasing.
@@ -20,7 +21,8 @@ use tokio::sync::oneshot;
 use crate::error::{Error, Result};
 use crate::peer::protocol::{
     Activated, ActivationBatch, BlockShipment, BlocksStored, LevelNoted, LevelReport, Refusal,
-    SourceReply, SourceRequest, WireBlock, ACTIVATE_PATH, BLOCKS_PATH, LEVEL_PATH, SOURCE_PATH,
+    SettleRequest, Settled, SourceReply, SourceRequest, TopologyNoted, TopologyUpdate, WireBlock,
+    ACTIVATE_PATH, BLOCKS_PATH, LEVEL_PATH, SETTLE_PATH, SOURCE_PATH, TOPOLOGY_PATH,
 };
 use crate::storage::ops::BlockRecord;
 use crate::types::{Binding, KmeId};
@@ -294,5 +296,44 @@ impl Handler<SourceExchange> for PeerLink {
             retry,
             MAX_BB84_REPLY_BYTES,
         ))
+    }
+}
+
+/// Link state news for the neighbour. Sent by `Router`; not retried (the next round repeats it).
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub struct Advertise(pub TopologyUpdate);
+
+impl Handler<Advertise> for PeerLink {
+    type Result = ResponseFuture<Result<()>>;
+
+    fn handle(&mut self, msg: Advertise, _ctx: &mut Context<Self>) -> Self::Result {
+        let target = self.clone_request();
+        let body = to_body(&msg.0);
+        Box::pin(async move {
+            post_json::<TopologyNoted>(target, TOPOLOGY_PATH, body, false, MAX_REPLY_BYTES)
+                .await
+                .map(|_| ())
+        })
+    }
+}
+
+/// Release or abort a relay at the neighbour (and below it). Sent by `Relay`. Settling is
+/// idempotent, so a transport failure is retried once.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub struct Settle(pub SettleRequest);
+
+impl Handler<Settle> for PeerLink {
+    type Result = ResponseFuture<Result<()>>;
+
+    fn handle(&mut self, msg: Settle, _ctx: &mut Context<Self>) -> Self::Result {
+        let target = self.clone_request();
+        let body = to_body(&msg.0);
+        Box::pin(async move {
+            post_json::<Settled>(target, SETTLE_PATH, body, true, MAX_REPLY_BYTES)
+                .await
+                .map(|_| ())
+        })
     }
 }

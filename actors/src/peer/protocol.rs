@@ -6,8 +6,9 @@ use openssl::sha::sha256;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::link::key_source::Condition;
 use crate::storage::ops::BlockRecord;
-use crate::types::{Binding, Owner};
+use crate::types::{Binding, KmeId, Owner};
 use kme_bb84::bits::BitVec;
 use kme_bb84::pipeline::{Envelope, FrameReport};
 
@@ -15,6 +16,53 @@ pub const ACTIVATE_PATH: &str = "/peer/v1/activate";
 pub const BLOCKS_PATH: &str = "/peer/v1/blocks";
 pub const LEVEL_PATH: &str = "/peer/v1/level";
 pub const SOURCE_PATH: &str = "/peer/v1/source";
+pub const TOPOLOGY_PATH: &str = "/peer/v1/topology";
+pub const SETTLE_PATH: &str = "/peer/v1/relay/settle";
+
+/// Link state news, flooded between neighbours (see `relay::router`): each KME's view of its
+/// own links, the newest `seq` of each origin winning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopologyUpdate {
+    pub adverts: Vec<Advert>,
+}
+
+/// One KME's links as it sees them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Advert {
+    pub origin: KmeId,
+    /// `epoch << 40 | counter`: grows across the origin's restarts.
+    pub seq: u64,
+    pub links: Vec<LinkReport>,
+}
+
+/// The origin's end of its link to `peer`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkReport {
+    pub peer: KmeId,
+    pub state: Condition,
+    /// Material the origin can send over this link now.
+    pub available_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopologyNoted {}
+
+/// Release or abort of a relay, passed down its tree (see `relay`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettleRequest {
+    pub relay_id: uuid::Uuid,
+    pub release: bool,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settled {}
 
 /// Body of an activation: bind these positions of the sender's stream to key_IDs.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -23,6 +23,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
         2,
         include_str!("../../../sql/migrations/0002_key_files.sql"),
     ),
+    (3, include_str!("../../../sql/migrations/0003_relay.sql")),
 ];
 
 /// Per-connection settings.

@@ -6,6 +6,7 @@
 //! | `ops.rs` | the storage operations, one type each with its own result, and what each does in SQL |
 //! | `writer.rs` | `DbWriter` (SyncArbiter of 1): the write connection, one transaction per batch |
 //! | `checkpointer.rs` | `DbCheckpointer` (SyncArbiter of 1): WAL checkpoints off the writer's path |
+//! | `held.rs` | keys of a relay held until the master's KME releases or aborts it |
 //! | `db.rs` | opening, migrations (`sql/migrations`), read-side queries, audit-chain verification |
 //! | `audit.rs` | audit records and their hash chain; the `AuditLog` actor |
 //! | `sealing.rs` | AES-256-GCM sealing of key material at rest, data keys by HKDF |
@@ -13,6 +14,7 @@
 pub mod audit;
 pub mod checkpointer;
 pub mod db;
+pub mod held;
 pub mod ops;
 pub mod sealing;
 pub mod store;

@@ -15,6 +15,7 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::storage::audit::{AuditRecord, Retrieved};
 use crate::storage::db::to_i64;
+use crate::storage::held::Arrival;
 use crate::storage::sealing::Sealer;
 use crate::storage::writer::{
     activate, advance_position, append_audit, bound_record, expire_keys, insert_key, retrieve,
@@ -64,7 +65,7 @@ pub struct Txn<'a> {
 }
 
 impl Txn<'_> {
-    fn audit(&mut self, record: &AuditRecord) -> Result<()> {
+    pub(super) fn audit(&mut self, record: &AuditRecord) -> Result<()> {
         append_audit(self.tx, self.head, record)
     }
 }
@@ -194,20 +195,24 @@ impl Operation for DiscardBlocks {
 }
 
 /// At the slave's KME: bind positions of the peer's stream to key_IDs (one peer batch).
+/// Relay legs among them are opened and their keys held for `local_slaves` (the binding's
+/// slaves homed here, in binding order). Output: the relay legs that arrived (none for a
+/// retried batch, which changes nothing).
 pub struct Activate {
     pub peer: KmeId,
     pub seq: u64,
     pub digest: [u8; 32],
     pub block_bytes: usize,
     pub bindings: Vec<Binding>,
+    pub local_slaves: Vec<Vec<SaeId>>,
 }
 
 impl Operation for Activate {
-    type Output = ();
+    type Output = Vec<Arrival>;
 
-    fn apply(self, txn: &mut Txn<'_>) -> Result<()> {
+    fn apply(self, txn: &mut Txn<'_>) -> Result<Vec<Arrival>> {
         let cache = txn.block_cache.entry(self.peer.clone()).or_default();
-        let fresh = activate(
+        let arrivals = activate(
             txn.tx,
             txn.sealer,
             &self.peer,
@@ -215,12 +220,16 @@ impl Operation for Activate {
             &self.digest,
             self.block_bytes,
             &self.bindings,
+            &self.local_slaves,
             cache,
         )?;
-        if fresh {
-            txn.audit(&bound_record(&self.peer, self.seq, &self.bindings))?;
+        match arrivals {
+            Some(arrivals) => {
+                txn.audit(&bound_record(&self.peer, self.seq, &self.bindings))?;
+                Ok(arrivals)
+            }
+            None => Ok(Vec::new()),
         }
-        Ok(())
     }
 }
 

@@ -16,8 +16,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::relay::seal::open;
 use crate::storage::audit::{chain_hash, AuditRecord, Bound};
 use crate::storage::db::{to_i64, to_u64, DbPool};
+use crate::storage::held::{Arrival, Forward, HeldKeys};
 use crate::storage::ops::{BlockOutcome, BlockRecord, Completion, Queued, Txn};
 use crate::storage::sealing::{block_aad, Purpose, Sealer};
 use crate::types::{now_ms, Binding, Key, KmeId, Owner, SaeId};
@@ -196,12 +198,24 @@ pub(super) fn append_audit(
 }
 
 pub(super) fn bound_record(peer: &KmeId, seq: u64, bindings: &[Binding]) -> AuditRecord {
+    // Sealed keys stay out of the trail: without their pads (burned) they are noise, but an
+    // audit log is no place for anything derived from key material.
+    let bindings: Vec<Binding> = bindings
+        .iter()
+        .map(|b| {
+            let mut b = b.clone();
+            if let Some(sealed) = b.relay.as_mut().and_then(|leg| leg.sealed.as_mut()) {
+                sealed.keys.clear();
+            }
+            b
+        })
+        .collect();
     AuditRecord::new(
         "keys_bound",
         Bound {
             from_kme: peer,
             seq,
-            bindings,
+            bindings: &bindings,
         },
     )
 }
@@ -297,8 +311,9 @@ pub(super) fn activate(
     digest: &[u8; 32],
     block_bytes: usize,
     bindings: &[Binding],
+    local_slaves: &[Vec<SaeId>],
     cache: &mut BlockCache,
-) -> Result<bool> {
+) -> Result<Option<Vec<Arrival>>> {
     let last: Option<(i64, Vec<u8>)> = tx
         .prepare_cached("SELECT last_seq, last_digest FROM peer_sequence WHERE peer = ?1")?
         .query_row(params![peer.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -306,7 +321,7 @@ pub(super) fn activate(
     if let Some((last_seq, last_digest)) = last {
         let last_seq = to_u64(last_seq);
         if seq == last_seq && last_digest.as_slice() == digest.as_slice() {
-            return Ok(false);
+            return Ok(None);
         }
         if seq <= last_seq {
             return Err(Error::PeerMessage(format!(
@@ -318,7 +333,8 @@ pub(super) fn activate(
     let state = crate::storage::db::stream_state(tx, peer, &peer_stream)?;
     let mut high_mark = state.position;
     let now = now_ms();
-    for binding in bindings {
+    let mut arrivals = Vec::new();
+    for (binding, local) in bindings.iter().zip(local_slaves) {
         let end = binding.end().filter(|end| *end < MAX_POSITION);
         let Some(end) = end.filter(|_| binding.len > 0 && !binding.key_ids.is_empty()) else {
             return Err(Error::PeerMessage(
@@ -334,11 +350,48 @@ pub(super) fn activate(
         }
         let slaves =
             serde_json::to_string(&binding.slaves).map_err(|e| Error::Storage(e.to_string()))?;
-        let mut start = binding.start;
-        for key_id in &binding.key_ids {
-            let material = read_stream(tx, sealer, peer, start, binding.len, block_bytes, cache)?;
-            insert_key(tx, sealer, key_id, &binding.master, &slaves, &material, now)?;
-            start += u64::from(binding.len);
+        if let Some(leg) = &binding.relay {
+            let span = u32::try_from(end - binding.start)
+                .map_err(|_| Error::PeerMessage("a relay leg is too long".into()))?;
+            let material = read_stream(tx, sealer, peer, binding.start, span, block_bytes, cache)?;
+            let keys = match &leg.sealed {
+                Some(sealed) => open(binding, &leg.relay_id, &leg.onward, sealed, &material)?,
+                None => material
+                    .chunks_exact(binding.len as usize)
+                    .map(<[u8]>::to_vec)
+                    .collect(),
+            };
+            if !local.is_empty() {
+                let pending =
+                    serde_json::to_string(local).map_err(|e| Error::Storage(e.to_string()))?;
+                let held = HeldKeys {
+                    relay_id: &leg.relay_id,
+                    master: &binding.master,
+                    slaves_json: &slaves,
+                    pending_json: &pending,
+                };
+                held.insert(tx, sealer, binding.key_ids.iter().zip(&keys), now)?;
+            }
+            arrivals.push(Arrival {
+                relay_id: leg.relay_id,
+                held_here: !local.is_empty(),
+                onward: leg.onward.clone(),
+                forward: (!leg.onward.is_empty()).then(|| Forward {
+                    master: binding.master.clone(),
+                    slaves: binding.slaves.clone(),
+                    key_ids: binding.key_ids.clone(),
+                    len: binding.len,
+                    keys,
+                }),
+            });
+        } else {
+            let mut start = binding.start;
+            for key_id in &binding.key_ids {
+                let material =
+                    read_stream(tx, sealer, peer, start, binding.len, block_bytes, cache)?;
+                insert_key(tx, sealer, key_id, &binding.master, &slaves, &material, now)?;
+                start += u64::from(binding.len);
+            }
         }
         high_mark = end;
     }
@@ -348,7 +401,7 @@ pub(super) fn activate(
          ON CONFLICT(peer) DO UPDATE SET last_seq = excluded.last_seq, last_digest = excluded.last_digest",
     )?
     .execute(params![peer.as_str(), to_i64(seq), digest.as_slice()])?;
-    Ok(true)
+    Ok(Some(arrivals))
 }
 
 /// The last block read of one peer stream (number and bytes).
@@ -475,7 +528,7 @@ pub(super) fn insert_key(
 
 /// Associated data of a sealed key: its ID, master and slaves, so that rewriting those columns
 /// in the file makes the key fail to open rather than go to another SAE.
-fn key_aad(id: &Uuid, master: &str, slaves_json: &str) -> Vec<u8> {
+pub(super) fn key_aad(id: &Uuid, master: &str, slaves_json: &str) -> Vec<u8> {
     let mut aad = Vec::with_capacity(16 + master.len() + slaves_json.len() + 2);
     aad.extend_from_slice(id.as_bytes());
     aad.extend_from_slice(master.as_bytes());
@@ -644,11 +697,13 @@ mod tests {
             start,
             len: 8,
             key_ids: vec![Uuid::now_v7()],
+            relay: None,
         }
     }
 
     /// Activation of a batch from kme-a (blocks of 16 bytes), with a cold block cache.
     fn bind(conn: &Connection, seq: u64, digest: &[u8; 32], bindings: &[Binding]) -> Result<bool> {
+        let local: Vec<Vec<SaeId>> = bindings.iter().map(|b| b.slaves.clone()).collect();
         activate(
             conn,
             &sealer(),
@@ -657,8 +712,10 @@ mod tests {
             digest,
             16,
             bindings,
+            &local,
             &mut None,
         )
+        .map(|fresh| fresh.is_some())
     }
 
     /// One block of kme-a's stream and one key bound on it for `slaves`.
@@ -912,6 +969,7 @@ mod tests {
                 digest: [1; 32],
                 block_bytes: 16,
                 bindings: vec![good.clone()],
+                local_slaves: vec![good.slaves.clone()],
             },
         );
         // Refused: the same positions again under a newer number.
@@ -923,6 +981,7 @@ mod tests {
                 digest: [2; 32],
                 block_bytes: 16,
                 bindings: vec![binding(0, &["sae-b"])],
+                local_slaves: vec![vec![SaeId::new("sae-b")]],
             },
         );
         let mut audited = queue(
@@ -931,7 +990,7 @@ mod tests {
         );
         writer.write(batch).unwrap();
         assert_eq!(stored.try_recv().unwrap(), Ok(vec![BlockOutcome::Stored]));
-        assert_eq!(bound.try_recv().unwrap(), Ok(()));
+        assert_eq!(bound.try_recv().unwrap(), Ok(Vec::new()));
         assert_eq!(audited.try_recv().unwrap(), Ok(()));
         assert!(matches!(
             refused.try_recv().unwrap(),

@@ -1,0 +1,433 @@
+//! Relay: carries keys to KMEs that are not neighbours (trusted-node relay) and to slaves on
+//! several KMEs at once (multicast), all or nothing.
+//!
+//! Owns: the relays passing through this KME (what arrived, where it goes next, whether the
+//! onward legs are held below), in memory for the hold time only, and the hold time itself.
+//! Handles: `Originate` (from `SaeRegistry`: enc_keys whose slaves are not all on one
+//! neighbour), `Arrived` (from `SaeRegistry`, once an activation batch with relay legs is
+//! durable here), `SettleFromPeer` (from the KME-to-KME edge: release or abort). Sends:
+//! `Deliver` to the `KeyPool` of each next hop (which seals and sends the leg through its
+//! `PeerLink`), `Settle` to the next hops' `PeerLink`s, `Exec` to `Store`.
+//! Mailbox: bounded; callers `send` under their timeouts.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use futures_util::future::join_all;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::key_pool::{Deliver, KeyPool, Outbound};
+use crate::peer::peer_link::{PeerLink, Settle};
+use crate::peer::protocol::SettleRequest;
+use crate::storage::held::{Arrival, BurnUnsettled, HoldKeys, SettleRelay, Settlement};
+use crate::storage::store::{Exec, Store};
+use crate::types::{now_ms, Branch, Key, KmeId, SaeId};
+
+const MAILBOX_CAPACITY: usize = 4096;
+/// Relay outcomes are kept this many hold times, for retried releases.
+const FORGET_AFTER_HOLDS: u32 = 10;
+
+/// The next hop: its pool (to send legs) and its channel (to settle them).
+#[derive(Clone)]
+pub struct NextHop {
+    pub pool: Addr<KeyPool>,
+    pub peer_link: Addr<PeerLink>,
+}
+
+/// A relay passing through this KME.
+struct Transit {
+    from: KmeId,
+    onward: Vec<KmeId>,
+    held_here: bool,
+    /// The onward legs' outcome, once known.
+    forwarded: Option<Result<()>>,
+    waiters: Vec<oneshot::Sender<Result<()>>>,
+    since: Instant,
+}
+
+pub struct Relay {
+    store: Addr<Store>,
+    hops: HashMap<KmeId, NextHop>,
+    transit: HashMap<Uuid, Transit>,
+    hold: Duration,
+}
+
+impl Relay {
+    /// `hold`: how long keys of a relay wait here for its release before they are burned.
+    pub fn new(store: Addr<Store>, hops: HashMap<KmeId, NextHop>, hold: Duration) -> Self {
+        Self {
+            store,
+            hops,
+            transit: HashMap::new(),
+            hold,
+        }
+    }
+
+    fn sweep(&mut self, ctx: &mut Context<Self>) {
+        let hold = self.hold;
+        self.transit.retain(|_, t| t.since.elapsed() < hold);
+        let hold_ms = i64::try_from(hold.as_millis()).unwrap_or(i64::MAX);
+        let burn = BurnUnsettled {
+            created_before_ms: now_ms().saturating_sub(hold_ms),
+            forget_before_ms: now_ms()
+                .saturating_sub(hold_ms.saturating_mul(i64::from(FORGET_AFTER_HOLDS))),
+        };
+        let store = self.store.clone();
+        ctx.spawn(fut::wrap_future(async move {
+            if let Ok(Err(err)) | Err(err) = store.send(Exec(burn)).await.map_err(Error::from) {
+                log::error!("burning unsettled relays failed: {err}");
+            }
+        }));
+    }
+}
+
+impl Actor for Relay {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        let every = (self.hold / 2).max(Duration::from_millis(100));
+        ctx.run_interval(every, |act, ctx| act.sweep(ctx));
+    }
+}
+
+/// What sends and settles the legs of one relay, cloned out of the actor.
+#[derive(Clone)]
+struct Legs {
+    relay_id: Uuid,
+    store: Addr<Store>,
+    hops: HashMap<KmeId, NextHop>,
+}
+
+impl Legs {
+    fn hop(&self, kme: &KmeId) -> Result<&NextHop> {
+        self.hops.get(kme).ok_or_else(|| {
+            Error::PeerMessage(format!("relay {}: {kme} is not a neighbour", self.relay_id))
+        })
+    }
+
+    /// Sends the leg to `branch` over its link: `seal` None takes the keys from the link.
+    async fn send(&self, branch: &Branch, deliver: Deliver) -> Result<Vec<Key>> {
+        self.hop(&branch.kme)?.pool.send(deliver).await?
+    }
+
+    /// Seals `keys` to every branch at once.
+    async fn send_sealed(&self, branches: &[Branch], keys: &[Key], head: &Head) -> Result<()> {
+        let sends = branches.iter().map(|branch| {
+            let deliver = head.deliver(self.relay_id, branch, Some(keys.to_vec()), keys);
+            self.send(branch, deliver)
+        });
+        join_all(sends)
+            .await
+            .into_iter()
+            .try_for_each(|r| r.map(|_| ()))
+    }
+
+    /// Settles the relay here (if keys are held here) and at every branch, all at once.
+    async fn settle(
+        &self,
+        branches: &[KmeId],
+        here: bool,
+        release: bool,
+        reason: &str,
+    ) -> Result<()> {
+        let settlement = if release {
+            Settlement::Release
+        } else {
+            Settlement::Abort
+        };
+        let local = async {
+            if !here {
+                return Ok(());
+            }
+            let op = SettleRelay {
+                relay_id: self.relay_id,
+                settlement,
+                reason: reason.to_string(),
+            };
+            self.store.send(Exec(op)).await?
+        };
+        let remote = branches.iter().map(|kme| async move {
+            let request = SettleRequest {
+                relay_id: self.relay_id,
+                release,
+                reason: reason.to_string(),
+            };
+            self.hop(kme)?.peer_link.send(Settle(request)).await?
+        });
+        let (local, remote) = futures_util::future::join(local, join_all(remote)).await;
+        local?;
+        remote.into_iter().collect()
+    }
+
+    /// Best effort: burns the relay here and below. Failures are logged; whatever cannot be
+    /// reached burns its held keys when the hold time passes.
+    async fn abort(&self, branches: &[KmeId], here: bool, reason: &str) {
+        if let Err(err) = self.settle(branches, here, false, reason).await {
+            log::warn!(
+                "relay {}: abort did not reach everywhere: {err}",
+                self.relay_id
+            );
+        }
+    }
+}
+
+/// Who the keys of a relay are for, and their shape.
+#[derive(Clone)]
+struct Head {
+    master: SaeId,
+    slaves: Vec<SaeId>,
+    number: u32,
+    size_bits: u32,
+}
+
+impl Head {
+    fn deliver(
+        &self,
+        relay_id: Uuid,
+        branch: &Branch,
+        seal: Option<Vec<Key>>,
+        _: &[Key],
+    ) -> Deliver {
+        Deliver {
+            master: self.master.clone(),
+            slaves: self.slaves.clone(),
+            number: self.number,
+            size_bits: self.size_bits,
+            request_id: relay_id,
+            relay: Some(Outbound {
+                relay_id,
+                onward: branch.onward.clone(),
+                seal,
+            }),
+        }
+    }
+}
+
+/// enc_keys for slaves that are not all on one neighbour: the keys go along `tree` (the
+/// first branch's link gives them, the other branches get them sealed) and are held for
+/// `local_slaves` here; the relay is released everywhere before the keys are returned, and
+/// not after `deadline` (the SAE has had its 503 by then). Any failure aborts it everywhere.
+/// Sent by `SaeRegistry`.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Key>>")]
+pub struct Originate {
+    pub master: SaeId,
+    pub slaves: Vec<SaeId>,
+    pub local_slaves: Vec<SaeId>,
+    pub number: u32,
+    pub size_bits: u32,
+    pub request_id: Uuid,
+    pub tree: Vec<Branch>,
+    pub deadline: Instant,
+}
+
+impl Handler<Originate> for Relay {
+    type Result = ResponseFuture<Result<Vec<Key>>>;
+
+    fn handle(&mut self, msg: Originate, _ctx: &mut Context<Self>) -> Self::Result {
+        let legs = Legs {
+            relay_id: msg.request_id,
+            store: self.store.clone(),
+            hops: self.hops.clone(),
+        };
+        let head = Head {
+            master: msg.master.clone(),
+            slaves: msg.slaves.clone(),
+            number: msg.number,
+            size_bits: msg.size_bits,
+        };
+        Box::pin(async move {
+            let Some((first, others)) = msg.tree.split_first() else {
+                return Err(Error::Unreachable("a relay needs at least one hop".into()));
+            };
+            let here = !msg.local_slaves.is_empty();
+            let branches: Vec<KmeId> = msg.tree.iter().map(|b| b.kme.clone()).collect();
+            let keys = match legs
+                .send(first, head.deliver(legs.relay_id, first, None, &[]))
+                .await
+            {
+                Ok(keys) => keys,
+                Err(err) => {
+                    legs.abort(&branches[..1], false, &err.to_string()).await;
+                    return Err(err);
+                }
+            };
+            let rest = async {
+                legs.send_sealed(others, &keys, &head).await?;
+                if here {
+                    let hold = HoldKeys {
+                        relay_id: legs.relay_id,
+                        master: msg.master,
+                        slaves: msg.slaves,
+                        local_slaves: msg.local_slaves,
+                        keys: keys.clone(),
+                    };
+                    legs.store.send(Exec(hold)).await??;
+                }
+                if Instant::now() > msg.deadline {
+                    return Err(Error::Unavailable("the relay outlived its request".into()));
+                }
+                legs.settle(&branches, here, true, "released").await
+            };
+            match rest.await {
+                Ok(()) => Ok(keys),
+                Err(err) => {
+                    log::warn!("relay {}: {err}; aborting it everywhere", legs.relay_id);
+                    legs.abort(&branches, here, &err.to_string()).await;
+                    Err(err)
+                }
+            }
+        })
+    }
+}
+
+/// Relay legs durable here (an activation batch from `from`): forward each onward. Sent by
+/// `SaeRegistry`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Arrived {
+    pub from: KmeId,
+    pub arrivals: Vec<Arrival>,
+}
+
+impl Handler<Arrived> for Relay {
+    type Result = ();
+
+    fn handle(&mut self, msg: Arrived, ctx: &mut Context<Self>) {
+        for arrival in msg.arrivals {
+            let relay_id = arrival.relay_id;
+            let transit = Transit {
+                from: msg.from.clone(),
+                onward: arrival.onward.iter().map(|b| b.kme.clone()).collect(),
+                held_here: arrival.held_here,
+                forwarded: None,
+                waiters: Vec::new(),
+                since: Instant::now(),
+            };
+            self.transit.insert(relay_id, transit);
+            let Some(forward) = arrival.forward else {
+                self.forwarded(relay_id, Ok(()));
+                continue;
+            };
+            let legs = Legs {
+                relay_id,
+                store: self.store.clone(),
+                hops: self.hops.clone(),
+            };
+            let keys: Vec<Key> = forward
+                .key_ids
+                .iter()
+                .zip(forward.keys)
+                .map(|(id, material)| Key { id: *id, material })
+                .collect();
+            let head = Head {
+                master: forward.master,
+                slaves: forward.slaves,
+                number: u32::try_from(keys.len()).unwrap_or(u32::MAX),
+                size_bits: forward.len.saturating_mul(8),
+            };
+            let onward = arrival.onward;
+            let work = async move { legs.send_sealed(&onward, &keys, &head).await };
+            ctx.spawn(
+                fut::wrap_future(work).map(move |result, act: &mut Self, _| {
+                    if let Err(err) = &result {
+                        log::warn!("relay {relay_id}: forwarding failed: {err}");
+                    }
+                    act.forwarded(relay_id, result);
+                }),
+            );
+        }
+    }
+}
+
+impl Relay {
+    fn forwarded(&mut self, relay_id: Uuid, result: Result<()>) {
+        if let Some(transit) = self.transit.get_mut(&relay_id) {
+            for waiter in transit.waiters.drain(..) {
+                let _ = waiter.send(result.clone());
+            }
+            transit.forwarded = Some(result);
+        }
+    }
+}
+
+/// Release or abort of a relay that came from neighbour `from`. Sent by the KME-to-KME edge.
+/// A release succeeds only when the keys are held here (if any are for this KME) and at every
+/// KME below; an abort burns what it reaches and always succeeds.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub struct SettleFromPeer {
+    pub from: KmeId,
+    pub request: SettleRequest,
+}
+
+impl Handler<SettleFromPeer> for Relay {
+    type Result = ResponseFuture<Result<()>>;
+
+    fn handle(&mut self, msg: SettleFromPeer, _ctx: &mut Context<Self>) -> Self::Result {
+        let SettleRequest {
+            relay_id,
+            release,
+            reason,
+        } = msg.request;
+        let legs = Legs {
+            relay_id,
+            store: self.store.clone(),
+            hops: self.hops.clone(),
+        };
+        let Some(transit) = self
+            .transit
+            .get_mut(&relay_id)
+            .filter(|t| t.from == msg.from)
+        else {
+            // Unknown here (never arrived, or this KME restarted since): nothing below is
+            // known, so nothing can be released; whatever is held here is burned.
+            return Box::pin(async move {
+                legs.abort(&[], true, &reason).await;
+                if release {
+                    Err(Error::PeerMessage(format!(
+                        "relay {relay_id} is not known here"
+                    )))
+                } else {
+                    Ok(())
+                }
+            });
+        };
+        let (onward, here) = (transit.onward.clone(), transit.held_here);
+        let forwarded = match &transit.forwarded {
+            Some(result) => Ok(result.clone()),
+            None => {
+                let (tx, rx) = oneshot::channel();
+                transit.waiters.push(tx);
+                Err(rx)
+            }
+        };
+        if !release || forwarded.as_ref().is_ok_and(|r| r.is_err()) {
+            self.transit.remove(&relay_id);
+        }
+        Box::pin(async move {
+            if !release {
+                legs.abort(&onward, here, &reason).await;
+                return Ok(());
+            }
+            let forwarded = match forwarded {
+                Ok(result) => result,
+                Err(rx) => rx
+                    .await
+                    .unwrap_or_else(|_| Err(Error::Unavailable("the relay stopped".into()))),
+            };
+            let result = match forwarded {
+                Ok(()) => legs.settle(&onward, here, true, &reason).await,
+                Err(err) => Err(err),
+            };
+            if let Err(err) = &result {
+                legs.abort(&onward, here, &err.to_string()).await;
+            }
+            result
+        })
+    }
+}

@@ -1,0 +1,336 @@
+//! The network beyond neighbours: trusted-node relay, multicast across KMEs, routing around
+//! failed links, and what a relay does with bad input and dead hops.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::db_probe;
+use super::harness::{dec, enc, keys, LinkOptions, Net, Topology};
+
+/// enc_keys of `master` at `master_kme` for `slave` with `body`; asserts 200, returns the keys.
+async fn enc_ok(
+    net: &Net,
+    (master, master_kme): (&str, &str),
+    slave: &str,
+    body: Value,
+) -> Vec<(String, String)> {
+    let (code, answer) = enc(&net.client(Some(master)), &net.url(master_kme), slave, body).await;
+    assert_eq!(code, 200, "{answer}");
+    keys(&answer)
+}
+
+/// dec_keys of `slave` at `slave_kme` for `master`'s `sent` keys: asserts the identical keys.
+async fn dec_same(
+    net: &Net,
+    (slave, slave_kme): (&str, &str),
+    master: &str,
+    sent: &[(String, String)],
+) {
+    let ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
+    let (code, answer) = dec(&net.client(Some(slave)), &net.url(slave_kme), master, &ids).await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(keys(&answer), sent);
+}
+
+/// Waits until `master` at `master_kme` can get a key for `slave` (routes known), 30 s at most.
+async fn until_routed(net: &Net, master: (&str, &str), slave: &str) -> Value {
+    net.wait_for_status(master.0, master.1, slave, "a usable route", |s| {
+        s["status_extension"]["route"] == "relay" && s["stored_key_count"].as_u64().unwrap() >= 64
+    })
+    .await
+}
+
+#[actix_web::test]
+async fn keys_relay_both_ways_along_the_line_and_status_shows_the_route() {
+    let net = Net::start(LinkOptions::default());
+    let status = until_routed(&net, ("sae-a", "kme-a"), "sae-c").await;
+    assert_eq!(status["target_KME_ID"], "kme-c");
+    let hops = status["status_extension"]["hops"].as_array().unwrap();
+    let path: Vec<(&str, &str)> = hops
+        .iter()
+        .map(|h| (h["from"].as_str().unwrap(), h["to"].as_str().unwrap()))
+        .collect();
+    assert_eq!(path, [("kme-a", "kme-b"), ("kme-b", "kme-c")]);
+    assert!(hops.iter().all(|h| h["state"] == "up"), "{status}");
+
+    let sent = enc_ok(
+        &net,
+        ("sae-a", "kme-a"),
+        "sae-c",
+        json!({"number": 3, "size": 512}),
+    )
+    .await;
+    assert_eq!(sent.len(), 3);
+    dec_same(&net, ("sae-c", "kme-c"), "sae-a", &sent).await;
+    // Retrieved once only; and the trusted node in between holds nothing retrievable.
+    let ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
+    let (code, _) = dec(&net.client(Some("sae-c")), &net.url("kme-c"), "sae-a", &ids).await;
+    assert_eq!(code, 400);
+    until_routed(&net, ("sae-c", "kme-c"), "sae-a").await;
+    let back = enc_ok(&net, ("sae-c", "kme-c"), "sae-a", json!({"number": 2})).await;
+    dec_same(&net, ("sae-a", "kme-a"), "sae-c", &back).await;
+    for kme in ["kme-a", "kme-b", "kme-c"] {
+        assert_eq!(
+            db_probe::count(net.setup.path(), kme, "held_keys"),
+            0,
+            "{kme}"
+        );
+    }
+    let released = db_probe::audit_events(net.setup.path(), "kme-c", "relay_released");
+    assert_eq!(released.len(), 1, "{released:?}");
+}
+
+#[actix_web::test]
+async fn a_multicast_reaches_slaves_on_three_kmes_all_or_nothing() {
+    let net = Net::start(LinkOptions {
+        topology: Topology::star(),
+        max_sae_id_count: 4,
+        ..LinkOptions::default()
+    });
+    until_routed(&net, ("sae-a", "kme-a"), "sae-c").await;
+    until_routed(&net, ("sae-a", "kme-a"), "sae-d").await;
+    // sae-a (leaf a) to sae-b and sae-b2 (the hub), sae-c and sae-d (two other leaves).
+    let body = json!({"number": 2, "additional_slave_SAE_IDs": ["sae-b2", "sae-c", "sae-d"]});
+    let sent = enc_ok(&net, ("sae-a", "kme-a"), "sae-b", body).await;
+    for (slave, kme) in [
+        ("sae-b", "kme-b"),
+        ("sae-b2", "kme-b"),
+        ("sae-c", "kme-c"),
+        ("sae-d", "kme-d"),
+    ] {
+        dec_same(&net, (slave, kme), "sae-a", &sent).await;
+    }
+    // Each slave once; an SAE that was not named gets 401 where the key is held.
+    let ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
+    let (code, _) = dec(&net.client(Some("sae-c")), &net.url("kme-c"), "sae-a", &ids).await;
+    assert_eq!(code, 400, "retrieved twice");
+    let named = enc_ok(
+        &net,
+        ("sae-a", "kme-a"),
+        "sae-c",
+        json!({"additional_slave_SAE_IDs": ["sae-b"]}),
+    )
+    .await;
+    let ids: Vec<&str> = named.iter().map(|(id, _)| id.as_str()).collect();
+    let (code, body) = dec(
+        &net.client(Some("sae-b2")),
+        &net.url("kme-b"),
+        "sae-a",
+        &ids,
+    )
+    .await;
+    assert_eq!(code, 401, "{body}");
+    dec_same(&net, ("sae-b", "kme-b"), "sae-a", &named).await;
+    dec_same(&net, ("sae-c", "kme-c"), "sae-a", &named).await;
+
+    // From the hub: one slave here, the others on every leaf.
+    for leaf in ["sae-a", "sae-c", "sae-d"] {
+        net.wait_for_keys("sae-b", "kme-b", leaf, 64).await;
+    }
+    let body = json!({"additional_slave_SAE_IDs": ["sae-b2", "sae-c", "sae-d"]});
+    let sent = enc_ok(&net, ("sae-b", "kme-b"), "sae-a", body).await;
+    for (slave, kme) in [
+        ("sae-a", "kme-a"),
+        ("sae-b2", "kme-b"),
+        ("sae-c", "kme-c"),
+        ("sae-d", "kme-d"),
+    ] {
+        dec_same(&net, (slave, kme), "sae-b", &sent).await;
+    }
+    // Naming a slave twice, or the master as its own slave: 400, nothing sent anywhere.
+    for extra in [json!(["sae-c", "sae-c"]), json!(["sae-b", "sae-c"])] {
+        let (code, _) = enc(
+            &net.client(Some("sae-b")),
+            &net.url("kme-b"),
+            "sae-a",
+            json!({"additional_slave_SAE_IDs": extra}),
+        )
+        .await;
+        assert_eq!(code, 400);
+    }
+
+    // A leaf that is down: the multicast fails whole, and no KME keeps a retrievable key.
+    let mut net = net;
+    net.stop("kme-d");
+    let body = json!({"additional_slave_SAE_IDs": ["sae-c", "sae-d"]});
+    let (code, answer) = enc(&net.client(Some("sae-a")), &net.url("kme-a"), "sae-b", body).await;
+    assert_eq!(code, 503, "{answer}");
+    until_drained(&net, &["kme-a", "kme-b", "kme-c"]).await;
+    let burned = db_probe::audit_events(net.setup.path(), "kme-b", "relay_burned");
+    assert!(!burned.is_empty(), "the hub burned its held keys");
+}
+
+/// Waits until no KME of `kmes` holds keys of an unsettled relay (aborted or past its hold
+/// time), 30 s at most.
+async fn until_drained(net: &Net, kmes: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let held: Vec<i64> = kmes
+            .iter()
+            .map(|kme| db_probe::count(net.setup.path(), kme, "held_keys"))
+            .collect();
+        if held.iter().all(|n| *n == 0) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "held keys left: {held:?}");
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[actix_web::test]
+async fn a_ring_reroutes_around_a_dead_kme_and_no_route_names_the_missing_hop() {
+    let mut net = Net::start(LinkOptions {
+        topology: Topology::ring(),
+        ..LinkOptions::default()
+    });
+    let status = until_routed(&net, ("sae-a", "kme-a"), "sae-c").await;
+    assert_eq!(
+        status["status_extension"]["hops"][0]["to"], "kme-b",
+        "{status}"
+    );
+    let sent = enc_ok(&net, ("sae-a", "kme-a"), "sae-c", json!({})).await;
+    dec_same(&net, ("sae-c", "kme-c"), "sae-a", &sent).await;
+
+    // kme-b dies: requests fail only until its neighbours notice, then go through kme-d.
+    net.stop("kme-b");
+    let cut = Instant::now();
+    let mut failures = 0;
+    let sent = loop {
+        let (code, answer) = enc(
+            &net.client(Some("sae-a")),
+            &net.url("kme-a"),
+            "sae-c",
+            json!({}),
+        )
+        .await;
+        if code == 200 {
+            break keys(&answer);
+        }
+        assert_eq!(code, 503, "{answer}");
+        failures += 1;
+        assert!(
+            cut.elapsed() < Duration::from_secs(30),
+            "no reroute: {answer}"
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!(
+        "converged {:?} after the cut ({failures} requests failed)",
+        cut.elapsed()
+    );
+    dec_same(&net, ("sae-c", "kme-c"), "sae-a", &sent).await;
+    let status = until_routed(&net, ("sae-a", "kme-a"), "sae-c").await;
+    let via: Vec<&str> = status["status_extension"]["hops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["to"].as_str().unwrap())
+        .collect();
+    assert_eq!(via, ["kme-d", "kme-c"]);
+
+    // kme-d dies too: kme-c is out of reach, and the 503 names the hop that is missing.
+    net.stop("kme-d");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, answer) = enc(
+            &net.client(Some("sae-a")),
+            &net.url("kme-a"),
+            "sae-c",
+            json!({}),
+        )
+        .await;
+        assert_ne!(code, 200, "no route is left: {answer}");
+        let message = answer["message"].as_str().unwrap();
+        if message.contains("no route to kme-c") {
+            assert!(message.contains("kme-a -> kme-b is down"), "{message}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{answer}");
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, body) = net
+        .client(Some("sae-a"))
+        .get(&format!("{}/api/v1/keys/sae-c/status", net.url("kme-a")))
+        .await;
+    assert_eq!(code, 503, "{body}");
+}
+
+#[actix_web::test]
+async fn concurrent_relayed_pairs_never_share_a_key_or_a_position() {
+    let net = Net::start(LinkOptions::default());
+    until_routed(&net, ("sae-a", "kme-a"), "sae-c").await;
+    until_routed(&net, ("sae-c", "kme-c"), "sae-a").await;
+    let requests = (0..64).map(|i| {
+        let (master, kme, slave) = if i % 2 == 0 {
+            ("sae-a", "kme-a", "sae-c")
+        } else {
+            ("sae-c", "kme-c", "sae-a")
+        };
+        let client = net.client(Some(master));
+        let url = net.url(kme);
+        async move {
+            let (code, answer) = enc(&client, &url, slave, json!({"number": 2})).await;
+            assert_eq!(code, 200, "{answer}");
+            (i, keys(&answer))
+        }
+    });
+    let all = futures_util::future::join_all(requests).await;
+    let ids: HashSet<&String> = all
+        .iter()
+        .flat_map(|(_, k)| k.iter().map(|(id, _)| id))
+        .collect();
+    let bytes: HashSet<&String> = all
+        .iter()
+        .flat_map(|(_, k)| k.iter().map(|(_, key)| key))
+        .collect();
+    assert_eq!(
+        (ids.len(), bytes.len()),
+        (128, 128),
+        "a key_ID or key repeats"
+    );
+    for (i, sent) in &all {
+        if i % 2 == 0 {
+            dec_same(&net, ("sae-c", "kme-c"), "sae-a", sent).await;
+        } else {
+            dec_same(&net, ("sae-a", "kme-a"), "sae-c", sent).await;
+        }
+    }
+    assert_no_position_used_twice(&net, &["kme-a", "kme-b", "kme-c"]);
+}
+
+/// Over the audit trails of `kmes`: no byte of any link stream was handed out twice by its
+/// owner (`keys_delivered`), nor bound twice at the other end (`keys_bound`), relay legs
+/// (pads and MAC keys) included.
+pub fn assert_no_position_used_twice(net: &Net, kmes: &[&str]) {
+    for kme in kmes {
+        let mut spans: Vec<(String, String, u64, u64)> = Vec::new();
+        for d in db_probe::audit_events(net.setup.path(), kme, "keys_delivered") {
+            if let (Some(start), Some(end)) = (d["start"].as_u64(), d["end"].as_u64()) {
+                spans.push((d["link"].as_str().unwrap().into(), "own".into(), start, end));
+            }
+        }
+        for batch in db_probe::audit_events(net.setup.path(), kme, "keys_bound") {
+            let from = batch["from_kme"].as_str().unwrap().to_string();
+            for b in batch["bindings"].as_array().unwrap() {
+                let start = b["start"].as_u64().unwrap();
+                let keys = b["key_ids"].as_array().unwrap().len() as u64;
+                let mac = if b["relay"]["sealed"].is_object() {
+                    16
+                } else {
+                    0
+                };
+                let end = start + keys * b["len"].as_u64().unwrap() + mac;
+                spans.push((from.clone(), "peer".into(), start, end));
+            }
+        }
+        spans.sort();
+        for pair in spans.windows(2) {
+            let (a, b) = (&pair[0], &pair[1]);
+            if (&a.0, &a.1) == (&b.0, &b.1) {
+                assert!(a.3 <= b.2, "{kme}: {a:?} overlaps {b:?}");
+            }
+        }
+    }
+}
