@@ -16,9 +16,10 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
 use kme_actors::link::{LinkAddr, PeerLevel, ReceiveBlocks, SourceFromPeer};
+use kme_actors::peer::peer_link::MAX_SETTLE_BATCH;
 use kme_actors::peer::protocol::{
     self, Activated, ActivationBatch, BlockShipment, BlocksStored, LevelNoted, LevelReport,
-    Refusal, SettleRequest, Settled, SourceRequest, TopologyNoted, TopologyUpdate,
+    Refusal, SettleBatch, SettleResults, SourceRequest, TopologyNoted, TopologyUpdate,
 };
 use kme_actors::relay::router::{Router, TopologyFromPeer};
 use kme_actors::relay::transport::{Relay, SettleFromPeer};
@@ -323,13 +324,26 @@ async fn settle(
 ) -> Result<HttpResponse, PeerRefusal> {
     let Incoming {
         peer,
-        message: request,
+        message: batch,
         ..
-    } = incoming::<SettleRequest>(&req, payload, &state).await?;
-    let settle = SettleFromPeer {
-        from: peer,
-        request,
-    };
-    ask_domain(&state.relay, settle, state.timeout).await?;
-    Ok(HttpResponse::Ok().json(Settled {}))
+    } = incoming::<SettleBatch>(&req, payload, &state).await?;
+    if batch.settles.len() > MAX_SETTLE_BATCH {
+        return Err(PeerRefusal::new(
+            StatusCode::BAD_REQUEST,
+            "too many settlements in one batch",
+        ));
+    }
+    let settles = batch.settles.into_iter().map(|request| {
+        let settle = SettleFromPeer {
+            from: peer.clone(),
+            request,
+        };
+        ask_domain(&state.relay, settle, state.timeout)
+    });
+    let results = futures_util::future::join_all(settles)
+        .await
+        .into_iter()
+        .map(|outcome| outcome.err().map(|err| err.to_string()))
+        .collect();
+    Ok(HttpResponse::Ok().json(SettleResults { results }))
 }

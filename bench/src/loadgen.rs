@@ -5,7 +5,9 @@
 //!
 //! - [`Mode::Status`]: `GET {master_url}/api/v1/keys/{slave_sae_id}/status` as the master SAE;
 //! - [`Mode::Enc`]: `POST {master_url}/api/v1/keys/{slave_sae_id}/enc_keys` with
-//!   `{"number":N,"size":S}`, checking N keys of S/8 bytes with UUID key IDs;
+//!   `{"number":N,"size":S}` (and `additional_slave_SAE_IDs` when `--additional-slaves` names
+//!   some: a multicast, retrieved by the first slave only), checking N keys of S/8 bytes with
+//!   UUID key IDs;
 //! - [`Mode::EncDec`]: the enc request above, then `POST {slave_url}/api/v1/keys/{master_sae_id}/dec_keys`
 //!   as the slave SAE with the returned key IDs, verifying byte for byte that the slave gets the
 //!   same keys. One operation ("request" in the report) is one enc+dec pair, its latency runs from
@@ -114,6 +116,10 @@ pub struct LoadOptions {
     /// SAE ID of the slave (the CN of its certificate).
     #[arg(long, default_value = "sae-b")]
     pub slave_sae_id: String,
+    /// More slaves named in every enc_keys (multicast, comma-separated); encdec retrieves
+    /// the keys as the slave only.
+    #[arg(long, value_delimiter = ',')]
+    pub additional_slaves: Vec<String>,
     /// Concurrent keep-alive connections per target KME.
     #[arg(long, default_value_t = 64)]
     pub connections: usize,
@@ -153,6 +159,7 @@ impl Default for LoadOptions {
             slave_key: "certs/sae-b.key".into(),
             master_sae_id: "sae-a".into(),
             slave_sae_id: "sae-b".into(),
+            additional_slaves: Vec::new(),
             connections: 64,
             threads: 2,
             number: 1,
@@ -471,7 +478,11 @@ impl Plan {
         let status_uri = make_uri(&format!("{master}/api/v1/keys/{slave_seg}/status"))?;
         let enc_uri = make_uri(&format!("{master}/api/v1/keys/{slave_seg}/enc_keys"))?;
         let dec_uri = make_uri(&format!("{slave}/api/v1/keys/{master_seg}/dec_keys"))?;
-        let enc_body = format!(r#"{{"number":{},"size":{}}}"#, opts.number, opts.size).into_bytes();
+        let mut request = serde_json::json!({"number": opts.number, "size": opts.size});
+        if !opts.additional_slaves.is_empty() {
+            request["additional_slave_SAE_IDs"] = serde_json::json!(opts.additional_slaves);
+        }
+        let enc_body = serde_json::to_vec(&request)?;
 
         let master_tls = sae_connector(&opts.ca, &opts.master_cert, &opts.master_key)?;
         let slave_tls = if opts.mode == Mode::EncDec {

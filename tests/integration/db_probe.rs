@@ -54,3 +54,12 @@ pub fn count(dir: &Path, kme: &str, table: &str) -> i64 {
     conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
         .unwrap()
 }
+
+/// The stream position of `owner` on the link to `peer`, as `kme` stored it (for the peer's
+/// stream: everything below it is bound).
+pub fn position(dir: &Path, kme: &str, peer: &str, owner: &str) -> u64 {
+    let conn = open(dir, kme).get().unwrap();
+    db::stream_state(&conn, &KmeId::new(peer), &Owner::parse(owner))
+        .unwrap()
+        .position
+}

@@ -334,3 +334,104 @@ pub fn assert_no_position_used_twice(net: &Net, kmes: &[&str]) {
         }
     }
 }
+
+#[actix_web::test]
+async fn tampered_replayed_truncated_or_looping_relay_legs_are_refused_and_consume_nothing() {
+    let net = Net::start(LinkOptions::default());
+    until_routed(&net, ("sae-a", "kme-a"), "sae-c").await;
+    let sent = enc_ok(&net, ("sae-a", "kme-a"), "sae-c", json!({})).await;
+    dec_same(&net, ("sae-c", "kme-c"), "sae-a", &sent).await;
+
+    // As kme-b, to kme-c: legs at the first position of kme-b's stream that kme-c has not
+    // bound yet (the material is there; only the message is wrong).
+    let dir = net.setup.path();
+    let start = db_probe::position(dir, "kme-c", "kme-b", "kme-b");
+    let url = format!("{}/peer/v1/activate", net.setup.peer_url("kme-c"));
+    let as_b = net.client(Some("kme-b"));
+    let b64 = |bytes: &[u8]| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    };
+    let leg = |keys: Vec<String>, ids: usize, onward: Value, tag: u64| {
+        let key_ids: Vec<String> = (0..ids).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+        json!({"seq": u64::MAX >> 2, "bindings": [{
+            "master": "sae-a", "slaves": ["sae-c"], "start": start, "len": 32, "key_ids": key_ids,
+            "relay": {"relay_id": uuid::Uuid::new_v4(), "onward": onward,
+                      "sealed": {"keys": keys, "tag": tag}}}]})
+    };
+    let cases = [
+        // A guessed MAC (or any bit flipped in a real leg): the tag does not verify.
+        (
+            leg(vec![b64(&[7; 32])], 1, json!([]), 0x1234_5678),
+            400,
+            "MAC does not verify",
+        ),
+        // Truncated: fewer sealed keys than key_IDs.
+        (
+            leg(vec![b64(&[7; 32])], 2, json!([]), 1),
+            400,
+            "do not match",
+        ),
+        // A tree that comes back through the sender, or goes to a KME that is not a
+        // neighbour of kme-c.
+        (
+            leg(
+                vec![b64(&[7; 32])],
+                1,
+                json!([{"kme": "kme-b", "onward": []}]),
+                1,
+            ),
+            400,
+            "loops",
+        ),
+        (
+            leg(
+                vec![b64(&[7; 32])],
+                1,
+                json!([{"kme": "kme-z", "onward": []}]),
+                1,
+            ),
+            400,
+            "not a neighbour",
+        ),
+    ];
+    for (forged, code, reason) in cases {
+        let (got, answer) = as_b.try_post(&url, &forged).await.unwrap();
+        assert_eq!(got, code, "{answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains(reason),
+            "{answer}"
+        );
+    }
+    // A leg of link material (unsealed) is the master's KME's alone to send.
+    let mut unsealed = leg(Vec::new(), 1, json!([]), 0);
+    unsealed["bindings"][0]["relay"]["sealed"] = Value::Null;
+    let (got, answer) = as_b.try_post(&url, &unsealed).await.unwrap();
+    assert_eq!(got, 400, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("only kme-a sends"),
+        "{answer}"
+    );
+    // A replay of the leg kme-c already took, under a new sequence number: its positions are
+    // bound (409, and nothing changes).
+    let bound = db_probe::audit_events(dir, "kme-c", "keys_bound");
+    let relayed = bound
+        .iter()
+        .find(|b| b["bindings"][0]["relay"].is_object())
+        .expect("a relay leg was bound");
+    let replay = json!({"seq": u64::MAX >> 2, "bindings": relayed["bindings"]});
+    let (got, answer) = as_b.try_post(&url, &replay).await.unwrap();
+    assert_eq!(got, 409, "{answer}");
+
+    // Nothing was taken: the stream position, held keys and relays are as before, and the
+    // relay goes on working.
+    assert_eq!(db_probe::position(dir, "kme-c", "kme-b", "kme-b"), start);
+    assert_eq!(db_probe::count(dir, "kme-c", "held_keys"), 0);
+    assert_eq!(db_probe::count(dir, "kme-c", "relays"), 1);
+    let sent = enc_ok(&net, ("sae-a", "kme-a"), "sae-c", json!({})).await;
+    dec_same(&net, ("sae-c", "kme-c"), "sae-a", &sent).await;
+    assert_no_position_used_twice(&net, &["kme-a", "kme-b", "kme-c"]);
+}

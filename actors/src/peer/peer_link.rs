@@ -21,8 +21,9 @@ use tokio::sync::oneshot;
 use crate::error::{Error, Result};
 use crate::peer::protocol::{
     Activated, ActivationBatch, BlockShipment, BlocksStored, LevelNoted, LevelReport, Refusal,
-    SettleRequest, Settled, SourceReply, SourceRequest, TopologyNoted, TopologyUpdate, WireBlock,
-    ACTIVATE_PATH, BLOCKS_PATH, LEVEL_PATH, SETTLE_PATH, SOURCE_PATH, TOPOLOGY_PATH,
+    SettleBatch, SettleRequest, SettleResults, SourceReply, SourceRequest, TopologyNoted,
+    TopologyUpdate, WireBlock, ACTIVATE_PATH, BLOCKS_PATH, LEVEL_PATH, SETTLE_PATH, SOURCE_PATH,
+    TOPOLOGY_PATH,
 };
 use crate::storage::ops::BlockRecord;
 use crate::types::{Binding, KmeId};
@@ -30,6 +31,11 @@ use crate::types::{Binding, KmeId};
 const MAILBOX_CAPACITY: usize = 1024;
 /// Largest activation batch, in keys; bounds the size of one peer request.
 const MAX_BATCH_KEYS: usize = 8192;
+/// Largest settlement batch, and how many may be in flight at once (settlements of different
+/// relays are independent; more than one in flight keeps a settlement that waits on another
+/// link from holding up the rest).
+pub const MAX_SETTLE_BATCH: usize = 4096;
+const MAX_SETTLES_IN_FLIGHT: usize = 4;
 /// Largest peer answer read (error bodies and small JSON replies).
 const MAX_REPLY_BYTES: usize = 64 * 1024;
 const COUNTER_MASK: u64 = (1 << 40) - 1;
@@ -47,6 +53,8 @@ pub struct PeerLink {
     counter: u64,
     pending: Vec<(Binding, Waiter)>,
     in_flight: bool,
+    settles: Vec<(SettleRequest, Waiter)>,
+    settles_in_flight: usize,
 }
 
 impl PeerLink {
@@ -67,6 +75,8 @@ impl PeerLink {
             counter: 0,
             pending: Vec::new(),
             in_flight: false,
+            settles: Vec::new(),
+            settles_in_flight: 0,
         }
     }
 
@@ -114,6 +124,49 @@ impl PeerLink {
                 act.flush(ctx);
             },
         ));
+    }
+
+    /// Sends waiting settlements, in batches, while fewer than `MAX_SETTLES_IN_FLIGHT` are out.
+    fn flush_settles(&mut self, ctx: &mut Context<Self>) {
+        while self.settles_in_flight < MAX_SETTLES_IN_FLIGHT && !self.settles.is_empty() {
+            let take = self.settles.len().min(MAX_SETTLE_BATCH);
+            let (settles, waiters): (Vec<SettleRequest>, Vec<Waiter>) =
+                self.settles.drain(..take).unzip();
+            self.settles_in_flight += 1;
+            let target = self.clone_request();
+            let peer = target.peer.to_string();
+            let body = to_body(&SettleBatch { settles });
+            let request = post_json(target, SETTLE_PATH, body, true, MAX_REPLY_BYTES);
+            ctx.spawn(fut::wrap_future(request).map(
+                move |answer: Result<SettleResults>, act: &mut Self, ctx| {
+                    let outcomes: Vec<Result<()>> = match answer {
+                        Ok(answer) if answer.results.len() == waiters.len() => answer
+                            .results
+                            .into_iter()
+                            .map(|refused| match refused {
+                                None => Ok(()),
+                                Some(reason) => Err(Error::PeerUnavailable {
+                                    peer: peer.clone(),
+                                    reason,
+                                }),
+                            })
+                            .collect(),
+                        Ok(_) => vec![
+                            Err(Error::PeerMessage(
+                                "the settlement answer does not match the batch".into()
+                            ));
+                            waiters.len()
+                        ],
+                        Err(err) => vec![Err(err); waiters.len()],
+                    };
+                    for (waiter, outcome) in waiters.into_iter().zip(outcomes) {
+                        let _ = waiter.send(outcome);
+                    }
+                    act.settles_in_flight -= 1;
+                    act.flush_settles(ctx);
+                },
+            ));
+        }
     }
 
     fn clone_request(&self) -> Target {
@@ -318,8 +371,9 @@ impl Handler<Advertise> for PeerLink {
     }
 }
 
-/// Release or abort a relay at the neighbour (and below it). Sent by `Relay`. Settling is
-/// idempotent, so a transport failure is retried once.
+/// Release or abort a relay at the neighbour (and below it). Sent by `Relay`. Batched with
+/// the settlements of concurrent relays; settling is idempotent, so a transport failure is
+/// retried once.
 #[derive(Message)]
 #[rtype(result = "Result<()>")]
 pub struct Settle(pub SettleRequest);
@@ -327,13 +381,16 @@ pub struct Settle(pub SettleRequest);
 impl Handler<Settle> for PeerLink {
     type Result = ResponseFuture<Result<()>>;
 
-    fn handle(&mut self, msg: Settle, _ctx: &mut Context<Self>) -> Self::Result {
-        let target = self.clone_request();
-        let body = to_body(&msg.0);
+    fn handle(&mut self, msg: Settle, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.settles.push((msg.0, tx));
+        self.flush_settles(ctx);
+        let peer = self.peer.to_string();
         Box::pin(async move {
-            post_json::<Settled>(target, SETTLE_PATH, body, true, MAX_REPLY_BYTES)
-                .await
-                .map(|_| ())
+            rx.await.map_err(|_| Error::PeerUnavailable {
+                peer,
+                reason: "peer link stopped".into(),
+            })?
         })
     }
 }

@@ -60,9 +60,19 @@ pub struct SettleRequest {
     pub reason: String,
 }
 
+/// Settlements of concurrent relays, sent together (their order does not matter).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Settled {}
+pub struct SettleBatch {
+    pub settles: Vec<SettleRequest>,
+}
+
+/// The outcome of each settlement of a batch, in order: None when it is done, else why not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettleResults {
+    pub results: Vec<Option<String>>,
+}
 
 /// Body of an activation: bind these positions of the sender's stream to key_IDs.
 #[derive(Debug, Clone, Serialize, Deserialize)]

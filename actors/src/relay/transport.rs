@@ -22,7 +22,9 @@ use crate::error::{Error, Result};
 use crate::key_pool::{Deliver, KeyPool, Outbound};
 use crate::peer::peer_link::{PeerLink, Settle};
 use crate::peer::protocol::SettleRequest;
+use crate::storage::audit::AuditRecord;
 use crate::storage::held::{Arrival, BurnUnsettled, HoldKeys, SettleRelay, Settlement};
+use crate::storage::ops::AppendAudit;
 use crate::storage::store::{Exec, Store};
 use crate::types::{now_ms, Branch, Key, KmeId, SaeId};
 
@@ -163,14 +165,33 @@ impl Legs {
         remote.into_iter().collect()
     }
 
-    /// Best effort: burns the relay here and below. Failures are logged; whatever cannot be
-    /// reached burns its held keys when the hold time passes.
+    /// Best effort: burns the relay here and below, and says so in this KME's audit trail.
+    /// Failures are logged; whatever cannot be reached burns its held keys when the hold time
+    /// passes.
     async fn abort(&self, branches: &[KmeId], here: bool, reason: &str) {
-        if let Err(err) = self.settle(branches, here, false, reason).await {
+        let reached = self.settle(branches, here, false, reason).await;
+        if let Err(err) = &reached {
             log::warn!(
                 "relay {}: abort did not reach everywhere: {err}",
                 self.relay_id
             );
+        }
+        let record = AuditRecord::new(
+            "relay_aborted",
+            serde_json::json!({
+                "relay_id": self.relay_id,
+                "reason": reason,
+                "next_hops": branches,
+                "reached_all": reached.is_ok(),
+            }),
+        );
+        if let Ok(Err(err)) | Err(err) = self
+            .store
+            .send(Exec(AppendAudit(record)))
+            .await
+            .map_err(Error::from)
+        {
+            log::error!("relay {}: cannot audit the abort: {err}", self.relay_id);
         }
     }
 }
