@@ -19,7 +19,7 @@ build-bench: ## build the kme-bench binary (release): load generator and link be
 certs: ## make the dev/test PKI for every KME and SAE of $(CONFIG) (idempotent)
 	bash certs/gen.sh $(CONFIG) certs
 
-run: build certs ## start the network of $(CONFIG) on loopback in the foreground (Ctrl-C or `make stop` stops it)
+run: build certs ## start the network of $(CONFIG) (default kme.toml; e.g. CONFIG=examples/ring.toml) in the foreground (Ctrl-C stops it)
 	@scripts/net.sh start $(CONFIG)
 
 start: build certs ## start the network of $(CONFIG) in the background (`make stop` stops it)
@@ -43,7 +43,7 @@ lint: ## fmt check + clippy -D warnings
 fmt: ## format the code
 	$(CARGO) fmt --all
 
-bench: build build-bench certs ## load benchmark (kme-bench load) on the network of bench/kme.toml: keys/s and latency (var/bench/*.json)
+bench: build build-bench certs ## load benchmark (kme-bench load) on bench/kme.toml: status, direct, relayed and multicast pairs, keys/s and latency (var/bench/*.json)
 	@scripts/bench.sh
 
 bench-link: build-bench ## BB84 post-processing benchmark per QBER, unpaced (kme-bench link; var/bench/link.json)

@@ -10,7 +10,8 @@
 //! | `link/mod.rs` | `Link` (one per link) | its key source, block numbering, two-phase delivery, commits, link health |
 //! | `link/sources/bb84_engine.rs` | `Bb84Engine` (SyncArbiter of 1 per BB84 link) | channel simulation, the frame's post-processing |
 //! | `peer/peer_link.rs` | `PeerLink` (one per neighbour) | mTLS client, batching, sequence numbers |
-//! | `storage/audit.rs` | `AuditLog` | the hash-chained audit trail |
+//! | `relay/router.rs` | `Router` | the network's links, link state news, routes beyond the neighbours |
+//! | `relay/transport.rs` | `Relay` | relays and multicasts passing through this KME, release and abort |
 //! | `storage/store.rs` | `Store` | group commit in front of the writer |
 //! | `storage/writer.rs` | `DbWriter` (SyncArbiter of 1) | the SQLite write connection |
 //! | `storage/checkpointer.rs` | `DbCheckpointer` (SyncArbiter of 1) | WAL checkpoints off the writer's path |
@@ -19,7 +20,8 @@
 //! `key_source.rs`, the authentication stream in `auth.rs`, and the sources in `sources/`:
 //! `bb84.rs` with its engine, `file_drop.rs` with `key_files.rs`, `courier.rs`, a CSPRNG
 //! stand-in that is not QKD), `peer/` (the KME-to-KME client and its wire types in
-//! `protocol.rs`), `storage/` (SQLite, sealing at rest, the audit chain). The BB84
+//! `protocol.rs`), `relay/` (routing, trusted-node relay and multicast, and the one-time pad
+//! and MAC of a hop in `seal.rs`), `storage/` (SQLite, sealing at rest, the audit chain). The BB84
 //! post-processing itself is the `kme-bb84` crate (`bb84/`): no actors, no storage.
 //! `startup.rs` reads what each link end resumes from and starts its actors.
 

@@ -49,10 +49,10 @@ async fn wait_up(client: &Client, url: &str) {
     panic!("{url} did not come up");
 }
 
-/// Waits until sae-a's pool towards sae-b holds `count` keys (30 s at most).
-async fn wait_for_keys(master: &Client, a: &str, count: u64) {
+/// Waits until sae-a can get `count` keys for `slave` (30 s at most).
+async fn wait_for_keys(master: &Client, a: &str, slave: &str, count: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    let url = format!("{a}/api/v1/keys/sae-b/status");
+    let url = format!("{a}/api/v1/keys/{slave}/status");
     while Instant::now() < deadline {
         if let Some((200, body)) = master.try_get(&url).await {
             if body["stored_key_count"].as_u64() >= Some(count) {
@@ -64,16 +64,43 @@ async fn wait_for_keys(master: &Client, a: &str, count: u64) {
     panic!("the pool of {a} did not refill");
 }
 
+/// Who the load asks keys for, and which KME each round kills.
+struct Scenario {
+    slave: &'static str,
+    slave_kme: &'static str,
+    /// The victim of round `n`.
+    victim: fn(u64) -> &'static str,
+}
+
+/// sae-a at kme-a for sae-b at its neighbour kme-b; the kills alternate between them.
+const NEIGHBOURS: Scenario = Scenario {
+    slave: "sae-b",
+    slave_kme: "kme-b",
+    victim: |round| if round % 2 == 1 { "kme-b" } else { "kme-a" },
+};
+
 #[actix::test]
 async fn kill_9_at_any_moment_loses_and_repeats_nothing() {
-    kill_9_rounds(LinkOptions::default(), 6).await;
+    kill_9_rounds(LinkOptions::default(), 6, NEIGHBOURS).await;
 }
 
 /// On BB84 links the kills land in the middle of frames (the pools drain under the load, so
 /// frames run all the time): no frame may leave the two ends with different blocks.
 #[actix::test]
 async fn kill_9_in_the_middle_of_bb84_frames_never_mismatches() {
-    kill_9_rounds(LinkOptions::bb84(""), 6).await;
+    kill_9_rounds(LinkOptions::bb84(""), 6, NEIGHBOURS).await;
+}
+
+/// Relayed keys (sae-a at kme-a for sae-c at kme-c, through kme-b), and every round kills the
+/// relaying node kme-b mid-relay.
+#[actix::test]
+async fn kill_9_of_the_relaying_node_loses_and_repeats_nothing() {
+    let relayed = Scenario {
+        slave: "sae-c",
+        slave_kme: "kme-c",
+        victim: |_| "kme-b",
+    };
+    kill_9_rounds(LinkOptions::default(), 3, relayed).await;
 }
 
 /// Keys delivered before the kill of each round, at least.
@@ -95,7 +122,7 @@ struct Round {
 /// One worker of the load: enc_keys until the kill cut one of its requests (or 4000 requests,
 /// or 120 s: BB84 keys come slowly on a busy machine). 503 is what a KME answers when its pool is empty or its peer is down; any other
 /// non-200 is a failure of the test.
-async fn load(master: Client, a: String, round: Rc<Round>) -> Vec<(String, String)> {
+async fn load(master: Client, a: String, slave: &str, round: Rc<Round>) -> Vec<(String, String)> {
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     for _ in 0..4000 {
@@ -106,7 +133,7 @@ async fn load(master: Client, a: String, round: Rc<Round>) -> Vec<(String, Strin
         round.in_flight.set(round.in_flight.get() + 1);
         let answer = master
             .inner_post(
-                &format!("{a}/api/v1/keys/sae-b/enc_keys"),
+                &format!("{a}/api/v1/keys/{slave}/enc_keys"),
                 &json!({"number": 2}),
             )
             .await;
@@ -150,7 +177,7 @@ async fn frames_at_a(setup: &Setup, master: &Client) -> (u64, u64, usize) {
     )
 }
 
-async fn kill_9_rounds(options: LinkOptions, rounds: u64) {
+async fn kill_9_rounds(options: LinkOptions, rounds: u64, scenario: Scenario) {
     let bb84 = options.bb84.is_some();
     let ports: HashMap<&'static str, (TcpListener, TcpListener)> = KMES
         .iter()
@@ -167,21 +194,33 @@ async fn kill_9_rounds(options: LinkOptions, rounds: u64) {
     let setup = Setup::new(&options, &ports);
     drop(ports); // free the ports for the processes
     let master = Client::new(setup.path(), Some("sae-a"));
-    let slave = Client::new(setup.path(), Some("sae-b"));
-    let (a, b) = (setup.sae_url("kme-a"), setup.sae_url("kme-b"));
-    let mut kme_a = spawn(&setup, "kme-a");
-    let mut kme_b = spawn(&setup, "kme-b");
-    wait_up(&master, &a).await;
-    wait_up(&slave, &b).await;
+    let slave = Client::new(setup.path(), Some(scenario.slave));
+    let (a, b) = (setup.sae_url("kme-a"), setup.sae_url(scenario.slave_kme));
+    // The KMEs the keys cross: kme-a and kme-b, and kme-c for relayed keys.
+    let kmes: Vec<&'static str> = KMES
+        .into_iter()
+        .filter(|k| *k != "kme-c" || scenario.slave_kme == "kme-c")
+        .collect();
+    let mut processes: HashMap<&'static str, Process> =
+        kmes.iter().map(|k| (*k, spawn(&setup, k))).collect();
+    for kme in &kmes {
+        let own_sae = kme.replace("kme-", "sae-");
+        wait_up(
+            &Client::new(setup.path(), Some(&own_sae)),
+            &setup.sae_url(kme),
+        )
+        .await;
+    }
 
     let mut delivered: Vec<(String, String)> = Vec::new();
     for round_no in 0..rounds {
-        wait_for_keys(&master, &a, 16).await;
-        let kill_b = round_no % 2 == 1;
+        wait_for_keys(&master, &a, scenario.slave, 16).await;
+        let victim = (scenario.victim)(round_no);
         // Load from 8 concurrent masters, and a kill -9 in the middle of it: once the load
         // has had its successes, while its requests are in flight.
         let round = Rc::new(Round::default());
-        let workers = (0..8).map(|_| load(master.clone(), a.clone(), round.clone()));
+        let workers =
+            (0..8).map(|_| load(master.clone(), a.clone(), scenario.slave, round.clone()));
         let killer = async {
             // A bound on the wait, not a speed check: BB84 keys come slowly on a busy machine.
             let deadline = Instant::now() + Duration::from_secs(120);
@@ -202,11 +241,11 @@ async fn kill_9_rounds(options: LinkOptions, rounds: u64) {
                 );
                 actix_web::rt::time::sleep(Duration::from_micros(200)).await;
             }
-            let victim = if kill_b { &mut kme_b } else { &mut kme_a };
+            let process = processes.get_mut(victim).unwrap();
             round.in_flight_at_kill.set(round.in_flight.get());
-            victim.child.kill().unwrap(); // SIGKILL
+            process.child.kill().unwrap(); // SIGKILL
             round.killed.set(true);
-            victim.child.wait().unwrap();
+            process.child.wait().unwrap();
         };
         let (results, ()) = futures_util::join!(futures_util::future::join_all(workers), killer);
         delivered.extend(results.into_iter().flatten());
@@ -218,14 +257,11 @@ async fn kill_9_rounds(options: LinkOptions, rounds: u64) {
             round.cut.get() > 0,
             "round {round_no}: no request failed after the kill"
         );
-        if kill_b {
-            kme_b = spawn(&setup, "kme-b");
-        } else {
-            kme_a = spawn(&setup, "kme-a");
-        }
+        processes.insert(victim, spawn(&setup, victim));
         wait_up(&master, &a).await;
         wait_up(&slave, &b).await;
     }
+    let mut kme_b = processes.remove("kme-b").unwrap();
     if bb84 {
         // And one kill of kme-b that surely lands in a frame: just after kme-a started one
         // (its window is burned once kme-b accepted the Start), while its post-processing,
@@ -274,7 +310,7 @@ async fn kill_9_rounds(options: LinkOptions, rounds: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut after = 0;
     while after < 10 {
-        let (code, body) = enc(&master, &a, "sae-b", json!({"number": 1})).await;
+        let (code, body) = enc(&master, &a, scenario.slave, json!({"number": 1})).await;
         match code {
             200 => {
                 delivered.extend(keys(&body));
@@ -314,12 +350,36 @@ async fn kill_9_rounds(options: LinkOptions, rounds: u64) {
         assert_eq!(code, 200, "a delivered key is not retrievable: {body}");
         assert_eq!(keys(&body), chunk.to_vec());
     }
-    // The audit trails of both, killed again, verify (what `kme audit-verify` does).
-    drop(kme_a);
+    if scenario.slave_kme == "kme-c" {
+        assert_relays_settled(&setup).await;
+    }
+    // The audit trails of all, killed again, verify (what `kme audit-verify` does).
     drop(kme_b);
-    for kme in ["kme-a", "kme-b"] {
+    drop(processes);
+    for kme in kmes {
         audit_verify(&setup, kme);
     }
+}
+
+/// After kills of the relaying node: every relay cut mid-way is burned at kme-c once its hold
+/// time passes (nothing stays held), and the only keys left at kme-c once the delivered ones
+/// are retrieved are those of relays whose release reached kme-c while kme-a, its answer
+/// lost, aborted them (the window the relay module describes): never more.
+async fn assert_relays_settled(setup: &Setup) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while db_probe::count(setup.path(), "kme-c", "held_keys") > 0 {
+        assert!(Instant::now() < deadline, "held keys were never burned");
+        actix_web::rt::time::sleep(Duration::from_millis(200)).await;
+    }
+    let left = db_probe::count(setup.path(), "kme-c", "keys");
+    let unreached = db_probe::audit_events(setup.path(), "kme-a", "relay_aborted")
+        .iter()
+        .filter(|a| a["reached_all"] == false)
+        .count() as i64;
+    assert!(
+        left <= 2 * unreached,
+        "{left} keys at kme-c that no master received, {unreached} aborts that did not reach it"
+    );
 }
 
 #[actix::test]

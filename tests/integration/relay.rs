@@ -435,3 +435,22 @@ async fn tampered_replayed_truncated_or_looping_relay_legs_are_refused_and_consu
     dec_same(&net, ("sae-c", "kme-c"), "sae-a", &sent).await;
     assert_no_position_used_twice(&net, &["kme-a", "kme-b", "kme-c"]);
 }
+
+#[test]
+fn the_example_networks_are_valid_rings_and_stars() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (file, links, saes) in [("examples/ring.toml", 4, 4), ("examples/star.toml", 3, 5)] {
+        let config = kme::config::Config::load(&root.join(file)).unwrap();
+        assert_eq!(
+            (config.kmes.len(), config.links.len()),
+            (4, links),
+            "{file}"
+        );
+        assert_eq!(config.sae_homes.len(), saes, "{file}");
+        for kme in &config.kmes {
+            let node = config.node(kme.id.as_str()).unwrap();
+            assert!(node.me.sae_listen.ip().is_loopback(), "{file}");
+            assert_eq!(node.links.len(), links);
+        }
+    }
+}

@@ -8,7 +8,7 @@
 //! | `checkpointer.rs` | `DbCheckpointer` (SyncArbiter of 1): WAL checkpoints off the writer's path |
 //! | `held.rs` | keys of a relay held until the master's KME releases or aborts it |
 //! | `db.rs` | opening, migrations (`sql/migrations`), read-side queries, audit-chain verification |
-//! | `audit.rs` | audit records and their hash chain; the `AuditLog` actor |
+//! | `audit.rs` | audit records and their hash chain |
 //! | `sealing.rs` | AES-256-GCM sealing of key material at rest, data keys by HKDF |
 
 pub mod audit;
