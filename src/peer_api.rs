@@ -333,15 +333,13 @@ async fn settle(
             "too many settlements in one batch",
         ));
     }
-    let settles = batch.settles.into_iter().map(|request| {
-        let settle = SettleFromPeer {
-            from: peer.clone(),
-            request,
-        };
-        ask_domain(&state.relay, settle, state.timeout)
-    });
-    let results = futures_util::future::join_all(settles)
+    let settle = SettleFromPeer {
+        from: peer,
+        requests: batch.settles,
+    };
+    let results = ask(&state.relay, settle, state.timeout)
         .await
+        .map_err(|err| PeerRefusal::new(StatusCode::SERVICE_UNAVAILABLE, err.message))?
         .into_iter()
         .map(|outcome| outcome.err().map(|err| err.to_string()))
         .collect();

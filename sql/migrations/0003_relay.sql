@@ -16,8 +16,11 @@ CREATE INDEX held_keys_relay ON held_keys(relay_id);
 
 -- The outcome of each relay that reached this KME: 'held', 'released' or 'burned'. A release
 -- retried after it succeeded is answered from here; a release after a burn is refused.
+-- `key_ids`: the relay's key_IDs held here (16 bytes each), so that an abort that comes after
+-- the release still finds the keys it must burn.
 CREATE TABLE relays (
     relay_id   BLOB    PRIMARY KEY,
     state      TEXT    NOT NULL,
-    created_ms INTEGER NOT NULL
+    created_ms INTEGER NOT NULL,
+    key_ids    BLOB    NOT NULL
 ) WITHOUT ROWID;

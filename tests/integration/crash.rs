@@ -213,7 +213,15 @@ async fn kill_9_rounds(options: LinkOptions, rounds: u64, scenario: Scenario) {
     }
 
     let mut delivered: Vec<(String, String)> = Vec::new();
-    for round_no in 0..rounds {
+    // A round counts when its kill cut a request; one whose in-flight requests all had their
+    // answers on the way (a rare timing) is run again, at most `rounds` extra times.
+    let (mut round_no, mut attempts) = (0, 0);
+    while round_no < rounds {
+        attempts += 1;
+        assert!(
+            attempts <= 2 * rounds,
+            "{attempts} rounds, {round_no} with a request cut"
+        );
         wait_for_keys(&master, &a, scenario.slave, 16).await;
         let victim = (scenario.victim)(round_no);
         // Load from 8 concurrent masters, and a kill -9 in the middle of it: once the load
@@ -253,13 +261,14 @@ async fn kill_9_rounds(options: LinkOptions, rounds: u64, scenario: Scenario) {
             round.in_flight_at_kill.get() > 0,
             "round {round_no}: no request in flight at the kill"
         );
-        assert!(
-            round.cut.get() > 0,
-            "round {round_no}: no request failed after the kill"
-        );
         processes.insert(victim, spawn(&setup, victim));
         wait_up(&master, &a).await;
         wait_up(&slave, &b).await;
+        if round.cut.get() > 0 {
+            round_no += 1;
+        } else {
+            println!("round {round_no}: the kill cut no request; running it again");
+        }
     }
     let mut kme_b = processes.remove("kme-b").unwrap();
     if bb84 {

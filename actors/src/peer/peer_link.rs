@@ -31,11 +31,14 @@ use crate::types::{Binding, KmeId};
 const MAILBOX_CAPACITY: usize = 1024;
 /// Largest activation batch, in keys; bounds the size of one peer request.
 const MAX_BATCH_KEYS: usize = 8192;
-/// Largest settlement batch, and how many may be in flight at once (settlements of different
-/// relays are independent; more than one in flight keeps a settlement that waits on another
-/// link from holding up the rest).
+/// Largest settlement batch.
 pub const MAX_SETTLE_BATCH: usize = 4096;
-const MAX_SETTLES_IN_FLIGHT: usize = 4;
+/// Settlements go one batch at a time (so that they batch well), but a settlement that has
+/// waited this long behind a batch in flight goes in one more, up to `MAX_SETTLES_IN_FLIGHT`:
+/// a neighbour settles a relay only after the next hop did, and in a ring those waits could
+/// otherwise close a cycle.
+const SETTLE_OVERTAKE_AFTER: Duration = Duration::from_millis(2);
+const MAX_SETTLES_IN_FLIGHT: usize = 8;
 /// Largest peer answer read (error bodies and small JSON replies).
 const MAX_REPLY_BYTES: usize = 64 * 1024;
 const COUNTER_MASK: u64 = (1 << 40) - 1;
@@ -55,6 +58,8 @@ pub struct PeerLink {
     in_flight: bool,
     settles: Vec<(SettleRequest, Waiter)>,
     settles_in_flight: usize,
+    /// A check for settlements waiting behind the batch in flight is scheduled.
+    overtake_armed: bool,
 }
 
 impl PeerLink {
@@ -77,6 +82,7 @@ impl PeerLink {
             in_flight: false,
             settles: Vec::new(),
             settles_in_flight: 0,
+            overtake_armed: false,
         }
     }
 
@@ -126,9 +132,29 @@ impl PeerLink {
         ));
     }
 
-    /// Sends waiting settlements, in batches, while fewer than `MAX_SETTLES_IN_FLIGHT` are out.
+    /// Sends the waiting settlements as one batch if none is in flight; otherwise checks again
+    /// after `SETTLE_OVERTAKE_AFTER` and then sends them alongside.
     fn flush_settles(&mut self, ctx: &mut Context<Self>) {
-        while self.settles_in_flight < MAX_SETTLES_IN_FLIGHT && !self.settles.is_empty() {
+        if self.settles.is_empty() {
+            return;
+        }
+        if self.settles_in_flight == 0 {
+            self.send_settles(ctx);
+        } else if !self.overtake_armed {
+            self.overtake_armed = true;
+            ctx.run_later(SETTLE_OVERTAKE_AFTER, |act, ctx| {
+                act.overtake_armed = false;
+                if act.settles_in_flight < MAX_SETTLES_IN_FLIGHT {
+                    act.send_settles(ctx);
+                }
+                act.flush_settles(ctx);
+            });
+        }
+    }
+
+    /// Sends the waiting settlements (up to `MAX_SETTLE_BATCH`) as one batch.
+    fn send_settles(&mut self, ctx: &mut Context<Self>) {
+        if !self.settles.is_empty() {
             let take = self.settles.len().min(MAX_SETTLE_BATCH);
             let (settles, waiters): (Vec<SettleRequest>, Vec<Waiter>) =
                 self.settles.drain(..take).unzip();

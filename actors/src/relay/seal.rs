@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::types::{Binding, Branch, SaeId, Sealed, MAC_KEY_BYTES};
-use kme_bb84::auth::wegman_carter_tag;
+use kme_bb84::gf64::Gf64Mul;
 
 /// What the tag covers: every field of the leg the receiver acts on.
 #[derive(Serialize)]
@@ -68,7 +68,16 @@ fn tag(
     };
     let message = serde_json::to_vec(&leg).map_err(|err| Error::Storage(err.to_string()))?;
     let (r, s) = mac_key(mac)?;
-    Ok(wegman_carter_tag(r, &words(&message), s))
+    Ok(poly_hash(r, &words(&message)) ^ s)
+}
+
+/// `H_r(m) = sum_i m_i r^(L+2-i) + L r` over GF(2^64) (Horner form), as in the BB84
+/// authentication, with one multiplication table: a leg is hashed once, so the four tables
+/// of the unrolled `PolyHash` would cost more than they save.
+fn poly_hash(r: u64, words: &[u64]) -> u64 {
+    let mul = Gf64Mul::new(r);
+    let acc = words.iter().fold(0, |acc, w| mul.mul(acc ^ w));
+    mul.mul(acc ^ words.len() as u64)
 }
 
 fn mac_key(mac: &[u8]) -> Result<(u64, u64)> {
@@ -156,6 +165,7 @@ pub fn open(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kme_bb84::gf64::PolyHash;
 
     fn binding() -> Binding {
         Binding {
@@ -166,6 +176,15 @@ mod tests {
             key_ids: vec![Uuid::now_v7(), Uuid::now_v7()],
             relay: None,
         }
+    }
+
+    #[test]
+    fn the_leg_hash_is_the_bb84_polynomial_hash() {
+        let words: Vec<u64> = (0..37u64)
+            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .collect();
+        let r = 0x0123_4567_89ab_cdef;
+        assert_eq!(poly_hash(r, &words), PolyHash::hash(r, &words));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use futures_util::future::join_all;
+use futures_util::future::{join_all, BoxFuture};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -23,12 +23,14 @@ use crate::key_pool::{Deliver, KeyPool, Outbound};
 use crate::peer::peer_link::{PeerLink, Settle};
 use crate::peer::protocol::SettleRequest;
 use crate::storage::audit::AuditRecord;
-use crate::storage::held::{Arrival, BurnUnsettled, HoldKeys, SettleRelay, Settlement};
+use crate::storage::held::{Arrival, BurnUnsettled, HoldKeys, SettleRelays, Settlement};
 use crate::storage::ops::AppendAudit;
 use crate::storage::store::{Exec, Store};
 use crate::types::{now_ms, Branch, Key, KmeId, SaeId};
 
 const MAILBOX_CAPACITY: usize = 4096;
+/// Outcomes of settlements, each with its index in the batch.
+type IndexedOutcomes = BoxFuture<'static, Vec<(usize, Result<()>)>>;
 /// Relay outcomes are kept this many hold times, for retried releases.
 const FORGET_AFTER_HOLDS: u32 = 10;
 
@@ -145,12 +147,13 @@ impl Legs {
             if !here {
                 return Ok(());
             }
-            let op = SettleRelay {
-                relay_id: self.relay_id,
+            let op = SettleRelays {
+                relays: vec![self.relay_id],
                 settlement,
                 reason: reason.to_string(),
             };
-            self.store.send(Exec(op)).await?
+            let outcomes = self.store.send(Exec(op)).await??;
+            outcomes.into_iter().collect::<Result<()>>()
         };
         let remote = branches.iter().map(|kme| async move {
             let request = SettleRequest {
@@ -376,46 +379,100 @@ impl Relay {
     }
 }
 
-/// Release or abort of a relay that came from neighbour `from`. Sent by the KME-to-KME edge.
-/// A release succeeds only when the keys are held here (if any are for this KME) and at every
-/// KME below; an abort burns what it reaches and always succeeds.
+/// Releases or aborts of relays that came from neighbour `from` (one batch). Sent by the
+/// KME-to-KME edge. Result: the outcome of each, in order. A release succeeds only when the
+/// keys are held here (if any are for this KME) and at every KME below; an abort burns what
+/// it reaches and always succeeds.
 #[derive(Message)]
-#[rtype(result = "Result<()>")]
+#[rtype(result = "Vec<Result<()>>")]
 pub struct SettleFromPeer {
     pub from: KmeId,
-    pub request: SettleRequest,
+    pub requests: Vec<SettleRequest>,
 }
 
 impl Handler<SettleFromPeer> for Relay {
-    type Result = ResponseFuture<Result<()>>;
+    type Result = ResponseFuture<Vec<Result<()>>>;
 
     fn handle(&mut self, msg: SettleFromPeer, _ctx: &mut Context<Self>) -> Self::Result {
+        // Releases of relays that end here, all legs in: one storage operation for all of
+        // them (the common case at a slave's KME). The others one by one.
+        let (leaves, others): (Vec<_>, Vec<_>) = msg
+            .requests
+            .into_iter()
+            .enumerate()
+            .partition(|(_, r)| r.release && self.ends_here(&msg.from, &r.relay_id));
+        let mut settles: Vec<IndexedOutcomes> = Vec::new();
+        for (i, request) in others {
+            let settle = self.settle(&msg.from, request);
+            settles.push(Box::pin(async move { vec![(i, settle.await)] }));
+        }
+        if !leaves.is_empty() {
+            settles.push(self.release_leaves(leaves));
+        }
+        Box::pin(async move {
+            let mut outcomes: Vec<(usize, Result<()>)> =
+                join_all(settles).await.into_iter().flatten().collect();
+            outcomes.sort_by_key(|(i, _)| *i);
+            outcomes.into_iter().map(|(_, outcome)| outcome).collect()
+        })
+    }
+}
+
+impl Relay {
+    /// The relay came from `from`, all its legs are in, and it goes nowhere from here.
+    fn ends_here(&self, from: &KmeId, relay_id: &Uuid) -> bool {
+        self.transit.get(relay_id).is_some_and(|t| {
+            t.from == *from && t.onward.is_empty() && t.held_here && t.forwarded == Some(Ok(()))
+        })
+    }
+
+    /// Releases the keys held here of relays that `ends_here`, in one storage operation.
+    /// Result: the outcome of each, with its index in the batch.
+    fn release_leaves(&self, leaves: Vec<(usize, SettleRequest)>) -> IndexedOutcomes {
+        let (indices, relays): (Vec<usize>, Vec<Uuid>) =
+            leaves.into_iter().map(|(i, r)| (i, r.relay_id)).unzip();
+        let op = SettleRelays {
+            relays,
+            settlement: Settlement::Release,
+            reason: "released".into(),
+        };
+        let store = self.store.clone();
+        Box::pin(async move {
+            let outcomes = match store.send(Exec(op)).await.map_err(Error::from) {
+                Ok(Ok(outcomes)) if outcomes.len() == indices.len() => outcomes,
+                Ok(Ok(_)) => vec![Err(Error::Storage("settlement count".into())); indices.len()],
+                Ok(Err(err)) | Err(err) => vec![Err(err); indices.len()],
+            };
+            indices.into_iter().zip(outcomes).collect()
+        })
+    }
+}
+
+impl Relay {
+    /// The release or abort of one relay that came from `from`.
+    fn settle(&mut self, from: &KmeId, request: SettleRequest) -> BoxFuture<'static, Result<()>> {
         let SettleRequest {
             relay_id,
             release,
             reason,
-        } = msg.request;
+        } = request;
         let legs = Legs {
             relay_id,
             store: self.store.clone(),
             hops: self.hops.clone(),
         };
-        let Some(transit) = self
-            .transit
-            .get_mut(&relay_id)
-            .filter(|t| t.from == msg.from)
-        else {
+        let Some(transit) = self.transit.get_mut(&relay_id).filter(|t| t.from == *from) else {
             // Unknown here (never arrived, or this KME restarted since): nothing below is
-            // known, so nothing can be released; whatever is held here is burned.
+            // known, so nothing can be released (the sender then aborts); an abort burns what
+            // is held here.
             return Box::pin(async move {
-                legs.abort(&[], true, &reason).await;
                 if release {
-                    Err(Error::PeerMessage(format!(
+                    return Err(Error::PeerMessage(format!(
                         "relay {relay_id} is not known here"
-                    )))
-                } else {
-                    Ok(())
+                    )));
                 }
+                legs.abort(&[], true, &reason).await;
+                Ok(())
             });
         };
         let (onward, here) = (transit.onward.clone(), transit.held_here);

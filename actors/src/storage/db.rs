@@ -139,12 +139,15 @@ pub struct StreamState {
 }
 
 pub fn stream_state(conn: &Connection, peer: &KmeId, owner: &Owner) -> Result<StreamState> {
+    // Cached: every activation and every delivery reads it (parsing it each time cost about
+    // 4 % of a relaying KME's CPU).
     let row = conn
-        .query_row(
+        .prepare_cached(
             "SELECT next_seq, position FROM link_streams WHERE peer = ?1 AND owner = ?2",
-            params![peer.as_str(), owner.as_str()],
-            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
-        )
+        )?
+        .query_row(params![peer.as_str(), owner.as_str()], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        })
         .optional()?;
     Ok(row
         .map(|(next_seq, position)| StreamState {

@@ -51,11 +51,14 @@ impl HeldKeys<'_> {
         keys: impl Iterator<Item = (&'k Uuid, &'k Vec<u8>)>,
         now: i64,
     ) -> Result<()> {
+        let keys: Vec<(&Uuid, &Vec<u8>)> = keys.collect();
+        let ids: Vec<u8> = keys.iter().flat_map(|(id, _)| *id.as_bytes()).collect();
         let fresh = tx
             .prepare_cached(
-                "INSERT OR IGNORE INTO relays(relay_id, state, created_ms) VALUES (?1, 'held', ?2)",
+                "INSERT OR IGNORE INTO relays(relay_id, state, created_ms, key_ids)
+                 VALUES (?1, 'held', ?2, ?3)",
             )?
-            .execute(params![self.relay_id.as_bytes().as_slice(), now])?;
+            .execute(params![self.relay_id.as_bytes().as_slice(), now, ids])?;
         if fresh == 0 {
             return Err(Error::PeerMessage(format!(
                 "relay {} reached this KME before",
@@ -100,67 +103,94 @@ pub enum Settlement {
     Abort,
 }
 
-/// Settles the keys of `relay_id` held here. A release of an unknown or burned relay fails
-/// (then the master's KME answers 503); an abort always succeeds.
-pub struct SettleRelay {
-    pub relay_id: Uuid,
+/// Settles the keys of `relays` held here, one outcome per relay in order. A release of an
+/// unknown or burned relay fails (then the master's KME answers 503); an abort always
+/// succeeds. One audit record for the whole operation.
+pub struct SettleRelays {
+    pub relays: Vec<Uuid>,
     pub settlement: Settlement,
     pub reason: String,
 }
 
-impl Operation for SettleRelay {
-    type Output = ();
+impl Operation for SettleRelays {
+    type Output = Vec<Result<()>>;
 
-    fn apply(self, txn: &mut Txn<'_>) -> Result<()> {
-        let id = self.relay_id.as_bytes().as_slice();
-        let state: Option<String> = txn
-            .tx
-            .prepare_cached("SELECT state FROM relays WHERE relay_id = ?1")?
-            .query_row(params![id], |r| r.get(0))
-            .optional()?;
-        let (state, event) = match (self.settlement, state.as_deref()) {
-            (Settlement::Release, Some("released")) | (Settlement::Abort, Some("burned")) => {
-                return Ok(())
+    fn apply(self, txn: &mut Txn<'_>) -> Result<Vec<Result<()>>> {
+        let mut outcomes = Vec::with_capacity(self.relays.len());
+        let mut settled = Vec::new();
+        let mut keys = 0;
+        for relay_id in &self.relays {
+            let outcome = settle(txn.tx, relay_id, self.settlement);
+            if let Ok(Ok(Some(moved))) = &outcome {
+                settled.push(relay_id);
+                keys += moved;
             }
-            (Settlement::Release, Some("held")) => ("released", "relay_released"),
-            (Settlement::Release, _) => {
-                return Err(Error::PeerMessage(format!(
-                    "relay {} is not held here",
-                    self.relay_id
-                )))
-            }
-            (Settlement::Abort, None) => return Ok(()),
-            (Settlement::Abort, Some(_)) => ("burned", "relay_burned"),
-        };
-        if state == "released" {
-            txn.tx
-                .prepare_cached(
-                    "INSERT INTO keys(key_id, master, slaves, pending, material, created_ms)
-                     SELECT key_id, master, slaves, pending, material, created_ms
-                     FROM held_keys WHERE relay_id = ?1",
-                )?
-                .execute(params![id])?;
-        } else {
-            // Released keys not retrieved yet are burned too: the master never got them.
-            txn.tx
-                .prepare_cached(
-                    "DELETE FROM keys WHERE key_id IN
-                     (SELECT key_id FROM held_keys WHERE relay_id = ?1)",
-                )?
-                .execute(params![id])?;
+            outcomes.push(outcome?.map(|_| ()));
         }
-        let moved = txn
-            .tx
-            .prepare_cached("DELETE FROM held_keys WHERE relay_id = ?1")?
-            .execute(params![id])?;
-        txn.tx
-            .prepare_cached("UPDATE relays SET state = ?2 WHERE relay_id = ?1")?
-            .execute(params![id, state])?;
-        txn.audit(&AuditRecord::new(
-            event,
-            serde_json::json!({"relay_id": self.relay_id, "keys": moved, "reason": self.reason}),
-        ))
+        if !settled.is_empty() {
+            let event = match self.settlement {
+                Settlement::Release => "relay_released",
+                Settlement::Abort => "relay_burned",
+            };
+            txn.audit(&AuditRecord::new(
+                event,
+                serde_json::json!({"relay_ids": settled, "keys": keys, "reason": self.reason}),
+            ))?;
+        }
+        Ok(outcomes)
     }
+}
+
+/// Settles one relay: `Ok(Ok(Some(keys moved or burned)))` when its state changed,
+/// `Ok(Ok(None))` when there was nothing to do (settled the same way before, or an abort of an
+/// unknown relay), `Ok(Err)` for a release that cannot be, `Err` for SQL failures.
+fn settle(
+    tx: &Connection,
+    relay_id: &Uuid,
+    settlement: Settlement,
+) -> Result<Result<Option<usize>>> {
+    let id = relay_id.as_bytes().as_slice();
+    let state: Option<String> = tx
+        .prepare_cached("SELECT state FROM relays WHERE relay_id = ?1")?
+        .query_row(params![id], |r| r.get(0))
+        .optional()?;
+    let state = match (settlement, state.as_deref()) {
+        (Settlement::Release, Some("released"))
+        | (Settlement::Abort, Some("burned"))
+        | (Settlement::Abort, None) => return Ok(Ok(None)),
+        (Settlement::Release, Some("held")) => "released",
+        (Settlement::Release, _) => {
+            return Ok(Err(Error::PeerMessage(format!(
+                "relay {relay_id} is not held here"
+            ))))
+        }
+        (Settlement::Abort, Some(_)) => "burned",
+    };
+    let mut moved = 0;
+    if state == "released" {
+        moved = tx
+            .prepare_cached(
+                "INSERT INTO keys(key_id, master, slaves, pending, material, created_ms)
+                 SELECT key_id, master, slaves, pending, material, created_ms
+                 FROM held_keys WHERE relay_id = ?1",
+            )?
+            .execute(params![id])?;
+    } else {
+        // Released keys not retrieved yet are burned too: the master never got them.
+        let ids: Vec<u8> = tx
+            .prepare_cached("SELECT key_ids FROM relays WHERE relay_id = ?1")?
+            .query_row(params![id], |r| r.get(0))?;
+        let mut delete = tx.prepare_cached("DELETE FROM keys WHERE key_id = ?1")?;
+        for key_id in ids.chunks_exact(16) {
+            moved += delete.execute(params![key_id])?;
+        }
+    }
+    moved += tx
+        .prepare_cached("DELETE FROM held_keys WHERE relay_id = ?1")?
+        .execute(params![id])?;
+    tx.prepare_cached("UPDATE relays SET state = ?2 WHERE relay_id = ?1")?
+        .execute(params![id, state])?;
+    Ok(Ok(Some(moved)))
 }
 
 /// Burns held keys of relays not settled by `created_before_ms`, and forgets outcomes older

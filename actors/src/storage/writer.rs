@@ -944,6 +944,75 @@ mod tests {
         assert_eq!(again, vec![BlockOutcome::Stored]);
     }
 
+    /// Runs `op` alone in one batch and returns its outcome.
+    fn run<O: Operation>(writer: &mut DbWriter, op: O) -> Result<O::Output> {
+        let mut batch = Vec::new();
+        let mut rx = queue(&mut batch, op);
+        writer.write(batch).unwrap();
+        rx.try_recv().unwrap()
+    }
+
+    #[test]
+    fn relay_keys_are_held_then_released_once_and_an_abort_burns_them_even_after() {
+        use crate::storage::held::{HoldKeys, SettleRelays, Settlement};
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, _) = db::open(&dir.path().join("t.sqlite"), 1).unwrap();
+        let mut writer = DbWriter::new(pool.clone(), Arc::new(sealer()));
+        let relay = Uuid::new_v4();
+        let key = Key {
+            id: Uuid::now_v7(),
+            material: vec![7; 32],
+        };
+        let hold = |relay_id| HoldKeys {
+            relay_id,
+            master: SaeId::new("sae-a"),
+            slaves: vec![SaeId::new("sae-c")],
+            local_slaves: vec![SaeId::new("sae-c")],
+            keys: vec![key.clone()],
+        };
+        let settle = |settlement| SettleRelays {
+            relays: vec![relay],
+            settlement,
+            reason: "test".into(),
+        };
+        let count = |table: &str| -> i64 {
+            let conn = pool.get().unwrap();
+            conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        run(&mut writer, hold(relay)).unwrap();
+        assert_eq!(
+            (count("held_keys"), count("keys")),
+            (1, 0),
+            "held, not retrievable"
+        );
+        // The same relay again (a replayed leg) is refused.
+        assert!(run(&mut writer, hold(relay)).is_err());
+        let released = run(&mut writer, settle(Settlement::Release)).unwrap();
+        assert_eq!(released, vec![Ok(())]);
+        assert_eq!((count("held_keys"), count("keys")), (0, 1), "released");
+        // A retried release changes nothing; an abort after it burns the released key.
+        assert_eq!(
+            run(&mut writer, settle(Settlement::Release)).unwrap(),
+            vec![Ok(())]
+        );
+        assert_eq!(count("keys"), 1);
+        assert_eq!(
+            run(&mut writer, settle(Settlement::Abort)).unwrap(),
+            vec![Ok(())]
+        );
+        assert_eq!((count("held_keys"), count("keys")), (0, 0), "burned");
+        // And a release after the burn is refused; so is one of a relay never held here.
+        let refused = run(&mut writer, settle(Settlement::Release)).unwrap();
+        assert!(matches!(refused.as_slice(), [Err(Error::PeerMessage(_))]));
+        let unknown = SettleRelays {
+            relays: vec![Uuid::new_v4()],
+            settlement: Settlement::Release,
+            reason: "test".into(),
+        };
+        assert!(run(&mut writer, unknown).unwrap()[0].is_err());
+    }
+
     #[test]
     fn a_refused_operation_leaves_the_rest_of_its_batch_intact() {
         let dir = tempfile::tempdir().unwrap();
