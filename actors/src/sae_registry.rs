@@ -368,14 +368,19 @@ impl Handler<KeyStatus> for SaeRegistry {
                         max_hops: MAX_RELAY_HOPS,
                     };
                     let hops = network?.router.send(view).await??;
-                    // What the bottleneck hop can carry now, in keys of the default size.
+                    // What the bottleneck hop can carry now, and at most, in keys of the
+                    // default size (each leg also spends a 16-byte MAC key; negligible here).
                     let key_bytes = u64::from(limits.key_size / 8).max(1);
-                    let bottleneck = hops
-                        .iter()
-                        .map(|h| h.available_bytes.unwrap_or(0))
-                        .min()
-                        .unwrap_or(0);
-                    report.stored_key_count = (bottleneck / key_bytes).min(limits.max_key_count);
+                    let bottleneck = |bytes: fn(&HopView) -> Option<u64>| {
+                        hops.iter()
+                            .map(|h| bytes(h).unwrap_or(0))
+                            .min()
+                            .unwrap_or(0)
+                            / key_bytes
+                    };
+                    let most = bottleneck(|h| h.capacity_bytes).min(limits.max_key_count);
+                    report.limits.max_key_count = most;
+                    report.stored_key_count = bottleneck(|h| h.available_bytes).min(most);
                     report.route = Some(hops);
                     Ok(report)
                 })
@@ -417,14 +422,36 @@ impl Handler<EncKeys> for SaeRegistry {
         match route.target {
             Target::Neighbour(link) => {
                 let deliver = Deliver {
-                    master: route.master,
-                    slaves: route.slaves,
+                    master: route.master.clone(),
+                    slaves: route.slaves.clone(),
                     number: number.get(),
                     size_bits: size.get(),
                     request_id: msg.request_id,
                     relay: None,
                 };
-                Box::pin(async move { link.pool.send(deliver).await? })
+                // The link's pool is empty (its link down, say): around it by relay, unless
+                // the SAE asked for the direct route only. The relay takes nothing from it.
+                let around = self.network.clone().filter(|_| !msg.policy.direct_only);
+                let request = RelayRequest {
+                    to: vec![link.peer.clone()],
+                    local_slaves: Vec::new(),
+                    master: route.master,
+                    slaves: route.slaves,
+                    number,
+                    size,
+                    msg,
+                };
+                Box::pin(async move {
+                    match (link.pool.send(deliver).await?, around) {
+                        (Err(exhausted @ Error::PoolExhausted { .. }), Some(network)) => {
+                            match request.send(network).await {
+                                Err(Error::Unreachable(_)) => Err(exhausted),
+                                relayed => relayed,
+                            }
+                        }
+                        (direct, _) => direct,
+                    }
+                })
             }
             Target::Local(_) => {
                 let store = self.store.clone();
@@ -439,30 +466,54 @@ impl Handler<EncKeys> for SaeRegistry {
                 kmes, local_slaves, ..
             } => {
                 let network = self.network();
-                Box::pin(async move {
-                    let network = network?;
-                    let need =
-                        u64::from(number.get()) * u64::from(size.get() / 8) + MAC_KEY_BYTES as u64;
-                    let find = FindTree {
-                        to: kmes,
-                        max_hops: msg.policy.max_hops,
-                        need_bytes: need,
-                    };
-                    let tree = network.router.send(find).await??;
-                    let originate = Originate {
-                        master: route.master,
-                        slaves: route.slaves,
-                        local_slaves,
-                        number: number.get(),
-                        size_bits: size.get(),
-                        request_id: msg.request_id,
-                        tree,
-                        deadline: msg.deadline,
-                    };
-                    network.relay.send(originate).await?
-                })
+                let request = RelayRequest {
+                    to: kmes,
+                    local_slaves,
+                    master: route.master,
+                    slaves: route.slaves,
+                    number,
+                    size,
+                    msg,
+                };
+                Box::pin(async move { request.send(network?).await })
             }
         }
+    }
+}
+
+/// An enc_keys request served by relay: to the KMEs `to`, held here for `local_slaves`.
+struct RelayRequest {
+    to: Vec<KmeId>,
+    local_slaves: Vec<SaeId>,
+    master: SaeId,
+    slaves: Vec<SaeId>,
+    number: KeyCount,
+    size: KeySizeBits,
+    msg: EncKeys,
+}
+
+impl RelayRequest {
+    /// Finds the tree of routes, then has `Relay` carry the keys along it.
+    async fn send(self, network: Network) -> Result<Vec<Key>> {
+        let need =
+            u64::from(self.number.get()) * u64::from(self.size.get() / 8) + MAC_KEY_BYTES as u64;
+        let find = FindTree {
+            to: self.to,
+            max_hops: self.msg.policy.max_hops,
+            need_bytes: need,
+        };
+        let tree = network.router.send(find).await??;
+        let originate = Originate {
+            master: self.master,
+            slaves: self.slaves,
+            local_slaves: self.local_slaves,
+            number: self.number.get(),
+            size_bits: self.size.get(),
+            request_id: self.msg.request_id,
+            tree,
+            deadline: self.msg.deadline,
+        };
+        network.relay.send(originate).await?
     }
 }
 

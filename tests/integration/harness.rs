@@ -76,8 +76,10 @@ pub struct LinkOptions {
     pub max_db_mb: Option<u64>,
     /// (SAE, certificate file): identify the SAE by that certificate's fingerprint.
     pub pins: Vec<(&'static str, &'static str)>,
-    /// Both links on BB84 with these `[link.bb84]` settings (TOML lines); None: courier.
+    /// Every link on BB84 with these `[link.bb84]` settings (TOML lines); None: courier.
     pub bb84: Option<String>,
+    /// More `[link.bb84]` lines for one link (e.g. an eavesdropper on it).
+    pub bb84_on: Vec<([&'static str; 2], &'static str)>,
     /// Both links on file-drop (key files in `data/<kme>/key-drop/<peer>/`).
     pub file_drop: bool,
     /// (KME, URL): where the other KMEs reach that KME's peer listener (`peer_url`).
@@ -113,6 +115,7 @@ impl Default for LinkOptions {
             pins: Vec::new(),
             bb84: None,
             file_drop: false,
+            bb84_on: Vec::new(),
             peer_urls: Vec::new(),
             key_ttl_s: None,
             topology: Topology::line(),
@@ -224,6 +227,9 @@ fn network_file(
         );
         if let Some(bb84) = &options.bb84 {
             text += &format!("source = \"bb84\"\n[link.bb84]\n{bb84}\n");
+            for (_, extra) in options.bb84_on.iter().filter(|(on, _)| on == ends) {
+                text += &format!("{extra}\n");
+            }
         } else if options.file_drop {
             text += "source = \"file-drop\"\n";
         }

@@ -2,6 +2,8 @@
 //! failed links, and what a relay does with bad input and dead hops.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -54,6 +56,22 @@ async fn keys_relay_both_ways_along_the_line_and_status_shows_the_route() {
         .collect();
     assert_eq!(path, [("kme-a", "kme-b"), ("kme-b", "kme-c")]);
     assert!(hops.iter().all(|h| h["state"] == "up"), "{status}");
+    // Counts of the bottleneck hop, in keys of the default size (256 bits).
+    let least = |field: &str| {
+        hops.iter()
+            .map(|h| h[field].as_u64().unwrap())
+            .min()
+            .unwrap()
+            / 32
+    };
+    assert_eq!(
+        status["stored_key_count"].as_u64().unwrap(),
+        least("available_bytes").min(1000)
+    );
+    assert_eq!(
+        status["max_key_count"].as_u64().unwrap(),
+        least("capacity_bytes").min(1000)
+    );
 
     let sent = enc_ok(
         &net,
@@ -453,4 +471,152 @@ fn the_example_networks_are_valid_rings_and_stars() {
             assert_eq!(node.links.len(), links);
         }
     }
+}
+
+/// A TCP relay to `target` (TLS passes through it untouched) that holds every byte while
+/// `stalled` is set: a hop that is up but does not answer.
+fn stallable_proxy(listener: std::net::TcpListener, target: u16, stalled: Arc<AtomicBool>) {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                let stalled = stalled.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        while stalled.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+}
+
+#[actix_web::test]
+async fn a_hop_that_stops_answering_mid_relay_gives_503_and_leaves_nothing_retrievable() {
+    // kme-b reaches kme-c through a proxy that the test can stall.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = format!(
+        "https://localhost:{}",
+        listener.local_addr().unwrap().port()
+    );
+    let net = Net::start(LinkOptions {
+        peer_urls: vec![("kme-c", proxy)],
+        ..LinkOptions::default()
+    });
+    let stalled = Arc::new(AtomicBool::new(false));
+    stallable_proxy(listener, net.setup.ports["kme-c"].1, stalled.clone());
+    until_routed(&net, ("sae-a", "kme-a"), "sae-c").await;
+    let sent = enc_ok(&net, ("sae-a", "kme-a"), "sae-c", json!({})).await;
+    dec_same(&net, ("sae-c", "kme-c"), "sae-a", &sent).await;
+
+    stalled.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let (code, answer) = enc(
+        &net.client(Some("sae-a")),
+        &net.url("kme-a"),
+        "sae-c",
+        json!({"number": 4}),
+    )
+    .await;
+    assert_eq!(code, 503, "{answer}");
+    // The relay's own answer, before the SAE's request timed out at the edge.
+    assert_eq!(
+        answer["message"],
+        "the slave's KME could not take the keys; retry later"
+    );
+    println!("503 after {:?}: {answer}", started.elapsed());
+    stalled.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while db_probe::audit_events(net.setup.path(), "kme-a", "relay_aborted").is_empty() {
+        assert!(Instant::now() < deadline, "kme-a never aborted the relay");
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Whatever reached kme-c is burned (by the abort, or when its hold time passes), never
+    // released: no key of the failed request is retrievable there.
+    until_drained(&net, &["kme-b", "kme-c"]).await;
+    let released = db_probe::audit_events(net.setup.path(), "kme-c", "relay_released");
+    assert_eq!(
+        released.len(),
+        1,
+        "only the first relay was released: {released:?}"
+    );
+    assert_eq!(db_probe::count(net.setup.path(), "kme-c", "keys"), 0);
+    // The hop answers again: relays go on, and no position was used twice.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sent = loop {
+        let (code, answer) = enc(
+            &net.client(Some("sae-a")),
+            &net.url("kme-a"),
+            "sae-c",
+            json!({}),
+        )
+        .await;
+        if code == 200 {
+            break keys(&answer);
+        }
+        assert!(Instant::now() < deadline, "{answer}");
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    };
+    dec_same(&net, ("sae-c", "kme-c"), "sae-a", &sent).await;
+    assert_no_position_used_twice(&net, &["kme-a", "kme-b", "kme-c"]);
+}
+
+#[actix_web::test]
+async fn routes_avoid_a_link_whose_eavesdropper_alarm_is_on_even_to_its_own_neighbour() {
+    let net = Net::start(LinkOptions {
+        topology: Topology::ring(),
+        bb84_on: vec![(["kme-a", "kme-b"], "eavesdropper = 1.0")],
+        ..LinkOptions::bb84("")
+    });
+    net.wait_for_status("sae-a", "kme-a", "sae-b", "the alarm on a-b", |s| {
+        s["status_extension"]["link"]["state"] == "down"
+    })
+    .await;
+    // sae-c, two hops away either way: around the attacked link, through kme-d.
+    let status = until_routed(&net, ("sae-a", "kme-a"), "sae-c").await;
+    let via: Vec<&str> = status["status_extension"]["hops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["to"].as_str().unwrap())
+        .collect();
+    assert_eq!(via, ["kme-d", "kme-c"], "{status}");
+    let sent = enc_ok(&net, ("sae-a", "kme-a"), "sae-c", json!({"number": 2})).await;
+    dec_same(&net, ("sae-c", "kme-c"), "sae-a", &sent).await;
+    // sae-b, the neighbour behind the attacked link: its pool is empty, so the keys go the
+    // long way round (a-d-c-b), never over the link with the alarm on.
+    let sent = enc_ok(&net, ("sae-a", "kme-a"), "sae-b", json!({"number": 2})).await;
+    dec_same(&net, ("sae-b", "kme-b"), "sae-a", &sent).await;
+    let legs = db_probe::audit_events(net.setup.path(), "kme-b", "keys_bound");
+    assert!(
+        legs.iter().all(|batch| batch["from_kme"] == "kme-c"),
+        "kme-b bound keys only from kme-c: {legs:?}"
+    );
+    // With the direct route made mandatory, the neighbour's empty pool is a 503.
+    let direct = json!({"extension_mandatory": [{"kme_route_type": "direct"}]});
+    let (code, answer) = enc(
+        &net.client(Some("sae-a")),
+        &net.url("kme-a"),
+        "sae-b",
+        direct,
+    )
+    .await;
+    assert_eq!(code, 503, "{answer}");
 }

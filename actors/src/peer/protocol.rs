@@ -45,6 +45,8 @@ pub struct LinkReport {
     pub state: Condition,
     /// Material the origin can send over this link now.
     pub available_bytes: u64,
+    /// The most its pool holds (`max_key_count` x `key_size`).
+    pub capacity_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -49,8 +49,9 @@ pub struct HopView {
     pub from: KmeId,
     pub to: KmeId,
     pub state: Condition,
-    /// What `from` can send over the hop now (None: no news yet).
+    /// What `from` can send over the hop now, and the most it holds (None: no news yet).
     pub available_bytes: Option<u64>,
+    pub capacity_bytes: Option<u64>,
 }
 
 pub struct Router {
@@ -140,7 +141,8 @@ impl Router {
             from: from.clone(),
             to: to.clone(),
             state,
-            available_bytes: sender.map(|r| r.available_bytes),
+            available_bytes: sender.as_ref().map(|r| r.available_bytes),
+            capacity_bytes: sender.map(|r| r.capacity_bytes),
         }
     }
 
@@ -255,14 +257,19 @@ impl Router {
             for link in &own {
                 let counts = link.pool.send(PoolStatus).await;
                 let health = link.link.health.send(LinkHealth).await;
-                let (state, available_bytes) = match (counts, health) {
-                    (Ok(counts), Ok(health)) => (health.state, counts.available_bytes),
-                    _ => (Condition::Down, 0),
+                let (state, available_bytes, capacity_bytes) = match (counts, health) {
+                    (Ok(counts), Ok(health)) => (
+                        health.state,
+                        counts.available_bytes,
+                        counts.limits.max_key_count * u64::from(counts.limits.key_size / 8),
+                    ),
+                    _ => (Condition::Down, 0, 0),
                 };
                 reports.push(LinkReport {
                     peer: link.peer.clone(),
                     state,
                     available_bytes,
+                    capacity_bytes,
                 });
             }
             reports
@@ -450,6 +457,7 @@ mod tests {
                     peer: id(peer),
                     state: *state,
                     available_bytes: *available_bytes,
+                    capacity_bytes: 1 << 30,
                 })
                 .collect(),
         }

@@ -121,7 +121,7 @@ impl Legs {
     /// Seals `keys` to every branch at once.
     async fn send_sealed(&self, branches: &[Branch], keys: &[Key], head: &Head) -> Result<()> {
         let sends = branches.iter().map(|branch| {
-            let deliver = head.deliver(self.relay_id, branch, Some(keys.to_vec()), keys);
+            let deliver = head.deliver(self.relay_id, branch, Some(keys.to_vec()));
             self.send(branch, deliver)
         });
         join_all(sends)
@@ -168,6 +168,16 @@ impl Legs {
         remote.into_iter().collect()
     }
 
+    /// The relay failed with `err`: aborts it in the background (the SAE gets its 503 now,
+    /// not after the abort has waited on a slow hop) and returns `err`.
+    fn abort_later(&self, branches: Vec<KmeId>, here: bool, err: Error) -> Error {
+        log::warn!("relay {}: {err}; aborting it everywhere", self.relay_id);
+        let legs = self.clone();
+        let reason = err.to_string();
+        actix::spawn(async move { legs.abort(&branches, here, &reason).await });
+        err
+    }
+
     /// Best effort: burns the relay here and below, and says so in this KME's audit trail.
     /// Failures are logged; whatever cannot be reached burns its held keys when the hold time
     /// passes.
@@ -209,13 +219,9 @@ struct Head {
 }
 
 impl Head {
-    fn deliver(
-        &self,
-        relay_id: Uuid,
-        branch: &Branch,
-        seal: Option<Vec<Key>>,
-        _: &[Key],
-    ) -> Deliver {
+    /// The leg of this relay to `branch`: the link's own material (`seal` None) or `seal`'s
+    /// keys sealed with it.
+    fn deliver(&self, relay_id: Uuid, branch: &Branch, seal: Option<Vec<Key>>) -> Deliver {
         Deliver {
             master: self.master.clone(),
             slaves: self.slaves.clone(),
@@ -264,21 +270,23 @@ impl Handler<Originate> for Relay {
             number: msg.number,
             size_bits: msg.size_bits,
         };
-        Box::pin(async move {
+        // A relay that is not done in nine tenths of the SAE's time fails by itself, so the
+        // SAE hears why (and the relay is aborted) before its request times out.
+        let budget = msg.deadline.saturating_duration_since(Instant::now()) * 9 / 10;
+        let all_branches: Vec<KmeId> = msg.tree.iter().map(|b| b.kme.clone()).collect();
+        let timed = legs.clone();
+        let work = async move {
             let Some((first, others)) = msg.tree.split_first() else {
                 return Err(Error::Unreachable("a relay needs at least one hop".into()));
             };
             let here = !msg.local_slaves.is_empty();
             let branches: Vec<KmeId> = msg.tree.iter().map(|b| b.kme.clone()).collect();
             let keys = match legs
-                .send(first, head.deliver(legs.relay_id, first, None, &[]))
+                .send(first, head.deliver(legs.relay_id, first, None))
                 .await
             {
                 Ok(keys) => keys,
-                Err(err) => {
-                    legs.abort(&branches[..1], false, &err.to_string()).await;
-                    return Err(err);
-                }
+                Err(err) => return Err(legs.abort_later(branches[..1].to_vec(), false, err)),
             };
             let rest = async {
                 legs.send_sealed(others, &keys, &head).await?;
@@ -292,17 +300,35 @@ impl Handler<Originate> for Relay {
                     };
                     legs.store.send(Exec(hold)).await??;
                 }
+                let late = || Error::Unavailable("the relay outlived its request".into());
                 if Instant::now() > msg.deadline {
-                    return Err(Error::Unavailable("the relay outlived its request".into()));
+                    return Err(late());
                 }
-                legs.settle(&branches, here, true, "released").await
+                legs.settle(&branches, here, true, "released").await?;
+                // Released after the SAE had its 503: the keys must not stand.
+                if Instant::now() > msg.deadline {
+                    return Err(late());
+                }
+                Ok(())
             };
             match rest.await {
                 Ok(()) => Ok(keys),
-                Err(err) => {
-                    log::warn!("relay {}: {err}; aborting it everywhere", legs.relay_id);
-                    legs.abort(&branches, here, &err.to_string()).await;
-                    Err(err)
+                Err(err) => Err(legs.abort_later(branches, here, err)),
+            }
+        };
+        Box::pin(async move {
+            match actix::clock::timeout(budget, work).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    let err = Error::PeerUnavailable {
+                        peer: all_branches
+                            .iter()
+                            .map(KmeId::as_str)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        reason: format!("the relay did not complete within {budget:?}"),
+                    };
+                    Err(timed.abort_later(all_branches, true, err))
                 }
             }
         })
