@@ -205,32 +205,134 @@ impl Handler<Deliver> for KeyPool {
     type Result = ResponseActFuture<Self, Result<Vec<Key>>>;
 
     fn handle(&mut self, msg: Deliver, _ctx: &mut Context<Self>) -> Self::Result {
+        Box::pin(self.deliver_all(vec![msg]).map(|mut outcomes, _, _| {
+            outcomes
+                .pop()
+                .unwrap_or_else(|| Err(Error::Unavailable("a delivery without outcome".into())))
+        }))
+    }
+}
+
+/// Several deliveries over this link at once (the relay legs of one activation batch): one
+/// activation message to `PeerLink`, one commit. Sent by `Relay`. Result: the outcome of
+/// each, in order.
+#[derive(Message)]
+#[rtype(result = "Vec<Result<Vec<Key>>>")]
+pub struct DeliverAll(pub Vec<Deliver>);
+
+impl Handler<DeliverAll> for KeyPool {
+    type Result = ResponseActFuture<Self, Vec<Result<Vec<Key>>>>;
+
+    fn handle(&mut self, msg: DeliverAll, _ctx: &mut Context<Self>) -> Self::Result {
+        self.deliver_all(msg.0)
+    }
+}
+
+/// Deliveries whose material is taken: their keys, and the request each serves.
+struct Taken {
+    index: usize,
+    keys: Vec<Key>,
+    request_id: Uuid,
+}
+
+impl KeyPool {
+    /// Takes the material of each delivery in order (one the pool cannot cover fails at once
+    /// with `PoolExhausted`), then has the peer bind them all and commits them here, both at
+    /// once. The cursor moves past the material either way, so a failure only burns it.
+    fn deliver_all(
+        &mut self,
+        legs: Vec<Deliver>,
+    ) -> ResponseActFuture<Self, Vec<Result<Vec<Key>>>> {
+        let mut outcomes: Vec<Result<Vec<Key>>> = Vec::with_capacity(legs.len());
+        let (mut bindings, mut audits, mut taken) = (Vec::new(), Vec::new(), Vec::new());
+        for (index, msg) in legs.iter().enumerate() {
+            match self.take_for(msg) {
+                Ok((keys, binding, audit)) => {
+                    bindings.push(binding);
+                    audits.push(audit);
+                    taken.push(Taken {
+                        index,
+                        keys,
+                        request_id: msg.request_id,
+                    });
+                    outcomes.push(Ok(Vec::new()));
+                }
+                Err(err) => outcomes.push(Err(err)),
+            }
+        }
+        self.report_level();
+        if taken.is_empty() {
+            return Box::pin(fut::ready(outcomes));
+        }
+        let commit = CommitDelivery {
+            peer: self.params.peer.clone(),
+            owner: Owner::Kme(self.params.me.clone()),
+            position: self.cursor,
+            block_bytes: self.params.block_bytes,
+            audits,
+        };
+        let peer = self.peer.clone();
+        let store = self.store.clone();
+        let work = async move {
+            let (bound, committed) =
+                futures_util::future::join(async { peer.send(Activate(bindings)).await? }, async {
+                    store.send(Exec(commit)).await?
+                })
+                .await;
+            let failed = bound.err().or(committed.err());
+            if let Some(err) = &failed {
+                // Whatever half stands (delivery records here, keys bound at the slave's
+                // KME), say in the trail that the SAEs never got these keys.
+                let request_ids: Vec<Uuid> = taken.iter().map(|t| t.request_id).collect();
+                let withdrawn = AuditRecord::new(
+                    "keys_withdrawn",
+                    serde_json::json!({"request_ids": request_ids, "reason": err.to_string()}),
+                );
+                if let Ok(Err(audit_err)) | Err(audit_err) = store
+                    .send(Exec(AppendAudit(withdrawn)))
+                    .await
+                    .map_err(Error::from)
+                {
+                    log::error!("cannot audit a withdrawn delivery: {audit_err}");
+                }
+            }
+            for t in taken {
+                if let Some(slot) = outcomes.get_mut(t.index) {
+                    *slot = match &failed {
+                        Some(err) => Err(err.clone()),
+                        None => Ok(t.keys),
+                    };
+                }
+            }
+            (outcomes, failed)
+        };
+        Box::pin(
+            fut::wrap_future(work).map(|(outcomes, failed), act: &mut Self, _| {
+                if let Some(Error::ActivationRejected { high_mark, .. }) = failed {
+                    act.burn_to(high_mark);
+                }
+                outcomes
+            }),
+        )
+    }
+
+    /// Takes the material of one delivery: its keys, binding and audit record.
+    fn take_for(&mut self, msg: &Deliver) -> Result<(Vec<Key>, Binding, AuditRecord)> {
         let key_bytes = msg.size_bits / 8;
         let sealing = msg.relay.as_ref().is_some_and(|r| r.seal.is_some());
         let mac = if sealing { MAC_KEY_BYTES as u64 } else { 0 };
         let need = u64::from(msg.number) * u64::from(key_bytes) + mac;
         if need == mac || self.available() < need {
-            self.report_level();
-            let err = Error::PoolExhausted {
+            return Err(Error::PoolExhausted {
                 peer: self.params.peer.to_string(),
-            };
-            return Box::pin(fut::ready(Err(err)));
+            });
         }
         let start = self.cursor;
-        let material = match self.take(need) {
-            Ok(material) => material,
-            Err(err) => {
-                log::error!("link {}: {err}", self.params.peer);
-                return Box::pin(fut::ready(Err(err)));
-            }
-        };
+        let material = self.take(need).inspect_err(|err| {
+            log::error!("link {}: {err}", self.params.peer);
+        })?;
         let end = self.cursor;
-        self.report_level();
-
-        let (keys, binding) = match bind(&msg, start, key_bytes, material) {
-            Ok(bound) => bound,
-            Err(err) => return Box::pin(fut::ready(Err(err))),
-        };
+        let (keys, binding) = bind(msg, start, key_bytes, material)?;
         let audit = AuditRecord::new(
             "keys_delivered",
             Delivered {
@@ -244,51 +346,7 @@ impl Handler<Deliver> for KeyPool {
                 key_IDs: binding.key_ids.clone(),
             },
         );
-        let commit = CommitDelivery {
-            peer: self.params.peer.clone(),
-            owner: Owner::Kme(self.params.me.clone()),
-            position: end,
-            block_bytes: self.params.block_bytes,
-            audit,
-        };
-        let peer = self.peer.clone();
-        let store = self.store.clone();
-        let request_id = msg.request_id;
-        let work = async move {
-            // Both at once: the slave's KME binds the keys while this KME records the delivery
-            // (the cursor moves past the material either way, so a failure only burns it).
-            let (bound, committed) =
-                futures_util::future::join(async { peer.send(Activate(binding)).await? }, async {
-                    store.send(Exec(commit)).await?
-                })
-                .await;
-            if let Some(err) = bound.as_ref().err().or(committed.as_ref().err()) {
-                // Whatever half stands (a delivery record here, keys bound at the slave's KME),
-                // say in the trail that the SAE never got these keys.
-                let withdrawn = AuditRecord::new(
-                    "keys_withdrawn",
-                    serde_json::json!({"request_id": request_id, "reason": err.to_string()}),
-                );
-                if let Ok(Err(audit_err)) | Err(audit_err) = store
-                    .send(Exec(AppendAudit(withdrawn)))
-                    .await
-                    .map_err(Error::from)
-                {
-                    log::error!("cannot audit a withdrawn delivery: {audit_err}");
-                }
-            }
-            bound?;
-            committed?;
-            Ok(keys)
-        };
-        Box::pin(
-            fut::wrap_future(work).map(|result: Result<Vec<Key>>, act: &mut Self, _| {
-                if let Err(Error::ActivationRejected { high_mark, .. }) = &result {
-                    act.burn_to(*high_mark);
-                }
-                result
-            }),
-        )
+        Ok((keys, binding, audit))
     }
 }
 

@@ -291,25 +291,35 @@ impl Actor for PeerLink {
     }
 }
 
-/// Bind these positions of our stream to key_IDs at the neighbour. Sent by `KeyPool`.
-/// Result: Ok once the neighbour holds the keys durably.
+/// Bind these positions of our stream to key_IDs at the neighbour (one binding per request
+/// or relay leg). Sent by `KeyPool`. Result: Ok once the neighbour holds them all durably.
 #[derive(Message)]
 #[rtype(result = "Result<()>")]
-pub struct Activate(pub Binding);
+pub struct Activate(pub Vec<Binding>);
 
 impl Handler<Activate> for PeerLink {
     type Result = ResponseFuture<Result<()>>;
 
     fn handle(&mut self, msg: Activate, ctx: &mut Context<Self>) -> Self::Result {
-        let (tx, rx) = oneshot::channel();
-        self.pending.push((msg.0, tx));
+        let waiting: Vec<_> = msg
+            .0
+            .into_iter()
+            .map(|binding| {
+                let (tx, rx) = oneshot::channel();
+                self.pending.push((binding, tx));
+                rx
+            })
+            .collect();
         self.flush(ctx);
         let peer = self.peer.to_string();
         Box::pin(async move {
-            rx.await.map_err(|_| Error::PeerUnavailable {
-                peer,
-                reason: "peer link stopped".into(),
-            })?
+            for rx in waiting {
+                rx.await.map_err(|_| Error::PeerUnavailable {
+                    peer: peer.clone(),
+                    reason: "peer link stopped".into(),
+                })??;
+            }
+            Ok(())
         })
     }
 }

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::key_pool::{Deliver, KeyPool, Outbound};
+use crate::key_pool::{Deliver, DeliverAll, KeyPool, Outbound};
 use crate::peer::peer_link::{PeerLink, Settle};
 use crate::peer::protocol::SettleRequest;
 use crate::storage::audit::AuditRecord;
@@ -46,6 +46,9 @@ struct Transit {
     from: KmeId,
     onward: Vec<KmeId>,
     held_here: bool,
+    /// Onward legs not yet durable at their next hop, and the first that failed.
+    legs_left: usize,
+    failure: Option<Error>,
     /// The onward legs' outcome, once known.
     forwarded: Option<Result<()>>,
     waiters: Vec<oneshot::Sender<Result<()>>>,
@@ -348,12 +351,16 @@ impl Handler<Arrived> for Relay {
     type Result = ();
 
     fn handle(&mut self, msg: Arrived, ctx: &mut Context<Self>) {
+        // The legs of the whole batch, by next hop: one delivery to each next hop's pool.
+        let mut by_hop: HashMap<KmeId, Vec<(Uuid, Deliver)>> = HashMap::new();
         for arrival in msg.arrivals {
             let relay_id = arrival.relay_id;
             let transit = Transit {
                 from: msg.from.clone(),
                 onward: arrival.onward.iter().map(|b| b.kme.clone()).collect(),
                 held_here: arrival.held_here,
+                legs_left: arrival.onward.len(),
+                failure: None,
                 forwarded: None,
                 waiters: Vec::new(),
                 since: Instant::now(),
@@ -362,11 +369,6 @@ impl Handler<Arrived> for Relay {
             let Some(forward) = arrival.forward else {
                 self.forwarded(relay_id, Ok(()));
                 continue;
-            };
-            let legs = Legs {
-                relay_id,
-                store: self.store.clone(),
-                hops: self.hops.clone(),
             };
             let keys: Vec<Key> = forward
                 .key_ids
@@ -380,14 +382,33 @@ impl Handler<Arrived> for Relay {
                 number: u32::try_from(keys.len()).unwrap_or(u32::MAX),
                 size_bits: forward.len.saturating_mul(8),
             };
-            let onward = arrival.onward;
-            let work = async move { legs.send_sealed(&onward, &keys, &head).await };
+            for branch in &arrival.onward {
+                let leg = head.deliver(relay_id, branch, Some(keys.clone()));
+                by_hop
+                    .entry(branch.kme.clone())
+                    .or_default()
+                    .push((relay_id, leg));
+            }
+        }
+        for (kme, legs) in by_hop {
+            let (relays, delivers): (Vec<Uuid>, Vec<Deliver>) = legs.into_iter().unzip();
+            let Some(hop) = self.hops.get(&kme) else {
+                for relay_id in relays {
+                    let err = Error::PeerMessage(format!("{kme} is not a neighbour"));
+                    self.leg_done(relay_id, Err(err));
+                }
+                continue;
+            };
+            let sent = hop.pool.send(DeliverAll(delivers));
             ctx.spawn(
-                fut::wrap_future(work).map(move |result, act: &mut Self, _| {
-                    if let Err(err) = &result {
-                        log::warn!("relay {relay_id}: forwarding failed: {err}");
+                fut::wrap_future(sent).map(move |outcomes, act: &mut Self, _| {
+                    let outcomes = match outcomes {
+                        Ok(outcomes) => outcomes,
+                        Err(err) => vec![Err(Error::from(err)); relays.len()],
+                    };
+                    for (relay_id, outcome) in relays.into_iter().zip(outcomes) {
+                        act.leg_done(relay_id, outcome.map(|_| ()));
                     }
-                    act.forwarded(relay_id, result);
                 }),
             );
         }
@@ -395,6 +416,23 @@ impl Handler<Arrived> for Relay {
 }
 
 impl Relay {
+    /// One onward leg of `relay_id` is durable at its next hop, or failed: once all are in,
+    /// the relay is forwarded (or failed, with the first failure).
+    fn leg_done(&mut self, relay_id: Uuid, outcome: Result<()>) {
+        let Some(transit) = self.transit.get_mut(&relay_id) else {
+            return;
+        };
+        if let Err(err) = outcome {
+            log::warn!("relay {relay_id}: forwarding failed: {err}");
+            transit.failure.get_or_insert(err);
+        }
+        transit.legs_left = transit.legs_left.saturating_sub(1);
+        if transit.legs_left == 0 {
+            let result = transit.failure.take().map_or(Ok(()), Err);
+            self.forwarded(relay_id, result);
+        }
+    }
+
     fn forwarded(&mut self, relay_id: Uuid, result: Result<()>) {
         if let Some(transit) = self.transit.get_mut(&relay_id) {
             for waiter in transit.waiters.drain(..) {

@@ -239,7 +239,8 @@ pub struct CommitDelivery {
     pub owner: Owner,
     pub position: u64,
     pub block_bytes: usize,
-    pub audit: AuditRecord,
+    /// One record per delivery up to `position`.
+    pub audits: Vec<AuditRecord>,
 }
 
 impl Operation for CommitDelivery {
@@ -253,7 +254,7 @@ impl Operation for CommitDelivery {
             self.position,
             self.block_bytes,
         )?;
-        txn.audit(&self.audit)
+        self.audits.iter().try_for_each(|audit| txn.audit(audit))
     }
 }
 

@@ -685,14 +685,14 @@ fn burn_window(peer: &KmeId, block_bytes: usize, frame_id: u64, window: u64) -> 
         owner: Owner::Auth,
         position: AuthStream::position_after(window),
         block_bytes,
-        audit: AuditRecord::new(
+        audits: vec![AuditRecord::new(
             "bb84_frame_started",
             serde_json::json!({
                 "peer": peer.as_str(),
                 "frame_id": frame_id,
                 "auth_window": window,
             }),
-        ),
+        )],
     }
 }
 
