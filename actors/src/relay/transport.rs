@@ -11,6 +11,7 @@
 //! Mailbox: bounded; callers `send` under their timeouts.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -57,7 +58,8 @@ struct Transit {
 
 pub struct Relay {
     store: Addr<Store>,
-    hops: HashMap<KmeId, NextHop>,
+    /// Shared with every relay in flight (cloned per relay, it would cost an allocation each).
+    hops: Arc<HashMap<KmeId, NextHop>>,
     transit: HashMap<Uuid, Transit>,
     hold: Duration,
 }
@@ -65,6 +67,7 @@ pub struct Relay {
 impl Relay {
     /// `hold`: how long keys of a relay wait here for its release before they are burned.
     pub fn new(store: Addr<Store>, hops: HashMap<KmeId, NextHop>, hold: Duration) -> Self {
+        let hops = Arc::new(hops);
         Self {
             store,
             hops,
@@ -106,7 +109,7 @@ impl Actor for Relay {
 struct Legs {
     relay_id: Uuid,
     store: Addr<Store>,
-    hops: HashMap<KmeId, NextHop>,
+    hops: Arc<HashMap<KmeId, NextHop>>,
 }
 
 impl Legs {
