@@ -249,15 +249,9 @@ async fn bad_enc_keys_requests_consume_nothing() {
     )
     .await;
     assert_eq!(code, 200, "{body}");
-    let sent = keys(&body);
-    let ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
-    let (code, body) = dec(
-        &net.client(Some("sae-b2")),
-        &net.url("kme-b"),
-        "sae-a",
-        &ids,
-    )
-    .await;
+    let (code, body) = net
+        .dec_sent(("sae-b2", "kme-b"), "sae-a", &keys(&body))
+        .await;
     assert_eq!(code, 200, "sae-b2 was named as an additional slave: {body}");
     // Mandatory route extensions that hold for a neighbour are met.
     let route = json!({"extension_mandatory": [{"kme_route_type": "direct"}, {"kme_max_hops": 1}]});

@@ -394,6 +394,23 @@ impl Net {
         sent
     }
 
+    /// dec_keys of `slave` at `slave_kme` for `master`'s keys `sent` (as `keys` returns them).
+    pub async fn dec_sent(
+        &self,
+        (slave, slave_kme): (&str, &str),
+        master: &str,
+        sent: &[(String, String)],
+    ) -> (u16, Value) {
+        let ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
+        dec(
+            &self.client(Some(slave)),
+            &self.url(slave_kme),
+            master,
+            &ids,
+        )
+        .await
+    }
+
     /// Stops one KME (its listeners close; a peer of it sees connections refused).
     pub fn stop(&mut self, kme: &str) {
         if let Some(i) = self.nodes.iter().position(|(id, _)| *id == kme) {

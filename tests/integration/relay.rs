@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::db_probe;
-use super::harness::{dec, enc, keys, LinkOptions, Net, Topology};
+use super::harness::{enc, keys, LinkOptions, Net, Topology};
 
 /// enc_keys of `master` at `master_kme` for `slave` with `body`; asserts 200, returns the keys.
 async fn enc_ok(
@@ -30,10 +30,48 @@ async fn dec_same(
     master: &str,
     sent: &[(String, String)],
 ) {
-    let ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
-    let (code, answer) = dec(&net.client(Some(slave)), &net.url(slave_kme), master, &ids).await;
+    let (code, answer) = net.dec_sent((slave, slave_kme), master, sent).await;
     assert_eq!(code, 200, "{answer}");
     assert_eq!(keys(&answer), sent);
+}
+
+/// `dec_same` for each of `slaves` (SAE, its KME).
+async fn dec_same_at_each(
+    net: &Net,
+    slaves: &[(&str, &str)],
+    master: &str,
+    sent: &[(String, String)],
+) {
+    for slave in slaves {
+        dec_same(net, *slave, master, sent).await;
+    }
+}
+
+/// enc_keys of `master` for `slave` until one is answered 200 (30 s at most; every other
+/// answer must be a 503). Returns its keys and how many requests failed before.
+async fn enc_until_ok(
+    net: &Net,
+    (master, master_kme): (&str, &str),
+    slave: &str,
+) -> (Vec<(String, String)>, u32) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut failures = 0;
+    loop {
+        let (code, answer) = enc(
+            &net.client(Some(master)),
+            &net.url(master_kme),
+            slave,
+            json!({}),
+        )
+        .await;
+        if code == 200 {
+            return (keys(&answer), failures);
+        }
+        assert_eq!(code, 503, "{answer}");
+        assert!(Instant::now() < deadline, "no key for {slave}: {answer}");
+        failures += 1;
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits until `master` at `master_kme` can get a key for `slave` (routes known), 30 s at most.
@@ -83,8 +121,7 @@ async fn keys_relay_both_ways_along_the_line_and_status_shows_the_route() {
     assert_eq!(sent.len(), 3);
     dec_same(&net, ("sae-c", "kme-c"), "sae-a", &sent).await;
     // Retrieved once only; and the trusted node in between holds nothing retrievable.
-    let ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
-    let (code, _) = dec(&net.client(Some("sae-c")), &net.url("kme-c"), "sae-a", &ids).await;
+    let (code, _) = net.dec_sent(("sae-c", "kme-c"), "sae-a", &sent).await;
     assert_eq!(code, 400);
     until_routed(&net, ("sae-c", "kme-c"), "sae-a").await;
     let back = enc_ok(&net, ("sae-c", "kme-c"), "sae-a", json!({"number": 2})).await;
@@ -112,17 +149,15 @@ async fn a_multicast_reaches_slaves_on_three_kmes_all_or_nothing() {
     // sae-a (leaf a) to sae-b and sae-b2 (the hub), sae-c and sae-d (two other leaves).
     let body = json!({"number": 2, "additional_slave_SAE_IDs": ["sae-b2", "sae-c", "sae-d"]});
     let sent = enc_ok(&net, ("sae-a", "kme-a"), "sae-b", body).await;
-    for (slave, kme) in [
+    let slaves = [
         ("sae-b", "kme-b"),
         ("sae-b2", "kme-b"),
         ("sae-c", "kme-c"),
         ("sae-d", "kme-d"),
-    ] {
-        dec_same(&net, (slave, kme), "sae-a", &sent).await;
-    }
+    ];
+    dec_same_at_each(&net, &slaves, "sae-a", &sent).await;
     // Each slave once; an SAE that was not named gets 401 where the key is held.
-    let ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
-    let (code, _) = dec(&net.client(Some("sae-c")), &net.url("kme-c"), "sae-a", &ids).await;
+    let (code, _) = net.dec_sent(("sae-c", "kme-c"), "sae-a", &sent).await;
     assert_eq!(code, 400, "retrieved twice");
     let named = enc_ok(
         &net,
@@ -131,14 +166,7 @@ async fn a_multicast_reaches_slaves_on_three_kmes_all_or_nothing() {
         json!({"additional_slave_SAE_IDs": ["sae-b"]}),
     )
     .await;
-    let ids: Vec<&str> = named.iter().map(|(id, _)| id.as_str()).collect();
-    let (code, body) = dec(
-        &net.client(Some("sae-b2")),
-        &net.url("kme-b"),
-        "sae-a",
-        &ids,
-    )
-    .await;
+    let (code, body) = net.dec_sent(("sae-b2", "kme-b"), "sae-a", &named).await;
     assert_eq!(code, 401, "{body}");
     dec_same(&net, ("sae-b", "kme-b"), "sae-a", &named).await;
     dec_same(&net, ("sae-c", "kme-c"), "sae-a", &named).await;
@@ -149,14 +177,13 @@ async fn a_multicast_reaches_slaves_on_three_kmes_all_or_nothing() {
     }
     let body = json!({"additional_slave_SAE_IDs": ["sae-b2", "sae-c", "sae-d"]});
     let sent = enc_ok(&net, ("sae-b", "kme-b"), "sae-a", body).await;
-    for (slave, kme) in [
+    let slaves = [
         ("sae-a", "kme-a"),
         ("sae-b2", "kme-b"),
         ("sae-c", "kme-c"),
         ("sae-d", "kme-d"),
-    ] {
-        dec_same(&net, (slave, kme), "sae-b", &sent).await;
-    }
+    ];
+    dec_same_at_each(&net, &slaves, "sae-b", &sent).await;
     // Naming a slave twice, or the master as its own slave: 400, nothing sent anywhere.
     for extra in [json!(["sae-c", "sae-c"]), json!(["sae-b", "sae-c"])] {
         let (code, _) = enc(
@@ -214,26 +241,7 @@ async fn a_ring_reroutes_around_a_dead_kme_and_no_route_names_the_missing_hop() 
     // kme-b dies: requests fail only until its neighbours notice, then go through kme-d.
     net.stop("kme-b");
     let cut = Instant::now();
-    let mut failures = 0;
-    let sent = loop {
-        let (code, answer) = enc(
-            &net.client(Some("sae-a")),
-            &net.url("kme-a"),
-            "sae-c",
-            json!({}),
-        )
-        .await;
-        if code == 200 {
-            break keys(&answer);
-        }
-        assert_eq!(code, 503, "{answer}");
-        failures += 1;
-        assert!(
-            cut.elapsed() < Duration::from_secs(30),
-            "no reroute: {answer}"
-        );
-        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (sent, failures) = enc_until_ok(&net, ("sae-a", "kme-a"), "sae-c").await;
     println!(
         "converged {:?} after the cut ({failures} requests failed)",
         cut.elapsed()
@@ -559,21 +567,7 @@ async fn a_hop_that_stops_answering_mid_relay_gives_503_and_leaves_nothing_retri
     );
     assert_eq!(db_probe::count(net.setup.path(), "kme-c", "keys"), 0);
     // The hop answers again: relays go on, and no position was used twice.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let sent = loop {
-        let (code, answer) = enc(
-            &net.client(Some("sae-a")),
-            &net.url("kme-a"),
-            "sae-c",
-            json!({}),
-        )
-        .await;
-        if code == 200 {
-            break keys(&answer);
-        }
-        assert!(Instant::now() < deadline, "{answer}");
-        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (sent, _) = enc_until_ok(&net, ("sae-a", "kme-a"), "sae-c").await;
     dec_same(&net, ("sae-c", "kme-c"), "sae-a", &sent).await;
     assert_no_position_used_twice(&net, &["kme-a", "kme-b", "kme-c"]);
 }

@@ -195,6 +195,20 @@ impl PeerLink {
         }
     }
 
+    /// POSTs a notice whose answer (`R`, empty) only says it arrived; not retried.
+    fn notify<R: DeserializeOwned + 'static>(
+        &self,
+        path: &'static str,
+        body: Result<Vec<u8>>,
+    ) -> ResponseFuture<Result<()>> {
+        let target = self.clone_request();
+        Box::pin(async move {
+            post_json::<R>(target, path, body, false, MAX_REPLY_BYTES)
+                .await
+                .map(|_| ())
+        })
+    }
+
     fn clone_request(&self) -> Target {
         Target {
             peer: self.peer.clone(),
@@ -279,6 +293,14 @@ async fn post_json<R: DeserializeOwned>(
     Err(last)
 }
 
+/// What a queued activation or settlement's batch said about it.
+async fn answer(peer: &str, rx: oneshot::Receiver<Result<()>>) -> Result<()> {
+    rx.await.map_err(|_| Error::PeerUnavailable {
+        peer: peer.to_string(),
+        reason: "peer link stopped".into(),
+    })?
+}
+
 fn to_body<T: Serialize>(body: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(body).map_err(|err| Error::PeerMessage(err.to_string()))
 }
@@ -314,10 +336,7 @@ impl Handler<Activate> for PeerLink {
         let peer = self.peer.to_string();
         Box::pin(async move {
             for rx in waiting {
-                rx.await.map_err(|_| Error::PeerUnavailable {
-                    peer: peer.clone(),
-                    reason: "peer link stopped".into(),
-                })??;
+                answer(&peer, rx).await?;
             }
             Ok(())
         })
@@ -355,13 +374,7 @@ impl Handler<ReportLevel> for PeerLink {
     type Result = ResponseFuture<Result<()>>;
 
     fn handle(&mut self, msg: ReportLevel, _ctx: &mut Context<Self>) -> Self::Result {
-        let target = self.clone_request();
-        let body = to_body(&LevelReport { level: msg.0 });
-        Box::pin(async move {
-            post_json::<LevelNoted>(target, LEVEL_PATH, body, false, MAX_REPLY_BYTES)
-                .await
-                .map(|_| ())
-        })
+        self.notify::<LevelNoted>(LEVEL_PATH, to_body(&LevelReport { level: msg.0 }))
     }
 }
 
@@ -397,13 +410,7 @@ impl Handler<Advertise> for PeerLink {
     type Result = ResponseFuture<Result<()>>;
 
     fn handle(&mut self, msg: Advertise, _ctx: &mut Context<Self>) -> Self::Result {
-        let target = self.clone_request();
-        let body = to_body(&msg.0);
-        Box::pin(async move {
-            post_json::<TopologyNoted>(target, TOPOLOGY_PATH, body, false, MAX_REPLY_BYTES)
-                .await
-                .map(|_| ())
-        })
+        self.notify::<TopologyNoted>(TOPOLOGY_PATH, to_body(&msg.0))
     }
 }
 
@@ -422,11 +429,6 @@ impl Handler<Settle> for PeerLink {
         self.settles.push((msg.0, tx));
         self.flush_settles(ctx);
         let peer = self.peer.to_string();
-        Box::pin(async move {
-            rx.await.map_err(|_| Error::PeerUnavailable {
-                peer,
-                reason: "peer link stopped".into(),
-            })?
-        })
+        Box::pin(async move { answer(&peer, rx).await })
     }
 }

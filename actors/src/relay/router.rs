@@ -58,6 +58,9 @@ pub struct Router {
     me: KmeId,
     /// Every link of the network, both directions.
     topology: HashSet<(KmeId, KmeId)>,
+    /// The same, sorted once: searches walk it in a fixed order, so that equal routes are
+    /// chosen the same way every time.
+    hops: Vec<(KmeId, KmeId)>,
     kmes: HashSet<KmeId>,
     own: Vec<OwnLink>,
     own_reports: HashMap<KmeId, LinkReport>,
@@ -86,9 +89,12 @@ impl Router {
             kmes.insert(a.clone());
             kmes.insert(b.clone());
         }
+        let mut hops: Vec<(KmeId, KmeId)> = topology.iter().cloned().collect();
+        hops.sort();
         Self {
             me,
             topology,
+            hops,
             kmes,
             own,
             own_reports: HashMap::new(),
@@ -160,15 +166,12 @@ impl Router {
         let mut parent = HashMap::new();
         let mut depth = HashMap::from([(self.me.clone(), 0u32)]);
         let mut queue = VecDeque::from([self.me.clone()]);
-        let mut next: Vec<&(KmeId, KmeId)> = self.topology.iter().collect();
-        // A fixed order, so that equal routes are chosen the same way every time.
-        next.sort();
         while let Some(at) = queue.pop_front() {
             let d = depth.get(&at).copied().unwrap_or(0);
             if d >= max_hops {
                 continue;
             }
-            for (a, b) in &next {
+            for (a, b) in &self.hops {
                 if *a != at || depth.contains_key(b) || !usable(a, b) {
                     continue;
                 }

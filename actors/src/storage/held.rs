@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::storage::audit::AuditRecord;
 use crate::storage::ops::{Operation, Txn};
 use crate::storage::sealing::{Purpose, Sealer};
-use crate::storage::writer::key_aad;
+use crate::storage::writer::{already_bound, key_aad};
 use crate::types::{Branch, SaeId};
 
 /// A relay leg that reached this KME in an activation batch.
@@ -81,14 +81,7 @@ impl HeldKeys<'_> {
                     sealer.seal(Purpose::Key, &aad, material)?,
                     now
                 ])
-                .map_err(|err| match err {
-                    rusqlite::Error::SqliteFailure(e, _)
-                        if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-                    {
-                        Error::PeerMessage(format!("key_ID {id} is already bound"))
-                    }
-                    other => other.into(),
-                })?;
+                .map_err(already_bound(id))?;
         }
         Ok(())
     }

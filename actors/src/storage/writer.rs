@@ -515,15 +515,21 @@ pub(super) fn insert_key(
         )?,
         now
     ])
-    .map_err(|err| match err {
+    .map_err(already_bound(id))?;
+    Ok(())
+}
+
+/// A key_ID that is already in the table is a peer's mistake (or a replay), not a storage
+/// failure.
+pub(super) fn already_bound(id: &Uuid) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
+    move |err| match err {
         rusqlite::Error::SqliteFailure(e, _)
             if e.code == rusqlite::ErrorCode::ConstraintViolation =>
         {
             Error::PeerMessage(format!("key_ID {id} is already bound"))
         }
         other => other.into(),
-    })?;
-    Ok(())
+    }
 }
 
 /// Associated data of a sealed key: its ID, master and slaves, so that rewriting those columns
