@@ -680,13 +680,6 @@ impl SaeRegistry {
                     b.master
                 )));
             }
-            // UUIDv7 only: their time prefix orders keys for expiry (`ExpireKeys`).
-            if b.key_ids.iter().any(|id| id.get_version_num() != 7) {
-                return Err(Error::PeerMessage(format!(
-                    "a binding of {} has key_IDs that are not UUIDv7",
-                    b.master
-                )));
-            }
             let local = match &b.relay {
                 None => self.direct_binding(&peer, b)?,
                 Some(leg) => self.relay_binding(&peer, b, leg)?,

@@ -24,6 +24,10 @@ const MIGRATIONS: &[(u32, &str)] = &[
         include_str!("../../../sql/migrations/0002_key_files.sql"),
     ),
     (3, include_str!("../../../sql/migrations/0003_relay.sql")),
+    (
+        4,
+        include_str!("../../../sql/migrations/0004_expiry_by_binding_time.sql"),
+    ),
 ];
 
 /// Per-connection settings.

@@ -24,32 +24,23 @@ use crate::storage::ops::{BlockOutcome, BlockRecord, Completion, Queued, Txn};
 use crate::storage::sealing::{block_aad, Purpose, Sealer};
 use crate::types::{now_ms, Binding, Key, KmeId, Owner, SaeId};
 
-/// The smallest UUIDv7 (as stored bytes) created at `ms`: its first 48 bits are the time.
-fn v7_floor(ms: i64) -> Vec<u8> {
-    let mut bytes = vec![0u8; 16];
-    let ms = u64::try_from(ms).unwrap_or(0).to_be_bytes();
-    if let (Some(dst), Some(src)) = (bytes.get_mut(..6), ms.get(2..)) {
-        dst.copy_from_slice(src);
-    }
-    bytes
-}
-
 /// Most keys deleted by one expiry sweep.
 const EXPIRY_CHUNK: i64 = 10_000;
 
 /// Deletes keys created before `created_before_ms` (at most `EXPIRY_CHUNK`); returns their IDs.
 pub(super) fn expire_keys(tx: &Connection, created_before_ms: i64) -> Result<Vec<Uuid>> {
     let expired: Vec<Uuid> = tx
-        // At most EXPIRY_CHUNK per sweep, so that a long-offline slave's backlog never makes
-        // one huge transaction that stalls every request; the next sweep goes on. key_IDs are
-        // UUIDv7 (checked where they enter), whose bytes start with their creation time in ms:
-        // the primary key itself is the time index.
+        // By our own clock at binding (`created_ms`), never by the time inside a UUIDv7 key_ID:
+        // that is the master KME's clock, and a neighbour running behind would have its keys
+        // deleted here early (one ahead, kept forever). At most EXPIRY_CHUNK per sweep, so that
+        // a long-offline slave's backlog never makes one huge transaction that stalls every
+        // request; the next sweep goes on.
         .prepare_cached(
             "DELETE FROM keys WHERE key_id IN
-             (SELECT key_id FROM keys WHERE key_id < ?1 ORDER BY key_id LIMIT ?2)
+             (SELECT key_id FROM keys WHERE created_ms < ?1 ORDER BY created_ms LIMIT ?2)
              RETURNING key_id",
         )?
-        .query_map(params![v7_floor(created_before_ms), EXPIRY_CHUNK], |r| {
+        .query_map(params![created_before_ms, EXPIRY_CHUNK], |r| {
             r.get::<_, Vec<u8>>(0)
         })?
         .filter_map(|id| id.ok().and_then(|id| Uuid::from_slice(&id).ok()))
@@ -1120,6 +1111,52 @@ mod tests {
             )
             .unwrap();
         assert_eq!(events, 1);
+    }
+
+    /// The master's KME wrote the time inside a UUIDv7 key_ID by its own clock: a neighbour
+    /// running a day behind (or ahead) must not get its keys deleted early (or kept forever).
+    #[test]
+    fn keys_expire_by_the_local_time_of_binding_not_by_the_key_id_clock() {
+        let (_dir, mut conn) = conn();
+        let peer = kme("kme-a");
+        store(&conn, &peer, vec![block("kme-a", 0)]).unwrap();
+        let day_s = 86_400;
+        let now_s = u64::try_from(now_ms() / 1000).unwrap();
+        let minted_at = |secs| Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, secs, 0));
+        let mut behind = binding(0, &["sae-b"]);
+        behind.key_ids = vec![minted_at(now_s - day_s)];
+        let mut ahead = binding(8, &["sae-b"]);
+        ahead.key_ids = vec![minted_at(now_s + day_s)];
+        bind(&conn, 1, &[0u8; 32], &[behind, ahead]).unwrap();
+        let tx = conn.transaction().unwrap();
+        let mut head = audit_head(&tx).unwrap();
+        let mut expire = |before| -> i64 {
+            let sealer = sealer();
+            let mut cache = HashMap::new();
+            let mut txn = Txn {
+                tx: &tx,
+                sealer: &sealer,
+                head: &mut head,
+                block_cache: &mut cache,
+            };
+            ExpireKeys {
+                created_before_ms: before,
+            }
+            .apply(&mut txn)
+            .unwrap();
+            tx.query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(
+            expire(now_ms() - 60_000),
+            2,
+            "bound a moment ago: neither key expires, whatever its key_ID says"
+        );
+        assert_eq!(
+            expire(now_ms() + 1),
+            0,
+            "both expire by the time of binding"
+        );
     }
 
     /// A batch that fills the database (its quota, as on a full disk) fails as a whole, with
