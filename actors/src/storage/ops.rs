@@ -77,6 +77,11 @@ pub trait Operation: Send + 'static {
     /// store's queue is full.
     const ALWAYS_QUEUED: bool = false;
     fn apply(self, txn: &mut Txn<'_>) -> Result<Self::Output>;
+    /// After this instant the caller has had its 503: the operation must not be committed then
+    /// (the writer rolls it back if its transaction would commit later).
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
 }
 
 /// Store link blocks (idempotent per owner and number; a replay of a consumed number fails).
@@ -286,8 +291,9 @@ impl Operation for InsertLocalKeys {
     }
 }
 
-/// dec_keys: consume-once retrieval by a named slave. Not applied after `deadline`: by then
-/// the SAE has had its 503, and a key it never received must stay retrievable.
+/// dec_keys: consume-once retrieval by a named slave. Neither applied nor committed after
+/// `deadline`: by then the SAE has had its 503, and a key it never received must stay
+/// retrievable.
 pub struct Retrieve {
     pub caller: SaeId,
     pub master: SaeId,
@@ -321,6 +327,10 @@ impl Operation for Retrieve {
         );
         txn.audit(&record)?;
         Ok(keys)
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        Some(self.deadline)
     }
 }
 
@@ -367,6 +377,8 @@ pub trait Queued: Send {
     fn apply(self: Box<Self>, txn: &mut Txn<'_>) -> Box<dyn Completion>;
     /// The batch never ran: the caller gets `err`.
     fn fail(self: Box<Self>, err: &Error);
+    /// See `Operation::deadline`.
+    fn deadline(&self) -> Option<Instant>;
 }
 
 /// The outcome of an applied operation, not yet told to its caller.
@@ -403,6 +415,10 @@ impl<O: Operation> Queued for Pending<O> {
     fn fail(self: Box<Self>, err: &Error) {
         // A dropped receiver is a caller that timed out.
         let _ = self.waiter.send(Err(err.clone()));
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.op.deadline()
     }
 }
 

@@ -4,11 +4,15 @@
 //! Handles: `WriteBatch`, sent only by `Store`, which groups concurrent operations so that one
 //! transaction (and one fsync) serves many requests. Each operation runs in its own savepoint:
 //! a refused operation (unknown key, replayed message) changes nothing and does not disturb the
-//! others; a failed commit fails them all, and then nothing was changed.
+//! others; a failed commit fails them all, and then nothing was changed. An operation whose
+//! caller has had its 503 by the time of COMMIT (a dec_keys past its deadline) is rolled back
+//! first: a key is never consumed for an SAE that was told it was not.
 //! Mailbox: SyncArbiter queues are unbounded; `Store` keeps at most one batch in flight.
 
+use std::cmp::Reverse;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Instant;
 
 use actix::prelude::*;
 use openssl::sha::sha256;
@@ -92,12 +96,25 @@ impl Handler<WriteBatch> for DbWriter {
 }
 
 impl DbWriter {
-    fn write(&mut self, batch: Vec<Box<dyn Queued>>) -> Result<()> {
+    fn write(&mut self, mut batch: Vec<Box<dyn Queued>>) -> Result<()> {
+        // Operations with a deadline go last, the latest deadline first: those that would
+        // commit after their caller's 503 are then the tail of the transaction, rolled back
+        // just before COMMIT. Callers of one batch were concurrent, so any order is theirs.
+        batch.sort_by_key(|op| op.deadline().map(Reverse));
         let mut applied = Vec::with_capacity(batch.len());
         let mut waiting = batch.into_iter();
         match self.transaction(&mut waiting, &mut applied) {
-            Ok(()) => {
-                applied.into_iter().for_each(|done| done.complete());
+            Ok(rolled_back_from) => {
+                let late = Error::Unavailable(
+                    "the request's time ran out before its storage transaction committed".into(),
+                );
+                for (i, done) in applied.into_iter().enumerate() {
+                    if i >= rolled_back_from && done.error().is_none() {
+                        done.fail(&late);
+                    } else {
+                        done.complete();
+                    }
+                }
                 Ok(())
             }
             Err(err) => {
@@ -111,12 +128,15 @@ impl DbWriter {
     }
 
     /// Applies the operations in one transaction, each in a savepoint of its own, and commits.
-    /// On an error, the operations not yet applied are left in `waiting`.
+    /// Operations with a deadline keep their savepoints open until COMMIT: those past their
+    /// deadline by then are rolled back. Result: the index (in `applied`) from which every
+    /// operation was rolled back that way. On an error, the operations not yet applied are
+    /// left in `waiting`.
     fn transaction(
         &mut self,
         waiting: &mut impl Iterator<Item = Box<dyn Queued>>,
         applied: &mut Vec<Box<dyn Completion>>,
-    ) -> Result<()> {
+    ) -> Result<usize> {
         let mut conn = self.pool.get()?;
         let tx = conn.transaction()?;
         let mut head = match self.audit_head.clone() {
@@ -129,8 +149,16 @@ impl DbWriter {
             tx.prepare_cached(sql)?.execute([])?;
             Ok(())
         };
+        // Open savepoints of applied operations with a deadline: where each one starts in
+        // `applied`, its deadline, and the audit head before it.
+        let mut due = Vec::new();
         for op in waiting.by_ref() {
-            if let Err(err) = savepoint("SAVEPOINT op") {
+            let deadline = op.deadline();
+            let (begin, rollback, release) = match deadline {
+                None => ("SAVEPOINT op", "ROLLBACK TO op", "RELEASE op"),
+                Some(_) => ("SAVEPOINT due", "ROLLBACK TO due", "RELEASE due"),
+            };
+            if let Err(err) = savepoint(begin) {
                 op.fail(&err);
                 return Err(err);
             }
@@ -150,14 +178,29 @@ impl DbWriter {
                     // may on I/O errors): nothing of the batch stands, and this is why.
                     return Err(err);
                 }
-                savepoint("ROLLBACK TO op")?;
+                savepoint(rollback)?;
                 head = savepoint_head;
+                savepoint(release)?;
+            } else if let Some(deadline) = deadline {
+                due.push((applied.len() - 1, deadline, savepoint_head));
+            } else {
+                savepoint(release)?;
             }
-            savepoint("RELEASE op")?;
+        }
+        let mut rolled_back_from = applied.len();
+        let now = Instant::now();
+        while let Some((index, deadline, head_before)) = due.pop() {
+            if deadline > now {
+                break;
+            }
+            savepoint("ROLLBACK TO due")?;
+            savepoint("RELEASE due")?;
+            head = head_before;
+            rolled_back_from = index;
         }
         tx.commit()?;
         self.audit_head = Some(head);
-        Ok(())
+        Ok(rolled_back_from)
     }
 }
 
@@ -638,8 +681,9 @@ mod tests {
     use crate::storage::db;
     use crate::storage::ops::{
         pending, Activate, AppendAudit, DiscardBlocks, ExpireKeys, KeyFileUsed, Operation,
-        StoreBlocks, UsedKeyFile,
+        Retrieve, StoreBlocks, UsedKeyFile,
     };
+    use std::time::Duration;
     use tokio::sync::oneshot;
 
     /// Adds `op` to `batch`; the receiver gives its outcome once the batch is written.
@@ -1111,6 +1155,61 @@ mod tests {
             )
             .unwrap();
         assert_eq!(events, 1);
+    }
+
+    /// An operation that is past its deadline when its transaction would commit (here: slow
+    /// work applied after it in the same batch) is rolled back, and says why: the SAE has had
+    /// its 503, so the key stays retrievable.
+    #[test]
+    fn dec_keys_whose_deadline_passes_before_commit_consumes_nothing() {
+        struct SlowUntil(Instant);
+        impl Operation for SlowUntil {
+            type Output = ();
+            fn apply(self, _txn: &mut Txn<'_>) -> Result<()> {
+                std::thread::sleep(Duration::from_millis(150));
+                Ok(())
+            }
+            fn deadline(&self) -> Option<Instant> {
+                Some(self.0)
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, _) = db::open(&dir.path().join("t.sqlite"), 1).unwrap();
+        let key = bound_key(&pool.get().unwrap(), &["sae-b"]);
+        let mut writer = DbWriter::new(pool.clone(), Arc::new(sealer()));
+        let retrieve = |deadline| Retrieve {
+            caller: SaeId::new("sae-b"),
+            master: SaeId::new("sae-a"),
+            key_ids: key.key_ids.clone(),
+            deadline,
+        };
+        let mut batch = Vec::new();
+        let start = Instant::now();
+        let mut late = queue(&mut batch, retrieve(start + Duration::from_millis(100)));
+        queue(&mut batch, SlowUntil(start + Duration::from_millis(50)));
+        writer.write(batch).unwrap();
+        assert!(
+            matches!(late.try_recv().unwrap(), Err(Error::Unavailable(m)) if m.contains("ran out")),
+            "the late dec_keys is refused"
+        );
+        let mut batch = Vec::new();
+        let mut again = queue(
+            &mut batch,
+            retrieve(Instant::now() + Duration::from_secs(5)),
+        );
+        writer.write(batch).unwrap();
+        assert_eq!(
+            again.try_recv().unwrap().unwrap().len(),
+            1,
+            "the key was not consumed by the late request"
+        );
+        let conn = pool.get().unwrap();
+        assert_eq!(
+            db::verify_audit_chain(&conn).unwrap(),
+            conn.query_row("SELECT count(*) FROM audit", [], |r| r.get::<_, i64>(0))
+                .unwrap() as u64,
+            "the rolled-back retrieval left no audit record and the chain holds"
+        );
     }
 
     /// The master's KME wrote the time inside a UUIDv7 key_ID by its own clock: a neighbour
