@@ -6,9 +6,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kme_actors::sae_quota::SaeLimits;
 use kme_actors::types::{Bb84Settings, KeyLimits, KmeId, LinkParams, SaeId, SourceKind};
 use kme_bb84::channel::ChannelParams;
 use kme_bb84::pipeline::PpConfig;
@@ -42,6 +44,8 @@ struct RawConfig {
     defaults: RawLinkSettings,
     #[serde(default)]
     kme: Vec<RawKme>,
+    #[serde(default)]
+    sae_defaults: RawSaeLimits,
     #[serde(default)]
     sae: Vec<RawSae>,
     #[serde(default)]
@@ -160,6 +164,16 @@ struct RawSae {
     id: String,
     kme: String,
     cert_sha256: Option<String>,
+    #[serde(flatten)]
+    limits: RawSaeLimits,
+}
+
+/// `[sae_defaults]`, and the same keys on an `[[sae]]`: per-SAE rate limits.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSaeLimits {
+    requests_per_s: Option<u32>,
+    keys_per_s: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -217,6 +231,8 @@ pub struct Config {
     pub links: Vec<LinkSpec>,
     /// Limits for keys between SAEs of one KME (from `[defaults]`).
     pub local_limits: KeyLimits,
+    /// Rate limits of every SAE (`[sae_defaults]` and each `[[sae]]`'s own).
+    pub sae_limits: HashMap<SaeId, SaeLimits>,
 }
 
 /// One neighbour as seen from a KME.
@@ -244,6 +260,8 @@ pub struct NodeConfig {
     pub pinned: HashMap<String, SaeId>,
     pub kmes: HashSet<KmeId>,
     pub local_limits: KeyLimits,
+    /// Rate limits of this KME's SAEs.
+    pub sae_limits: HashMap<SaeId, SaeLimits>,
 }
 
 impl Config {
@@ -305,6 +323,12 @@ impl Config {
                 url: peer_spec.peer_url.clone(),
             });
         }
+        let sae_limits = self
+            .sae_limits
+            .iter()
+            .filter(|(sae, _)| self.sae_homes.get(*sae) == Some(&me.id))
+            .map(|(sae, limits)| (sae.clone(), *limits))
+            .collect();
         Ok(NodeConfig {
             cert: self.cert_dir.join(format!("{id}.crt")),
             key: self.cert_dir.join(format!("{id}.key")),
@@ -323,6 +347,7 @@ impl Config {
             pinned: self.pinned.clone(),
             kmes: self.kmes.iter().map(|k| k.id.clone()).collect(),
             local_limits: self.local_limits,
+            sae_limits,
         })
     }
 }
@@ -434,6 +459,9 @@ impl Validator<'_> {
         let kme_ids: HashSet<&str> = raw.kme.iter().map(|k| k.id.as_str()).collect();
         let mut sae_homes = HashMap::new();
         let mut pinned = HashMap::new();
+        let mut sae_limits = HashMap::new();
+        let sae_defaults =
+            self.sae_limits("sae_defaults", &raw.sae_defaults, SaeLimits::default())?;
         for s in &raw.sae {
             self.id("sae.id", &s.id)?;
             if !ids.insert(s.id.clone()) {
@@ -452,6 +480,10 @@ impl Validator<'_> {
                 ));
             }
             sae_homes.insert(SaeId::new(&s.id), KmeId::new(&s.kme));
+            sae_limits.insert(
+                SaeId::new(&s.id),
+                self.sae_limits("sae", &s.limits, sae_defaults)?,
+            );
             if let Some(fingerprint) = &s.cert_sha256 {
                 let hex: String = fingerprint
                     .chars()
@@ -527,6 +559,30 @@ impl Validator<'_> {
             pinned,
             links,
             local_limits,
+            sae_limits,
+        })
+    }
+
+    /// Rate limits from `raw` (`at`: where it was written), each one not set there taken
+    /// from `fallback`.
+    fn sae_limits(
+        &self,
+        at: &str,
+        raw: &RawSaeLimits,
+        fallback: SaeLimits,
+    ) -> Result<SaeLimits, ConfigError> {
+        let rate = |key: &str, value: Option<u32>, fallback| match value {
+            None => Ok(fallback),
+            Some(rate) => NonZeroU32::new(rate)
+                .ok_or_else(|| self.err(format!("{at}.{key}"), "must be at least 1 per second")),
+        };
+        Ok(SaeLimits {
+            requests_per_s: rate(
+                "requests_per_s",
+                raw.requests_per_s,
+                fallback.requests_per_s,
+            )?,
+            keys_per_s: rate("keys_per_s", raw.keys_per_s, fallback.keys_per_s)?,
         })
     }
 
@@ -733,6 +789,9 @@ mod tests {
         let text = format!("{base}[[kme]]\nid=\"k\"\nsae_listen=\"127.0.0.1:1\"\npeer_listen=\"127.0.0.1:2\"\ndata_dir=\"d\"\n[[sae]]\nid=\"s\"\nkme=\"nope\"\n");
         let err = Config::parse(&text, file).unwrap_err();
         assert!(err.to_string().contains("sae.kme"), "{err}");
+        let err =
+            Config::parse(&format!("{base}[sae_defaults]\nkeys_per_s = 0\n"), file).unwrap_err();
+        assert!(err.to_string().contains("sae_defaults.keys_per_s"), "{err}");
     }
 
     #[test]

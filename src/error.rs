@@ -4,7 +4,7 @@
 //! only codes ETSI GS QKD 014 defines. Server-side causes are logged, and the SAE gets a
 //! message that says what to do (retry later) without internal detail.
 
-use actix_web::http::StatusCode;
+use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use kme_actors::Error;
 
@@ -16,6 +16,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
     pub details: Vec<serde_json::Value>,
+    /// Sent as `Retry-After` (whole seconds, at least 1) with a 503 that will pass by then.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -33,6 +35,7 @@ impl ApiError {
             status,
             message: message.into(),
             details: Vec::new(),
+            retry_after: None,
         }
     }
     pub fn with_detail(mut self, detail: serde_json::Value) -> Self {
@@ -56,6 +59,13 @@ impl From<Error> for ApiError {
             Error::PoolExhausted { .. } | Error::Unreachable(_) => {
                 Self::unavailable(err.to_string())
             }
+            Error::OverLimit {
+                message,
+                retry_after,
+            } => Self {
+                retry_after: Some(retry_after),
+                ..Self::unavailable(message)
+            },
             Error::PeerUnavailable { .. }
             | Error::ActivationRejected { .. }
             | Error::FrameLost { .. }
@@ -81,7 +91,12 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).json(ErrorBody {
+        let mut response = HttpResponse::build(self.status);
+        if let Some(wait) = self.retry_after {
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response.insert_header((header::RETRY_AFTER, seconds.max(1)));
+        }
+        response.json(ErrorBody {
             message: self.message.clone(),
             details: self.details.clone(),
         })
@@ -100,6 +115,7 @@ mod tests {
             Error::BadRequest(_) | Error::KeysNotFound | Error::ExtensionUnmet(_) => 400,
             Error::NotAuthorized(_) => 401,
             Error::PoolExhausted { .. }
+            | Error::OverLimit { .. }
             | Error::Unreachable(_)
             | Error::PeerUnavailable { .. }
             | Error::ActivationRejected { .. }
@@ -119,6 +135,10 @@ mod tests {
             Error::ExtensionUnmet("x".into()),
             Error::NotAuthorized("x".into()),
             Error::PoolExhausted { peer: "p".into() },
+            Error::OverLimit {
+                message: "x".into(),
+                retry_after: std::time::Duration::from_millis(1500),
+            },
             Error::Unreachable("x".into()),
             Error::PeerUnavailable {
                 peer: "p".into(),
@@ -138,6 +158,13 @@ mod tests {
             let code = expected_status(&err);
             let response = ApiError::from(err.clone()).error_response();
             assert_eq!(response.status().as_u16(), code, "{err:?}");
+            if matches!(err, Error::OverLimit { .. }) {
+                assert_eq!(
+                    response.headers().get(header::RETRY_AFTER).unwrap(),
+                    "2",
+                    "rounded up"
+                );
+            }
             let body = response.into_body().try_into_bytes().unwrap();
             let parsed: ErrorBody = serde_json::from_slice(&body).unwrap();
             assert!(!parsed.message.is_empty(), "{err:?}");

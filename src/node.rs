@@ -15,6 +15,7 @@ use actix_web::{web, App, HttpServer};
 use kme_actors::peer::peer_link::PeerLink;
 use kme_actors::relay::router::{OwnLink, Router};
 use kme_actors::relay::transport::{NextHop, Relay};
+use kme_actors::sae_quota::{SaeLimits, SaeQuotas};
 use kme_actors::sae_registry::{Network, SaeRegistry};
 use kme_actors::startup;
 use kme_actors::storage::audit::AuditRecord;
@@ -186,6 +187,10 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         config.local_limits,
     )
     .with_pinned(config.pinned.clone())
+    .with_quotas(SaeQuotas::new(
+        SaeLimits::default(),
+        config.sae_limits.clone(),
+    ))
     .with_network(Network {
         router: router.clone(),
         relay: relay.clone(),

@@ -25,6 +25,13 @@ pub enum Error {
     /// The pool of the link cannot cover the request right now; it refills by itself.
     #[error("not enough key material for this request right now; retry later")]
     PoolExhausted { peer: String },
+    /// The SAE is over one of its rate limits (`message` names it); nothing was taken, and the
+    /// request would pass after `retry_after`.
+    #[error("{message}")]
+    OverLimit {
+        message: String,
+        retry_after: std::time::Duration,
+    },
     /// The slave's KME is not reachable by any supported route.
     #[error("{0}")]
     Unreachable(String),

@@ -5,7 +5,7 @@
 //!
 //! | file | actor | owns |
 //! |---|---|---|
-//! | `sae_registry.rs` | `SaeRegistry` | identities, SAE homes, routes to neighbours |
+//! | `sae_registry.rs` | `SaeRegistry` | identities, SAE homes, routes to neighbours, per-SAE rate limits (`sae_quota.rs`) |
 //! | `key_pool.rs` | `KeyPool` (one per link) | this end's available material, allocation cursor |
 //! | `link/mod.rs` | `Link` (one per link) | its key source, block numbering, two-phase delivery, commits, link health |
 //! | `link/sources/bb84_engine.rs` | `Bb84Engine` (SyncArbiter of 1 per BB84 link) | channel simulation, the frame's post-processing |
@@ -32,6 +32,7 @@ pub mod key_pool;
 pub mod link;
 pub mod peer;
 pub mod relay;
+pub mod sae_quota;
 pub mod sae_registry;
 pub mod startup;
 pub mod storage;

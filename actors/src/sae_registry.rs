@@ -22,6 +22,7 @@ use crate::key_pool::{Deliver, KeyPool, PoolStatus};
 use crate::link::{Health, LinkAddr, LinkHealth};
 use crate::relay::router::{FindTree, HopView, RouteView, Router};
 use crate::relay::transport::{Arrived, Originate, Relay};
+use crate::sae_quota::{SaeLimits, SaeQuotas};
 use crate::storage::audit::{AuditRecord, Delivered};
 use crate::storage::ops::{Activate, InsertLocalKeys, LocalKey, Retrieve};
 use crate::storage::store::{Exec, Store};
@@ -120,6 +121,8 @@ pub struct SaeRegistry {
     pinned: HashMap<String, SaeId>,
     /// Routes and relay beyond neighbours (None: keys reach neighbours only).
     network: Option<Network>,
+    /// Rate limits of this KME's SAEs, asked before anything is spent for them.
+    quotas: SaeQuotas,
 }
 
 impl SaeRegistry {
@@ -143,7 +146,14 @@ impl SaeRegistry {
             local_limits,
             pinned: HashMap::new(),
             network: None,
+            quotas: SaeQuotas::new(SaeLimits::default(), HashMap::new()),
         }
+    }
+
+    /// Rate limits of this KME's SAEs (else `SaeLimits::default()` for each).
+    pub fn with_quotas(mut self, quotas: SaeQuotas) -> Self {
+        self.quotas = quotas;
+        self
     }
 
     /// Keys for KMEs that are not neighbours go through `network`.
@@ -332,7 +342,13 @@ impl Handler<KeyStatus> for SaeRegistry {
     type Result = ResponseFuture<Result<StatusReport>>;
 
     fn handle(&mut self, msg: KeyStatus, _ctx: &mut Context<Self>) -> Self::Result {
-        let route = match self.route(&msg.identity, &msg.slave, &[], RoutePolicy::default()) {
+        let route = self
+            .route(&msg.identity, &msg.slave, &[], RoutePolicy::default())
+            .and_then(|route| {
+                self.quotas.admit_request(&route.master)?;
+                Ok(route)
+            });
+        let route = match route {
             Ok(route) => route,
             Err(err) => return Box::pin(async { Err(err) }),
         };
@@ -412,7 +428,9 @@ impl Handler<EncKeys> for SaeRegistry {
         let prepared = self
             .route(&msg.identity, &msg.slave, &msg.additional, msg.policy)
             .and_then(|route| {
+                self.quotas.admit_request(&route.master)?;
                 let (number, size) = validate(route.target.limits(), msg.number, msg.size)?;
+                self.quotas.admit_keys(&route.master, number.get())?;
                 Ok((route, number, size))
             });
         let (route, number, size) = match prepared {
@@ -605,7 +623,13 @@ impl Handler<DecKeys> for SaeRegistry {
     type Result = ResponseFuture<Result<Vec<Key>>>;
 
     fn handle(&mut self, msg: DecKeys, _ctx: &mut Context<Self>) -> Self::Result {
-        let caller = match self.identify(&msg.identity) {
+        let caller = self.identify(&msg.identity).and_then(|caller| {
+            self.quotas.admit_request(&caller)?;
+            let keys = u32::try_from(msg.key_ids.len()).unwrap_or(u32::MAX);
+            self.quotas.admit_keys(&caller, keys)?;
+            Ok(caller)
+        });
+        let caller = match caller {
             Ok(caller) => caller,
             Err(err) => return Box::pin(async { Err(err) }),
         };

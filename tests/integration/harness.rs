@@ -89,6 +89,8 @@ pub struct LinkOptions {
     pub topology: Topology,
     /// `route_advert_ms` of every KME (link state news); None: default.
     pub route_advert_ms: Option<u64>,
+    /// (SAE, TOML lines): rate limits of that SAE (`requests_per_s`, `keys_per_s`).
+    pub sae_limits: Vec<(&'static str, &'static str)>,
 }
 
 impl LinkOptions {
@@ -120,6 +122,7 @@ impl Default for LinkOptions {
             key_ttl_s: None,
             topology: Topology::line(),
             route_advert_ms: Some(200),
+            sae_limits: Vec::new(),
         }
     }
 }
@@ -212,6 +215,9 @@ fn network_file(
     }
     for (sae, kme) in options.topology.saes.iter().copied() {
         text += &format!("[[sae]]\nid = \"{sae}\"\nkme = \"{kme}\"\n");
+        if let Some((_, limits)) = options.sae_limits.iter().find(|(on, _)| *on == sae) {
+            text += &format!("{limits}\n");
+        }
         if let Some((_, file)) = options.pins.iter().find(|(pinned, _)| *pinned == sae) {
             let pem = std::fs::read(dir.join(format!("{file}.crt"))).unwrap();
             let cert = openssl::x509::X509::from_pem(&pem).unwrap();
@@ -498,6 +504,20 @@ impl Client {
             awc::error::SendRequestError,
         >,
     ) -> (u16, Value) {
+        let (status, body, _) = Self::finish_with_headers(response).await;
+        (status, body)
+    }
+
+    async fn finish_with_headers(
+        response: Result<
+            awc::ClientResponse<
+                impl futures_util::Stream<
+                        Item = Result<actix_web::web::Bytes, awc::error::PayloadError>,
+                    > + Unpin,
+            >,
+            awc::error::SendRequestError,
+        >,
+    ) -> (u16, Value, awc::http::header::HeaderMap) {
         let mut response = response.unwrap();
         let status = response.status().as_u16();
         let bytes = response.body().limit(64 * 1024 * 1024).await.unwrap();
@@ -525,11 +545,25 @@ impl Client {
                 "only 400/401/503 on the SAE API, got {status} {body}"
             );
         }
-        (status, body)
+        (status, body, response.headers().clone())
     }
 
     pub async fn get(&self, url: &str) -> (u16, Value) {
         Self::finish(self.inner.get(url).send().await).await
+    }
+
+    /// GET, with the response headers too.
+    pub async fn get_with_headers(&self, url: &str) -> (u16, Value, awc::http::header::HeaderMap) {
+        Self::finish_with_headers(self.inner.get(url).send().await).await
+    }
+
+    /// POST, with the response headers too.
+    pub async fn post_with_headers(
+        &self,
+        url: &str,
+        body: &Value,
+    ) -> (u16, Value, awc::http::header::HeaderMap) {
+        Self::finish_with_headers(self.inner.post(url).send_json(body).await).await
     }
 
     pub async fn post(&self, url: &str, body: &Value) -> (u16, Value) {

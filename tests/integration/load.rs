@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use super::db_probe;
 use super::harness::{dec, enc, keys, LinkOptions, Net};
 
 #[actix::test]
@@ -164,4 +165,70 @@ async fn a_dead_peer_gives_503_and_the_kme_keeps_serving() {
         )
         .unwrap();
     assert_eq!(withdrawn, 1);
+}
+
+/// One SAE in a loop cannot take its link's output from the others: over its `requests_per_s`
+/// or `keys_per_s` it gets 503 with `Retry-After` and a message naming the limit, and nothing
+/// is taken for the refused request; another SAE of the same link is served meanwhile.
+#[actix::test]
+async fn an_sae_over_its_rate_limits_gets_503_with_retry_after_and_takes_nothing() {
+    let net = Net::start(LinkOptions {
+        sae_limits: vec![("sae-a", "requests_per_s = 5\nkeys_per_s = 40")],
+        ..LinkOptions::default()
+    });
+    let (a, b) = (net.url("kme-a"), net.url("kme-b"));
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 100).await;
+    let master = net.client(Some("sae-a"));
+    let is_refusal = |(code, body, headers): &(u16, serde_json::Value, _), limit: &str| {
+        let headers: &awc::http::header::HeaderMap = headers;
+        *code == 503
+            && body["message"].as_str().unwrap().contains(limit)
+            && headers.get("retry-after").map(|v| v.to_str().unwrap()) == Some("1")
+    };
+    // 12 status requests at once, once the polls above are a second old: a second's worth
+    // (5) pass, the others are refused.
+    let refill = Duration::from_millis(1200);
+    actix_rt::time::sleep(refill).await;
+    let status_url = format!("{a}/api/v1/keys/sae-b/status");
+    let answers =
+        futures_util::future::join_all((0..12).map(|_| master.get_with_headers(&status_url))).await;
+    let passed = answers.iter().filter(|(code, ..)| *code == 200).count();
+    let refused = answers
+        .iter()
+        .filter(|answer| is_refusal(answer, "requests_per_s (5 requests/s)"))
+        .count();
+    assert!((5..=6).contains(&passed), "{passed} passed");
+    assert_eq!(passed + refused, 12, "every other answer is the refusal");
+
+    actix_rt::time::sleep(refill).await;
+    let enc_url = format!("{a}/api/v1/keys/sae-b/enc_keys");
+    let (code, body, _) = master
+        .post_with_headers(&enc_url, &json!({"number": 40}))
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let second = master
+        .post_with_headers(&enc_url, &json!({"number": 40}))
+        .await;
+    assert!(
+        is_refusal(&second, "keys_per_s (40 keys/s)"),
+        "{:?}",
+        (second.0, &second.1)
+    );
+    assert_eq!(
+        db_probe::count(net.setup.path(), "kme-b", "keys"),
+        40,
+        "only the admitted request bound keys at the slave's KME"
+    );
+    // More keys in one request than a second's worth can never pass: a bad request.
+    let (code, body) = enc(&master, &a, "sae-b", json!({"number": 41})).await;
+    assert_eq!(code, 400, "{body}");
+    // The link's other SAEs are not limited by sae-a's limits.
+    let (code, body) = enc(
+        &net.client(Some("sae-b")),
+        &b,
+        "sae-a",
+        json!({"number": 40}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
 }
