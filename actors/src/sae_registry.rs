@@ -448,10 +448,15 @@ impl Handler<EncKeys> for SaeRegistry {
                     relay: None,
                 };
                 // The link's pool is empty (its link down, say): around it by relay, unless
-                // the SAE asked for the direct route only. The relay takes nothing from it.
-                let around = self.network.clone().filter(|_| !msg.policy.direct_only);
+                // the SAE asked for the direct route only or the request is beyond the relay
+                // limits. The relay takes nothing from it.
+                let around = self.network.clone().filter(|_| {
+                    !msg.policy.direct_only
+                        && validate(self.local_limits, msg.number, msg.size).is_ok()
+                });
                 let request = RelayRequest {
                     to: vec![link.peer.clone()],
+                    avoid: Some(link.peer.clone()),
                     local_slaves: Vec::new(),
                     master: route.master,
                     slaves: route.slaves,
@@ -486,6 +491,7 @@ impl Handler<EncKeys> for SaeRegistry {
                 let network = self.network();
                 let request = RelayRequest {
                     to: kmes,
+                    avoid: None,
                     local_slaves,
                     master: route.master,
                     slaves: route.slaves,
@@ -502,6 +508,9 @@ impl Handler<EncKeys> for SaeRegistry {
 /// An enc_keys request served by relay: to the KMEs `to`, held here for `local_slaves`.
 struct RelayRequest {
     to: Vec<KmeId>,
+    /// The neighbour whose direct link must not be the first hop (its pool just came up
+    /// empty, whatever the last link state news said).
+    avoid: Option<KmeId>,
     local_slaves: Vec<SaeId>,
     master: SaeId,
     slaves: Vec<SaeId>,
@@ -519,6 +528,7 @@ impl RelayRequest {
             to: self.to,
             max_hops: self.msg.policy.max_hops,
             need_bytes: need,
+            avoid: self.avoid,
         };
         let tree = network.router.send(find).await??;
         let originate = Originate {
@@ -689,10 +699,16 @@ impl SaeRegistry {
         let Some(route) = self.neighbours.get(&peer) else {
             return Err(Error::PeerMessage(format!("{peer} is not a neighbour")));
         };
-        let max_key_bytes = route.limits.max_key_size / 8;
-        let max_keys = route.limits.max_key_per_request as usize;
         let mut local_slaves = Vec::with_capacity(bindings.len());
         for b in &bindings {
+            // A relayed key was checked by the master's KME against the relay limits (the
+            // `[defaults]` of the network file, the same at every KME), not this link's.
+            let limits = match b.relay {
+                None => route.limits,
+                Some(_) => self.local_limits,
+            };
+            let max_key_bytes = limits.max_key_size / 8;
+            let max_keys = limits.max_key_per_request as usize;
             if b.len == 0
                 || b.len > max_key_bytes
                 || b.slaves.is_empty()

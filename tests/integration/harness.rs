@@ -89,6 +89,8 @@ pub struct LinkOptions {
     pub topology: Topology,
     /// `route_advert_ms` of every KME (link state news); None: default.
     pub route_advert_ms: Option<u64>,
+    /// (link ends, TOML lines): more settings of one `[[link]]` (e.g. its own limits).
+    pub link_extra: Vec<([&'static str; 2], &'static str)>,
     /// (SAE, TOML lines): rate limits of that SAE (`requests_per_s`, `keys_per_s`).
     pub sae_limits: Vec<(&'static str, &'static str)>,
 }
@@ -123,6 +125,7 @@ impl Default for LinkOptions {
             topology: Topology::line(),
             route_advert_ms: Some(200),
             sae_limits: Vec::new(),
+            link_extra: Vec::new(),
         }
     }
 }
@@ -231,6 +234,9 @@ fn network_file(
             "[[link]]\nends = [\"{}\", \"{}\"]\nrate_bits_per_s = {}\nblock_bytes = {}\nmax_key_count = {}\nmax_sae_id_count = {}\ntick_ms = {}\n",
             ends[0], ends[1], options.rate_bits_per_s, options.block_bytes, options.max_key_count, options.max_sae_id_count, options.tick_ms
         );
+        for (_, extra) in options.link_extra.iter().filter(|(on, _)| on == ends) {
+            text += &format!("{extra}\n");
+        }
         if let Some(bb84) = &options.bb84 {
             text += &format!("source = \"bb84\"\n[link.bb84]\n{bb84}\n");
             for (_, extra) in options.bb84_on.iter().filter(|(on, _)| on == ends) {

@@ -137,6 +137,24 @@ async fn keys_relay_both_ways_along_the_line_and_status_shows_the_route() {
     assert_eq!(released.len(), 1, "{released:?}");
 }
 
+/// A relayed key is checked once, by the master's KME, against the relay limits (`[defaults]`):
+/// a hop whose own link allows smaller keys carries it all the same, and does not refuse the
+/// activation batch it rides in (with every other key of that batch).
+#[actix_web::test]
+async fn relayed_keys_follow_the_relay_limits_not_each_hops_link_limits() {
+    let net = Net::start(LinkOptions {
+        link_extra: vec![(["kme-b", "kme-c"], "max_key_size = 256")],
+        ..LinkOptions::default()
+    });
+    until_routed(&net, ("sae-a", "kme-a"), "sae-c").await;
+    let body = json!({"number": 2, "size": 1024});
+    let sent = enc_ok(&net, ("sae-a", "kme-a"), "sae-c", body.clone()).await;
+    dec_same(&net, ("sae-c", "kme-c"), "sae-a", &sent).await;
+    // The link's own limit still holds for its own keys.
+    let (code, answer) = enc(&net.client(Some("sae-b")), &net.url("kme-b"), "sae-c", body).await;
+    assert_eq!(code, 400, "{answer}");
+}
+
 #[actix_web::test]
 async fn a_multicast_reaches_slaves_on_three_kmes_all_or_nothing() {
     let net = Net::start(LinkOptions {
@@ -451,6 +469,17 @@ async fn tampered_replayed_truncated_or_looping_relay_legs_are_refused_and_consu
     let replay = json!({"seq": u64::MAX >> 2, "bindings": relayed["bindings"]});
     let (got, answer) = as_b.try_post(&url, &replay).await.unwrap();
     assert_eq!(got, 409, "{answer}");
+
+    // An abort from a neighbour is taken at its word (it burns only what it names), but its
+    // reason goes into the audit trail bounded.
+    let settle = json!({"settles": [{"relay_id": uuid::Uuid::new_v4(), "release": false,
+                                     "reason": "x".repeat(10_000)}]});
+    let settle_url = format!("{}/peer/v1/relay/settle", net.setup.peer_url("kme-c"));
+    let (got, answer) = as_b.try_post(&settle_url, &settle).await.unwrap();
+    assert_eq!(got, 200, "{answer}");
+    let aborted = db_probe::audit_events(dir, "kme-c", "relay_aborted");
+    let reason = aborted.last().unwrap()["reason"].as_str().unwrap();
+    assert!(reason.chars().count() <= 201, "{} chars", reason.len());
 
     // Nothing was taken: the stream position, held keys and relays are as before, and the
     // relay goes on working.

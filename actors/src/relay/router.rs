@@ -11,9 +11,11 @@
 //! Routes are shortest paths (breadth-first, at most `max_hops`) over hops that are usable now:
 //! the link exists in the network file, neither end reports it `down` (a BB84 link whose
 //! eavesdropper alarm is on is down), the sending end holds the material the request needs,
-//! and a neighbour of this KME has been heard within `LIVENESS_ROUNDS` intervals. News can
-//! only describe links of the file and only their origin's end, so a neighbour cannot invent a
-//! route through itself; routes never repeat a KME.
+//! and a neighbour of this KME has been heard within `LIVENESS_ROUNDS` intervals (this KME
+//! advertises a link to a silent neighbour as down, so KMEs further away route around a dead
+//! KME too). News can only describe links of the file, each once, and only their origin's
+//! end, so a neighbour cannot invent a route through itself; news not refreshed for
+//! `NEWS_EXPIRY_ROUNDS` intervals is dropped; routes never repeat a KME.
 //! Mailbox: bounded; the registry uses `send` under its request timeout.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -32,6 +34,9 @@ use crate::types::{Branch, KmeId};
 const MAILBOX_CAPACITY: usize = 1024;
 /// A neighbour not heard for this many advert intervals is treated as down.
 const LIVENESS_ROUNDS: u32 = 5;
+/// News not refreshed for this many intervals is dropped (its origin is dead or cut off;
+/// its neighbours report their links to it as down by then).
+const NEWS_EXPIRY_ROUNDS: u32 = 20;
 const COUNTER_MASK: u64 = (1 << 40) - 1;
 
 /// This KME's end of the link to one neighbour.
@@ -64,7 +69,8 @@ pub struct Router {
     kmes: HashSet<KmeId>,
     own: Vec<OwnLink>,
     own_reports: HashMap<KmeId, LinkReport>,
-    news: HashMap<KmeId, Advert>,
+    /// The newest advert of each other KME, and when it arrived.
+    news: HashMap<KmeId, (Advert, Instant)>,
     heard: HashMap<KmeId, Instant>,
     interval: Duration,
     epoch: u64,
@@ -111,14 +117,48 @@ impl Router {
         self.interval * LIVENESS_ROUNDS
     }
 
+    /// Whether neighbour `peer` has talked within the liveness time (grace at start).
+    fn heard_lately(&self, peer: &KmeId) -> bool {
+        let last = self.heard.get(peer).copied().unwrap_or(self.started);
+        last.elapsed() <= self.liveness()
+    }
+
+    /// News that is not too old to go by.
+    fn current_news(&self) -> impl Iterator<Item = &Advert> {
+        let expiry = self.interval * NEWS_EXPIRY_ROUNDS;
+        self.news
+            .values()
+            .filter(move |(_, at)| at.elapsed() <= expiry)
+            .map(|(advert, _)| advert)
+    }
+
+    /// This KME's advert from its links' `reports`: a link whose neighbour stopped talking
+    /// is down, whatever its end says, so that KMEs further away route around it too.
+    fn own_advert(&mut self, mut reports: Vec<LinkReport>) -> Advert {
+        for report in &mut reports {
+            if !self.heard_lately(&report.peer) {
+                report.state = Condition::Down;
+            }
+        }
+        self.own_reports = reports
+            .iter()
+            .map(|r| (r.peer.clone(), r.clone()))
+            .collect();
+        Advert {
+            origin: self.me.clone(),
+            seq: self.next_seq(),
+            links: reports,
+        }
+    }
+
     /// The state of the hop `from → to` and what `from` can send over it.
     fn hop(&self, from: &KmeId, to: &KmeId) -> HopView {
         let report = |origin: &KmeId, peer: &KmeId| {
             let reports = if *origin == self.me {
                 self.own_reports.get(peer)
             } else {
-                self.news
-                    .get(origin)
+                self.current_news()
+                    .find(|a| a.origin == *origin)
                     .and_then(|a| a.links.iter().find(|l| l.peer == *peer))
             };
             reports.cloned()
@@ -137,11 +177,8 @@ impl Router {
         } else {
             None
         };
-        if let Some(n) = neighbour {
-            let last = self.heard.get(n).copied().unwrap_or(self.started);
-            if last.elapsed() > self.liveness() {
-                state = Condition::Down;
-            }
+        if neighbour.is_some_and(|n| !self.heard_lately(n)) {
+            state = Condition::Down;
         }
         HopView {
             from: from.clone(),
@@ -234,9 +271,17 @@ impl Router {
         ))
     }
 
-    /// The tree of shortest usable paths from this KME to every KME of `to`.
-    pub fn tree(&self, to: &[KmeId], max_hops: u32, need: u64) -> Result<Vec<Branch>> {
-        let parent = self.search(max_hops, |a, b| self.usable(a, b, need));
+    /// The tree of shortest usable paths from this KME to every KME of `to`, not over the
+    /// direct link to `avoid`.
+    pub fn tree(
+        &self,
+        to: &[KmeId],
+        max_hops: u32,
+        need: u64,
+        avoid: Option<&KmeId>,
+    ) -> Result<Vec<Branch>> {
+        let avoided = |a: &KmeId, b: &KmeId| *a == self.me && Some(b) == avoid;
+        let parent = self.search(max_hops, |a, b| !avoided(a, b) && self.usable(a, b, need));
         let mut roots: Vec<Branch> = Vec::new();
         for kme in to {
             let Some(path) = Self::path(&parent, &self.me, kme) else {
@@ -279,16 +324,8 @@ impl Router {
         };
         ctx.spawn(
             fut::wrap_future(refresh).map(|reports: Vec<LinkReport>, act: &mut Self, _| {
-                act.own_reports = reports
-                    .iter()
-                    .map(|r| (r.peer.clone(), r.clone()))
-                    .collect();
-                let mine = Advert {
-                    origin: act.me.clone(),
-                    seq: act.next_seq(),
-                    links: reports,
-                };
-                let mut adverts: Vec<Advert> = act.news.values().cloned().collect();
+                let mine = act.own_advert(reports);
+                let mut adverts: Vec<Advert> = act.current_news().cloned().collect();
                 adverts.push(mine);
                 for link in &act.own {
                     // Advisory: a full mailbox or a dead neighbour only delays news by a round.
@@ -301,7 +338,7 @@ impl Router {
     }
 
     /// Takes the news of `update` from neighbour `from` that is newer than what is known and
-    /// describes only links of the network file at their origin's end.
+    /// describes only links of the network file at their origin's end, each at most once.
     fn learn(&mut self, from: &KmeId, update: TopologyUpdate) -> Result<()> {
         if update.adverts.len() > self.kmes.len() {
             return Err(Error::PeerMessage(format!(
@@ -315,14 +352,16 @@ impl Router {
             if advert.origin == self.me || !self.kmes.contains(&advert.origin) {
                 continue;
             }
+            let mut peers = HashSet::new();
             let foreign = advert.links.iter().any(|l| {
-                !self
-                    .topology
-                    .contains(&(advert.origin.clone(), l.peer.clone()))
+                !peers.insert(&l.peer)
+                    || !self
+                        .topology
+                        .contains(&(advert.origin.clone(), l.peer.clone()))
             });
             if foreign {
                 log::warn!(
-                    "{from} relayed news of {} about links that are not in the network file; ignored",
+                    "{from} relayed news of {} about links that are not in the network file, or one link twice; ignored",
                     advert.origin
                 );
                 continue;
@@ -330,9 +369,10 @@ impl Router {
             let newer = self
                 .news
                 .get(&advert.origin)
-                .is_none_or(|known| advert.seq > known.seq);
+                .is_none_or(|(known, _)| advert.seq > known.seq);
             if newer {
-                self.news.insert(advert.origin.clone(), advert);
+                self.news
+                    .insert(advert.origin.clone(), (advert, Instant::now()));
             }
         }
         Ok(())
@@ -385,13 +425,15 @@ pub struct FindTree {
     pub to: Vec<KmeId>,
     pub max_hops: u32,
     pub need_bytes: u64,
+    /// Not the direct link to this neighbour (its pool just refused the request).
+    pub avoid: Option<KmeId>,
 }
 
 impl Handler<FindTree> for Router {
     type Result = Result<Vec<Branch>>;
 
     fn handle(&mut self, msg: FindTree, _ctx: &mut Context<Self>) -> Self::Result {
-        self.tree(&msg.to, msg.max_hops, msg.need_bytes)
+        self.tree(&msg.to, msg.max_hops, msg.need_bytes, msg.avoid.as_ref())
     }
 }
 
@@ -477,10 +519,10 @@ mod tests {
     #[test]
     fn routes_go_around_a_down_link_and_come_back() {
         let mut r = ring();
-        let tree = r.tree(&[id("c")], 8, 32).unwrap();
+        let tree = r.tree(&[id("c")], 8, 32, None).unwrap();
         assert_eq!(kmes(&tree[0]), ["b", "c"], "shortest, first in order");
         learn(&mut r, vec![report("b", 5, &[("c", Condition::Down, 0)])]).unwrap();
-        let tree = r.tree(&[id("c")], 8, 32).unwrap();
+        let tree = r.tree(&[id("c")], 8, 32, None).unwrap();
         assert_eq!(kmes(&tree[0]), ["d", "c"]);
         // Stale news (a lower seq) does not override fresh; newer news does.
         learn(
@@ -488,16 +530,25 @@ mod tests {
             vec![report("b", 4, &[("c", Condition::Up, 1 << 20)])],
         )
         .unwrap();
-        assert_eq!(kmes(&r.tree(&[id("c")], 8, 32).unwrap()[0]), ["d", "c"]);
+        assert_eq!(
+            kmes(&r.tree(&[id("c")], 8, 32, None).unwrap()[0]),
+            ["d", "c"]
+        );
         learn(
             &mut r,
             vec![report("b", 6, &[("c", Condition::Up, 1 << 20)])],
         )
         .unwrap();
-        assert_eq!(kmes(&r.tree(&[id("c")], 8, 32).unwrap()[0]), ["b", "c"]);
+        assert_eq!(
+            kmes(&r.tree(&[id("c")], 8, 32, None).unwrap()[0]),
+            ["b", "c"]
+        );
         // A hop without the material the request needs is avoided too.
         learn(&mut r, vec![report("b", 7, &[("c", Condition::Up, 16)])]).unwrap();
-        assert_eq!(kmes(&r.tree(&[id("c")], 8, 32).unwrap()[0]), ["d", "c"]);
+        assert_eq!(
+            kmes(&r.tree(&[id("c")], 8, 32, None).unwrap()[0]),
+            ["d", "c"]
+        );
     }
 
     #[test]
@@ -511,13 +562,13 @@ mod tests {
             ],
         )
         .unwrap();
-        let err = r.tree(&[id("c")], 8, 32).unwrap_err();
+        let err = r.tree(&[id("c")], 8, 32, None).unwrap_err();
         assert!(
             matches!(&err, Error::Unreachable(m) if m.contains("b -> c is down")),
             "{err:?}"
         );
         let r = ring();
-        let err = r.tree(&[id("c")], 1, 32).unwrap_err();
+        let err = r.tree(&[id("c")], 1, 32, None).unwrap_err();
         assert!(
             matches!(&err, Error::ExtensionUnmet(m) if m.contains("has 2 hops")),
             "{err:?}"
@@ -538,21 +589,84 @@ mod tests {
             )],
         )
         .unwrap();
-        assert_eq!(kmes(&r.tree(&[id("c")], 8, 32).unwrap()[0]), ["b", "c"]);
+        assert_eq!(
+            kmes(&r.tree(&[id("c")], 8, 32, None).unwrap()[0]),
+            ["b", "c"]
+        );
         // News about this KME itself, or from KMEs not in the network, is ignored.
         learn(&mut r, vec![report("a", 99, &[("b", Condition::Down, 0)])]).unwrap();
         learn(&mut r, vec![report("x", 1, &[("a", Condition::Up, 0)])]).unwrap();
-        assert_eq!(kmes(&r.tree(&[id("b")], 8, 32).unwrap()[0]), ["b"]);
+        assert_eq!(kmes(&r.tree(&[id("b")], 8, 32, None).unwrap()[0]), ["b"]);
         // More adverts than KMEs in the network: refused whole.
         let flood = (0..5).map(|i| report("c", i, &[])).collect();
         assert!(learn(&mut r, flood).is_err());
+    }
+
+    /// The registry falls back to a relay when a neighbour's pool came up empty: the detour
+    /// must not be that same link, whatever the last news said about it.
+    #[test]
+    fn a_detour_around_an_emptied_neighbour_never_takes_its_link() {
+        let r = ring();
+        assert_eq!(kmes(&r.tree(&[id("b")], 8, 32, None).unwrap()[0]), ["b"]);
+        let detour = r.tree(&[id("b")], 8, 32, Some(&id("b"))).unwrap();
+        assert_eq!(kmes(&detour[0]), ["d", "c", "b"]);
+    }
+
+    #[test]
+    fn news_naming_one_link_twice_is_ignored() {
+        let mut r = ring();
+        learn(
+            &mut r,
+            vec![report(
+                "b",
+                3,
+                &[("c", Condition::Up, 1 << 20), ("c", Condition::Down, 0)],
+            )],
+        )
+        .unwrap();
+        assert!(r.news.is_empty());
+    }
+
+    /// A dead KME's last news does not stand forever, and a neighbour that stopped talking is
+    /// advertised as down (so that KMEs further away route around it too).
+    #[test]
+    fn silent_neighbours_are_advertised_down_and_old_news_expires() {
+        let links = [("a", "b"), ("b", "c"), ("c", "d"), ("d", "a")].map(|(x, y)| (id(x), id(y)));
+        let mut r = Router::new(id("a"), &links, Vec::new(), Duration::from_millis(2), 1);
+        learn(&mut r, vec![report("b", 5, &[("c", Condition::Down, 0)])]).unwrap();
+        let up = |peer: &str| LinkReport {
+            peer: id(peer),
+            state: Condition::Up,
+            available_bytes: 1 << 20,
+            capacity_bytes: 1 << 30,
+        };
+        let advert = r.own_advert(vec![up("b"), up("d")]);
+        let states: Vec<Condition> = advert.links.iter().map(|l| l.state).collect();
+        assert_eq!(
+            states,
+            [Condition::Up, Condition::Up],
+            "within the grace time"
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        // b talks again (with nothing new about c); d has been silent for 30 rounds.
+        learn(&mut r, Vec::new()).unwrap();
+        let advert = r.own_advert(vec![up("b"), up("d")]);
+        let states: Vec<Condition> = advert.links.iter().map(|l| l.state).collect();
+        assert_eq!(states, [Condition::Up, Condition::Down]);
+        assert_eq!(
+            kmes(&r.tree(&[id("c")], 8, 32, None).unwrap()[0]),
+            ["b", "c"],
+            "b's old news that b — c is down has expired"
+        );
     }
 
     #[test]
     fn a_multicast_tree_shares_hops() {
         let links = [("a", "b"), ("b", "c"), ("b", "d"), ("a", "e")].map(|(x, y)| (id(x), id(y)));
         let r = Router::new(id("a"), &links, Vec::new(), Duration::from_secs(3600), 1);
-        let tree = r.tree(&[id("c"), id("d"), id("e"), id("b")], 8, 0).unwrap();
+        let tree = r
+            .tree(&[id("c"), id("d"), id("e"), id("b")], 8, 0, None)
+            .unwrap();
         assert_eq!(tree.len(), 2);
         assert_eq!(tree[0].kme, id("b"));
         let below: Vec<&str> = tree[0].onward.iter().map(|b| b.kme.as_str()).collect();

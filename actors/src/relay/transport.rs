@@ -279,6 +279,15 @@ impl Handler<Originate> for Relay {
         // A relay that is not done in nine tenths of the SAE's time fails by itself, so the
         // SAE hears why (and the relay is aborted) before its request times out.
         let budget = msg.deadline.saturating_duration_since(Instant::now()) * 9 / 10;
+        if budget.is_zero() {
+            // Nothing may leave for a request whose SAE has (or is about to have) its 503: a
+            // leg sent now would only burn link material.
+            return Box::pin(async {
+                Err(Error::Unavailable(
+                    "the request's time ran out before the relay started".into(),
+                ))
+            });
+        }
         let all_branches: Vec<KmeId> = msg.tree.iter().map(|b| b.kme.clone()).collect();
         let timed = legs.clone();
         let work = async move {
@@ -515,6 +524,18 @@ impl Relay {
     }
 }
 
+/// Most characters of a neighbour's reason kept: it goes into the audit trail.
+const MAX_PEER_REASON_CHARS: usize = 200;
+
+fn bounded(reason: String) -> String {
+    if reason.chars().count() <= MAX_PEER_REASON_CHARS {
+        return reason;
+    }
+    let mut cut: String = reason.chars().take(MAX_PEER_REASON_CHARS).collect();
+    cut.push('…');
+    cut
+}
+
 impl Relay {
     /// The release or abort of one relay that came from `from`.
     fn settle(&mut self, from: &KmeId, request: SettleRequest) -> BoxFuture<'static, Result<()>> {
@@ -523,6 +544,7 @@ impl Relay {
             release,
             reason,
         } = request;
+        let reason = bounded(reason);
         let legs = Legs {
             relay_id,
             store: self.store.clone(),
@@ -574,5 +596,39 @@ impl Relay {
             }
             result
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::writer::DbWriter;
+
+    #[actix::test]
+    async fn a_relay_whose_time_has_run_out_sends_no_leg() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, _) = crate::storage::db::open(&dir.path().join("t.sqlite"), 1).unwrap();
+        let sealer = Arc::new(crate::storage::sealing::Sealer::from_master(&[1u8; 32]).unwrap());
+        let writer = SyncArbiter::start(1, move || DbWriter::new(pool.clone(), sealer.clone()));
+        let store = Store::new(writer, Duration::from_secs(3600)).start();
+        let relay = Relay::new(store, HashMap::new(), Duration::from_secs(10)).start();
+        let originate = Originate {
+            master: SaeId::new("sae-a"),
+            slaves: vec![SaeId::new("sae-c")],
+            local_slaves: Vec::new(),
+            number: 1,
+            size_bits: 256,
+            request_id: Uuid::new_v4(),
+            tree: vec![Branch {
+                kme: KmeId::new("kme-b"),
+                onward: Vec::new(),
+            }],
+            deadline: Instant::now(),
+        };
+        let outcome = relay.send(originate).await.unwrap();
+        assert!(
+            matches!(&outcome, Err(Error::Unavailable(m)) if m.contains("time ran out")),
+            "refused before any hop is tried: {outcome:?}"
+        );
     }
 }
