@@ -174,6 +174,7 @@ struct RawSae {
 struct RawSaeLimits {
     requests_per_s: Option<u32>,
     keys_per_s: Option<u32>,
+    max_waiting_keys: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -260,7 +261,7 @@ pub struct NodeConfig {
     pub pinned: HashMap<String, SaeId>,
     pub kmes: HashSet<KmeId>,
     pub local_limits: KeyLimits,
-    /// Rate limits of this KME's SAEs.
+    /// Rate limits of every SAE (those of other KMEs' SAEs for `max_waiting_keys`).
     pub sae_limits: HashMap<SaeId, SaeLimits>,
 }
 
@@ -323,12 +324,6 @@ impl Config {
                 url: peer_spec.peer_url.clone(),
             });
         }
-        let sae_limits = self
-            .sae_limits
-            .iter()
-            .filter(|(sae, _)| self.sae_homes.get(*sae) == Some(&me.id))
-            .map(|(sae, limits)| (sae.clone(), *limits))
-            .collect();
         Ok(NodeConfig {
             cert: self.cert_dir.join(format!("{id}.crt")),
             key: self.cert_dir.join(format!("{id}.key")),
@@ -347,7 +342,7 @@ impl Config {
             pinned: self.pinned.clone(),
             kmes: self.kmes.iter().map(|k| k.id.clone()).collect(),
             local_limits: self.local_limits,
-            sae_limits,
+            sae_limits: self.sae_limits.clone(),
         })
     }
 }
@@ -583,6 +578,13 @@ impl Validator<'_> {
                 fallback.requests_per_s,
             )?,
             keys_per_s: rate("keys_per_s", raw.keys_per_s, fallback.keys_per_s)?,
+            max_waiting_keys: match raw.max_waiting_keys {
+                None => fallback.max_waiting_keys,
+                Some(0) => {
+                    return Err(self.err(format!("{at}.max_waiting_keys"), "must be at least 1"))
+                }
+                Some(keys) => keys,
+            },
         })
     }
 

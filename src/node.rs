@@ -194,6 +194,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     .with_network(Network {
         router: router.clone(),
         relay: relay.clone(),
+        interval: config.route_advert,
     })
     .start();
 

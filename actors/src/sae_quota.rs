@@ -5,7 +5,9 @@
 //! 503) and park keys at the slave's KME. Each bucket holds one second of its rate, so a burst
 //! of a second's worth passes at once and a steady stream at the rate never waits. Over a
 //! limit the request is refused before anything is taken: 503 with the time until it would
-//! pass (`Retry-After`) and the limit's name.
+//! pass (`Retry-After`) and the limit's name. The cap on keys waiting per SAE pair
+//! (`max_waiting_keys`) is kept here too, and enforced by `SaeRegistry` from the slave KMEs'
+//! counts.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -24,6 +26,8 @@ pub struct SaeLimits {
     pub requests_per_s: NonZeroU32,
     /// Keys asked for by enc_keys plus keys retrieved by dec_keys, per second.
     pub keys_per_s: NonZeroU32,
+    /// Most keys of this SAE (as master) waiting for one slave at the slave's KME.
+    pub max_waiting_keys: u64,
 }
 
 impl Default for SaeLimits {
@@ -33,6 +37,7 @@ impl Default for SaeLimits {
         Self {
             requests_per_s: NonZeroU32::MIN.saturating_add(999),
             keys_per_s: NonZeroU32::MIN.saturating_add(9_999),
+            max_waiting_keys: 100_000,
         }
     }
 }
@@ -71,6 +76,11 @@ impl SaeQuotas {
 
     fn limits(&self, sae: &SaeId) -> SaeLimits {
         self.per_sae.get(sae).copied().unwrap_or(self.default)
+    }
+
+    /// `max_waiting_keys` of master SAE `sae` (of any KME).
+    pub fn max_waiting_keys(&self, sae: &SaeId) -> u64 {
+        self.limits(sae).max_waiting_keys
     }
 
     fn buckets(&mut self, sae: &SaeId) -> &Buckets {
@@ -131,6 +141,7 @@ mod tests {
         let limits = SaeLimits {
             requests_per_s: NonZeroU32::new(requests).unwrap(),
             keys_per_s: NonZeroU32::new(keys).unwrap(),
+            max_waiting_keys: 10,
         };
         SaeQuotas::new(limits, HashMap::new())
     }

@@ -20,11 +20,13 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::key_pool::{Deliver, KeyPool, PoolStatus};
 use crate::link::{Health, LinkAddr, LinkHealth};
-use crate::relay::router::{FindTree, HopView, RouteView, Router};
+use crate::relay::router::{
+    FindTree, FullPairs, HopView, OwnFullPairs, RouteView, Router, SubscribeFullPairs,
+};
 use crate::relay::transport::{Arrived, Originate, Relay};
 use crate::sae_quota::{SaeLimits, SaeQuotas};
 use crate::storage::audit::{AuditRecord, Delivered};
-use crate::storage::ops::{Activate, InsertLocalKeys, LocalKey, Retrieve};
+use crate::storage::ops::{Activate, InsertLocalKeys, LocalKey, Retrieve, WaitingKeys};
 use crate::storage::store::{Exec, Store};
 use crate::types::{
     Binding, Branch, CertIdentity, Key, KeyCount, KeyLimits, KeySizeBits, KmeId, RelayLeg, SaeId,
@@ -107,6 +109,9 @@ pub struct KeyRoute {
 pub struct Network {
     pub router: Addr<Router>,
     pub relay: Addr<Relay>,
+    /// How often the counts of waiting keys are checked against their caps (the link state
+    /// news interval: the counts travel with it).
+    pub interval: std::time::Duration,
 }
 
 pub struct SaeRegistry {
@@ -123,6 +128,11 @@ pub struct SaeRegistry {
     network: Option<Network>,
     /// Rate limits of this KME's SAEs, asked before anything is spent for them.
     quotas: SaeQuotas,
+    /// Pairs (master, slave) at the master's `max_waiting_keys` at the slave's KME, this one
+    /// included: no more keys for them until the slave retrieves some.
+    full_pairs: HashSet<(SaeId, SaeId)>,
+    /// The same, counted at this KME (for its own SAEs as slaves).
+    full_here: HashSet<(SaeId, SaeId)>,
 }
 
 impl SaeRegistry {
@@ -147,6 +157,8 @@ impl SaeRegistry {
             pinned: HashMap::new(),
             network: None,
             quotas: SaeQuotas::new(SaeLimits::default(), HashMap::new()),
+            full_pairs: HashSet::new(),
+            full_here: HashSet::new(),
         }
     }
 
@@ -283,6 +295,51 @@ impl SaeRegistry {
         })
     }
 
+    /// Refuses keys for a slave that has `max_waiting_keys` keys of this master waiting.
+    fn check_waiting(&self, master: &SaeId, slaves: &[SaeId]) -> Result<()> {
+        let full = slaves.iter().find(|slave| {
+            let pair = (master.clone(), (*slave).clone());
+            self.full_pairs.contains(&pair) || self.full_here.contains(&pair)
+        });
+        match (full, &self.network) {
+            (None, _) => Ok(()),
+            (Some(slave), network) => Err(Error::OverLimit {
+                message: format!(
+                    "{slave} has max_waiting_keys ({}) keys from {master} waiting; retry once it retrieves some",
+                    self.quotas.max_waiting_keys(master)
+                ),
+                retry_after: network
+                    .as_ref()
+                    .map_or(std::time::Duration::from_secs(1), |n| n.interval),
+            }),
+        }
+    }
+
+    /// Counts the keys waiting here per pair and takes those at their cap as full, here and
+    /// in this KME's link state news.
+    fn count_waiting(&mut self, ctx: &mut Context<Self>) {
+        let Some(network) = self.network.clone() else {
+            return;
+        };
+        let counting = self.store.send(Exec(WaitingKeys));
+        ctx.spawn(
+            fut::wrap_future(counting).map(move |counted, act: &mut Self, _| {
+                let waiting = match counted {
+                    Ok(Ok(waiting)) => waiting,
+                    Ok(Err(err)) => return log::warn!("counting waiting keys: {err}"),
+                    Err(err) => return log::warn!("counting waiting keys: {err}"),
+                };
+                act.full_here = waiting
+                    .into_iter()
+                    .filter(|(master, _, keys)| *keys >= act.quotas.max_waiting_keys(master))
+                    .map(|(master, slave, _)| (master, slave))
+                    .collect();
+                let own = act.full_here.iter().cloned().collect();
+                network.router.do_send(OwnFullPairs(own));
+            }),
+        );
+    }
+
     fn network(&self) -> Result<Network> {
         self.network.clone().ok_or_else(|| {
             Error::Unreachable(
@@ -297,6 +354,31 @@ impl Actor for SaeRegistry {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        if let Some(network) = &self.network {
+            network
+                .router
+                .do_send(SubscribeFullPairs(ctx.address().recipient()));
+            ctx.run_interval(network.interval, |act, ctx| act.count_waiting(ctx));
+        }
+    }
+}
+
+impl Handler<FullPairs> for SaeRegistry {
+    type Result = ();
+
+    /// Takes each KME's full pairs whose slave is that KME's own SAE (a KME speaks only for
+    /// its SAEs).
+    fn handle(&mut self, msg: FullPairs, _ctx: &mut Context<Self>) {
+        self.full_pairs = msg
+            .by_origin
+            .into_iter()
+            .flat_map(|(origin, pairs)| {
+                let homes = &self.homes;
+                pairs
+                    .into_iter()
+                    .filter(move |(_, slave)| homes.get(slave) == Some(&origin))
+            })
+            .collect();
     }
 }
 
@@ -431,6 +513,7 @@ impl Handler<EncKeys> for SaeRegistry {
                 self.quotas.admit_request(&route.master)?;
                 let (number, size) = validate(route.target.limits(), msg.number, msg.size)?;
                 self.quotas.admit_keys(&route.master, number.get())?;
+                self.check_waiting(&route.master, &route.slaves)?;
                 Ok((route, number, size))
             });
         let (route, number, size) = match prepared {

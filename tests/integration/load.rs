@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::db_probe;
-use super::harness::{dec, enc, keys, LinkOptions, Net};
+use super::harness::{dec, enc, keys, Client, LinkOptions, Net};
 
 #[actix::test]
 async fn concurrent_pairs_never_share_a_key() {
@@ -231,4 +231,88 @@ async fn an_sae_over_its_rate_limits_gets_503_with_retry_after_and_takes_nothing
     )
     .await;
     assert_eq!(code, 200, "{body}");
+}
+
+/// enc_keys of one key by `master` at `url` until it is refused (10 s at most); the keys it
+/// got meanwhile are added to `sent`. Returns the refusal.
+async fn enc_until_refused(
+    master: &Client,
+    url: &str,
+    sent: &mut Vec<(String, String)>,
+) -> (u16, serde_json::Value, awc::http::header::HeaderMap) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = master.post_with_headers(url, &json!({"number": 1})).await;
+        if answer.0 == 503 {
+            return answer;
+        }
+        assert_eq!(answer.0, 200, "{}", answer.1);
+        sent.extend(keys(&answer.1));
+        assert!(Instant::now() < deadline, "never refused");
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A master cannot park keys at its slave's KME without end: once `max_waiting_keys` of its
+/// keys wait there for one slave, that KME says so with its link state news and the master's
+/// KME refuses more for the pair (503 with Retry-After, nothing taken) until the slave
+/// retrieves some. Relayed pairs the same way: the news floods through the trusted node.
+#[actix::test]
+async fn keys_waiting_for_a_slave_are_capped_per_pair_until_it_retrieves_them() {
+    let net = Net::start(LinkOptions {
+        sae_limits: vec![("sae-a", "max_waiting_keys = 10")],
+        ..LinkOptions::default()
+    });
+    let dir = net.setup.path();
+    let a = net.url("kme-a");
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 64).await;
+    let master = net.client(Some("sae-a"));
+    let mut sent = Vec::new();
+    for _ in 0..2 {
+        let (code, body) = enc(&master, &a, "sae-b", json!({"number": 8})).await;
+        assert_eq!(code, 200, "{body}");
+        sent.extend(keys(&body));
+    }
+    // 16 keys wait at kme-b, over the cap of 10: refused as soon as the news is in (within
+    // a few link state rounds), and a refusal takes nothing.
+    let to_b = format!("{a}/api/v1/keys/sae-b/enc_keys");
+    let (_, body, headers) = enc_until_refused(&master, &to_b, &mut sent).await;
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("sae-b has max_waiting_keys (10)"),
+        "{message}"
+    );
+    assert!(headers.get("retry-after").is_some());
+    assert_eq!(db_probe::count(dir, "kme-b", "keys") as usize, sent.len());
+    // Other pairs are not held back: sae-a to sae-b2 on the same KME.
+    let (code, body) = enc(&master, &a, "sae-b2", json!({"number": 1})).await;
+    assert_eq!(code, 200, "{body}");
+    // The slave retrieves its keys: the pair gets keys again.
+    let (code, body) = net.dec_sent(("sae-b", "kme-b"), "sae-a", &sent).await;
+    assert_eq!(code, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = enc(&master, &a, "sae-b", json!({"number": 1})).await;
+        if code == 200 {
+            break;
+        }
+        assert_eq!(code, 503, "{body}");
+        assert!(Instant::now() < deadline, "the pair stayed refused: {body}");
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Relayed to sae-c at kme-c, two hops away: refused once the news has come through
+    // kme-b (never before the cap; past it by what was asked while the news travelled).
+    net.wait_for_status("sae-a", "kme-a", "sae-c", "a relay route", |s| {
+        s["status_extension"]["route"] == "relay" && s["stored_key_count"].as_u64().unwrap() >= 32
+    })
+    .await;
+    let to_c = format!("{a}/api/v1/keys/sae-c/enc_keys");
+    let mut relayed = Vec::new();
+    let (_, body, _) = enc_until_refused(&master, &to_c, &mut relayed).await;
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("sae-c has max_waiting_keys (10)"),
+        "{message}"
+    );
+    assert!(relayed.len() >= 10, "{}", relayed.len());
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::link::key_source::Condition;
 use crate::storage::ops::BlockRecord;
-use crate::types::{Binding, KmeId, Owner};
+use crate::types::{Binding, KmeId, Owner, SaeId};
 use kme_bb84::bits::BitVec;
 use kme_bb84::pipeline::{Envelope, FrameReport};
 
@@ -35,6 +35,11 @@ pub struct Advert {
     /// `epoch << 40 | counter`: grows across the origin's restarts.
     pub seq: u64,
     pub links: Vec<LinkReport>,
+    /// Pairs (master, slave) whose slave is an SAE of the origin and has as many keys from
+    /// that master waiting there as the master's `max_waiting_keys`: no more keys for them
+    /// until it retrieves some.
+    #[serde(default)]
+    pub full_pairs: Vec<(SaeId, SaeId)>,
 }
 
 /// The origin's end of its link to `peer`.

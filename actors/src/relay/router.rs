@@ -5,7 +5,9 @@
 //! the newest link state news of every other KME (by origin, highest `seq` wins, so stale news
 //! never overrides fresh), and when each neighbour was last heard.
 //! Handles: `FindTree` (from `SaeRegistry`: routes for a request), `RouteView` (status),
-//! `TopologyFromPeer` (from the KME-to-KME edge). Sends: `Advertise` to each neighbour's
+//! `OwnFullPairs` and `SubscribeFullPairs` (from `SaeRegistry`: SAE pairs at their cap on
+//! waiting keys travel with the link state news), `TopologyFromPeer` (from the KME-to-KME
+//! edge). Sends: `Advertise` to each neighbour's
 //! `PeerLink` every interval, carrying its own news and all it knows (flooding; at most one
 //! advert per KME of the network, so the message is bounded).
 //! Routes are shortest paths (breadth-first, at most `max_hops`) over hops that are usable now:
@@ -29,7 +31,7 @@ use crate::link::key_source::Condition;
 use crate::link::{LinkAddr, LinkHealth};
 use crate::peer::peer_link::{Advertise, PeerLink};
 use crate::peer::protocol::{Advert, LinkReport, TopologyUpdate};
-use crate::types::{Branch, KmeId};
+use crate::types::{Branch, KmeId, SaeId};
 
 const MAILBOX_CAPACITY: usize = 1024;
 /// A neighbour not heard for this many advert intervals is treated as down.
@@ -38,6 +40,8 @@ const LIVENESS_ROUNDS: u32 = 5;
 /// its neighbours report their links to it as down by then).
 const NEWS_EXPIRY_ROUNDS: u32 = 20;
 const COUNTER_MASK: u64 = (1 << 40) - 1;
+/// Most full pairs one advert may name (bounds the message; a KME with more names these).
+pub const MAX_FULL_PAIRS: usize = 4096;
 
 /// This KME's end of the link to one neighbour.
 #[derive(Clone)]
@@ -72,6 +76,10 @@ pub struct Router {
     /// The newest advert of each other KME, and when it arrived.
     news: HashMap<KmeId, (Advert, Instant)>,
     heard: HashMap<KmeId, Instant>,
+    /// Pairs at their cap on waiting keys here (from `SaeRegistry`), advertised.
+    own_full_pairs: Vec<(SaeId, SaeId)>,
+    /// Told every round what pairs every KME reports full.
+    full_pairs_to: Option<Recipient<FullPairs>>,
     interval: Duration,
     epoch: u64,
     counter: u64,
@@ -106,6 +114,8 @@ impl Router {
             own_reports: HashMap::new(),
             news: HashMap::new(),
             heard: HashMap::new(),
+            own_full_pairs: Vec::new(),
+            full_pairs_to: None,
             interval,
             epoch,
             counter: 0,
@@ -148,6 +158,19 @@ impl Router {
             origin: self.me.clone(),
             seq: self.next_seq(),
             links: reports,
+            full_pairs: self.own_full_pairs.clone(),
+        }
+    }
+
+    /// Tells the subscriber which pairs each KME reports full now.
+    fn tell_full_pairs(&self) {
+        if let Some(to) = &self.full_pairs_to {
+            let by_origin = self
+                .current_news()
+                .map(|a| (a.origin.clone(), a.full_pairs.clone()))
+                .collect();
+            // Advisory: a missed round is made up by the next one.
+            let _ = to.try_send(FullPairs { by_origin });
         }
     }
 
@@ -327,6 +350,7 @@ impl Router {
                 let mine = act.own_advert(reports);
                 let mut adverts: Vec<Advert> = act.current_news().cloned().collect();
                 adverts.push(mine);
+                act.tell_full_pairs();
                 for link in &act.own {
                     // Advisory: a full mailbox or a dead neighbour only delays news by a round.
                     let _ = link.peer_link.try_send(Advertise(TopologyUpdate {
@@ -353,15 +377,16 @@ impl Router {
                 continue;
             }
             let mut peers = HashSet::new();
-            let foreign = advert.links.iter().any(|l| {
-                !peers.insert(&l.peer)
-                    || !self
-                        .topology
-                        .contains(&(advert.origin.clone(), l.peer.clone()))
-            });
+            let foreign = advert.full_pairs.len() > MAX_FULL_PAIRS
+                || advert.links.iter().any(|l| {
+                    !peers.insert(&l.peer)
+                        || !self
+                            .topology
+                            .contains(&(advert.origin.clone(), l.peer.clone()))
+                });
             if foreign {
                 log::warn!(
-                    "{from} relayed news of {} about links that are not in the network file, or one link twice; ignored",
+                    "{from} relayed news of {} about links that are not in the network file, one link twice, or too many full pairs; ignored",
                     advert.origin
                 );
                 continue;
@@ -479,6 +504,42 @@ impl Handler<TopologyFromPeer> for Router {
     }
 }
 
+/// The pairs whose slave is an SAE of each KME (`by_origin`) and that are at their cap on
+/// waiting keys there, as the newest news says. Sent every round to the subscriber
+/// (`SaeRegistry`), which checks each pair's slave is the origin's own.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FullPairs {
+    pub by_origin: Vec<(KmeId, Vec<(SaeId, SaeId)>)>,
+}
+
+/// Where to send `FullPairs` every round. Sent once at start.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SubscribeFullPairs(pub Recipient<FullPairs>);
+
+impl Handler<SubscribeFullPairs> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: SubscribeFullPairs, _ctx: &mut Context<Self>) {
+        self.full_pairs_to = Some(msg.0);
+    }
+}
+
+/// The pairs at their cap on waiting keys at this KME, to advertise. Sent by `SaeRegistry`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct OwnFullPairs(pub Vec<(SaeId, SaeId)>);
+
+impl Handler<OwnFullPairs> for Router {
+    type Result = ();
+
+    fn handle(&mut self, mut msg: OwnFullPairs, _ctx: &mut Context<Self>) {
+        msg.0.truncate(MAX_FULL_PAIRS);
+        self.own_full_pairs = msg.0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,6 +566,7 @@ mod tests {
                     capacity_bytes: 1 << 30,
                 })
                 .collect(),
+            full_pairs: Vec::new(),
         }
     }
 

@@ -28,6 +28,10 @@ const MIGRATIONS: &[(u32, &str)] = &[
         4,
         include_str!("../../../sql/migrations/0004_expiry_by_binding_time.sql"),
     ),
+    (
+        5,
+        include_str!("../../../sql/migrations/0005_waiting_keys.sql"),
+    ),
 ];
 
 /// Per-connection settings.

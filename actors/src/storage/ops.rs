@@ -334,6 +334,31 @@ impl Operation for Retrieve {
     }
 }
 
+/// The pairs (master, slave) with keys waiting here for that slave: how many. Read through
+/// the writer (a small table), so it is in step with the transactions that change it.
+pub struct WaitingKeys;
+
+impl Operation for WaitingKeys {
+    type Output = Vec<(SaeId, SaeId, u64)>;
+
+    fn apply(self, txn: &mut Txn<'_>) -> Result<Self::Output> {
+        let mut rows = txn
+            .tx
+            .prepare_cached("SELECT master, slave, keys FROM waiting_keys WHERE keys > 0")?;
+        let waiting = rows
+            .query_map([], |r| {
+                Ok((
+                    SaeId::new(&r.get::<_, String>(0)?),
+                    SaeId::new(&r.get::<_, String>(1)?),
+                    r.get::<_, i64>(2)?,
+                ))
+            })?
+            .map(|row| row.map(|(m, s, keys)| (m, s, u64::try_from(keys).unwrap_or(0))))
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(waiting)
+    }
+}
+
 /// Delete keys bound before `created_before_ms` that some slave never retrieved (at most a
 /// chunk per sweep). Output: how many were deleted.
 pub struct ExpireKeys {
