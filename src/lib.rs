@@ -14,6 +14,7 @@
 //! | `error.rs` | the one error → HTTP mapping (400 / 401 / 503, ETSI Error JSON) |
 //! | `ask.rs` | one actor message per request, under a hard timeout |
 //! | `node.rs` | starting one KME (storage, actors, listeners) |
+//! | `sae_cli.rs` | `kme sae`: an ETSI 014 client for scripts (exit codes per answer) |
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
@@ -24,4 +25,5 @@ pub mod etsi;
 pub mod node;
 pub mod peer_api;
 pub mod sae_api;
+pub mod sae_cli;
 pub mod tls;

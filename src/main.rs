@@ -1,4 +1,5 @@
-//! The `kme` command: run a KME, check a configuration, verify an audit trail. The benchmarks
+//! The `kme` command: run a KME, check a configuration, act as an SAE (`kme sae`), verify an
+//! audit trail. The benchmarks
 //! are the `kme-bench` command (`bench/`).
 
 use std::path::PathBuf;
@@ -41,6 +42,8 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// An ETSI 014 SAE client: status, enc, dec, whoami (`kme sae --help`).
+    Sae(kme::sae_cli::SaeArgs),
     /// Verify the hash chain of a KME's audit trail.
     AuditVerify {
         #[arg(long)]
@@ -53,7 +56,7 @@ enum Command {
 fn main() -> ExitCode {
     env_logger::init_from_env(env_logger::Env::new().default_filter_or("info"));
     match run(Cli::parse().command) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(message) => {
             eprintln!("kme: {message}");
             ExitCode::FAILURE
@@ -66,13 +69,17 @@ fn load(config: Option<PathBuf>) -> Result<Config, String> {
     Config::load(&file).map_err(|err| err.to_string())
 }
 
-fn run(command: Command) -> Result<(), String> {
+fn run(command: Command) -> Result<ExitCode, String> {
     match command {
         Command::Run { config, kme } => {
             let node = load(config)?.node(&kme).map_err(|err| err.to_string())?;
             actix::System::new().block_on(async move {
                 match kme::node::start(node, None).await {
-                    Ok(node) => node.wait().await.map_err(|err| err.to_string()),
+                    Ok(node) => node
+                        .wait()
+                        .await
+                        .map(|()| ExitCode::SUCCESS)
+                        .map_err(|err| err.to_string()),
                     Err(err) => {
                         // Leave at once: tearing down a System whose actors hold timers is
                         // not clean in actix (actix/actix#531), and nothing needs flushing.
@@ -122,12 +129,13 @@ fn run(command: Command) -> Result<(), String> {
             for (sae, home) in saes {
                 println!("  SAE {sae} at {home}");
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::CurlExample { config } => {
             print!("{}", curl_example(&load(config)?));
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
+        Command::Sae(args) => Ok(kme::sae_cli::run(args)),
         Command::AuditVerify { config, kme } => {
             let node = load(config)?.node(&kme).map_err(|err| err.to_string())?;
             let (_, reader) =
@@ -137,7 +145,7 @@ fn run(command: Command) -> Result<(), String> {
             let count = kme_actors::storage::db::verify_audit_chain(&conn)
                 .map_err(|err| err.to_string())?;
             println!("audit trail of {kme}: {count} records, hash chain intact");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

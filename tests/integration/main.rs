@@ -14,3 +14,4 @@ mod harness;
 mod load;
 mod pki;
 mod relay;
+mod sae_cli;
