@@ -10,6 +10,7 @@
 #   <kme-id>.crt / .key    EC P-256, CN = id, ~2 years, EKU serverAuth+clientAuth,
 #                          SAN DNS:localhost, IP:127.0.0.1, IP:::1
 #   <sae-id>.crt / .key    EC P-256, CN = id (the SAE ID the KME derives), ~2 years, EKU clientAuth
+#   <operator-id>.crt/.key the same for each [[operator]] (admin listeners with TLS)
 # Re-running changes nothing. If the CA is (re)generated, every leaf certificate is re-issued;
 # a leaf that does not verify against the current CA (or has expired) is re-issued too.
 # Tools: bash, openssl (3.x), awk.
@@ -36,8 +37,9 @@ OUTDIR="$(cd "$OUTDIR" && pwd)"
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/kme-certs.XXXXXX")"
 trap 'rm -rf "$TMP"' EXIT
 
-# --- read the ids: "kme <id>" / "sae <id>" lines, only for `id` keys directly under [[kme]] or
-# [[sae]] (any other table header, e.g. [[link]] or [tls], ends the section). Plain POSIX awk.
+# --- read the ids: "kme <id>" / "sae <id>" / "operator <id>" lines, only for `id` keys directly
+# under [[kme]], [[sae]] or [[operator]] (any other table header, e.g. [[link]] or [tls], ends
+# the section). Plain POSIX awk. Operators get client certificates like SAEs.
 IDS="$(awk '
   {
     line = $0
@@ -48,6 +50,7 @@ IDS="$(awk '
       sub(/[ \t]+$/, "", hdr)
       if (hdr == "[[kme]]") section = "kme"
       else if (hdr == "[[sae]]") section = "sae"
+      else if (hdr == "[[operator]]") section = "operator"
       else section = ""
       next
     }
@@ -77,7 +80,7 @@ while read -r role id; do
 done <<<"$IDS"
 
 (( ${#KMES[@]} > 0 )) || die "$CONFIG: no [[kme]] id found"
-say "config $CONFIG: KMEs: ${KMES[*]}; SAEs: ${SAES[*]:-(none)}"
+say "config $CONFIG: KMEs: ${KMES[*]}; SAEs and operators: ${SAES[*]:-(none)}"
 say "output directory: $OUTDIR"
 
 # New EC P-256 private key (PKCS#8 PEM), mode 600 from the start.

@@ -50,6 +50,8 @@ struct RawConfig {
     sae: Vec<RawSae>,
     #[serde(default)]
     link: Vec<RawLink>,
+    #[serde(default)]
+    operator: Vec<RawOperator>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +158,15 @@ struct RawKme {
     key_drop_dir: Option<PathBuf>,
     max_db_mb: Option<u64>,
     workers: Option<usize>,
+    admin_listen: Option<SocketAddr>,
+    admin_tls: Option<bool>,
+}
+
+/// `[[operator]]`: a certificate CN allowed on the admin listeners over mTLS.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOperator {
+    id: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -212,6 +223,16 @@ pub struct KmeSpec {
     /// Size limit of the database file in MiB (None: the disk is the limit).
     pub max_db_mb: Option<u64>,
     pub workers: usize,
+    /// The operator's listener (metrics, health, admin API), if any.
+    pub admin: Option<AdminListen>,
+}
+
+/// Where the admin listener is, and whether it takes operators' mTLS or plain HTTP (loopback
+/// addresses only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminListen {
+    pub addr: SocketAddr,
+    pub tls: bool,
 }
 
 /// The validated network description.
@@ -234,6 +255,8 @@ pub struct Config {
     pub local_limits: KeyLimits,
     /// Rate limits of every SAE (`[sae_defaults]` and each `[[sae]]`'s own).
     pub sae_limits: HashMap<SaeId, SaeLimits>,
+    /// Certificate CNs allowed on admin listeners with TLS (`[[operator]]`).
+    pub operators: HashSet<String>,
 }
 
 /// One neighbour as seen from a KME.
@@ -263,6 +286,7 @@ pub struct NodeConfig {
     pub local_limits: KeyLimits,
     /// Rate limits of every SAE (those of other KMEs' SAEs for `max_waiting_keys`).
     pub sae_limits: HashMap<SaeId, SaeLimits>,
+    pub operators: HashSet<String>,
 }
 
 impl Config {
@@ -343,6 +367,7 @@ impl Config {
             kmes: self.kmes.iter().map(|k| k.id.clone()).collect(),
             local_limits: self.local_limits,
             sae_limits: self.sae_limits.clone(),
+            operators: self.operators.clone(),
         })
     }
 }
@@ -449,6 +474,7 @@ impl Validator<'_> {
                     .unwrap_or_else(|| self.path(&k.data_dir).join("key-drop")),
                 max_db_mb: k.max_db_mb,
                 workers: k.workers.unwrap_or(2).clamp(1, 64),
+                admin: self.admin_listen(k)?,
             });
         }
         let kme_ids: HashSet<&str> = raw.kme.iter().map(|k| k.id.as_str()).collect();
@@ -495,6 +521,20 @@ impl Validator<'_> {
                     return Err(self.err("sae.cert_sha256", "one certificate pinned to two SAEs"));
                 }
             }
+        }
+        let mut operators = HashSet::new();
+        for o in &raw.operator {
+            self.id("operator.id", &o.id)?;
+            if !ids.insert(o.id.clone()) {
+                return Err(self.err(
+                    "operator.id",
+                    format!(
+                        "\"{}\" is defined twice (operator, SAE and KME IDs share one namespace)",
+                        o.id
+                    ),
+                ));
+            }
+            operators.insert(o.id.clone());
         }
         let defaults = raw.defaults.clone();
         let mut links = Vec::new();
@@ -555,7 +595,29 @@ impl Validator<'_> {
             links,
             local_limits,
             sae_limits,
+            operators,
         })
+    }
+
+    /// `admin_listen` and `admin_tls` of one `[[kme]]`: plain HTTP only on a loopback address.
+    fn admin_listen(&self, k: &RawKme) -> Result<Option<AdminListen>, ConfigError> {
+        let Some(addr) = k.admin_listen else {
+            if k.admin_tls.is_some() {
+                return Err(self.err("kme.admin_tls", "needs admin_listen"));
+            }
+            return Ok(None);
+        };
+        let tls = k.admin_tls.unwrap_or(true);
+        if !tls && !addr.ip().is_loopback() {
+            return Err(self.err(
+                "kme.admin_tls",
+                format!(
+                    "KME \"{}\": admin_listen {addr} is not a loopback address, so it needs TLS (admin_tls = true)",
+                    k.id
+                ),
+            ));
+        }
+        Ok(Some(AdminListen { addr, tls }))
     }
 
     /// Rate limits from `raw` (`at`: where it was written), each one not set there taken

@@ -18,7 +18,13 @@ pub struct ApiError {
     pub details: Vec<serde_json::Value>,
     /// Sent as `Retry-After` (whole seconds, at least 1) with a 503 that will pass by then.
     pub retry_after: Option<std::time::Duration>,
+    /// Why, in one word (the `reason` label of the refusals metric).
+    pub reason: &'static str,
 }
+
+/// Set on every error answer: why it was refused (read by the metrics middleware).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused(pub &'static str);
 
 impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -31,12 +37,23 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        let reason = match status {
+            StatusCode::BAD_REQUEST => "bad_request",
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            _ => "unavailable",
+        };
         Self {
             status,
             message: message.into(),
             details: Vec::new(),
             retry_after: None,
+            reason,
         }
+    }
+
+    fn because(mut self, reason: &'static str) -> Self {
+        self.reason = reason;
+        self
     }
     pub fn with_detail(mut self, detail: serde_json::Value) -> Self {
         self.details.push(detail);
@@ -44,7 +61,7 @@ impl ApiError {
     }
     pub fn timeout() -> Self {
         log::warn!("request timed out waiting for an actor");
-        Self::unavailable("the KME is busy; retry later")
+        Self::unavailable("the KME is busy; retry later").because("timeout")
     }
 }
 
@@ -52,19 +69,23 @@ impl From<Error> for ApiError {
     fn from(err: Error) -> Self {
         match err {
             Error::BadRequest(message) => Self::bad_request(message),
-            Error::KeysNotFound => Self::bad_request(etsi::KEYS_NOT_FOUND),
-            Error::ExtensionUnmet(why) => Self::bad_request(etsi::EXTENSION_UNSATISFIED)
-                .with_detail(serde_json::json!({"extension_mandatory_unmet": why})),
-            Error::NotAuthorized(message) => Self::unauthorized(message),
-            Error::PoolExhausted { .. } | Error::Unreachable(_) => {
-                Self::unavailable(err.to_string())
+            Error::KeysNotFound => {
+                Self::bad_request(etsi::KEYS_NOT_FOUND).because("keys_not_found")
             }
+            Error::ExtensionUnmet(why) => Self::bad_request(etsi::EXTENSION_UNSATISFIED)
+                .with_detail(serde_json::json!({"extension_mandatory_unmet": why}))
+                .because("extension_unmet"),
+            Error::NotAuthorized(message) => Self::unauthorized(message),
+            Error::PoolExhausted { .. } => {
+                Self::unavailable(err.to_string()).because("pool_exhausted")
+            }
+            Error::Unreachable(_) => Self::unavailable(err.to_string()).because("unreachable"),
             Error::OverLimit {
                 message,
                 retry_after,
             } => Self {
                 retry_after: Some(retry_after),
-                ..Self::unavailable(message)
+                ..Self::unavailable(message).because("over_limit")
             },
             Error::PeerUnavailable { .. }
             | Error::ActivationRejected { .. }
@@ -72,14 +93,15 @@ impl From<Error> for ApiError {
             | Error::PeerMessage(_) => {
                 log::warn!("peer failure: {err}");
                 Self::unavailable("the slave's KME could not take the keys; retry later")
+                    .because("peer")
             }
             Error::Storage(_) => {
                 log::error!("storage failure: {err}");
-                Self::unavailable("key storage is unavailable; retry later")
+                Self::unavailable("key storage is unavailable; retry later").because("storage")
             }
             Error::Unavailable(_) => {
                 log::error!("actor failure: {err}");
-                Self::unavailable("the KME is busy; retry later")
+                Self::unavailable("the KME is busy; retry later").because("busy")
             }
         }
     }
@@ -96,10 +118,12 @@ impl ResponseError for ApiError {
             let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             response.insert_header((header::RETRY_AFTER, seconds.max(1)));
         }
-        response.json(ErrorBody {
+        let mut response = response.json(ErrorBody {
             message: self.message.clone(),
             details: self.details.clone(),
-        })
+        });
+        response.extensions_mut().insert(Refused(self.reason));
+        response
     }
 }
 

@@ -14,10 +14,13 @@
 //! | `error.rs` | the one error → HTTP mapping (400 / 401 / 503, ETSI Error JSON) |
 //! | `ask.rs` | one actor message per request, under a hard timeout |
 //! | `node.rs` | starting one KME (storage, actors, listeners) |
+//! | `admin_api.rs` | the operator's listener: `/health`, `/ready`, `/metrics` |
+//! | `sae_metrics.rs` | metrics middleware of the SAE API (requests, latency, keys, refusals) |
 //! | `sae_cli.rs` | `kme sae`: an ETSI 014 client for scripts (exit codes per answer) |
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod admin_api;
 pub mod ask;
 pub mod config;
 pub mod error;
@@ -26,4 +29,5 @@ pub mod node;
 pub mod peer_api;
 pub mod sae_api;
 pub mod sae_cli;
+pub mod sae_metrics;
 pub mod tls;

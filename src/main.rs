@@ -99,8 +99,13 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 } else {
                     format!(" (reached at {})", k.peer_url)
                 };
+                let admin = match k.admin {
+                    Some(a) if a.tls => format!("  admin https://{} (operators)", a.addr),
+                    Some(a) => format!("  admin http://{}", a.addr),
+                    None => String::new(),
+                };
                 println!(
-                    "  KME {:<10} SAE API https://{}  KME-to-KME {listen}{reached}",
+                    "  KME {:<10} SAE API https://{}  KME-to-KME {listen}{reached}{admin}",
                     k.id, k.sae_listen
                 );
             }

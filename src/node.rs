@@ -12,6 +12,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpServer};
+use kme_actors::metrics::Metrics;
 use kme_actors::peer::peer_link::PeerLink;
 use kme_actors::relay::router::{OwnLink, Router};
 use kme_actors::relay::transport::{NextHop, Relay};
@@ -26,9 +27,11 @@ use kme_actors::storage::sealing::Sealer;
 use kme_actors::storage::store::{Exec, Store};
 use kme_actors::storage::writer::DbWriter;
 
+use crate::admin_api::{self, AdminState};
 use crate::config::NodeConfig;
 use crate::peer_api::{self, PeerState};
 use crate::sae_api::{self, SaeState};
+use crate::sae_metrics;
 use crate::tls;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,8 @@ pub enum StartError {
     },
     #[error("KME thread: {0}")]
     Thread(String),
+    #[error("metrics: {0}")]
+    Metrics(String),
 }
 
 /// Listeners to use instead of binding the configured addresses (tests bind 127.0.0.1:0).
@@ -56,6 +61,8 @@ pub struct Listeners {
 pub struct Node {
     pub sae_addr: SocketAddr,
     pub peer_addr: SocketAddr,
+    /// The operator's listener (`admin_listen`), if configured.
+    pub admin_addr: Option<SocketAddr>,
     servers: Vec<actix_web::dev::Server>,
 }
 
@@ -131,9 +138,12 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     let sae_addr = local_addr(&sae_listener)?;
     let peer_addr = local_addr(&peer_listener)?;
 
+    let metrics = Arc::new(Metrics::new().map_err(|err| StartError::Metrics(err.to_string()))?);
     let writer_sealer = sealer.clone();
+    let writer_metrics = metrics.clone();
     let writer = SyncArbiter::start(1, move || {
         DbWriter::new(writer_pool.clone(), writer_sealer.clone())
+            .with_metrics(writer_metrics.clone())
     });
     let checkpoint_pool = reader_pool.clone();
     let checkpointer = SyncArbiter::start(1, move || DbCheckpointer::new(checkpoint_pool.clone()));
@@ -150,7 +160,9 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         let peer = neighbour.params.peer.clone();
         let client = tls::https_client(connector, 64, peer_timeout);
         let url = neighbour.url.clone();
-        let peer_link = PeerLink::new(peer.clone(), url, client, peer_timeout, epoch).start();
+        let peer_link = PeerLink::new(peer.clone(), url, client, peer_timeout, epoch)
+            .with_metrics(&metrics)
+            .start();
         let started = startup::start_link(resume, store.clone(), peer_link.clone())?;
         own_links.push(OwnLink {
             peer: peer.clone(),
@@ -168,6 +180,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         ends.insert(peer, started.link);
         routes.push(started.route);
     }
+    let admin_links = own_links.clone();
     let router = Router::new(
         me.clone(),
         &config.links,
@@ -202,17 +215,19 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         me: me.clone(),
         registry: registry.clone(),
         timeout: config.request_timeout,
+        metrics: metrics.clone(),
     });
     let peer_state = web::Data::new(PeerState {
         neighbours: ends,
         registry,
-        router,
+        router: router.clone(),
         relay,
         timeout: config.request_timeout,
     });
     let sae_server = HttpServer::new(move || {
         App::new()
             .app_data(sae_state.clone())
+            .wrap(actix_web::middleware::from_fn(sae_metrics::track))
             .configure(sae_api::configure)
     })
     .on_connect(tls::on_connect)
@@ -239,6 +254,43 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     })?
     .run();
 
+    let admin = match config.me.admin {
+        None => None,
+        Some(listen) => {
+            let state = web::Data::new(AdminState {
+                me: me.clone(),
+                metrics: metrics.clone(),
+                links: admin_links,
+                store: store.clone(),
+                router: router.clone(),
+                db_file: config.me.data_dir.join("kme.sqlite"),
+                operators: listen.tls.then(|| config.operators.clone()),
+                timeout: config.request_timeout,
+            });
+            let listener = bind(listen.addr)?;
+            let addr = local_addr(&listener)?;
+            let server = HttpServer::new(move || {
+                App::new()
+                    .app_data(state.clone())
+                    .configure(admin_api::configure)
+            })
+            .workers(1)
+            .max_connections(64)
+            .on_connect(tls::on_connect);
+            let server = if listen.tls {
+                let acceptor = tls::admin_acceptor(&config.ca, &config.cert, &config.key)?;
+                server.listen_openssl(listener, acceptor)
+            } else {
+                server.listen(listener)
+            }
+            .map_err(|source| StartError::Listen {
+                addr: addr.to_string(),
+                source,
+            })?
+            .run();
+            Some((addr, server))
+        }
+    };
     let record = AuditRecord::new(
         "kme_started",
         serde_json::json!({"kme": me.as_str(), "epoch": epoch, "sae_api": sae_addr, "peer_api": peer_addr}),
@@ -251,10 +303,17 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         return Err(StartError::Storage(err));
     }
     log::info!("{me} ready: SAE API https://{sae_addr}, KME-to-KME https://{peer_addr}");
+    let mut servers = vec![sae_server, peer_server];
+    let admin_addr = admin.map(|(addr, server)| {
+        log::info!("{me} admin listener on {addr}");
+        servers.push(server);
+        addr
+    });
     Ok(Node {
         sae_addr,
         peer_addr,
-        servers: vec![sae_server, peer_server],
+        admin_addr,
+        servers,
     })
 }
 
@@ -269,6 +328,7 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr, StartError> {
 pub struct SpawnedNode {
     pub sae_addr: SocketAddr,
     pub peer_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
     handles: Vec<ServerHandle>,
     system: actix::System,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -317,6 +377,7 @@ pub fn spawn(config: NodeConfig, listeners: Option<Listeners>) -> Result<Spawned
                         let _ = tx.send(Ok((
                             node.sae_addr,
                             node.peer_addr,
+                            node.admin_addr,
                             node.handles(),
                             actix::System::current(),
                         )));
@@ -330,9 +391,10 @@ pub fn spawn(config: NodeConfig, listeners: Option<Listeners>) -> Result<Spawned
         })
         .map_err(|err| StartError::Thread(err.to_string()))?;
     match rx.recv() {
-        Ok(Ok((sae_addr, peer_addr, handles, system))) => Ok(SpawnedNode {
+        Ok(Ok((sae_addr, peer_addr, admin_addr, handles, system))) => Ok(SpawnedNode {
             sae_addr,
             peer_addr,
+            admin_addr,
             handles,
             system,
             thread: Some(thread),

@@ -6,12 +6,14 @@
 //! ETSI Error JSON with 400, 401 or 503 (`error.rs`). Unknown paths and methods answer 400.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::Addr;
 use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine;
 use futures_util::StreamExt;
+use kme_actors::metrics::Metrics;
 use kme_actors::sae_registry::{
     DecKeys, EncKeys, Identify, KeyStatus, RoutePolicy, SaeRegistry, MAX_RELAY_HOPS,
 };
@@ -39,6 +41,7 @@ pub struct SaeState {
     pub me: KmeId,
     pub registry: Addr<SaeRegistry>,
     pub timeout: Duration,
+    pub metrics: Arc<Metrics>,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -303,9 +306,14 @@ async fn enc_keys(
     Ok(key_container(keys))
 }
 
+/// Set on a key container answer: how many keys it hands out (read by the metrics middleware).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeysHanded(pub u64);
+
 fn key_container(keys: Vec<Key>) -> HttpResponse {
     let engine = &base64::engine::general_purpose::STANDARD;
-    HttpResponse::Ok().json(KeyContainer {
+    let handed = KeysHanded(keys.len() as u64);
+    let mut response = HttpResponse::Ok().json(KeyContainer {
         keys: keys
             .into_iter()
             .map(|k| KeyEntry {
@@ -313,7 +321,9 @@ fn key_container(keys: Vec<Key>) -> HttpResponse {
                 key: engine.encode(&k.material).into(),
             })
             .collect(),
-    })
+    });
+    response.extensions_mut().insert(handed);
+    response
 }
 
 async fn dec_keys_get(

@@ -97,6 +97,17 @@ pub fn peer_acceptor(ca: &Path, cert: &Path, key: &Path) -> Result<SslAcceptorBu
     Ok(builder)
 }
 
+/// Acceptor of an admin listener with TLS: a valid client certificate of our CA is required
+/// (which CNs are operators is checked per request).
+pub fn admin_acceptor(ca: &Path, cert: &Path, key: &Path) -> Result<SslAcceptorBuilder, TlsError> {
+    let mut builder = base_acceptor(ca, cert, key)?;
+    builder.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+    builder
+        .set_session_id_context(b"kme-admin")
+        .map_err(at(cert))?;
+    Ok(builder)
+}
+
 /// Client side of mutual TLS: [`load_identity`], the server's certificate verified.
 fn base_connector(ca: &Path, cert: &Path, key: &Path) -> Result<SslConnectorBuilder, TlsError> {
     let mut builder = SslConnector::builder(SslMethod::tls_client()).map_err(at(cert))?;

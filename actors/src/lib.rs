@@ -30,6 +30,7 @@
 pub mod error;
 pub mod key_pool;
 pub mod link;
+pub mod metrics;
 pub mod peer;
 pub mod relay;
 pub mod sae_quota;

@@ -89,6 +89,8 @@ pub struct LinkOptions {
     pub topology: Topology,
     /// `route_advert_ms` of every KME (link state news); None: default.
     pub route_advert_ms: Option<u64>,
+    /// An admin listener on every KME (127.0.0.1, a free port): Some(with TLS?).
+    pub admin: Option<bool>,
     /// (link ends, TOML lines): more settings of one `[[link]]` (e.g. its own limits).
     pub link_extra: Vec<([&'static str; 2], &'static str)>,
     /// (SAE, TOML lines): rate limits of that SAE (`requests_per_s`, `keys_per_s`).
@@ -126,6 +128,7 @@ impl Default for LinkOptions {
             route_advert_ms: Some(200),
             sae_limits: Vec::new(),
             link_extra: Vec::new(),
+            admin: None,
         }
     }
 }
@@ -151,6 +154,7 @@ impl Setup {
             pki.issue(sae, Some(sae), false, Validity::Valid);
         }
         pki.issue("sae-x", Some("sae-x"), false, Validity::Valid);
+        pki.issue("operator", Some("operator"), false, Validity::Valid);
         pki.issue("expired", Some("sae-a"), false, Validity::Expired);
         pki.issue("no-cn", None, false, Validity::Valid);
         pki.issue_foreign("foreign", "sae-a");
@@ -212,10 +216,14 @@ fn network_file(
         if let Some(mb) = options.max_db_mb {
             text += &format!("max_db_mb = {mb}\n");
         }
+        if let Some(tls) = options.admin {
+            text += &format!("admin_listen = \"127.0.0.1:0\"\nadmin_tls = {tls}\n");
+        }
         if let Some((_, url)) = options.peer_urls.iter().find(|(id, _)| *id == kme) {
             text += &format!("peer_url = \"{url}\"\n");
         }
     }
+    text += "[[operator]]\nid = \"operator\"\n";
     for (sae, kme) in options.topology.saes.iter().copied() {
         text += &format!("[[sae]]\nid = \"{sae}\"\nkme = \"{kme}\"\n");
         if let Some((_, limits)) = options.sae_limits.iter().find(|(on, _)| *on == sae) {
@@ -267,6 +275,8 @@ fn bind_all(kmes: &[&'static str]) -> HashMap<&'static str, (TcpListener, TcpLis
 pub struct Net {
     pub setup: Setup,
     nodes: Vec<(&'static str, SpawnedNode)>,
+    /// The admin listeners have TLS (`LinkOptions::admin`).
+    admin_tls: bool,
 }
 
 impl Net {
@@ -283,7 +293,11 @@ impl Net {
                 node::spawn(node_config, Some(Listeners { sae, peer })).unwrap(),
             ));
         }
-        Net { setup, nodes }
+        Net {
+            setup,
+            nodes,
+            admin_tls: options.admin == Some(true),
+        }
     }
 
     /// Restarts every KME with new link options on the same data and new ports (e.g. with the
@@ -432,6 +446,18 @@ impl Net {
 
     pub fn url(&self, kme: &str) -> String {
         self.setup.sae_url(kme)
+    }
+
+    /// The admin listener of `kme` (`LinkOptions::admin`), with its scheme.
+    pub fn admin_url(&self, kme: &str) -> String {
+        let addr = self
+            .nodes
+            .iter()
+            .find(|(id, _)| *id == kme)
+            .and_then(|(_, node)| node.admin_addr)
+            .unwrap();
+        let scheme = if self.admin_tls { "https" } else { "http" };
+        format!("{scheme}://localhost:{}", addr.port())
     }
 
     pub fn client(&self, cert: Option<&str>) -> Client {

@@ -12,6 +12,7 @@ mod db_probe;
 mod file_drop;
 mod harness;
 mod load;
+mod operations;
 mod pki;
 mod relay;
 mod sae_cli;

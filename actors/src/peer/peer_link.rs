@@ -14,11 +14,13 @@
 use std::time::Duration;
 
 use actix::prelude::*;
+use prometheus::Histogram;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::peer::protocol::{
     Activated, ActivationBatch, BlockShipment, BlocksStored, LevelNoted, LevelReport, Refusal,
     SettleBatch, SettleRequest, SettleResults, SourceReply, SourceRequest, TopologyNoted,
@@ -60,6 +62,8 @@ pub struct PeerLink {
     settles_in_flight: usize,
     /// A check for settlements waiting behind the batch in flight is scheduled.
     overtake_armed: bool,
+    /// Round trip of each answered request to this neighbour.
+    round_trip: Option<Histogram>,
 }
 
 impl PeerLink {
@@ -83,7 +87,18 @@ impl PeerLink {
             settles: Vec::new(),
             settles_in_flight: 0,
             overtake_armed: false,
+            round_trip: None,
         }
+    }
+
+    /// The round trip of every answered request goes to `metrics` (labelled by the peer).
+    pub fn with_metrics(mut self, metrics: &Metrics) -> Self {
+        self.round_trip = Some(
+            metrics
+                .peer_request_seconds
+                .with_label_values(&[self.peer.as_str()]),
+        );
+        self
     }
 
     /// `epoch << 40 | counter`: grows across restarts (the epoch is bumped durably at every
@@ -215,6 +230,7 @@ impl PeerLink {
             base_url: self.base_url.clone(),
             client: self.client.clone(),
             timeout: self.timeout,
+            round_trip: self.round_trip.clone(),
         }
     }
 }
@@ -225,6 +241,7 @@ struct Target {
     base_url: String,
     client: awc::Client,
     timeout: Duration,
+    round_trip: Option<Histogram>,
 }
 
 impl Target {
@@ -250,6 +267,7 @@ async fn post_json<R: DeserializeOwned>(
     let attempts = if retry { 2 } else { 1 };
     let mut last = target.unavailable("no attempt made");
     for _ in 0..attempts {
+        let started = std::time::Instant::now();
         let sent = target
             .client
             .post(&url)
@@ -264,6 +282,9 @@ async fn post_json<R: DeserializeOwned>(
                 continue;
             }
         };
+        if let Some(round_trip) = &target.round_trip {
+            round_trip.observe(started.elapsed().as_secs_f64());
+        }
         let status = response.status();
         if status.is_success() {
             return response

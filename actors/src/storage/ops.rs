@@ -62,11 +62,15 @@ pub struct Txn<'a> {
     /// The audit chain's head (id, hash), advanced by every record appended.
     pub(super) head: &'a mut (i64, Vec<u8>),
     pub(super) block_cache: &'a mut HashMap<KmeId, BlockCache>,
+    /// Events of the audit records appended (counted in the metrics once committed).
+    pub(super) events: &'a mut Vec<&'static str>,
 }
 
 impl Txn<'_> {
     pub(super) fn audit(&mut self, record: &AuditRecord) -> Result<()> {
-        append_audit(self.tx, self.head, record)
+        append_audit(self.tx, self.head, record)?;
+        self.events.push(record.event);
+        Ok(())
     }
 }
 

@@ -20,6 +20,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::relay::seal::open;
 use crate::storage::audit::{chain_hash, AuditRecord, Bound};
 use crate::storage::db::{to_i64, to_u64, DbPool};
@@ -59,6 +60,7 @@ pub struct DbWriter {
     /// The last block read per peer stream. Blocks never change once stored, and bindings
     /// arrive in stream order, so consecutive activations mostly hit it.
     block_cache: HashMap<KmeId, BlockCache>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl DbWriter {
@@ -69,7 +71,14 @@ impl DbWriter {
             sealer,
             audit_head: None,
             block_cache: HashMap::new(),
+            metrics: None,
         }
+    }
+
+    /// Commit latency, batch sizes and audit records by event go to `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 }
 
@@ -101,10 +110,22 @@ impl DbWriter {
         // commit after their caller's 503 are then the tail of the transaction, rolled back
         // just before COMMIT. Callers of one batch were concurrent, so any order is theirs.
         batch.sort_by_key(|op| op.deadline().map(Reverse));
+        let started = Instant::now();
+        let operations = batch.len();
         let mut applied = Vec::with_capacity(batch.len());
+        let mut events = Vec::new();
         let mut waiting = batch.into_iter();
-        match self.transaction(&mut waiting, &mut applied) {
+        match self.transaction(&mut waiting, &mut applied, &mut events) {
             Ok(rolled_back_from) => {
+                if let Some(metrics) = &self.metrics {
+                    metrics
+                        .commit_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    metrics.batch_operations.observe(operations as f64);
+                    for event in events {
+                        metrics.audit_records.with_label_values(&[event]).inc();
+                    }
+                }
                 let late = Error::Unavailable(
                     "the request's time ran out before its storage transaction committed".into(),
                 );
@@ -130,12 +151,13 @@ impl DbWriter {
     /// Applies the operations in one transaction, each in a savepoint of its own, and commits.
     /// Operations with a deadline keep their savepoints open until COMMIT: those past their
     /// deadline by then are rolled back. Result: the index (in `applied`) from which every
-    /// operation was rolled back that way. On an error, the operations not yet applied are
-    /// left in `waiting`.
+    /// operation was rolled back that way. `events`: those of the audit records that stand.
+    /// On an error, the operations not yet applied are left in `waiting`.
     fn transaction(
         &mut self,
         waiting: &mut impl Iterator<Item = Box<dyn Queued>>,
         applied: &mut Vec<Box<dyn Completion>>,
+        events: &mut Vec<&'static str>,
     ) -> Result<usize> {
         let mut conn = self.pool.get()?;
         let tx = conn.transaction()?;
@@ -150,7 +172,7 @@ impl DbWriter {
             Ok(())
         };
         // Open savepoints of applied operations with a deadline: where each one starts in
-        // `applied`, its deadline, and the audit head before it.
+        // `applied`, its deadline, and the audit head and events before it.
         let mut due = Vec::new();
         for op in waiting.by_ref() {
             let deadline = op.deadline();
@@ -162,12 +184,13 @@ impl DbWriter {
                 op.fail(&err);
                 return Err(err);
             }
-            let savepoint_head = head.clone();
+            let before = (head.clone(), events.len());
             let mut txn = Txn {
                 tx: &tx,
                 sealer: &self.sealer,
                 head: &mut head,
                 block_cache: &mut self.block_cache,
+                events,
             };
             let done = op.apply(&mut txn);
             let error = done.error().cloned();
@@ -179,23 +202,25 @@ impl DbWriter {
                     return Err(err);
                 }
                 savepoint(rollback)?;
-                head = savepoint_head;
+                (head, _) = before.clone();
+                events.truncate(before.1);
                 savepoint(release)?;
             } else if let Some(deadline) = deadline {
-                due.push((applied.len() - 1, deadline, savepoint_head));
+                due.push((applied.len() - 1, deadline, before));
             } else {
                 savepoint(release)?;
             }
         }
         let mut rolled_back_from = applied.len();
         let now = Instant::now();
-        while let Some((index, deadline, head_before)) = due.pop() {
+        while let Some((index, deadline, (head_before, events_before))) = due.pop() {
             if deadline > now {
                 break;
             }
             savepoint("ROLLBACK TO due")?;
             savepoint("RELEASE due")?;
             head = head_before;
+            events.truncate(events_before);
             rolled_back_from = index;
         }
         tx.commit()?;
@@ -1129,22 +1154,7 @@ mod tests {
         let tx = conn.transaction().unwrap();
         let mut head = audit_head(&tx).unwrap();
         // Expires keys created before `before`; returns the keys left.
-        let mut expire = |before| -> i64 {
-            let op = ExpireKeys {
-                created_before_ms: before,
-            };
-            let sealer = sealer();
-            let mut cache = HashMap::new();
-            let mut txn = Txn {
-                tx: &tx,
-                sealer: &sealer,
-                head: &mut head,
-                block_cache: &mut cache,
-            };
-            op.apply(&mut txn).unwrap();
-            tx.query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
-                .unwrap()
-        };
+        let mut expire = |before| expire_before(&tx, &mut head, before);
         assert_eq!(expire(now_ms() - 60_000), 1, "a fresh key stays");
         assert_eq!(expire(now_ms() + 1), 0);
         let events: i64 = tx
@@ -1155,6 +1165,27 @@ mod tests {
             )
             .unwrap();
         assert_eq!(events, 1);
+    }
+
+    /// Expires, in `tx`, the keys bound before `before`; returns how many keys are left.
+    fn expire_before(tx: &Connection, head: &mut (i64, Vec<u8>), before: i64) -> i64 {
+        let sealer = sealer();
+        let mut cache = HashMap::new();
+        let mut events = Vec::new();
+        let mut txn = Txn {
+            tx,
+            sealer: &sealer,
+            head,
+            block_cache: &mut cache,
+            events: &mut events,
+        };
+        ExpireKeys {
+            created_before_ms: before,
+        }
+        .apply(&mut txn)
+        .unwrap();
+        tx.query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
+            .unwrap()
     }
 
     /// An operation that is past its deadline when its transaction would commit (here: slow
@@ -1229,23 +1260,7 @@ mod tests {
         bind(&conn, 1, &[0u8; 32], &[behind, ahead]).unwrap();
         let tx = conn.transaction().unwrap();
         let mut head = audit_head(&tx).unwrap();
-        let mut expire = |before| -> i64 {
-            let sealer = sealer();
-            let mut cache = HashMap::new();
-            let mut txn = Txn {
-                tx: &tx,
-                sealer: &sealer,
-                head: &mut head,
-                block_cache: &mut cache,
-            };
-            ExpireKeys {
-                created_before_ms: before,
-            }
-            .apply(&mut txn)
-            .unwrap();
-            tx.query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
-                .unwrap()
-        };
+        let mut expire = |before| expire_before(&tx, &mut head, before);
         assert_eq!(
             expire(now_ms() - 60_000),
             2,

@@ -1,0 +1,214 @@
+//! The operator's listener (`admin_listen` of a `[[kme]]`): `/health`, `/ready`, `/metrics`.
+//!
+//! Over mTLS only operators' certificates (`[[operator]]` CNs of our CA) get in: an SAE or
+//! KME certificate is refused (401); on a loopback address the network file may leave TLS off
+//! (`admin_tls = false`), so that a local Prometheus or browser reaches it. Every answer is
+//! read from the actors when asked: nothing here keeps state of its own but the metrics.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use actix_web::{web, HttpRequest, HttpResponse};
+use kme_actors::key_pool::PoolStatus;
+use kme_actors::link::key_source::Condition;
+use kme_actors::link::LinkHealth;
+use kme_actors::metrics::Metrics;
+use kme_actors::relay::router::{OwnLink, RouteView, Router};
+use kme_actors::storage::ops::WaitingKeys;
+use kme_actors::storage::store::{Exec, Store};
+use kme_actors::types::KmeId;
+use prometheus::{GaugeVec, Opts, Registry};
+use serde_json::json;
+
+use crate::tls::PeerIdentity;
+
+pub struct AdminState {
+    pub me: KmeId,
+    pub metrics: Arc<Metrics>,
+    pub links: Vec<OwnLink>,
+    pub store: Addr<Store>,
+    pub router: Addr<Router>,
+    /// The SQLite file (its size, and its WAL's, is a metric).
+    pub db_file: PathBuf,
+    /// CNs allowed in when the listener has TLS; None: plain HTTP on loopback.
+    pub operators: Option<HashSet<String>>,
+    pub timeout: Duration,
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/health", web::get().to(health))
+        .route("/ready", web::get().to(ready))
+        .route("/metrics", web::get().to(metrics))
+        .default_service(web::to(not_found));
+}
+
+/// None when the caller may use the listener, else the refusal.
+fn refused(req: &HttpRequest, state: &AdminState) -> Option<HttpResponse> {
+    let operators = state.operators.as_ref()?;
+    let cn = match req.conn_data::<PeerIdentity>() {
+        Some(PeerIdentity::Verified(identity)) => identity.cn.clone(),
+        _ => None,
+    };
+    match cn {
+        Some(cn) if operators.contains(&cn) => None,
+        _ => Some(HttpResponse::Unauthorized().json(json!({
+            "message": "an operator certificate ([[operator]] of the network file) is required"
+        }))),
+    }
+}
+
+async fn not_found(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    refused(&req, &state)
+        .unwrap_or_else(|| HttpResponse::NotFound().json(json!({"message": "no such page"})))
+}
+
+/// The process answers.
+async fn health(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    refused(&req, &state).unwrap_or_else(|| {
+        HttpResponse::Ok().json(json!({"status": "ok", "kme": state.me.as_str()}))
+    })
+}
+
+/// Ready to serve keys: the store answers, and every link's neighbour is heard and its link
+/// not down. 503 with the reasons otherwise.
+async fn ready(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Some(refusal) = refused(&req, &state) {
+        return refusal;
+    }
+    let mut reasons = Vec::new();
+    let store = actix::clock::timeout(state.timeout, state.store.send(Exec(WaitingKeys))).await;
+    if !matches!(store, Ok(Ok(Ok(_)))) {
+        reasons.push("the store does not answer".to_string());
+    }
+    for link in &state.links {
+        let view = RouteView {
+            to: link.peer.clone(),
+            max_hops: 1,
+        };
+        match actix::clock::timeout(state.timeout, state.router.send(view)).await {
+            Ok(Ok(Ok(hops))) if hops.iter().all(|h| h.state != Condition::Down) => {}
+            Ok(Ok(Ok(_))) | Ok(Ok(Err(_))) => {
+                reasons.push(format!("the link to {} is down", link.peer));
+            }
+            _ => reasons.push(format!("no state for the link to {}", link.peer)),
+        }
+    }
+    let body = json!({"kme": state.me.as_str(), "ready": reasons.is_empty(), "reasons": reasons});
+    if reasons.is_empty() {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+/// Prometheus text exposition: the counters and histograms kept as things happen, and the
+/// levels the actors own, read now.
+async fn metrics(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Some(refusal) = refused(&req, &state) {
+        return refusal;
+    }
+    let rendered = match levels(&state).await {
+        Ok(levels) => state.metrics.render(&levels),
+        Err(err) => Err(err),
+    };
+    match rendered {
+        Ok(text) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4; charset=utf-8")
+            .body(text),
+        Err(err) => {
+            log::error!("metrics: {err}");
+            HttpResponse::InternalServerError().json(json!({"message": "metrics unavailable"}))
+        }
+    }
+}
+
+/// Gauges of what the actors own, per link end (`peer`), and the database size.
+async fn levels(state: &AdminState) -> Result<Registry, prometheus::Error> {
+    let registry = Registry::new_custom(Some("kme".into()), None)?;
+    let gauge = |name: &str, help: &str, labels: &[&str]| {
+        let family = GaugeVec::new(Opts::new(name, help), labels)?;
+        registry.register(Box::new(family.clone()))?;
+        Ok::<_, prometheus::Error>(family)
+    };
+    let pool_bytes = gauge(
+        "pool_available_bytes",
+        "Key material this end can hand out now",
+        &["peer"],
+    )?;
+    let pool_keys = gauge(
+        "pool_stored_keys",
+        "Keys of the default size the pool holds (ETSI stored_key_count)",
+        &["peer"],
+    )?;
+    let pool_max = gauge(
+        "pool_max_keys",
+        "Most keys the pool holds (ETSI max_key_count)",
+        &["peer"],
+    )?;
+    let link_up = gauge(
+        "link_state",
+        "Link state: 2 up, 1 degraded, 0 down",
+        &["peer"],
+    )?;
+    let qkd = gauge(
+        "qkd",
+        "BB84 link figures: qber, efficiency, sifted_bits_per_s, secret_bits_per_s, auth_windows_left, frames_ok, frames_aborted",
+        &["peer", "figure"],
+    )?;
+    let timeout = state.timeout;
+    for link in &state.links {
+        let peer = link.peer.as_str();
+        if let Ok(Ok(counts)) = actix::clock::timeout(timeout, link.pool.send(PoolStatus)).await {
+            pool_bytes
+                .with_label_values(&[peer])
+                .set(counts.available_bytes as f64);
+            pool_keys
+                .with_label_values(&[peer])
+                .set(counts.stored_key_count as f64);
+            pool_max
+                .with_label_values(&[peer])
+                .set(counts.limits.max_key_count as f64);
+        }
+        let health = actix::clock::timeout(timeout, link.link.health.send(LinkHealth)).await;
+        let Ok(Ok(health)) = health else {
+            continue;
+        };
+        link_up.with_label_values(&[peer]).set(match health.state {
+            Condition::Up => 2.0,
+            Condition::Degraded => 1.0,
+            Condition::Down => 0.0,
+        });
+        if let Some(q) = health.qkd {
+            let figures = [
+                ("qber", q.qber),
+                ("efficiency", q.efficiency),
+                ("sifted_bits_per_s", Some(q.sifted_bits_per_s)),
+                ("secret_bits_per_s", Some(q.secret_bits_per_s)),
+                ("auth_windows_left", Some(q.auth_windows_left as f64)),
+                ("frames_ok", Some(q.frames_ok as f64)),
+                ("frames_aborted", Some(q.frames_aborted as f64)),
+            ];
+            for (figure, value) in figures {
+                if let Some(value) = value {
+                    qkd.with_label_values(&[peer, figure]).set(value);
+                }
+            }
+        }
+    }
+    let db_bytes = prometheus::Gauge::with_opts(Opts::new(
+        "database_bytes",
+        "Size of the SQLite file and its WAL",
+    ))?;
+    registry.register(Box::new(db_bytes.clone()))?;
+    let wal = PathBuf::from(format!("{}-wal", state.db_file.display()));
+    let size = [&state.db_file, &wal]
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum::<u64>();
+    db_bytes.set(size as f64);
+    Ok(registry)
+}

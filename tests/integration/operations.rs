@@ -1,0 +1,145 @@
+//! The operator's listener: `/metrics` (parsed as Prometheus text, checked against known
+//! activity), `/health`, `/ready` (which flips when a link's peer dies), and operator-only
+//! access when it has TLS.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::harness::{dec, enc, keys, Client, LinkOptions, Net};
+
+/// Fetches `url` over plain HTTP; returns its status and body text.
+async fn plain_get(url: &str) -> (u16, String) {
+    let mut response = awc::Client::default().get(url).send().await.unwrap();
+    let body = response.body().await.unwrap();
+    (
+        response.status().as_u16(),
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+/// The samples of kme's `/metrics`, parsed by a Prometheus text parser.
+async fn scrape(net: &Net, kme: &str) -> Vec<prometheus_parse::Sample> {
+    let (code, text) = plain_get(&format!("{}/metrics", net.admin_url(kme))).await;
+    assert_eq!(code, 200, "{text}");
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    prometheus_parse::Scrape::parse(lines).unwrap().samples
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+fn value(samples: &[prometheus_parse::Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    let sample = samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .unwrap_or_else(|| panic!("no {name} {labels:?}"));
+    match sample.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
+        ref other => panic!("{name}: {other:?}"),
+    }
+}
+
+#[actix::test]
+async fn metrics_count_what_happened_and_ready_flips_when_a_peer_dies() {
+    let mut net = Net::start(LinkOptions {
+        admin: Some(false),
+        ..LinkOptions::default()
+    });
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 64).await;
+    let (code, body) = plain_get(&format!("{}/health", net.admin_url("kme-a"))).await;
+    assert_eq!(code, 200, "{body}");
+    let ready = format!("{}/ready", net.admin_url("kme-a"));
+    let (code, body) = plain_get(&ready).await;
+    assert_eq!(code, 200, "{body}");
+
+    let (a, b) = (net.url("kme-a"), net.url("kme-b"));
+    let master = net.client(Some("sae-a"));
+    let mut sent = Vec::new();
+    for _ in 0..3 {
+        let (code, body) = enc(&master, &a, "sae-b", json!({"number": 2})).await;
+        assert_eq!(code, 200, "{body}");
+        sent.extend(keys(&body));
+    }
+    let (code, _) = enc(&master, &a, "sae-b", json!({"number": 0})).await;
+    assert_eq!(code, 400);
+    let (code, _) = net.dec_sent(("sae-b", "kme-b"), "sae-a", &sent[..2]).await;
+    assert_eq!(code, 200);
+    let (code, _) = dec(&net.client(Some("sae-x")), &b, "sae-a", &["x"]).await;
+    assert_eq!(code, 401);
+
+    let at_a = scrape(&net, "kme-a").await;
+    let enc_ok = [("endpoint", "enc_keys"), ("code", "200")];
+    assert_eq!(value(&at_a, "kme_sae_requests_total", &enc_ok), 3.0);
+    assert_eq!(
+        value(&at_a, "kme_sae_keys_total", &[("direction", "delivered")]),
+        6.0
+    );
+    assert_eq!(
+        value(&at_a, "kme_refusals_total", &[("reason", "bad_request")]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &at_a,
+            "kme_audit_records_total",
+            &[("event", "keys_delivered")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        value(&at_a, "kme_pool_max_keys", &[("peer", "kme-b")]),
+        4096.0
+    );
+    assert_eq!(value(&at_a, "kme_link_state", &[("peer", "kme-b")]), 2.0);
+    assert!(value(&at_a, "kme_store_commit_seconds_count", &[]) >= 3.0);
+    assert!(
+        value(
+            &at_a,
+            "kme_peer_request_seconds_count",
+            &[("peer", "kme-b")]
+        ) >= 3.0
+    );
+    assert!(value(&at_a, "kme_database_bytes", &[]) > 0.0);
+    let at_b = scrape(&net, "kme-b").await;
+    assert_eq!(
+        value(&at_b, "kme_sae_keys_total", &[("direction", "retrieved")]),
+        2.0
+    );
+    assert_eq!(
+        value(&at_b, "kme_refusals_total", &[("reason", "unauthorized")]),
+        1.0
+    );
+
+    // kme-b dies: kme-a is not ready any more, and says why.
+    net.stop("kme-b");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (code, body) = plain_get(&ready).await;
+        if code == 503 {
+            break body;
+        }
+        assert_eq!(code, 200, "{body}");
+        assert!(Instant::now() < deadline, "still ready: {body}");
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(body.contains("the link to kme-b is down"), "{body}");
+}
+
+#[actix::test]
+async fn an_admin_listener_with_tls_takes_only_operator_certificates() {
+    let net = Net::start(LinkOptions {
+        admin: Some(true),
+        ..LinkOptions::default()
+    });
+    let health = format!("{}/health", net.admin_url("kme-a"));
+    let operator = net.client(Some("operator")).try_get(&health).await.unwrap();
+    assert_eq!(operator.0, 200, "{:?}", operator.1);
+    for cert in ["sae-a", "kme-b"] {
+        let refused = net.client(Some(cert)).try_get(&health).await.unwrap();
+        assert_eq!(refused.0, 401, "{cert}: {:?}", refused.1);
+    }
+    // No certificate: no TLS session at all.
+    let anonymous: Client = net.client(None);
+    assert!(anonymous.try_get(&health).await.is_none());
+}
