@@ -21,8 +21,10 @@ stop_all() {
     [[ -e "$pidfile" ]] || continue
     pid=$(cat "$pidfile")
     if kill -0 "$pid" 2>/dev/null; then
-      kill "$pid" 2>/dev/null || true
-      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      # SIGTERM: the KME finishes the requests in flight (shutdown_grace_s, default 10 s)
+      # and exits 0; SIGKILL only if it is still there after that and a margin.
+      kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
       kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
       say "stopped $(basename "$pidfile" .pid) (pid $pid)"
     fi

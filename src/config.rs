@@ -68,6 +68,7 @@ struct RawLinkSettings {
     request_timeout_ms: Option<u64>,
     key_ttl_s: Option<u64>,
     route_advert_ms: Option<u64>,
+    shutdown_grace_s: Option<u64>,
     source: Option<String>,
     rate_bits_per_s: Option<u64>,
     block_bytes: Option<usize>,
@@ -128,6 +129,7 @@ impl RawLinkSettings {
             request_timeout_ms: self.request_timeout_ms.or(d.request_timeout_ms),
             key_ttl_s: self.key_ttl_s.or(d.key_ttl_s),
             route_advert_ms: self.route_advert_ms.or(d.route_advert_ms),
+            shutdown_grace_s: self.shutdown_grace_s.or(d.shutdown_grace_s),
             source: self.source.clone().or_else(|| d.source.clone()),
             rate_bits_per_s: self.rate_bits_per_s.or(d.rate_bits_per_s),
             block_bytes: self.block_bytes.or(d.block_bytes),
@@ -246,6 +248,8 @@ pub struct Config {
     pub key_ttl: Duration,
     /// How often each KME sends its link states to its neighbours (relay routing).
     pub route_advert: Duration,
+    /// How long SIGTERM waits for requests in flight before the KME stops anyway.
+    pub shutdown_grace: Duration,
     pub kmes: Vec<KmeSpec>,
     pub sae_homes: HashMap<SaeId, KmeId>,
     /// SAEs identified by certificate fingerprint (SHA-256, lowercase hex) instead of CN.
@@ -277,6 +281,8 @@ pub struct NodeConfig {
     pub request_timeout: Duration,
     pub key_ttl: Duration,
     pub route_advert: Duration,
+    /// How long SIGTERM waits for requests in flight before the KME stops anyway.
+    pub shutdown_grace: Duration,
     pub neighbours: Vec<Neighbour>,
     /// Every link of the network (the static topology relay routes are found in).
     pub links: Vec<(KmeId, KmeId)>,
@@ -356,6 +362,7 @@ impl Config {
             request_timeout: self.request_timeout,
             key_ttl: self.key_ttl,
             route_advert: self.route_advert,
+            shutdown_grace: self.shutdown_grace,
             neighbours,
             links: self
                 .links
@@ -560,10 +567,11 @@ impl Validator<'_> {
             if l.settings.request_timeout_ms.is_some()
                 || l.settings.key_ttl_s.is_some()
                 || l.settings.route_advert_ms.is_some()
+                || l.settings.shutdown_grace_s.is_some()
             {
                 return Err(self.err(
                     "link",
-                    "request_timeout_ms, key_ttl_s and route_advert_ms belong in [defaults]",
+                    "request_timeout_ms, key_ttl_s, route_advert_ms and shutdown_grace_s belong in [defaults]",
                 ));
             }
             let s = l.settings.or(&defaults);
@@ -588,6 +596,9 @@ impl Validator<'_> {
             ),
             route_advert: Duration::from_millis(
                 defaults.route_advert_ms.unwrap_or(500).clamp(50, 60_000),
+            ),
+            shutdown_grace: Duration::from_secs(
+                defaults.shutdown_grace_s.unwrap_or(10).clamp(1, 600),
             ),
             kmes,
             sae_homes,

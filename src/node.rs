@@ -26,6 +26,7 @@ use kme_actors::storage::ops::AppendAudit;
 use kme_actors::storage::sealing::Sealer;
 use kme_actors::storage::store::{Exec, Store};
 use kme_actors::storage::writer::DbWriter;
+use kme_actors::types::KmeId;
 
 use crate::admin_api::{self, AdminState};
 use crate::config::NodeConfig;
@@ -64,6 +65,8 @@ pub struct Node {
     /// The operator's listener (`admin_listen`), if configured.
     pub admin_addr: Option<SocketAddr>,
     servers: Vec<actix_web::dev::Server>,
+    me: KmeId,
+    store: Addr<Store>,
 }
 
 impl Node {
@@ -74,10 +77,19 @@ impl Node {
             .collect()
     }
 
-    /// Runs until both servers stop (SIGINT/SIGTERM, or a handle's `stop`).
+    /// Runs until the servers stop (SIGINT/SIGTERM: they stop taking connections and finish
+    /// the requests in flight, for at most `shutdown_grace_s`; or a handle's `stop`), then
+    /// closes this run's audit trail with `kme_stopped`: the store commits it after
+    /// everything queued before it, so the store is flushed when this returns.
     pub async fn wait(self) -> std::io::Result<()> {
         for result in futures_util::future::join_all(self.servers).await {
             result?;
+        }
+        let record = AuditRecord::new("kme_stopped", serde_json::json!({"kme": self.me}));
+        match self.store.send(Exec(AppendAudit(record))).await {
+            Ok(Ok(_)) => log::info!("{} stopped cleanly", self.me),
+            Ok(Err(err)) => log::warn!("{}: the last audit record failed: {err}", self.me),
+            Err(err) => log::warn!("{}: the store was gone at the stop: {err}", self.me),
         }
         Ok(())
     }
@@ -233,6 +245,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     .on_connect(tls::on_connect)
     .workers(config.me.workers)
     .keep_alive(std::time::Duration::from_secs(30))
+    .shutdown_timeout(config.shutdown_grace.as_secs())
     .listen_openssl(sae_listener, sae_tls)
     .map_err(|source| StartError::Listen {
         addr: sae_addr.to_string(),
@@ -247,6 +260,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     .on_connect(tls::on_connect)
     .workers(1)
     .keep_alive(std::time::Duration::from_secs(60))
+    .shutdown_timeout(config.shutdown_grace.as_secs())
     .listen_openssl(peer_listener, peer_tls)
     .map_err(|source| StartError::Listen {
         addr: peer_addr.to_string(),
@@ -276,6 +290,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
             })
             .workers(1)
             .max_connections(64)
+            .shutdown_timeout(config.shutdown_grace.as_secs())
             .on_connect(tls::on_connect);
             let server = if listen.tls {
                 let acceptor = tls::admin_acceptor(&config.ca, &config.cert, &config.key)?;
@@ -314,6 +329,8 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         peer_addr,
         admin_addr,
         servers,
+        me,
+        store,
     })
 }
 

@@ -422,3 +422,88 @@ async fn a_wrong_or_missing_master_key_refuses_to_start() {
     std::fs::write(&key, original).unwrap();
     start().expect("the right key starts again").stop();
 }
+
+/// SIGTERM (what `make stop` sends) under load: kme-a stops taking requests, answers those in
+/// flight, closes its audit trail and exits 0 within its grace time; every key it answered
+/// 200 for is retrievable at kme-b.
+#[actix::test]
+async fn sigterm_under_load_keeps_every_acknowledged_key_and_exits_0_in_time() {
+    let ports: HashMap<&'static str, (TcpListener, TcpListener)> = KMES
+        .iter()
+        .map(|k| {
+            let bind = || TcpListener::bind("127.0.0.1:0").unwrap();
+            (*k, (bind(), bind()))
+        })
+        .collect();
+    let setup = Setup::new(&LinkOptions::default(), &ports);
+    drop(ports);
+    let mut kme_a = spawn(&setup, "kme-a");
+    let _kme_b = spawn(&setup, "kme-b");
+    let master = Client::new(setup.path(), Some("sae-a"));
+    let slave = Client::new(setup.path(), Some("sae-b"));
+    let (a, b) = (setup.sae_url("kme-a"), setup.sae_url("kme-b"));
+    wait_up(&master, &a).await;
+    wait_up(&slave, &b).await;
+    wait_for_keys(&master, &a, "sae-b", 64).await;
+
+    let answered = Rc::new(Cell::new(0u32));
+    let worker = |answered: Rc<Cell<u32>>| {
+        let (master, url) = (master.clone(), format!("{a}/api/v1/keys/sae-b/enc_keys"));
+        async move {
+            let mut got = Vec::new();
+            // Until kme-a stops answering (bounded: 2000 requests).
+            for _ in 0..2000 {
+                match master.inner_post(&url, &json!({"number": 2})).await {
+                    Some((200, body)) => {
+                        got.extend(keys(&body));
+                        answered.set(answered.get() + 1);
+                    }
+                    Some((503, _)) => actix_web::rt::time::sleep(Duration::from_millis(5)).await,
+                    Some((code, body)) => panic!("enc_keys answered {code}: {body}"),
+                    None => break,
+                }
+            }
+            got
+        }
+    };
+    let workers = (0..8).map(|_| worker(answered.clone()));
+    let terminate = async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while answered.get() < 40 {
+            assert!(Instant::now() < deadline, "no load before the SIGTERM");
+            actix_web::rt::time::sleep(Duration::from_millis(2)).await;
+        }
+        let pid = kme_a.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success());
+        let signalled = Instant::now();
+        // The grace time is 10 s by default; the requests in flight take milliseconds.
+        loop {
+            if let Some(status) = kme_a.child.try_wait().unwrap() {
+                break (status, signalled.elapsed());
+            }
+            assert!(
+                signalled.elapsed() < Duration::from_secs(15),
+                "kme-a did not exit"
+            );
+            actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let (results, (status, took)) =
+        futures_util::join!(futures_util::future::join_all(workers), terminate);
+    assert!(
+        status.success(),
+        "kme-a exited with {status:?} after {took:?}"
+    );
+    let delivered: Vec<(String, String)> = results.into_iter().flatten().collect();
+    assert!(delivered.len() >= 80);
+    for chunk in delivered.chunks(128) {
+        let ids: Vec<&str> = chunk.iter().map(|(id, _)| id.as_str()).collect();
+        let (code, body) = dec(&slave, &b, "sae-a", &ids).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(keys(&body), chunk, "an acknowledged key was lost");
+    }
+    let stopped = db_probe::audit_events(setup.path(), "kme-a", "kme_stopped");
+    assert_eq!(stopped.len(), 1, "the audit trail is closed");
+    audit_verify(&setup, "kme-a");
+}
