@@ -1,4 +1,5 @@
-//! The operator's listener (`admin_listen` of a `[[kme]]`): `/health`, `/ready`, `/metrics`.
+//! The operator's listener (`admin_listen` of a `[[kme]]`): `/health`, `/ready`, `/metrics`,
+//! and `POST /reload` (re-read the network file, see `reload.rs`).
 //!
 //! Over mTLS only operators' certificates (`[[operator]]` CNs of our CA) get in: an SAE or
 //! KME certificate is refused (401); on a loopback address the network file may leave TLS off
@@ -23,6 +24,7 @@ use kme_actors::types::KmeId;
 use prometheus::{GaugeVec, Opts, Registry};
 use serde_json::json;
 
+use crate::reload::Reloader;
 use crate::tls::PeerIdentity;
 
 pub struct AdminState {
@@ -36,12 +38,14 @@ pub struct AdminState {
     /// CNs allowed in when the listener has TLS; None: plain HTTP on loopback.
     pub operators: Option<HashSet<String>>,
     pub timeout: Duration,
+    pub reloader: Arc<Reloader>,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(health))
         .route("/ready", web::get().to(ready))
         .route("/metrics", web::get().to(metrics))
+        .route("/reload", web::post().to(reload))
         .default_service(web::to(not_found));
 }
 
@@ -101,6 +105,18 @@ async fn ready(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+/// Re-reads the network file: 200 with the SAEs added and removed, or 400 with why nothing
+/// changed.
+async fn reload(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Some(refusal) = refused(&req, &state) {
+        return refusal;
+    }
+    match state.reloader.reload().await {
+        Ok(reloaded) => HttpResponse::Ok().json(reloaded),
+        Err(why) => HttpResponse::BadRequest().json(json!({"message": why})),
     }
 }
 

@@ -274,6 +274,8 @@ pub struct Neighbour {
 /// What one `kme` process needs.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
+    /// The network file it was read from (reloads read it again).
+    pub file: PathBuf,
     pub me: KmeSpec,
     pub ca: PathBuf,
     pub cert: PathBuf,
@@ -355,6 +357,7 @@ impl Config {
             });
         }
         Ok(NodeConfig {
+            file: self.file.clone(),
             cert: self.cert_dir.join(format!("{id}.crt")),
             key: self.cert_dir.join(format!("{id}.key")),
             me,

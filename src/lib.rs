@@ -14,6 +14,8 @@
 //! | `error.rs` | the one error → HTTP mapping (400 / 401 / 503, ETSI Error JSON) |
 //! | `ask.rs` | one actor message per request, under a hard timeout |
 //! | `node.rs` | starting one KME (storage, actors, listeners) |
+//! | `reload.rs` | SIGHUP / `POST /reload`: SAEs and their limits re-read without a restart |
+//! | `admin_cli.rs` | `kme admin`: health, ready, metrics, reload from the terminal |
 //! | `admin_api.rs` | the operator's listener: `/health`, `/ready`, `/metrics` |
 //! | `sae_metrics.rs` | metrics middleware of the SAE API (requests, latency, keys, refusals) |
 //! | `sae_cli.rs` | `kme sae`: an ETSI 014 client for scripts (exit codes per answer) |
@@ -21,12 +23,14 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod admin_api;
+pub mod admin_cli;
 pub mod ask;
 pub mod config;
 pub mod error;
 pub mod etsi;
 pub mod node;
 pub mod peer_api;
+pub mod reload;
 pub mod sae_api;
 pub mod sae_cli;
 pub mod sae_metrics;

@@ -1,5 +1,5 @@
-//! The `kme` command: run a KME, check a configuration, act as an SAE (`kme sae`), verify an
-//! audit trail. The benchmarks
+//! The `kme` command: run a KME, check a configuration, act as an SAE (`kme sae`), ask a
+//! KME's operator listener (`kme admin`), verify an audit trail. The benchmarks
 //! are the `kme-bench` command (`bench/`).
 
 use std::path::PathBuf;
@@ -44,6 +44,8 @@ enum Command {
     },
     /// An ETSI 014 SAE client: status, enc, dec, whoami (`kme sae --help`).
     Sae(kme::sae_cli::SaeArgs),
+    /// The operator's listener of a KME: health, ready, metrics, reload (`kme admin --help`).
+    Admin(kme::admin_cli::AdminArgs),
     /// Verify the hash chain of a KME's audit trail.
     AuditVerify {
         #[arg(long)]
@@ -141,6 +143,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sae(args) => Ok(kme::sae_cli::run(args)),
+        Command::Admin(args) => Ok(kme::admin_cli::run(args)),
         Command::AuditVerify { config, kme } => {
             let node = load(config)?.node(&kme).map_err(|err| err.to_string())?;
             let (_, reader) =

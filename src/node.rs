@@ -31,6 +31,7 @@ use kme_actors::types::KmeId;
 use crate::admin_api::{self, AdminState};
 use crate::config::NodeConfig;
 use crate::peer_api::{self, PeerState};
+use crate::reload::Reloader;
 use crate::sae_api::{self, SaeState};
 use crate::sae_metrics;
 use crate::tls;
@@ -50,6 +51,8 @@ pub enum StartError {
     Thread(String),
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error("network file: {0}")]
+    Reload(String),
 }
 
 /// Listeners to use instead of binding the configured addresses (tests bind 127.0.0.1:0).
@@ -223,6 +226,11 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     })
     .start();
 
+    let reloader = Arc::new(
+        Reloader::new(config.file.clone(), registry.clone(), store.clone())
+            .map_err(StartError::Reload)?,
+    );
+    reloader.clone().on_sighup();
     let sae_state = web::Data::new(SaeState {
         me: me.clone(),
         registry: registry.clone(),
@@ -279,6 +287,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
                 router: router.clone(),
                 db_file: config.me.data_dir.join("kme.sqlite"),
                 operators: listen.tls.then(|| config.operators.clone()),
+                reloader: reloader.clone(),
                 timeout: config.request_timeout,
             });
             let listener = bind(listen.addr)?;

@@ -74,6 +74,14 @@ impl SaeQuotas {
         }
     }
 
+    /// New limits per SAE (a reload): the buckets of SAEs whose limits stay keep their
+    /// tokens, the others start full with their new limits.
+    pub fn set_limits(&mut self, per_sae: HashMap<SaeId, SaeLimits>) {
+        self.buckets
+            .retain(|sae, _| per_sae.get(sae) == self.per_sae.get(sae));
+        self.per_sae = per_sae;
+    }
+
     fn limits(&self, sae: &SaeId) -> SaeLimits {
         self.per_sae.get(sae).copied().unwrap_or(self.default)
     }

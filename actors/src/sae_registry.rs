@@ -3,7 +3,8 @@
 //! Owns: certificate identity → SAE ID (the CN by default), SAE → home KME, the KMEs of the
 //! network, and the route to each neighbour (its `KeyPool`, `Link` and ETSI limits).
 //! Handles, one message per HTTP request from the edge: `KeyStatus` (status), `EncKeys`
-//! (enc_keys), `DecKeys` (dec_keys), `Identify` (whoami, and refusals of bad requests), and
+//! (enc_keys), `DecKeys` (dec_keys), `Identify` (whoami, and refusals of bad requests),
+//! `ReloadSaes` (the edge's reloader: SAEs, pinned certificates, rate limits), and
 //! from the KME-to-KME edge `BindFromPeer` (a neighbour's activation batch, which it may send
 //! only for its own SAEs' keys to SAEs of this KME). It
 //! authorises and validates synchronously, then forwards to the actor that owns the answer —
@@ -388,6 +389,39 @@ impl Handler<FullPairs> for SaeRegistry {
 #[rtype(result = "Result<SaeId>")]
 pub struct Identify {
     pub identity: CertIdentity,
+}
+
+/// The SAEs of the network file as re-read (a reload): homes, pinned certificates, rate
+/// limits. Sent by the edge's reloader. Result: the SAEs added and removed at this KME.
+#[derive(Message)]
+#[rtype(result = "(Vec<SaeId>, Vec<SaeId>)")]
+pub struct ReloadSaes {
+    pub homes: HashMap<SaeId, KmeId>,
+    pub pinned: HashMap<String, SaeId>,
+    pub limits: HashMap<SaeId, SaeLimits>,
+}
+
+impl Handler<ReloadSaes> for SaeRegistry {
+    type Result = MessageResult<ReloadSaes>;
+
+    fn handle(&mut self, msg: ReloadSaes, _ctx: &mut Context<Self>) -> Self::Result {
+        let here = |homes: &HashMap<SaeId, KmeId>| -> HashSet<SaeId> {
+            homes
+                .iter()
+                .filter(|(_, kme)| **kme == self.me)
+                .map(|(sae, _)| sae.clone())
+                .collect()
+        };
+        let (before, after) = (here(&self.homes), here(&msg.homes));
+        let mut added: Vec<SaeId> = after.difference(&before).cloned().collect();
+        let mut removed: Vec<SaeId> = before.difference(&after).cloned().collect();
+        added.sort();
+        removed.sort();
+        self.homes = msg.homes;
+        self.pinned = msg.pinned;
+        self.quotas.set_limits(msg.limits);
+        MessageResult((added, removed))
+    }
 }
 
 impl Handler<Identify> for SaeRegistry {

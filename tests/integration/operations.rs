@@ -143,3 +143,82 @@ async fn an_admin_listener_with_tls_takes_only_operator_certificates() {
     let anonymous: Client = net.client(None);
     assert!(anonymous.try_get(&health).await.is_none());
 }
+
+/// `kme admin --kme <kme> <args>` on the test network; returns its exit code and what it
+/// printed.
+fn kme_admin(net: &Net, kme: &str, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kme"))
+        .arg("admin")
+        .arg("--config")
+        .arg(net.setup.config_file())
+        .args(["--kme", kme, "--url", &net.admin_url(kme)])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Reload without restart: an SAE added to the network file gets keys, one removed gets 401,
+/// and a file that changes what needs a restart (or does not parse) changes nothing.
+#[actix::test]
+async fn a_reload_adds_and_removes_saes_and_a_bad_file_changes_nothing() {
+    let net = Net::start(LinkOptions {
+        admin: Some(false),
+        ..LinkOptions::default()
+    });
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 16).await;
+    let (a, b) = (net.url("kme-a"), net.url("kme-b"));
+    let newcomer = net.client(Some("sae-x"));
+    let (code, _) = enc(&newcomer, &a, "sae-b", json!({})).await;
+    assert_eq!(code, 401, "sae-x is not in the network file yet");
+
+    let file = net.setup.config_file();
+    let original = std::fs::read_to_string(&file).unwrap();
+    let removed = "[[sae]]\nid = \"sae-b2\"\nkme = \"kme-b\"\n";
+    assert!(original.contains(removed));
+    let edited = original.replace(removed, "") + "[[sae]]\nid = \"sae-x\"\nkme = \"kme-a\"\n";
+    std::fs::write(&file, &edited).unwrap();
+    let (code, out) = kme_admin(&net, "kme-a", &["reload"]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "reloaded: SAEs added: sae-x; removed: none")
+    );
+    let (code, out) = kme_admin(&net, "kme-b", &["--json", "reload"]);
+    assert_eq!(code, 0, "{out}");
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["removed"], json!(["sae-b2"]));
+
+    let (code, body) = enc(&newcomer, &a, "sae-b", json!({})).await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = net
+        .dec_sent(("sae-b", "kme-b"), "sae-x", &keys(&body))
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let (code, _) = enc(&net.client(Some("sae-b2")), &b, "sae-a", json!({})).await;
+    assert_eq!(code, 401, "sae-b2 is gone");
+
+    // A link setting changed: refused whole, naming it; nothing changes.
+    let relinked = edited.replace("max_key_count = 4096", "max_key_count = 100");
+    std::fs::write(&file, relinked.replace("id = \"sae-x\"", "id = \"sae-y\"")).unwrap();
+    let refusal = || async {
+        let reload = format!("{}/reload", net.admin_url("kme-a"));
+        let mut response = awc::Client::default().post(&reload).send().await.unwrap();
+        let answer: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(response.status().as_u16(), 400, "{answer}");
+        answer["message"].as_str().unwrap().to_string()
+    };
+    let why = refusal().await;
+    assert!(
+        why.contains("`link` changed") && why.contains("nothing changed"),
+        "{why}"
+    );
+    // Not even a network file: the same.
+    std::fs::write(&file, "this is [not toml").unwrap();
+    let why = refusal().await;
+    assert!(why.contains("nothing changed"), "{why}");
+    let (code, body) = enc(&newcomer, &a, "sae-b", json!({})).await;
+    assert_eq!(code, 200, "sae-x still works: {body}");
+}
