@@ -5,7 +5,7 @@ KME := target/release/kme
 KME_BENCH := target/release/kme-bench
 
 .DEFAULT_GOAL := help
-.PHONY: help build build-bench certs run start stop demo test lint fmt bench bench-link bench-live-link clean
+.PHONY: help build build-bench certs run start stop demo deps test lint fmt bench bench-link bench-live-link clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-16s %s\n",$$1,$$2}'
@@ -31,7 +31,13 @@ stop: ## stop a network started in the background, by its recorded PIDs
 demo: ## scripted SAE session with curl against the running default network
 	@scripts/demo.sh
 
-test: ## fmt check + clippy -D warnings + all tests (what CI runs)
+# apt as root, else through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+deps: ## install what the tests need beyond Rust, if missing: Debian's chromium (the dashboard's browser test)
+	@command -v $${KME_CHROMIUM:-chromium} >/dev/null 2>&1 || { 	  echo "make deps: installing chromium (Debian package) for the dashboard's browser test"; 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+
+test: deps ## fmt check + clippy -D warnings + all tests (what CI runs)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace

@@ -1,5 +1,7 @@
 //! The operator's listener (`admin_listen` of a `[[kme]]`): `/health`, `/ready`, `/metrics`,
-//! and `POST /reload` (re-read the network file, see `reload.rs`).
+//! `POST /reload` (re-read the network file, see `reload.rs`), and the live dashboard: `/`
+//! (`dashboard.html`) drawing `/api/network` (every KME and link as this KME sees them, the
+//! SAEs, the latest audit records).
 //!
 //! Over mTLS only operators' certificates (`[[operator]]` CNs of our CA) get in: an SAE or
 //! KME certificate is refused (401); on a loopback address the network file may leave TLS off
@@ -17,8 +19,9 @@ use kme_actors::key_pool::PoolStatus;
 use kme_actors::link::key_source::Condition;
 use kme_actors::link::LinkHealth;
 use kme_actors::metrics::Metrics;
-use kme_actors::relay::router::{OwnLink, RouteView, Router};
-use kme_actors::storage::ops::WaitingKeys;
+use kme_actors::relay::router::{NetworkView, OwnLink, RouteView, Router};
+use kme_actors::sae_registry::{ListSaes, SaeRegistry};
+use kme_actors::storage::ops::{RecentEvents, WaitingKeys};
 use kme_actors::storage::store::{Exec, Store};
 use kme_actors::types::KmeId;
 use prometheus::{GaugeVec, Opts, Registry};
@@ -39,10 +42,18 @@ pub struct AdminState {
     pub operators: Option<HashSet<String>>,
     pub timeout: Duration,
     pub reloader: Arc<Reloader>,
+    pub registry: Addr<SaeRegistry>,
 }
 
+/// The live dashboard (plain HTML and JS; it polls `/api/network`).
+const DASHBOARD: &str = include_str!("dashboard.html");
+/// Audit records shown on the dashboard.
+const RECENT_EVENTS: u32 = 20;
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/health", web::get().to(health))
+    cfg.route("/", web::get().to(dashboard))
+        .route("/api/network", web::get().to(network))
+        .route("/health", web::get().to(health))
         .route("/ready", web::get().to(ready))
         .route("/metrics", web::get().to(metrics))
         .route("/reload", web::post().to(reload))
@@ -67,6 +78,49 @@ fn refused(req: &HttpRequest, state: &AdminState) -> Option<HttpResponse> {
 async fn not_found(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
     refused(&req, &state)
         .unwrap_or_else(|| HttpResponse::NotFound().json(json!({"message": "no such page"})))
+}
+
+async fn dashboard(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    refused(&req, &state).unwrap_or_else(|| {
+        HttpResponse::Ok()
+            .content_type("text/html; charset=utf-8")
+            .body(DASHBOARD)
+    })
+}
+
+/// The network as this KME sees it: KMEs, links (state, pool fill per end, QBER, secret
+/// rate), SAEs, and the latest audit records.
+async fn network(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Some(refusal) = refused(&req, &state) {
+        return refusal;
+    }
+    let timeout = state.timeout;
+    let view = actix::clock::timeout(timeout, state.router.send(NetworkView)).await;
+    let Ok(Ok((kmes, links))) = view else {
+        return HttpResponse::ServiceUnavailable()
+            .json(json!({"message": "the router does not answer"}));
+    };
+    let saes = match actix::clock::timeout(timeout, state.registry.send(ListSaes)).await {
+        Ok(Ok(saes)) => saes,
+        _ => Vec::new(),
+    };
+    let recent = RecentEvents {
+        limit: RECENT_EVENTS,
+    };
+    let events = match actix::clock::timeout(timeout, state.store.send(Exec(recent))).await {
+        Ok(Ok(Ok(events))) => events,
+        _ => Vec::new(),
+    };
+    HttpResponse::Ok().json(json!({
+        "kme": state.me,
+        "kmes": kmes,
+        "links": links,
+        "saes": saes
+            .iter()
+            .map(|(sae, kme, keys)| json!({"sae": sae, "kme": kme, "keys": keys}))
+            .collect::<Vec<_>>(),
+        "events": events,
+    }))
 }
 
 /// The process answers.

@@ -239,7 +239,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     });
     let peer_state = web::Data::new(PeerState {
         neighbours: ends,
-        registry,
+        registry: registry.clone(),
         router: router.clone(),
         relay,
         timeout: config.request_timeout,
@@ -288,6 +288,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
                 db_file: config.me.data_dir.join("kme.sqlite"),
                 operators: listen.tls.then(|| config.operators.clone()),
                 reloader: reloader.clone(),
+                registry: registry.clone(),
                 timeout: config.request_timeout,
             });
             let listener = bind(listen.addr)?;

@@ -62,6 +62,8 @@ pub struct SaeQuotas {
     per_sae: HashMap<SaeId, SaeLimits>,
     buckets: HashMap<SaeId, Buckets>,
     clock: DefaultClock,
+    /// Keys admitted per SAE since the start (asked for by enc_keys, retrieved by dec_keys).
+    usage: HashMap<SaeId, u64>,
 }
 
 impl SaeQuotas {
@@ -71,6 +73,7 @@ impl SaeQuotas {
             per_sae,
             buckets: HashMap::new(),
             clock: DefaultClock::default(),
+            usage: HashMap::new(),
         }
     }
 
@@ -84,6 +87,11 @@ impl SaeQuotas {
 
     fn limits(&self, sae: &SaeId) -> SaeLimits {
         self.per_sae.get(sae).copied().unwrap_or(self.default)
+    }
+
+    /// Keys admitted for `sae` since the start.
+    pub fn usage(&self, sae: &SaeId) -> u64 {
+        self.usage.get(sae).copied().unwrap_or(0)
     }
 
     /// `max_waiting_keys` of master SAE `sae` (of any KME).
@@ -121,7 +129,10 @@ impl SaeQuotas {
         let limit = self.limits(sae).keys_per_s;
         let now = self.clock.now();
         match self.buckets(sae).keys.check_n(keys) {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                *self.usage.entry(sae.clone()).or_default() += u64::from(keys.get());
+                Ok(())
+            }
             Ok(Err(not_until)) => Err(over(
                 sae,
                 format!("keys_per_s ({limit} keys/s)"),

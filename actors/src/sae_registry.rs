@@ -4,7 +4,8 @@
 //! network, and the route to each neighbour (its `KeyPool`, `Link` and ETSI limits).
 //! Handles, one message per HTTP request from the edge: `KeyStatus` (status), `EncKeys`
 //! (enc_keys), `DecKeys` (dec_keys), `Identify` (whoami, and refusals of bad requests),
-//! `ReloadSaes` (the edge's reloader: SAEs, pinned certificates, rate limits), and
+//! `ReloadSaes` (the edge's reloader: SAEs, pinned certificates, rate limits), `ListSaes`
+//! (dashboards), and
 //! from the KME-to-KME edge `BindFromPeer` (a neighbour's activation batch, which it may send
 //! only for its own SAEs' keys to SAEs of this KME). It
 //! authorises and validates synchronously, then forwards to the actor that owns the answer —
@@ -421,6 +422,26 @@ impl Handler<ReloadSaes> for SaeRegistry {
         self.pinned = msg.pinned;
         self.quotas.set_limits(msg.limits);
         MessageResult((added, removed))
+    }
+}
+
+/// Every SAE of the network, its KME, and the keys admitted for it here since the start
+/// (enc_keys asked, dec_keys retrieved), sorted (dashboards). Sent by the admin edge.
+#[derive(Message)]
+#[rtype(result = "Vec<(SaeId, KmeId, u64)>")]
+pub struct ListSaes;
+
+impl Handler<ListSaes> for SaeRegistry {
+    type Result = MessageResult<ListSaes>;
+
+    fn handle(&mut self, _msg: ListSaes, _ctx: &mut Context<Self>) -> Self::Result {
+        let mut saes: Vec<(SaeId, KmeId, u64)> = self
+            .homes
+            .iter()
+            .map(|(sae, kme)| (sae.clone(), kme.clone(), self.quotas.usage(sae)))
+            .collect();
+        saes.sort();
+        MessageResult(saes)
     }
 }
 

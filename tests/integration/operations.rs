@@ -222,3 +222,86 @@ async fn a_reload_adds_and_removes_saes_and_a_bad_file_changes_nothing() {
     let (code, body) = enc(&newcomer, &a, "sae-b", json!({})).await;
     assert_eq!(code, 200, "sae-x still works: {body}");
 }
+
+/// Headless Chromium (`KME_CHROMIUM`, else `chromium`), as `make deps` installs it.
+fn chromium() -> String {
+    std::env::var("KME_CHROMIUM").unwrap_or_else(|_| "chromium".into())
+}
+
+/// The DOM of `url` after its scripts ran for a few (virtual) seconds, and a screenshot of it
+/// to `screenshot` if given.
+fn render(url: &str, screenshot: Option<&std::path::Path>) -> String {
+    let mut command = std::process::Command::new(chromium());
+    command.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1280,900",
+        "--virtual-time-budget=3000",
+    ]);
+    match screenshot {
+        Some(file) => command.arg(format!("--screenshot={}", file.display())),
+        None => command.arg("--dump-dom"),
+    };
+    let out = command
+        .arg(url)
+        .output()
+        .expect("chromium (make deps installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The dashboard in a real browser: it shows every KME and every link with its state, and a
+/// KME that stops shows as its links going down within seconds. A screenshot of it goes to
+/// `var/dashboard.png`.
+#[actix::test]
+async fn the_dashboard_shows_the_network_live_in_a_browser() {
+    let mut net = Net::start(LinkOptions {
+        admin: Some(false),
+        ..LinkOptions::default()
+    });
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 16).await;
+    net.wait_for_keys("sae-b", "kme-b", "sae-c", 16).await;
+    let url = format!("{}/", net.admin_url("kme-a"));
+    let dom = render(&url, None);
+    for kme in ["kme-a", "kme-b", "kme-c"] {
+        assert!(
+            dom.contains(&format!("data-kme=\"{kme}\"")),
+            "{kme} missing: {dom}"
+        );
+    }
+    for link in ["kme-a—kme-b", "kme-b—kme-c"] {
+        let up = format!("data-link=\"{link}\" data-state=\"up\"");
+        assert!(dom.contains(&up), "{link} not shown up: {dom}");
+    }
+    assert!(dom.contains("sae-b2"), "the SAEs are listed");
+
+    net.stop("kme-c");
+    let down = "data-link=\"kme-b—kme-c\" data-state=\"down\"";
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let dom = render(&url, None);
+        if dom.contains(down) {
+            assert!(dom.contains("data-link=\"kme-a—kme-b\" data-state=\"up\""));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kme-b — kme-c never shown down: {dom}"
+        );
+        actix_rt::time::sleep(Duration::from_millis(500)).await;
+    }
+    let var = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("var");
+    std::fs::create_dir_all(&var).unwrap();
+    let shot = var.join("dashboard.png");
+    render(&url, Some(&shot));
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "a real screenshot"
+    );
+}

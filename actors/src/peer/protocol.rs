@@ -52,6 +52,11 @@ pub struct LinkReport {
     pub available_bytes: u64,
     /// The most its pool holds (`max_key_count` x `key_size`).
     pub capacity_bytes: u64,
+    /// BB84 links: QBER of the last frame measured, and the secret key rate (dashboards).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qber: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_bits_per_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

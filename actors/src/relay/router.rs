@@ -175,19 +175,21 @@ impl Router {
     }
 
     /// The state of the hop `from → to` and what `from` can send over it.
-    fn hop(&self, from: &KmeId, to: &KmeId) -> HopView {
-        let report = |origin: &KmeId, peer: &KmeId| {
-            let reports = if *origin == self.me {
-                self.own_reports.get(peer)
-            } else {
-                self.current_news()
-                    .find(|a| a.origin == *origin)
-                    .and_then(|a| a.links.iter().find(|l| l.peer == *peer))
-            };
-            reports.cloned()
+    /// What `origin` last said about its end of the link to `peer`.
+    fn report(&self, origin: &KmeId, peer: &KmeId) -> Option<LinkReport> {
+        let report = if *origin == self.me {
+            self.own_reports.get(peer)
+        } else {
+            self.current_news()
+                .find(|a| a.origin == *origin)
+                .and_then(|a| a.links.iter().find(|l| l.peer == *peer))
         };
-        let sender = report(from, to);
-        let receiver = report(to, from);
+        report.cloned()
+    }
+
+    fn hop(&self, from: &KmeId, to: &KmeId) -> HopView {
+        let sender = self.report(from, to);
+        let receiver = self.report(to, from);
         let mut state = worst(
             sender.as_ref().map_or(Condition::Up, |r| r.state),
             receiver.as_ref().map_or(Condition::Up, |r| r.state),
@@ -328,20 +330,26 @@ impl Router {
             for link in &own {
                 let counts = link.pool.send(PoolStatus).await;
                 let health = link.link.health.send(LinkHealth).await;
-                let (state, available_bytes, capacity_bytes) = match (counts, health) {
-                    (Ok(counts), Ok(health)) => (
-                        health.state,
-                        counts.available_bytes,
-                        counts.limits.max_key_count * u64::from(counts.limits.key_size / 8),
-                    ),
-                    _ => (Condition::Down, 0, 0),
+                let report = match (counts, health) {
+                    (Ok(counts), Ok(health)) => LinkReport {
+                        peer: link.peer.clone(),
+                        state: health.state,
+                        available_bytes: counts.available_bytes,
+                        capacity_bytes: counts.limits.max_key_count
+                            * u64::from(counts.limits.key_size / 8),
+                        qber: health.qkd.as_ref().and_then(|q| q.qber),
+                        secret_bits_per_s: health.qkd.map(|q| q.secret_bits_per_s),
+                    },
+                    _ => LinkReport {
+                        peer: link.peer.clone(),
+                        state: Condition::Down,
+                        available_bytes: 0,
+                        capacity_bytes: 0,
+                        qber: None,
+                        secret_bits_per_s: None,
+                    },
                 };
-                reports.push(LinkReport {
-                    peer: link.peer.clone(),
-                    state,
-                    available_bytes,
-                    capacity_bytes,
-                });
+                reports.push(report);
             }
             reports
         };
@@ -504,6 +512,59 @@ impl Handler<TopologyFromPeer> for Router {
     }
 }
 
+/// One link of the network file as this KME sees it (dashboards, `kme admin network`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LinkView {
+    pub ends: [KmeId; 2],
+    /// The worse of what the two ends report (and down if a neighbour of this KME is silent).
+    pub state: Condition,
+    /// Each end's pool fill (available / capacity), when known.
+    pub fill: [Option<f64>; 2],
+    pub qber: Option<f64>,
+    pub secret_bits_per_s: Option<f64>,
+}
+
+/// Every KME and link of the network with their states now. Sent by the admin edge.
+#[derive(Message)]
+#[rtype(result = "(Vec<KmeId>, Vec<LinkView>)")]
+pub struct NetworkView;
+
+impl Handler<NetworkView> for Router {
+    type Result = MessageResult<NetworkView>;
+
+    fn handle(&mut self, _msg: NetworkView, _ctx: &mut Context<Self>) -> Self::Result {
+        let mut kmes: Vec<KmeId> = self.kmes.iter().cloned().collect();
+        kmes.sort();
+        let links = self
+            .hops
+            .iter()
+            .filter(|(a, b)| a < b)
+            .map(|(a, b)| {
+                let (ab, ba) = (self.hop(a, b), self.hop(b, a));
+                let fill = |h: &HopView| match (h.available_bytes, h.capacity_bytes) {
+                    (Some(available), Some(capacity)) if capacity > 0 => {
+                        Some(available as f64 / capacity as f64)
+                    }
+                    _ => None,
+                };
+                let figure = |pick: fn(&LinkReport) -> Option<f64>| {
+                    [(a, b), (b, a)]
+                        .iter()
+                        .find_map(|(from, to)| self.report(from, to).as_ref().and_then(pick))
+                };
+                LinkView {
+                    ends: [a.clone(), b.clone()],
+                    state: worst(ab.state, ba.state),
+                    fill: [fill(&ab), fill(&ba)],
+                    qber: figure(|r| r.qber),
+                    secret_bits_per_s: figure(|r| r.secret_bits_per_s),
+                }
+            })
+            .collect();
+        MessageResult((kmes, links))
+    }
+}
+
 /// The pairs whose slave is an SAE of each KME (`by_origin`) and that are at their cap on
 /// waiting keys there, as the newest news says. Sent every round to the subscriber
 /// (`SaeRegistry`), which checks each pair's slave is the origin's own.
@@ -564,6 +625,8 @@ mod tests {
                     state: *state,
                     available_bytes: *available_bytes,
                     capacity_bytes: 1 << 30,
+                    qber: None,
+                    secret_bits_per_s: None,
                 })
                 .collect(),
             full_pairs: Vec::new(),
@@ -701,6 +764,8 @@ mod tests {
             state: Condition::Up,
             available_bytes: 1 << 20,
             capacity_bytes: 1 << 30,
+            qber: None,
+            secret_bits_per_s: None,
         };
         let advert = r.own_advert(vec![up("b"), up("d")]);
         let states: Vec<Condition> = advert.links.iter().map(|l| l.state).collect();

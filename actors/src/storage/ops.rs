@@ -363,6 +363,41 @@ impl Operation for WaitingKeys {
     }
 }
 
+/// One audit record, as the dashboard shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RecentEvent {
+    pub id: i64,
+    pub at_ms: i64,
+    pub event: String,
+    pub detail: String,
+}
+
+/// The newest `limit` audit records, newest first.
+pub struct RecentEvents {
+    pub limit: u32,
+}
+
+impl Operation for RecentEvents {
+    type Output = Vec<RecentEvent>;
+
+    fn apply(self, txn: &mut Txn<'_>) -> Result<Self::Output> {
+        let mut rows = txn.tx.prepare_cached(
+            "SELECT id, at_ms, event, detail FROM audit ORDER BY id DESC LIMIT ?1",
+        )?;
+        let events = rows
+            .query_map(params![self.limit], |r| {
+                Ok(RecentEvent {
+                    id: r.get(0)?,
+                    at_ms: r.get(1)?,
+                    event: r.get(2)?,
+                    detail: r.get(3)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(events)
+    }
+}
+
 /// Delete keys bound before `created_before_ms` that some slave never retrieved (at most a
 /// chunk per sweep). Output: how many were deleted.
 pub struct ExpireKeys {
