@@ -17,8 +17,36 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(name = "kme", version, about = "ETSI GS QKD 014 Key Management Entity")]
 struct Cli {
+    /// Log lines as text (default) or as JSON objects, one per line (for log shippers).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// env_logger (level from `RUST_LOG`, default info), as text or one JSON object per line:
+/// `{"ts": ..., "level": ..., "target": ..., "message": ...}`.
+fn init_logs(format: LogFormat) {
+    let mut logs = env_logger::Builder::from_env(env_logger::Env::new().default_filter_or("info"));
+    if let LogFormat::Json = format {
+        logs.format(|out, record| {
+            use std::io::Write;
+            let line = serde_json::json!({
+                "ts": out.timestamp_millis().to_string(),
+                "level": record.level().as_str(),
+                "target": record.target(),
+                "message": record.args().to_string(),
+            });
+            writeln!(out, "{line}")
+        });
+    }
+    logs.init();
 }
 
 #[derive(Subcommand)]
@@ -56,8 +84,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    env_logger::init_from_env(env_logger::Env::new().default_filter_or("info"));
-    match run(Cli::parse().command) {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match run(cli.command) {
         Ok(code) => code,
         Err(message) => {
             eprintln!("kme: {message}");

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::Addr;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use base64::Engine;
 use futures_util::StreamExt;
 use kme_actors::metrics::Metrics;
@@ -23,6 +23,7 @@ use uuid::Uuid;
 use crate::ask::ask_ok;
 use crate::error::ApiError;
 use crate::etsi::{self, KeyContainer, KeyEntry, KeyIds, KeyQuery, KeyRequest, Object, Status};
+use crate::sae_metrics::RequestId;
 use crate::tls::PeerIdentity;
 
 /// Largest request body read; anything larger is refused with 400 before it is parsed.
@@ -80,6 +81,14 @@ async fn unsupported(req: HttpRequest, payload: web::Payload) -> Result<HttpResp
         req.method(),
         req.path()
     )))
+}
+
+/// The request's ID (`X-Request-Id`, set by the metrics middleware): it also names the keys'
+/// delivery and relay in the actors' logs and audit records.
+fn request_id(req: &HttpRequest) -> Uuid {
+    req.extensions()
+        .get::<RequestId>()
+        .map_or_else(Uuid::new_v4, |id| id.0)
 }
 
 /// The verified certificate identity of the caller, or 401.
@@ -205,7 +214,14 @@ async fn enc_keys_get(
         size: query.size,
         ..KeyRequest::default()
     });
-    enc_keys(identity, path.into_inner(), request, &state).await
+    enc_keys(
+        identity,
+        path.into_inner(),
+        request,
+        request_id(&req),
+        &state,
+    )
+    .await
 }
 
 async fn enc_keys_post(
@@ -219,7 +235,14 @@ async fn enc_keys_post(
         .await
         .and_then(|body| parse_json::<Object<KeyRequest>>(&body))
         .map(|request| request.0);
-    enc_keys(identity, path.into_inner(), request, &state).await
+    enc_keys(
+        identity,
+        path.into_inner(),
+        request,
+        request_id(&req),
+        &state,
+    )
+    .await
 }
 
 /// The route policy of `extension_mandatory`: the vendor extensions `kme_route_type`
@@ -286,6 +309,7 @@ async fn enc_keys(
     identity: CertIdentity,
     slave: String,
     request: Result<KeyRequest, ApiError>,
+    request_id: Uuid,
     state: &SaeState,
 ) -> Result<HttpResponse, ApiError> {
     let (request, additional, policy) = match request.and_then(prepare) {
@@ -298,7 +322,7 @@ async fn enc_keys(
         additional,
         number: request.number,
         size: request.size,
-        request_id: Uuid::new_v4(),
+        request_id,
         policy,
         deadline: Instant::now() + state.timeout,
     };

@@ -14,8 +14,8 @@ use serde_json::json;
 use super::db_probe;
 use super::harness::{audit_verify, dec, enc, keys, Client, LinkOptions, Setup, KMES};
 
-struct Process {
-    child: Child,
+pub(super) struct Process {
+    pub(super) child: Child,
 }
 
 impl Drop for Process {
@@ -26,8 +26,14 @@ impl Drop for Process {
 }
 
 fn spawn(setup: &Setup, kme: &str) -> Process {
+    spawn_with(setup, kme, &[])
+}
+
+/// `kme <args> run` for `kme` of `setup`, its log (stderr) in `<kme>.log` of the setup.
+pub(super) fn spawn_with(setup: &Setup, kme: &str, args: &[&str]) -> Process {
     let log = std::fs::File::create(setup.path().join(format!("{kme}.log"))).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_kme"))
+        .args(args)
         .args(["run", "--config"])
         .arg(setup.config_file())
         .args(["--kme", kme])
@@ -38,7 +44,7 @@ fn spawn(setup: &Setup, kme: &str) -> Process {
     Process { child }
 }
 
-async fn wait_up(client: &Client, url: &str) {
+pub(super) async fn wait_up(client: &Client, url: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if let Some((200, _)) = client.try_get(&format!("{url}/api/v1/sae/info/me")).await {

@@ -305,3 +305,56 @@ async fn the_dashboard_shows_the_network_live_in_a_browser() {
         "a real screenshot"
     );
 }
+
+/// Every SAE request gets an ID (`X-Request-Id`); a refusal the KME is to blame for is logged
+/// with it, and `--log-format json` makes each log line one JSON object.
+#[actix::test]
+async fn logs_can_be_json_lines_naming_the_request_id_of_a_refusal() {
+    let ports: std::collections::HashMap<_, _> = super::harness::KMES
+        .iter()
+        .map(|k| {
+            let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            (*k, (bind(), bind()))
+        })
+        .collect();
+    let setup = super::harness::Setup::new(&LinkOptions::default(), &ports);
+    drop(ports);
+    // kme-a alone: its link to kme-b never comes up, so keys for sae-b are refused (503).
+    let _kme_a = super::crash::spawn_with(&setup, "kme-a", &["--log-format", "json"]);
+    let master = Client::new(setup.path(), Some("sae-a"));
+    let a = setup.sae_url("kme-a");
+    super::crash::wait_up(&master, &a).await;
+    let (code, body, headers) = master
+        .post_with_headers(&format!("{a}/api/v1/keys/sae-b/enc_keys"), &json!({}))
+        .await;
+    assert_eq!(code, 503, "{body}");
+    let id = headers
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 4);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = std::fs::read_to_string(setup.path().join("kme-a.log")).unwrap();
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+            .collect();
+        assert!(lines
+            .iter()
+            .all(|l| l["level"].is_string() && l["ts"].is_string()));
+        let named = lines.iter().any(|l| {
+            l["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("request {id}"))
+        });
+        if named {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no log line names {id}: {log}");
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    }
+}
