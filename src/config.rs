@@ -10,6 +10,7 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kme_actors::alerts::AlertSettings;
 use kme_actors::sae_quota::SaeLimits;
 use kme_actors::types::{Bb84Settings, KeyLimits, KmeId, LinkParams, SaeId, SourceKind};
 use kme_bb84::channel::ChannelParams;
@@ -52,6 +53,16 @@ struct RawConfig {
     link: Vec<RawLink>,
     #[serde(default)]
     operator: Vec<RawOperator>,
+    alerts: Option<RawAlerts>,
+}
+
+/// `[alerts]`: where each KME sends events that need an operator.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    webhook_url: String,
+    pool_low_percent: Option<u64>,
+    auth_windows_low: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -261,6 +272,8 @@ pub struct Config {
     pub sae_limits: HashMap<SaeId, SaeLimits>,
     /// Certificate CNs allowed on admin listeners with TLS (`[[operator]]`).
     pub operators: HashSet<String>,
+    /// `[alerts]`: the operator's webhook, if any.
+    pub alerts: Option<AlertSettings>,
 }
 
 /// One neighbour as seen from a KME.
@@ -295,6 +308,7 @@ pub struct NodeConfig {
     /// Rate limits of every SAE (those of other KMEs' SAEs for `max_waiting_keys`).
     pub sae_limits: HashMap<SaeId, SaeLimits>,
     pub operators: HashSet<String>,
+    pub alerts: Option<AlertSettings>,
 }
 
 impl Config {
@@ -378,6 +392,7 @@ impl Config {
             local_limits: self.local_limits,
             sae_limits: self.sae_limits.clone(),
             operators: self.operators.clone(),
+            alerts: self.alerts.clone(),
         })
     }
 }
@@ -610,6 +625,23 @@ impl Validator<'_> {
             local_limits,
             sae_limits,
             operators,
+            alerts: raw.alerts.as_ref().map(|a| self.alerts(a)).transpose()?,
+        })
+    }
+
+    fn alerts(&self, raw: &RawAlerts) -> Result<AlertSettings, ConfigError> {
+        let url = raw.webhook_url.trim_end_matches('/');
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(self.err("alerts.webhook_url", "must be an http:// or https:// URL"));
+        }
+        let pool_low_percent = raw.pool_low_percent.unwrap_or(10);
+        if pool_low_percent > 50 {
+            return Err(self.err("alerts.pool_low_percent", "must be at most 50"));
+        }
+        Ok(AlertSettings {
+            webhook_url: url.to_string(),
+            pool_low_percent,
+            auth_windows_low: raw.auth_windows_low.unwrap_or(4),
         })
     }
 

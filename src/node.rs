@@ -12,6 +12,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpServer};
+use kme_actors::alerts::Alerts;
 use kme_actors::metrics::Metrics;
 use kme_actors::peer::peer_link::PeerLink;
 use kme_actors::relay::router::{OwnLink, Router};
@@ -196,6 +197,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         routes.push(started.route);
     }
     let admin_links = own_links.clone();
+    let alert_links = own_links.clone();
     let router = Router::new(
         me.clone(),
         &config.links,
@@ -204,6 +206,9 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         epoch,
     )
     .start();
+    if let Some(settings) = config.alerts.clone() {
+        Alerts::new(me.clone(), settings, alert_links, router.clone()).start();
+    }
     // Held keys of a relay wait for its release at most twice the request timeout.
     let relay = Relay::new(store.clone(), hops, config.request_timeout * 2).start();
     let registry = SaeRegistry::new(

@@ -14,6 +14,7 @@
 //! | `relay/transport.rs` | `Relay` | relays and multicasts passing through this KME, release and abort |
 //! | `storage/store.rs` | `Store` | group commit in front of the writer |
 //! | `storage/writer.rs` | `DbWriter` (SyncArbiter of 1) | the SQLite write connection |
+//! | `alerts.rs` | `Alerts` | link and pool states last seen, the webhook's queue of events |
 //! | `storage/checkpointer.rs` | `DbCheckpointer` (SyncArbiter of 1) | WAL checkpoints off the writer's path |
 //!
 //! A folder per subsystem: `link/` (the `Link`, the `KeySource` trait it drives in
@@ -27,6 +28,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod alerts;
 pub mod error;
 pub mod key_pool;
 pub mod link;

@@ -91,6 +91,8 @@ pub struct LinkOptions {
     pub route_advert_ms: Option<u64>,
     /// An admin listener on every KME (127.0.0.1, a free port): Some(with TLS?).
     pub admin: Option<bool>,
+    /// `[alerts]` lines of the network file (the operator's webhook).
+    pub alerts: Option<String>,
     /// (link ends, TOML lines): more settings of one `[[link]]` (e.g. its own limits).
     pub link_extra: Vec<([&'static str; 2], &'static str)>,
     /// (SAE, TOML lines): rate limits of that SAE (`requests_per_s`, `keys_per_s`).
@@ -129,6 +131,7 @@ impl Default for LinkOptions {
             sae_limits: Vec::new(),
             link_extra: Vec::new(),
             admin: None,
+            alerts: None,
         }
     }
 }
@@ -224,6 +227,9 @@ fn network_file(
         }
     }
     text += "[[operator]]\nid = \"operator\"\n";
+    if let Some(alerts) = &options.alerts {
+        text += &format!("[alerts]\n{alerts}\n");
+    }
     for (sae, kme) in options.topology.saes.iter().copied() {
         text += &format!("[[sae]]\nid = \"{sae}\"\nkme = \"{kme}\"\n");
         if let Some((_, limits)) = options.sae_limits.iter().find(|(on, _)| *on == sae) {

@@ -358,3 +358,65 @@ async fn logs_can_be_json_lines_naming_the_request_id_of_a_refusal() {
         actix_rt::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The operator's webhook hears of a link that goes down and comes back (each KME watches its
+/// link ends; events are JSON POSTs, sent one at a time and retried).
+#[actix::test]
+async fn the_webhook_hears_a_link_go_down_and_come_back() {
+    use actix_web::{web, App, HttpServer};
+    let heard = web::Data::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let sink = heard.clone();
+    let receiver = HttpServer::new(move || {
+        App::new().app_data(sink.clone()).route(
+            "/hook",
+            web::post().to(
+                |event: web::Json<serde_json::Value>,
+                 heard: web::Data<std::sync::Mutex<Vec<serde_json::Value>>>| async move {
+                    heard.lock().unwrap().push(event.into_inner());
+                    actix_web::HttpResponse::Ok().finish()
+                },
+            ),
+        )
+    })
+    .workers(1)
+    .listen(listener)
+    .unwrap()
+    .run();
+    let stop_receiver = receiver.handle();
+    actix_rt::spawn(receiver);
+
+    let mut net = Net::start(LinkOptions {
+        alerts: Some(format!("webhook_url = \"http://127.0.0.1:{port}/hook\"")),
+        ..LinkOptions::default()
+    });
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 16).await;
+    let until = |event: &'static str,
+                 heard: web::Data<std::sync::Mutex<Vec<serde_json::Value>>>| async move {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let found = heard
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|e| e["event"] == event && e["kme"] == "kme-a" && e["peer"] == "kme-b")
+                .cloned();
+            if let Some(found) = found {
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {event}: {:?}",
+                heard.lock().unwrap()
+            );
+            actix_rt::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    net.stop("kme-b");
+    let down = until("link_down", heard.clone()).await;
+    assert!(down["at_ms"].is_i64(), "{down}");
+    net.restart_on_new_ports("kme-b");
+    until("link_up", heard.clone()).await;
+    stop_receiver.stop(true).await;
+}
