@@ -1,5 +1,6 @@
 //! The operator's listener (`admin_listen` of a `[[kme]]`): `/health`, `/ready`, `/metrics`,
-//! `POST /reload` (re-read the network file, see `reload.rs`), and the live dashboard: `/`
+//! `POST /reload` (re-read the network file, see `reload.rs`), `POST /audit/verify` (the audit
+//! trail's hash chain, checked on a read-only connection), and the live dashboard: `/`
 //! (`dashboard.html`) drawing `/api/network` (every KME and link as this KME sees them, the
 //! SAEs, the latest audit records).
 //!
@@ -21,6 +22,7 @@ use kme_actors::link::LinkHealth;
 use kme_actors::metrics::Metrics;
 use kme_actors::relay::router::{NetworkView, OwnLink, RouteView, Router};
 use kme_actors::sae_registry::{ListSaes, SaeRegistry};
+use kme_actors::storage::db::DbPool;
 use kme_actors::storage::ops::{RecentEvents, WaitingKeys};
 use kme_actors::storage::store::{Exec, Store};
 use kme_actors::types::KmeId;
@@ -43,6 +45,8 @@ pub struct AdminState {
     pub timeout: Duration,
     pub reloader: Arc<Reloader>,
     pub registry: Addr<SaeRegistry>,
+    /// Read-only connections (audit verification runs on one, off the writer's path).
+    pub reader: DbPool,
 }
 
 /// The live dashboard (plain HTML and JS; it polls `/api/network`).
@@ -57,6 +61,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/ready", web::get().to(ready))
         .route("/metrics", web::get().to(metrics))
         .route("/reload", web::post().to(reload))
+        .route("/audit/verify", web::post().to(audit_verify))
         .default_service(web::to(not_found));
 }
 
@@ -171,6 +176,28 @@ async fn reload(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse 
     match state.reloader.reload().await {
         Ok(reloaded) => HttpResponse::Ok().json(reloaded),
         Err(why) => HttpResponse::BadRequest().json(json!({"message": why})),
+    }
+}
+
+/// Checks the audit trail's hash chain now: 200 with the number of records, or 409 with
+/// where it breaks.
+async fn audit_verify(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Some(refusal) = refused(&req, &state) {
+        return refusal;
+    }
+    let reader = state.reader.clone();
+    let checked = web::block(move || -> Result<u64, kme_actors::Error> {
+        let conn = reader.get()?;
+        kme_actors::storage::db::verify_audit_chain(&conn)
+    })
+    .await;
+    match checked {
+        Ok(Ok(records)) => HttpResponse::Ok().json(json!({"intact": true, "records": records})),
+        Ok(Err(err)) => {
+            log::error!("audit verification failed: {err}");
+            HttpResponse::Conflict().json(json!({"intact": false, "message": err.to_string()}))
+        }
+        Err(err) => HttpResponse::ServiceUnavailable().json(json!({"message": err.to_string()})),
     }
 }
 

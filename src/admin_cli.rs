@@ -1,4 +1,5 @@
-//! `kme admin`: the operator's listener (`admin_api.rs`) from the terminal.
+//! `kme admin`: the operator's listener (`admin_api.rs`) from the terminal: health, ready,
+//! metrics, reload, network (links and SAEs), events (latest audit records), audit-verify.
 //!
 //! `kme admin --kme kme-a reload` finds kme-a's `admin_listen` in the network file; with
 //! `admin_tls` it presents `<cert_dir>/<operator>.crt` (`--operator`, default `operator`).
@@ -46,6 +47,12 @@ enum AdminRequest {
     Metrics,
     /// Re-read the network file: SAEs, pinned certificates, rate limits.
     Reload,
+    /// Every KME and link as this KME sees them, and the SAEs.
+    Network,
+    /// The latest audit records.
+    Events,
+    /// Check the audit trail's hash chain now.
+    AuditVerify,
 }
 
 pub fn run(args: AdminArgs) -> ExitCode {
@@ -97,10 +104,109 @@ fn human(request: &AdminRequest, body: &str) -> String {
             list(&json["removed"])
         ),
         AdminRequest::Health if json["status"] == "ok" => format!("{}: ok", json["kme"]),
+        AdminRequest::AuditVerify if json["intact"] == true => {
+            format!("audit trail intact: {} records", json["records"])
+        }
+        AdminRequest::Network if json.get("links").is_some() => network_table(&json),
+        AdminRequest::Events if json.get("events").is_some() => events_table(&json),
         _ => json["message"]
             .as_str()
             .map_or_else(|| body.to_string(), str::to_string),
     }
+}
+
+/// `value` as a table cell: strings bare, numbers with at most 3 decimals, null as "–".
+fn cell(value: &Value) -> String {
+    match value {
+        Value::Null => "–".into(),
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n
+            .as_f64()
+            .filter(|f| f.fract() != 0.0)
+            .map_or_else(|| n.to_string(), |f| format!("{f:.3}")),
+        other => other.to_string(),
+    }
+}
+
+/// Rows of cells, columns padded to their widest cell.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = vec![line(header.iter().map(|h| h.to_string()).collect())];
+    out.extend(rows.into_iter().map(line));
+    out.join("\n")
+}
+
+fn network_table(json: &Value) -> String {
+    let empty = Vec::new();
+    let links = json["links"].as_array().unwrap_or(&empty);
+    let link_rows = links
+        .iter()
+        .map(|l| {
+            let fill: Vec<String> = l["fill"]
+                .as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .map(|f| {
+                    f.as_f64()
+                        .map_or("–".into(), |f| format!("{:.0} %", 100.0 * f))
+                })
+                .collect();
+            vec![
+                format!("{} — {}", cell(&l["ends"][0]), cell(&l["ends"][1])),
+                cell(&l["state"]),
+                cell(&l["qber"]),
+                cell(&l["secret_bits_per_s"]),
+                fill.join(" / "),
+            ]
+        })
+        .collect();
+    let saes = json["saes"].as_array().unwrap_or(&empty);
+    let sae_rows = saes
+        .iter()
+        .map(|s| vec![cell(&s["sae"]), cell(&s["kme"]), cell(&s["keys"])])
+        .collect();
+    format!(
+        "network as {} sees it\n\n{}\n\n{}",
+        cell(&json["kme"]),
+        table(
+            &["link", "state", "qber", "secret bit/s", "pool fill"],
+            link_rows
+        ),
+        table(&["sae", "kme", "keys here"], sae_rows)
+    )
+}
+
+fn events_table(json: &Value) -> String {
+    let empty = Vec::new();
+    let rows = json["events"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|e| {
+            vec![
+                cell(&e["id"]),
+                cell(&e["at_ms"]),
+                cell(&e["event"]),
+                cell(&e["detail"]),
+            ]
+        })
+        .collect();
+    table(&["#", "at_ms", "event", "detail"], rows)
 }
 
 /// Whether the listener answered 200, and the body it answered.
@@ -118,6 +224,8 @@ fn ask(args: &AdminArgs) -> Result<(bool, String), String> {
         AdminRequest::Ready => "/ready",
         AdminRequest::Metrics => "/metrics",
         AdminRequest::Reload => "/reload",
+        AdminRequest::Network | AdminRequest::Events => "/api/network",
+        AdminRequest::AuditVerify => "/audit/verify",
     };
     let client = if admin.tls {
         let cert = |ext: &str| config.cert_dir.join(format!("{}.{ext}", args.operator));
@@ -139,7 +247,10 @@ fn ask(args: &AdminArgs) -> Result<(bool, String), String> {
             format!("{scheme}://{host}:{}{path}", admin.addr.port())
         }
     };
-    let post = matches!(args.request, AdminRequest::Reload);
+    let post = matches!(
+        args.request,
+        AdminRequest::Reload | AdminRequest::AuditVerify
+    );
     actix_rt::System::new().block_on(async move {
         let timeout = Duration::from_secs(30);
         let client = match client {

@@ -294,6 +294,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
                 operators: listen.tls.then(|| config.operators.clone()),
                 reloader: reloader.clone(),
                 registry: registry.clone(),
+                reader: reader_pool.clone(),
                 timeout: config.request_timeout,
             });
             let listener = bind(listen.addr)?;

@@ -174,6 +174,17 @@ async fn a_reload_adds_and_removes_saes_and_a_bad_file_changes_nothing() {
     let newcomer = net.client(Some("sae-x"));
     let (code, _) = enc(&newcomer, &a, "sae-b", json!({})).await;
     assert_eq!(code, 401, "sae-x is not in the network file yet");
+    // What the operator sees from the terminal.
+    let (code, out) = kme_admin(&net, "kme-a", &["network"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("kme-a — kme-b  up") && out.contains("sae-b2"),
+        "{out}"
+    );
+    let (code, out) = kme_admin(&net, "kme-a", &["events"]);
+    assert!(code == 0 && out.contains("kme_started"), "{out}");
+    let (code, out) = kme_admin(&net, "kme-a", &["audit-verify"]);
+    assert!(code == 0 && out.starts_with("audit trail intact"), "{out}");
 
     let file = net.setup.config_file();
     let original = std::fs::read_to_string(&file).unwrap();
