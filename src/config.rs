@@ -748,7 +748,15 @@ impl Validator<'_> {
 
     fn link_spec(&self, ends: [KmeId; 2], s: &RawLinkSettings) -> Result<LinkSpec, ConfigError> {
         let at = format!("link[{} — {}]", ends[0], ends[1]);
-        let source = match s.source.as_deref().unwrap_or("courier") {
+        // No default: a link whose key source is not said would silently be something else
+        // than QKD.
+        let Some(source) = s.source.as_deref() else {
+            return Err(self.err(
+                format!("{at}.source"),
+                "missing: say which key source the link has: \"bb84\", \"file-drop\" (QKD devices) or \"courier\" (CSPRNG bytes over TLS, not QKD: tests and benchmarks only)",
+            ));
+        };
+        let source = match source {
             "courier" => SourceKind::Courier,
             "bb84" => SourceKind::Bb84(Box::new(
                 self.bb84_settings(&at, s.bb84.clone().unwrap_or_default())?,
@@ -904,11 +912,31 @@ mod tests {
         assert!(err.to_string().contains("sae_defaults.keys_per_s"), "{err}");
     }
 
+    /// A link without `source` is an error naming it, not a silent courier (CSPRNG over TLS).
+    #[test]
+    fn a_link_must_say_its_key_source() {
+        let file = Path::new("x.toml");
+        let kmes = "[tls]\nca = \"ca.crt\"\ncert_dir = \".\"\n[[kme]]\nid=\"a\"\nsae_listen=\"127.0.0.1:1\"\npeer_listen=\"127.0.0.1:2\"\ndata_dir=\"d\"\n[[kme]]\nid=\"b\"\nsae_listen=\"127.0.0.1:3\"\npeer_listen=\"127.0.0.1:4\"\ndata_dir=\"e\"\n";
+        let err = Config::parse(&format!("{kmes}[[link]]\nends=[\"a\",\"b\"]\n"), file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("link[a — b].source") && err.contains("missing"),
+            "{err}"
+        );
+        let courier =
+            format!("{kmes}[defaults]\nsource = \"courier\"\n[[link]]\nends=[\"a\",\"b\"]\n");
+        assert!(
+            Config::parse(&courier, file).is_ok(),
+            "[defaults] may say it"
+        );
+    }
+
     #[test]
     fn peer_url_defaults_to_peer_listen_and_must_be_a_bare_https_url() {
         let file = Path::new("x.toml");
         let network = |b_url: &str| {
-            format!("[tls]\nca = \"ca.crt\"\ncert_dir = \".\"\n[[kme]]\nid=\"a\"\nsae_listen=\"127.0.0.1:1\"\npeer_listen=\"127.0.0.1:2\"\ndata_dir=\"d\"\n[[kme]]\nid=\"b\"\nsae_listen=\"127.0.0.1:3\"\npeer_listen=\"0.0.0.0:4\"\ndata_dir=\"e\"\n{b_url}\n[[link]]\nends=[\"a\",\"b\"]\n")
+            format!("[tls]\nca = \"ca.crt\"\ncert_dir = \".\"\n[[kme]]\nid=\"a\"\nsae_listen=\"127.0.0.1:1\"\npeer_listen=\"127.0.0.1:2\"\ndata_dir=\"d\"\n[[kme]]\nid=\"b\"\nsae_listen=\"127.0.0.1:3\"\npeer_listen=\"0.0.0.0:4\"\ndata_dir=\"e\"\n{b_url}\n[[link]]\nends=[\"a\",\"b\"]\nsource=\"courier\"\n")
         };
         let config = Config::parse(&network(""), file).unwrap();
         assert_eq!(

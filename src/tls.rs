@@ -188,6 +188,13 @@ pub fn identify(connection: &dyn Any) -> PeerIdentity {
             verified.error_string()
         ));
     }
+    // Which of several CNs names the caller would be anyone's guess (and some tools take the
+    // last where we would take the first): such a certificate is no identity.
+    if cert.subject_name().entries_by_nid(Nid::COMMONNAME).count() > 1 {
+        return PeerIdentity::Rejected(
+            "the client certificate has several CNs: whose it is is ambiguous".into(),
+        );
+    }
     let sha256 = match cert.digest(MessageDigest::sha256()) {
         Ok(digest) => kme_actors::types::hex(&digest),
         Err(_) => return PeerIdentity::Rejected("client certificate cannot be hashed".into()),

@@ -124,7 +124,13 @@ pub fn start_link(
             setup.start(Bb84::new(settings, engine, resume.auth))
         }
         SourceKind::FileDrop => setup.start(FileDrop::new(params.key_drop_dir.clone())),
-        SourceKind::Courier => setup.start(Courier::new(params.block_bytes)),
+        SourceKind::Courier => {
+            log::warn!(
+                "link to {}: source \"courier\" ships CSPRNG bytes over TLS: it is NOT QKD (tests and benchmarks only)",
+                params.peer
+            );
+            setup.start(Courier::new(params.block_bytes))
+        }
     };
     pool.do_send(WatchLevel(link.pool_level.clone()));
     Ok(StartedLink {

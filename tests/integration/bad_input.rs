@@ -271,6 +271,7 @@ async fn bad_certificates_get_401_and_consume_nothing() {
         (Some("foreign"), "not accepted"),
         (Some("expired"), "not accepted"),
         (Some("no-cn"), "no usable CN"),
+        (Some("two-cns"), "several CNs"),
         (Some("sae-x"), "not a registered SAE"),
         (Some("kme-b"), "KME certificates"),
         (Some("sae-b"), "registered at KME kme-b"),

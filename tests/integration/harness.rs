@@ -160,6 +160,7 @@ impl Setup {
         pki.issue("operator", Some("operator"), false, Validity::Valid);
         pki.issue("expired", Some("sae-a"), false, Validity::Expired);
         pki.issue("no-cn", None, false, Validity::Valid);
+        pki.issue("two-cns", Some("sae-x+sae-a"), false, Validity::Valid);
         pki.issue_foreign("foreign", "sae-a");
         let ports: HashMap<_, _> = listeners
             .iter()
@@ -258,6 +259,8 @@ fn network_file(
             }
         } else if options.file_drop {
             text += "source = \"file-drop\"\n";
+        } else {
+            text += "source = \"courier\"\n";
         }
     }
     text

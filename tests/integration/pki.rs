@@ -32,10 +32,15 @@ fn serial() -> Asn1Integer {
     bn.to_asn1_integer().unwrap()
 }
 
+/// A subject with CN `cn`; `a+b` gives two CN entries, a and b (None: no CN at all).
 fn name(cn: Option<&str>) -> X509Name {
     let mut name = X509Name::builder().unwrap();
     match cn {
-        Some(cn) => name.append_entry_by_nid(Nid::COMMONNAME, cn).unwrap(),
+        Some(cn) => {
+            for part in cn.split('+') {
+                name.append_entry_by_nid(Nid::COMMONNAME, part).unwrap();
+            }
+        }
         None => name
             .append_entry_by_nid(Nid::ORGANIZATIONNAME, "no common name")
             .unwrap(),
@@ -79,7 +84,7 @@ impl Pki {
         }
     }
 
-    /// Issues `<file>.crt` / `<file>.key` with subject CN `cn` (None: no CN).
+    /// Issues `<file>.crt` / `<file>.key` with subject CN `cn` (None: no CN; `a+b`: two CNs).
     pub fn issue(&self, file: &str, cn: Option<&str>, kme: bool, validity: Validity) {
         self.issue_by(file, cn, kme, validity, &self.ca_cert, &self.ca_key);
     }
