@@ -80,6 +80,7 @@ struct RawLinkSettings {
     key_ttl_s: Option<u64>,
     route_advert_ms: Option<u64>,
     shutdown_grace_s: Option<u64>,
+    max_connections: Option<usize>,
     source: Option<String>,
     rate_bits_per_s: Option<u64>,
     block_bytes: Option<usize>,
@@ -141,6 +142,7 @@ impl RawLinkSettings {
             key_ttl_s: self.key_ttl_s.or(d.key_ttl_s),
             route_advert_ms: self.route_advert_ms.or(d.route_advert_ms),
             shutdown_grace_s: self.shutdown_grace_s.or(d.shutdown_grace_s),
+            max_connections: self.max_connections.or(d.max_connections),
             source: self.source.clone().or_else(|| d.source.clone()),
             rate_bits_per_s: self.rate_bits_per_s.or(d.rate_bits_per_s),
             block_bytes: self.block_bytes.or(d.block_bytes),
@@ -261,6 +263,8 @@ pub struct Config {
     pub route_advert: Duration,
     /// How long SIGTERM waits for requests in flight before the KME stops anyway.
     pub shutdown_grace: Duration,
+    /// Most connections open at once on each listener (SAE API, KME-to-KME).
+    pub max_connections: usize,
     pub kmes: Vec<KmeSpec>,
     pub sae_homes: HashMap<SaeId, KmeId>,
     /// SAEs identified by certificate fingerprint (SHA-256, lowercase hex) instead of CN.
@@ -298,6 +302,8 @@ pub struct NodeConfig {
     pub route_advert: Duration,
     /// How long SIGTERM waits for requests in flight before the KME stops anyway.
     pub shutdown_grace: Duration,
+    /// Most connections open at once on each listener (SAE API, KME-to-KME).
+    pub max_connections: usize,
     pub neighbours: Vec<Neighbour>,
     /// Every link of the network (the static topology relay routes are found in).
     pub links: Vec<(KmeId, KmeId)>,
@@ -380,6 +386,7 @@ impl Config {
             key_ttl: self.key_ttl,
             route_advert: self.route_advert,
             shutdown_grace: self.shutdown_grace,
+            max_connections: self.max_connections,
             neighbours,
             links: self
                 .links
@@ -586,10 +593,11 @@ impl Validator<'_> {
                 || l.settings.key_ttl_s.is_some()
                 || l.settings.route_advert_ms.is_some()
                 || l.settings.shutdown_grace_s.is_some()
+                || l.settings.max_connections.is_some()
             {
                 return Err(self.err(
                     "link",
-                    "request_timeout_ms, key_ttl_s, route_advert_ms and shutdown_grace_s belong in [defaults]",
+                    "request_timeout_ms, key_ttl_s, route_advert_ms, shutdown_grace_s and max_connections belong in [defaults]",
                 ));
             }
             let s = l.settings.or(&defaults);
@@ -618,6 +626,7 @@ impl Validator<'_> {
             shutdown_grace: Duration::from_secs(
                 defaults.shutdown_grace_s.unwrap_or(10).clamp(1, 600),
             ),
+            max_connections: defaults.max_connections.unwrap_or(1024).clamp(4, 1 << 20),
             kmes,
             sae_homes,
             pinned,

@@ -252,9 +252,14 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     let sae_server = HttpServer::new(move || {
         App::new()
             .app_data(sae_state.clone())
+            .wrap(actix_web::middleware::from_fn(sae_api::authenticate_first))
             .wrap(actix_web::middleware::from_fn(sae_metrics::track))
             .configure(sae_api::configure)
     })
+    .max_connections(per_worker(config.max_connections, config.me.workers))
+    .max_connection_rate(256)
+    .client_request_timeout(HEAD_READ_TIMEOUT)
+    .client_disconnect_timeout(std::time::Duration::from_secs(1))
     .on_connect(tls::on_connect)
     .workers(config.me.workers)
     .keep_alive(std::time::Duration::from_secs(30))
@@ -270,6 +275,9 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
             .app_data(peer_state.clone())
             .configure(peer_api::configure)
     })
+    .max_connections(per_worker(config.max_connections, 1))
+    .client_request_timeout(HEAD_READ_TIMEOUT)
+    .client_disconnect_timeout(std::time::Duration::from_secs(1))
     .on_connect(tls::on_connect)
     .workers(1)
     .keep_alive(std::time::Duration::from_secs(60))
@@ -348,6 +356,15 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         me,
         store,
     })
+}
+
+/// The longest a client may take to send a request's head; then 408 and the connection
+/// closes.
+const HEAD_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// actix-web counts connections per worker: `total` for the listener, over `workers`.
+fn per_worker(total: usize, workers: usize) -> usize {
+    total.div_ceil(workers.max(1)).max(1)
 }
 
 fn local_addr(listener: &TcpListener) -> Result<SocketAddr, StartError> {

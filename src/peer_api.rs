@@ -157,7 +157,21 @@ fn neighbour<'a>(
     }
 }
 
-async fn read_body(mut payload: web::Payload) -> Result<web::BytesMut, PeerRefusal> {
+/// The longest a neighbour's message body may take to arrive.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn read_body(payload: web::Payload) -> Result<web::BytesMut, PeerRefusal> {
+    actix_rt::time::timeout(BODY_READ_TIMEOUT, read_whole(payload))
+        .await
+        .unwrap_or_else(|_| {
+            Err(PeerRefusal::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "the message body did not arrive in time",
+            ))
+        })
+}
+
+async fn read_whole(mut payload: web::Payload) -> Result<web::BytesMut, PeerRefusal> {
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
         let chunk =

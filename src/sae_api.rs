@@ -10,7 +10,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::Addr;
-use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header;
+use actix_web::http::ConnectionType;
+use actix_web::middleware::Next;
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
 use base64::Engine;
 use futures_util::StreamExt;
 use kme_actors::metrics::Metrics;
@@ -71,11 +76,58 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .default_service(web::to(unsupported));
 }
 
+/// Middleware in front of every route, so before any body byte is read: a caller without a
+/// verified certificate, or (for a request with a body) one that is no SAE of this KME, gets
+/// its 401 at once and the connection is closed — it costs no buffer, no actor work beyond
+/// one lookup, no disk write.
+pub async fn authenticate_first(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let refusal = match req.conn_data::<PeerIdentity>() {
+        Some(PeerIdentity::Verified(identity)) if has_body(&req) => {
+            match req.app_data::<web::Data<SaeState>>() {
+                Some(state) => {
+                    let identify = Identify {
+                        identity: identity.clone(),
+                    };
+                    ask_ok(&state.registry, identify, state.timeout).await.err()
+                }
+                None => Some(ApiError::unavailable("the KME is starting")),
+            }
+        }
+        Some(PeerIdentity::Verified(_)) => None,
+        Some(PeerIdentity::Rejected(reason)) => Some(ApiError::unauthorized(reason.clone())),
+        _ => Some(ApiError::unauthorized("a client certificate is required")),
+    };
+    match refusal {
+        None => Ok(next.call(req).await?.map_into_left_body()),
+        Some(err) => {
+            let mut response = err.error_response();
+            response
+                .head_mut()
+                .set_connection_type(ConnectionType::Close);
+            Ok(req.into_response(response).map_into_right_body())
+        }
+    }
+}
+
+/// The request announces a body (its length, or chunks).
+fn has_body(req: &ServiceRequest) -> bool {
+    let headers = req.headers();
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|length| length.as_bytes() != b"0")
+}
+
 async fn unsupported(req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
-    // Read (and drop) any body first, so that an HTTP/2 client still sending gets the answer.
-    let _ = read_body(payload).await;
-    // 401 before 400, here too: a caller without a valid identity learns nothing else.
+    // 401 before 400, here too: a caller without a valid identity learns nothing else (the
+    // middleware answered those already; this is the same check for the direct caller).
     caller(&req)?;
+    // Read (and drop) the body of an authenticated caller, so that an HTTP/2 client still
+    // sending gets the answer.
+    let _ = read_body(payload).await;
     Err(ApiError::bad_request(format!(
         "unsupported method or path: {} {}",
         req.method(),
@@ -100,7 +152,22 @@ fn caller(req: &HttpRequest) -> Result<CertIdentity, ApiError> {
     }
 }
 
-async fn read_body(mut payload: web::Payload) -> Result<web::BytesMut, ApiError> {
+/// The longest a request body may take to arrive (a caller that stalls mid-body holds a
+/// connection no longer than this).
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn read_body(payload: web::Payload) -> Result<web::BytesMut, ApiError> {
+    actix_rt::time::timeout(BODY_READ_TIMEOUT, read_whole(payload))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::bad_request(format!(
+                "the request body did not arrive within {} s",
+                BODY_READ_TIMEOUT.as_secs()
+            )))
+        })
+}
+
+async fn read_whole(mut payload: web::Payload) -> Result<web::BytesMut, ApiError> {
     let mut body = web::BytesMut::new();
     let mut seen = 0usize;
     while let Some(chunk) = payload.next().await {

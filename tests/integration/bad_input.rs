@@ -568,3 +568,83 @@ async fn an_sae_pinned_to_a_certificate_fingerprint() {
         .await;
     assert_eq!(code, 200, "SAEs without a pin keep their CN identity");
 }
+
+/// Resident memory of process `pid`, in KiB.
+fn resident_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Callers without an identity cost nothing: 100 TLS connections without a client
+/// certificate, each announcing a 1 MiB body to an API path or an unknown one, sending 64 KiB
+/// of it and stalling, get their 401 at once (before the rest of the body, which never comes)
+/// and are closed; the KME's resident memory (a real `kme` process) grows by less than half a
+/// MiB per caller (their TLS sessions and read buffers, while they last), and an SAE is served
+/// meanwhile.
+#[actix::test]
+async fn stalled_unauthenticated_callers_get_401_at_once_and_cost_nothing() {
+    use std::io::{Read, Write};
+    let ports: std::collections::HashMap<_, _> = super::harness::KMES
+        .iter()
+        .map(|k| {
+            let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            (*k, (bind(), bind()))
+        })
+        .collect();
+    let setup = super::harness::Setup::new(&LinkOptions::default(), &ports);
+    drop(ports);
+    let kme_a = super::crash::spawn_with(&setup, "kme-a", &[]);
+    let sae = Client::new(setup.path(), Some("sae-a"));
+    let a = setup.sae_url("kme-a");
+    super::crash::wait_up(&sae, &a).await;
+    let port = setup.ports["kme-a"].0;
+    let pid = kme_a.child.id();
+    let before = resident_kib(pid);
+    let mut tls = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).unwrap();
+    tls.set_verify(openssl::ssl::SslVerifyMode::NONE);
+    tls.set_alpn_protos(b"\x08http/1.1").unwrap();
+    let tls = std::sync::Arc::new(tls.build());
+    let callers: Vec<_> = (0..100)
+        .map(|i| {
+            let tls = tls.clone();
+            let path = if i % 2 == 0 {
+                "/api/v1/keys/sae-b/enc_keys"
+            } else {
+                "/no/such/path"
+            };
+            std::thread::spawn(move || {
+                let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                // Shorter than the KME's body read timeout (10 s): an answer in time is one
+                // that did not wait for the body.
+                tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut stream = tls.connect("localhost", tcp).unwrap();
+                let head = format!(
+                    "POST {path} HTTP/1.1\r\nHost: localhost\r\n\
+                     Content-Type: application/json\r\nContent-Length: 1048576\r\n\r\n"
+                );
+                stream.write_all(head.as_bytes()).unwrap();
+                // Part of the body, then nothing more: the connection stays open.
+                let _ = stream.write_all(&[b' '; 64 * 1024]);
+                let mut answer = Vec::new();
+                let closed = stream.read_to_end(&mut answer).is_ok();
+                (String::from_utf8_lossy(&answer).into_owned(), closed)
+            })
+        })
+        .collect();
+    let (code, body) = sae.get(&format!("{a}/api/v1/sae/info/me")).await;
+    assert_eq!(code, 200, "an SAE is served meanwhile: {body}");
+    for caller in callers {
+        let (answer, closed) = caller.join().unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 401"),
+            "no 401 before the body: {answer:?}"
+        );
+        assert!(closed, "the KME closes the connection after its 401");
+    }
+    let grown_mib = resident_kib(pid).saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 48,
+        "100 stalled callers cost the KME {grown_mib} MiB"
+    );
+}
