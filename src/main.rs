@@ -86,6 +86,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
+    // A core dump would hold every key in memory: none are written.
+    if let Err(err) = rlimit::setrlimit(rlimit::Resource::CORE, 0, 0) {
+        log::warn!("cannot turn core dumps off: {err}");
+    }
     match run(cli.command) {
         Ok(code) => code,
         Err(message) => {

@@ -195,11 +195,27 @@ impl LinkParams {
     }
 }
 
-/// A key handed to a master SAE.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A key handed to a master SAE. Its bytes are overwritten when it is dropped and never
+/// printed (`Debug` shows the ID and the length only).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Key {
     pub id: Uuid,
     pub material: Vec<u8>,
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Key")
+            .field("id", &self.id)
+            .field("material", &format_args!("<{} bytes>", self.material.len()))
+            .finish()
+    }
+}
+
+impl Drop for Key {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.material);
+    }
 }
 
 /// Binding of consecutive ranges of the master's link stream to key_IDs, as sent to the
@@ -349,6 +365,17 @@ impl KeySizeBits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_never_prints_its_bytes() {
+        let key = Key {
+            id: Uuid::nil(),
+            material: vec![0xab; 32],
+        };
+        let shown = format!("{key:?}");
+        assert!(shown.contains("<32 bytes>"), "{shown}");
+        assert!(!shown.contains("171") && !shown.contains("ab"), "{shown}");
+    }
 
     #[test]
     fn count_and_size_bounds() {

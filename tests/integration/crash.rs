@@ -4,6 +4,7 @@
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -425,8 +426,23 @@ async fn a_wrong_or_missing_master_key_refuses_to_start() {
         .err()
         .expect("a missing master key must not be replaced");
     assert!(err.to_string().contains("missing"), "{err}");
+    // Restored with the usual mode of a new file: refused until only the KME's user may
+    // read it.
     std::fs::write(&key, original).unwrap();
+    let readable = std::fs::Permissions::from_mode(0o644);
+    std::fs::set_permissions(&key, readable).unwrap();
+    let err = start()
+        .err()
+        .expect("a master key others may read must not be used");
+    assert!(err.to_string().contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     start().expect("the right key starts again").stop();
+    // What a KME creates is its user's only.
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let data = net.setup.path().join("data/kme-a");
+    assert_eq!(mode(&data), 0o700, "data directory");
+    assert_eq!(mode(&data.join("kme.sqlite")), 0o600, "database");
 }
 
 /// SIGTERM (what `make stop` sends) under load: kme-a stops taking requests, answers those in

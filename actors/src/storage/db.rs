@@ -73,11 +73,22 @@ pub fn open_with_quota(
                 dir.display()
             ))
         })?;
+        // Only this KME's user may enter it (the WAL and its index are created there with
+        // the process's umask).
+        private(dir, 0o700)?;
     }
     let writer = pool(path, 1, quota_mb)?;
+    private(path, 0o600)?;
     migrate(&mut *writer.get()?)?;
     let reader = pool(path, readers.max(1), quota_mb)?;
     Ok((writer, reader))
+}
+
+/// Sets `mode` on `path` (the data directory, the database file).
+fn private(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|err| Error::Storage(format!("cannot restrict {}: {err}", path.display())))
 }
 
 fn pool(path: &Path, size: u32, quota_mb: Option<u64>) -> Result<DbPool> {

@@ -50,7 +50,8 @@ impl Purpose {
     }
 }
 
-/// Seals and opens values with the data keys of this KME.
+/// Seals and opens values with the data keys of this KME. Its keys are overwritten when it
+/// is dropped; it has no `Debug`.
 pub struct Sealer {
     master: [u8; 32],
     seals: AtomicU64,
@@ -76,6 +77,16 @@ struct KeyedCtx {
     ctx: CipherCtx,
 }
 
+impl Drop for Sealer {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.master.zeroize();
+        if let Ok(mut keys) = self.keys.lock() {
+            keys.values_mut().for_each(Zeroize::zeroize);
+        }
+    }
+}
+
 impl Sealer {
     /// Loads the master key from `path`. Creates it (32 random bytes, mode 600, written
     /// atomically) only if `create` is set, i.e. for a database that holds no sealed value yet:
@@ -94,8 +105,26 @@ impl Sealer {
             create_key_file(path).map_err(|err| fail("create", &err))?;
             log::info!("created master key {}", path.display());
         }
-        let master = std::fs::read(path).map_err(|err| fail("read", &err))?;
+        match Self::check_mode(path) {
+            Ok(None) => {}
+            Ok(Some(mode)) => {
+                return Err(fail(
+                    &format!("mode {mode:o}"),
+                    &"group or others may read it: chmod 600 it",
+                ))
+            }
+            Err(err) => return Err(fail("stat", &err)),
+        }
+        let master =
+            zeroize::Zeroizing::new(std::fs::read(path).map_err(|err| fail("read", &err))?);
         Self::from_master(&master).map_err(|err| fail("load", &err))
+    }
+
+    /// Refuses a master key file that group or others may read or write.
+    fn check_mode(path: &Path) -> std::io::Result<Option<u32>> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+        Ok((mode & 0o077 != 0).then_some(mode))
     }
 
     /// A sealer over a 32-byte master key.
@@ -299,12 +328,32 @@ pub fn block_aad(peer: &str, owner: &str, seq: u64) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// A master key file that group or others could read is refused, whatever it holds.
+    #[test]
+    fn a_master_key_file_readable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        Sealer::from_key_file(&path, true).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "created private");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Sealer::from_key_file(&path, false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("mode 644") && err.contains("chmod 600"),
+            "{err}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Sealer::from_key_file(&path, false).unwrap();
+    }
+
     #[test]
     fn a_new_data_key_every_seals_per_key_seals() {
-        let sealer = Sealer {
-            seals_per_key: 4,
-            ..Sealer::from_master(&[7u8; 32]).unwrap()
-        };
+        let mut sealer = Sealer::from_master(&[7u8; 32]).unwrap();
+        sealer.seals_per_key = 4;
         let sealed: Vec<Vec<u8>> = (0..10u8)
             .map(|i| sealer.seal(Purpose::Key, &[i], &[i; 32]).unwrap())
             .collect();
