@@ -5,7 +5,7 @@ KME := target/release/kme
 KME_BENCH := target/release/kme-bench
 
 .DEFAULT_GOAL := help
-.PHONY: help build build-bench certs run start stop demo deps test lint fmt bench bench-link bench-live-link clean
+.PHONY: help build build-bench certs run start stop demo deps test fuzz lint fmt bench bench-link bench-live-link clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-16s %s\n",$$1,$$2}'
@@ -41,6 +41,9 @@ test: deps ## fmt check + clippy -D warnings + all tests (what CI runs)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace
+
+fuzz: ## property tests of every parser of outside bytes, long (PROPTEST_CASES, default 100000 per property; release; 15 min at most): inputs/s
+	@scripts/fuzz.sh
 
 lint: ## fmt check + clippy -D warnings
 	$(CARGO) fmt --all -- --check

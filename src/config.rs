@@ -993,3 +993,33 @@ mod tests {
         }
     }
 }
+
+/// Property tests of the network file parser (`make fuzz` runs them long): any text and the
+/// default network mutated anywhere give a configuration or an error, never a panic.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_text_as_a_network_file(text in "(?s).{0,400}") {
+            let _ = Config::parse(&text, Path::new("x.toml"));
+        }
+
+        #[test]
+        fn the_default_network_mutated(at in 0usize..8000, byte in 32u8..127) {
+            let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("kme.toml");
+            let mut text = std::fs::read(&file).unwrap();
+            let at = at % text.len();
+            text[at] = byte;
+            if let Ok(text) = String::from_utf8(text) {
+                if let Ok(config) = Config::parse(&text, &file) {
+                    for kme in &config.kmes {
+                        let _ = config.node(kme.id.as_str());
+                    }
+                }
+            }
+        }
+    }
+}

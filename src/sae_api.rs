@@ -451,12 +451,17 @@ async fn dec_keys_post(
     state: web::Data<SaeState>,
 ) -> Result<HttpResponse, ApiError> {
     let identity = caller(&req)?;
-    let ids = post_body(&req, payload).await.and_then(|body| {
-        serde_json::from_slice::<Object<KeyIds>>(&body)
-            .map(|request| request.0.key_IDs.into_iter().map(|k| k.0.key_ID).collect())
-            .map_err(|err| ApiError::bad_request(format!("invalid JSON request: {err}")))
-    });
+    let ids = post_body(&req, payload)
+        .await
+        .and_then(|body| dec_key_ids(&body));
     dec_keys(identity, path.into_inner(), ids, &state).await
+}
+
+/// The key_IDs of a dec_keys POST body (a Key IDs object).
+fn dec_key_ids(body: &[u8]) -> Result<Vec<String>, ApiError> {
+    serde_json::from_slice::<Object<KeyIds>>(body)
+        .map(|request| request.0.key_IDs.into_iter().map(|k| k.0.key_ID).collect())
+        .map_err(|err| ApiError::bad_request(format!("invalid JSON request: {err}")))
 }
 
 /// Validated, distinct key_IDs of a dec_keys request.
@@ -515,4 +520,48 @@ async fn whoami(req: HttpRequest, state: web::Data<SaeState>) -> Result<HttpResp
     let sae = ask_ok(&state.registry, Identify { identity }, state.timeout).await?;
     Ok(HttpResponse::Ok()
         .json(serde_json::json!({"SAE_ID": sae.as_str(), "KME_ID": state.me.as_str()})))
+}
+
+/// Property tests of what SAEs send (`make fuzz` runs them long): no body, query or key_ID
+/// list may panic the parser, and a valid request mutated anywhere is answered, not crashed.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    const VALID: &str = r#"{"number":2,"size":256,"additional_slave_SAE_IDs":["sae-c"],"extension_mandatory":[{"kme_route_type":"direct"},{"kme_max_hops":3}]}"#;
+
+    /// Every step an enc_keys body goes through before an actor sees it.
+    fn enc_request(body: &[u8]) {
+        let _ = parse_json::<Object<KeyRequest>>(body).and_then(|r| prepare(r.0));
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_as_an_enc_keys_body(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            enc_request(&body);
+        }
+
+        #[test]
+        fn a_valid_enc_keys_body_mutated(at in 0..VALID.len(), byte in any::<u8>()) {
+            let mut body = VALID.as_bytes().to_vec();
+            body[at] = byte;
+            enc_request(&body);
+        }
+
+        #[test]
+        fn any_bytes_as_a_dec_keys_body(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = dec_key_ids(&body).and_then(key_ids);
+        }
+
+        #[test]
+        fn any_key_ids(ids in proptest::collection::vec(".{0,40}", 0..8)) {
+            let _ = key_ids(ids);
+        }
+
+        #[test]
+        fn any_query_string(query in "[ -~]{0,80}") {
+            let _ = web::Query::<KeyQuery>::from_query(&query);
+        }
+    }
 }

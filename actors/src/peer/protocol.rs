@@ -303,3 +303,45 @@ mod tests {
         ));
     }
 }
+
+/// Property tests of every message a neighbour sends (`make fuzz` runs them long): arbitrary
+/// and mutated bytes are refused by the parser, never a panic.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Parses `bytes` as every peer message type.
+    fn every_message(bytes: &[u8]) {
+        let _ = serde_json::from_slice::<ActivationBatch>(bytes);
+        let _ = serde_json::from_slice::<BlockShipment>(bytes);
+        let _ = serde_json::from_slice::<LevelReport>(bytes);
+        let _ = serde_json::from_slice::<SettleBatch>(bytes);
+        let _ = serde_json::from_slice::<SettleResults>(bytes);
+        let _ = serde_json::from_slice::<TopologyUpdate>(bytes);
+        let _ = serde_json::from_slice::<SourceRequest>(bytes);
+        let _ = serde_json::from_slice::<SourceReply>(bytes);
+        let _ = serde_json::from_slice::<Refusal>(bytes);
+        if let Ok(shipment) = serde_json::from_slice::<BlockShipment>(bytes) {
+            for block in shipment.blocks {
+                let _ = block.decode();
+            }
+        }
+    }
+
+    const VALID: &str = r#"{"seq":7,"bindings":[{"master":"sae-a","slaves":["sae-b"],"start":0,"len":32,"key_ids":["0190b4a6-2a5e-7c3e-8a3e-1b2c3d4e5f60"],"relay":{"relay_id":"0190b4a6-2a5e-7c3e-8a3e-1b2c3d4e5f61","onward":[{"kme":"kme-c","onward":[]}],"sealed":{"keys":["AAAA"],"tag":1}}}]}"#;
+
+    proptest! {
+        #[test]
+        fn any_bytes_as_every_peer_message(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            every_message(&bytes);
+        }
+
+        #[test]
+        fn a_valid_activation_mutated(at in 0..VALID.len(), byte in any::<u8>()) {
+            let mut bytes = VALID.as_bytes().to_vec();
+            bytes[at] = byte;
+            every_message(&bytes);
+        }
+    }
+}
