@@ -179,10 +179,9 @@ fn run(command: Command) -> Result<ExitCode, String> {
         Command::Admin(args) => Ok(kme::admin_cli::run(args)),
         Command::AuditVerify { config, kme } => {
             let node = load(config)?.node(&kme).map_err(|err| err.to_string())?;
-            let (_, reader) =
-                kme_actors::storage::db::open(&node.me.data_dir.join("kme.sqlite"), 1)
+            let conn =
+                kme_actors::storage::db::open_read_only(&node.me.data_dir.join("kme.sqlite"))
                     .map_err(|err| err.to_string())?;
-            let conn = reader.get().map_err(|err| err.to_string())?;
             let count = kme_actors::storage::db::verify_audit_chain(&conn)
                 .map_err(|err| err.to_string())?;
             println!("audit trail of {kme}: {count} records, hash chain intact");

@@ -431,3 +431,31 @@ async fn the_webhook_hears_a_link_go_down_and_come_back() {
     until("link_up", heard.clone()).await;
     stop_receiver.stop(true).await;
 }
+
+/// `kme audit-verify` only reads: pointed at a KME whose database does not exist, it says so,
+/// exits non-zero and creates nothing (it used to create an empty database and call it
+/// intact).
+#[test]
+fn audit_verify_of_a_missing_database_fails_and_creates_nothing() {
+    let ports = super::harness::KMES
+        .iter()
+        .map(|k| {
+            let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            (*k, (bind(), bind()))
+        })
+        .collect();
+    let setup = super::harness::Setup::new(&LinkOptions::default(), &ports);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kme"))
+        .args(["audit-verify", "--config"])
+        .arg(setup.config_file())
+        .args(["--kme", "kme-a"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("no database"), "{said}");
+    assert!(
+        !setup.path().join("data/kme-a").exists(),
+        "nothing was created"
+    );
+}

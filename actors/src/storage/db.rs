@@ -59,6 +59,28 @@ pub fn open(path: &Path, readers: u32) -> Result<(DbPool, DbPool)> {
     open_with_quota(path, readers, None)
 }
 
+/// A read-only connection to an existing database of this schema version, for inspection
+/// (`kme audit-verify`): it never creates, migrates or writes anything, and a missing file
+/// or another schema version is an error.
+pub fn open_read_only(path: &Path) -> Result<Connection> {
+    if !path.is_file() {
+        return Err(Error::Storage(format!("no database at {}", path.display())));
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    let version: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let expected = MIGRATIONS.len();
+    if version as usize != expected {
+        return Err(Error::Storage(format!(
+            "{} has schema version {version}, this kme reads version {expected} (start the KME once to migrate it)",
+            path.display()
+        )));
+    }
+    Ok(conn)
+}
+
 /// As `open`, with the database file limited to `quota_mb` MiB (`PRAGMA max_page_count`):
 /// beyond it writes fail as on a full disk, and the KME answers 503 while it keeps serving.
 pub fn open_with_quota(
