@@ -47,6 +47,8 @@ pub struct AdminState {
     pub registry: Addr<SaeRegistry>,
     /// Read-only connections (audit verification runs on one, off the writer's path).
     pub reader: DbPool,
+    /// The key of the audit chain's MACs.
+    pub audit_key: Arc<zeroize::Zeroizing<[u8; 32]>>,
 }
 
 /// The live dashboard (plain HTML and JS; it polls `/api/network`).
@@ -185,10 +187,10 @@ async fn audit_verify(req: HttpRequest, state: web::Data<AdminState>) -> HttpRes
     if let Some(refusal) = refused(&req, &state) {
         return refusal;
     }
-    let reader = state.reader.clone();
+    let (reader, key) = (state.reader.clone(), state.audit_key.clone());
     let checked = web::block(move || -> Result<u64, kme_actors::Error> {
         let conn = reader.get()?;
-        kme_actors::storage::db::verify_audit_chain(&conn)
+        kme_actors::storage::db::verify_audit_chain(&conn, &key)
     })
     .await;
     match checked {

@@ -182,7 +182,12 @@ fn run(command: Command) -> Result<ExitCode, String> {
             let conn =
                 kme_actors::storage::db::open_read_only(&node.me.data_dir.join("kme.sqlite"))
                     .map_err(|err| err.to_string())?;
-            let count = kme_actors::storage::db::verify_audit_chain(&conn)
+            // The chain's MACs are keyed by the master key: without it, no verdict.
+            let key =
+                kme_actors::storage::sealing::Sealer::from_key_file(&node.me.master_key, false)
+                    .and_then(|sealer| sealer.audit_key())
+                    .map_err(|err| err.to_string())?;
+            let count = kme_actors::storage::db::verify_audit_chain(&conn, &key)
                 .map_err(|err| err.to_string())?;
             println!("audit trail of {kme}: {count} records, hash chain intact");
             Ok(ExitCode::SUCCESS)

@@ -131,6 +131,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
             }
             Some(_) => {}
         }
+        db::seal_audit_keyed(&conn, &*sealer.audit_key()?)?;
         (Arc::new(sealer), epoch)
     };
     let (sealer, epoch) = sealer;
@@ -303,6 +304,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
                 reloader: reloader.clone(),
                 registry: registry.clone(),
                 reader: reader_pool.clone(),
+                audit_key: Arc::new(sealer.audit_key()?),
                 timeout: config.request_timeout,
             });
             let listener = bind(listen.addr)?;

@@ -5,11 +5,14 @@
 //! key-state change it records (fail-closed: no audit record, no key). An event that changes
 //! no key state (start-up, withdrawn keys) is an operation of its own, `AppendAudit`.
 
+use openssl::hash::MessageDigest;
+use openssl::pkey::PKey;
 use openssl::sha::Sha256;
+use openssl::sign::Signer;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::types::{Binding, KmeId, SaeId};
 
 /// One audit event: a short machine-readable kind and a JSON detail. Never holds key bytes.
@@ -62,14 +65,46 @@ pub struct Retrieved<'a> {
     pub key_IDs: &'a [Uuid],
 }
 
-/// hash = SHA-256(prev_hash || id || at_ms || event || 0x00 || detail).
-pub fn chain_hash(prev: &[u8], id: i64, at_ms: i64, event: &str, detail: &str) -> Result<[u8; 32]> {
-    let mut hasher = Sha256::new();
-    hasher.update(prev);
-    hasher.update(&id.to_be_bytes());
-    hasher.update(&at_ms.to_be_bytes());
-    hasher.update(event.as_bytes());
-    hasher.update(&[0]);
-    hasher.update(detail.as_bytes());
-    Ok(hasher.finish())
+/// hash = HMAC-SHA256(key, prev_hash || id || at_ms || event || 0x00 || detail), or the same
+/// unkeyed SHA-256 (`key` None) for records written before the chain was keyed.
+pub fn chain_hash(
+    key: Option<&[u8; 32]>,
+    prev: &[u8],
+    id: i64,
+    at_ms: i64,
+    event: &str,
+    detail: &str,
+) -> Result<[u8; 32]> {
+    let parts: [&[u8]; 6] = [
+        prev,
+        &id.to_be_bytes(),
+        &at_ms.to_be_bytes(),
+        event.as_bytes(),
+        &[0],
+        detail.as_bytes(),
+    ];
+    match key {
+        Some(key) => mac(key, &parts),
+        None => {
+            let mut hasher = Sha256::new();
+            parts.iter().for_each(|part| hasher.update(part));
+            Ok(hasher.finish())
+        }
+    }
+}
+
+/// HMAC-SHA256 under `key` of `parts`, concatenated.
+pub fn mac(key: &[u8; 32], parts: &[&[u8]]) -> Result<[u8; 32]> {
+    let fail = |err: openssl::error::ErrorStack| Error::Storage(format!("audit MAC: {err}"));
+    let key = PKey::hmac(key).map_err(fail)?;
+    let mut signer = Signer::new(MessageDigest::sha256(), &key).map_err(fail)?;
+    for part in parts {
+        signer.update(part).map_err(fail)?;
+    }
+    let mut out = [0u8; 32];
+    let written = signer.sign(&mut out).map_err(fail)?;
+    if written != out.len() {
+        return Err(Error::Storage("audit MAC: short output".into()));
+    }
+    Ok(out)
 }

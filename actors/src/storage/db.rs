@@ -32,6 +32,10 @@ const MIGRATIONS: &[(u32, &str)] = &[
         5,
         include_str!("../../../sql/migrations/0005_waiting_keys.sql"),
     ),
+    (
+        6,
+        include_str!("../../../sql/migrations/0006_audit_keyed.sql"),
+    ),
 ];
 
 /// Per-connection settings.
@@ -235,8 +239,50 @@ pub fn blocks(
     Ok(blocks)
 }
 
-/// Checks the audit hash chain from the first record; returns the number of records.
-pub fn verify_audit_chain(conn: &Connection) -> Result<u64> {
+/// Where the keyed part of the audit chain starts, checked against its MAC under `key`.
+fn audit_keyed_since(conn: &Connection, key: &[u8; 32]) -> Result<i64> {
+    let (since, mac): (i64, Option<Vec<u8>>) = conn
+        .query_row("SELECT since, mac FROM audit_keyed", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .map_err(|err| Error::Storage(format!("audit_keyed: {err}")))?;
+    match mac {
+        Some(mac) if mac == since_mac(key, since)? => Ok(since),
+        Some(_) => Err(Error::Storage(
+            "the start of the keyed audit chain was altered".into(),
+        )),
+        None => Err(Error::Storage(
+            "the keyed audit chain is not sealed yet (start the KME once)".into(),
+        )),
+    }
+}
+
+fn since_mac(key: &[u8; 32], since: i64) -> Result<Vec<u8>> {
+    let mac = crate::storage::audit::mac(key, &[b"kme audit keyed since", &since.to_be_bytes()])?;
+    Ok(mac.to_vec())
+}
+
+/// At start, with the master key: seals where the keyed audit chain starts (once, after the
+/// migration that keyed it), or checks that nobody moved it.
+pub fn seal_audit_keyed(conn: &Connection, key: &[u8; 32]) -> Result<()> {
+    let unsealed: Option<i64> = conn
+        .query_row("SELECT since FROM audit_keyed WHERE mac IS NULL", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    if let Some(since) = unsealed {
+        conn.execute(
+            "UPDATE audit_keyed SET mac = ?1",
+            params![since_mac(key, since)?],
+        )?;
+    }
+    audit_keyed_since(conn, key).map(|_| ())
+}
+
+/// Checks the audit hash chain from the first record, keyed MACs under `key` from where the
+/// chain became keyed; returns the number of records.
+pub fn verify_audit_chain(conn: &Connection, key: &[u8; 32]) -> Result<u64> {
+    let since = audit_keyed_since(conn, key)?;
     let mut stmt =
         conn.prepare("SELECT id, at_ms, event, detail, prev_hash, hash FROM audit ORDER BY id")?;
     let mut rows = stmt.query([])?;
@@ -254,8 +300,9 @@ pub fn verify_audit_chain(conn: &Connection) -> Result<u64> {
                 "audit chain broken before record {id}"
             )));
         }
-        if crate::storage::audit::chain_hash(&prev, id, at_ms, &event, &detail)?.as_slice() != hash
-        {
+        let keyed = (id >= since).then_some(key);
+        let expected = crate::storage::audit::chain_hash(keyed, &prev, id, at_ms, &event, &detail)?;
+        if expected.as_slice() != hash {
             return Err(Error::Storage(format!("audit record {id} was altered")));
         }
         prev = hash;

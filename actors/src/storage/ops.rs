@@ -64,11 +64,13 @@ pub struct Txn<'a> {
     pub(super) block_cache: &'a mut HashMap<KmeId, BlockCache>,
     /// Events of the audit records appended (counted in the metrics once committed).
     pub(super) events: &'a mut Vec<&'static str>,
+    /// The key of the audit chain's MACs.
+    pub(super) audit_key: &'a [u8; 32],
 }
 
 impl Txn<'_> {
     pub(super) fn audit(&mut self, record: &AuditRecord) -> Result<()> {
-        append_audit(self.tx, self.head, record)?;
+        append_audit(self.tx, self.audit_key, self.head, record)?;
         self.events.push(record.event);
         Ok(())
     }

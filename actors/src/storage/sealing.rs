@@ -144,6 +144,15 @@ impl Sealer {
         })
     }
 
+    /// The key of the audit chain's MACs (derived from the master key, used for nothing else).
+    pub fn audit_key(&self) -> Result<zeroize::Zeroizing<[u8; 32]>> {
+        Ok(zeroize::Zeroizing::new(hkdf(
+            &self.master,
+            b"kme audit chain",
+            &[],
+        )?))
+    }
+
     /// A value that identifies the master key without revealing it (stored in the database,
     /// so that a KME started with another key refuses to run).
     pub fn check_value(&self) -> Result<i64> {

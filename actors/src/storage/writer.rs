@@ -61,17 +61,21 @@ pub struct DbWriter {
     /// arrive in stream order, so consecutive activations mostly hit it.
     block_cache: HashMap<KmeId, BlockCache>,
     metrics: Option<Arc<Metrics>>,
+    /// The key of the audit chain's MACs (None: it could not be derived; writes then fail).
+    audit_key: Option<zeroize::Zeroizing<[u8; 32]>>,
 }
 
 impl DbWriter {
     /// `sealer` encrypts key material before it reaches the file (see `sealing.rs`).
     pub fn new(pool: DbPool, sealer: Arc<Sealer>) -> Self {
+        let audit_key = sealer.audit_key().ok();
         Self {
             pool,
             sealer,
             audit_head: None,
             block_cache: HashMap::new(),
             metrics: None,
+            audit_key,
         }
     }
 
@@ -159,6 +163,10 @@ impl DbWriter {
         applied: &mut Vec<Box<dyn Completion>>,
         events: &mut Vec<&'static str>,
     ) -> Result<usize> {
+        let audit_key = self
+            .audit_key
+            .as_deref()
+            .ok_or_else(|| Error::Storage("no audit key".into()))?;
         let mut conn = self.pool.get()?;
         let tx = conn.transaction()?;
         let mut head = match self.audit_head.clone() {
@@ -191,6 +199,7 @@ impl DbWriter {
                 head: &mut head,
                 block_cache: &mut self.block_cache,
                 events,
+                audit_key,
             };
             let done = op.apply(&mut txn);
             let error = done.error().cloned();
@@ -242,12 +251,13 @@ fn audit_head(tx: &Connection) -> Result<(i64, Vec<u8>)> {
 
 pub(super) fn append_audit(
     tx: &Connection,
+    key: &[u8; 32],
     head: &mut (i64, Vec<u8>),
     record: &AuditRecord,
 ) -> Result<()> {
     let id = head.0 + 1;
     let at_ms = now_ms();
-    let hash = chain_hash(&head.1, id, at_ms, record.event, &record.detail)?;
+    let hash = chain_hash(Some(key), &head.1, id, at_ms, record.event, &record.detail)?;
     tx.prepare_cached(
         "INSERT INTO audit(id, at_ms, event, detail, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
@@ -735,6 +745,17 @@ mod tests {
         Sealer::from_master(&[9u8; 32]).unwrap()
     }
 
+    fn audit_key() -> [u8; 32] {
+        *sealer().audit_key().unwrap()
+    }
+
+    /// The audit chain of `conn` checked with the test master key (its keyed start sealed
+    /// first, as a KME does at start).
+    fn verify(conn: &Connection) -> Result<u64> {
+        db::seal_audit_keyed(conn, &audit_key())?;
+        db::verify_audit_chain(conn, &audit_key())
+    }
+
     fn kme(id: &str) -> KmeId {
         KmeId::new(id)
     }
@@ -1141,7 +1162,7 @@ mod tests {
             .unwrap();
         assert_eq!(last, 5, "the refused batch left no trace");
         assert_eq!(
-            db::verify_audit_chain(&conn).unwrap(),
+            verify(&conn).unwrap(),
             2,
             "audit chain intact across the rollback"
         );
@@ -1178,6 +1199,7 @@ mod tests {
             head,
             block_cache: &mut cache,
             events: &mut events,
+            audit_key: &audit_key(),
         };
         ExpireKeys {
             created_before_ms: before,
@@ -1236,7 +1258,7 @@ mod tests {
         );
         let conn = pool.get().unwrap();
         assert_eq!(
-            db::verify_audit_chain(&conn).unwrap(),
+            verify(&conn).unwrap(),
             conn.query_row("SELECT count(*) FROM audit", [], |r| r.get::<_, i64>(0))
                 .unwrap() as u64,
             "the rolled-back retrieval left no audit record and the chain holds"
@@ -1299,14 +1321,14 @@ mod tests {
             assert!(told.contains("database or disk is full"), "{told}");
         }
         let conn = pool.get().unwrap();
-        assert_eq!(db::verify_audit_chain(&conn).unwrap(), 1, "nothing stands");
+        assert_eq!(verify(&conn).unwrap(), 1, "nothing stands");
         drop(conn);
         let mut batch = Vec::new();
         let mut next = queue(&mut batch, small(3));
         writer.write(batch).unwrap();
         assert_eq!(next.try_recv().unwrap(), Ok(()));
         let conn = pool.get().unwrap();
-        assert_eq!(db::verify_audit_chain(&conn).unwrap(), 2);
+        assert_eq!(verify(&conn).unwrap(), 2);
     }
 
     #[test]
@@ -1317,13 +1339,14 @@ mod tests {
         for i in 0..3 {
             append_audit(
                 &tx,
+                &audit_key(),
                 &mut head,
                 &AuditRecord::new("test", serde_json::json!({"i": i})),
             )
             .unwrap();
         }
         tx.commit().unwrap();
-        assert_eq!(db::verify_audit_chain(&conn).unwrap(), 3);
+        assert_eq!(verify(&conn).unwrap(), 3);
         assert!(
             conn.execute("UPDATE audit SET detail = '{}' WHERE id = 2", [])
                 .is_err(),
@@ -1333,7 +1356,7 @@ mod tests {
             conn.execute("DELETE FROM audit WHERE id = 2", []).is_err(),
             "no delete"
         );
-        assert_eq!(db::verify_audit_chain(&conn).unwrap(), 3);
+        assert_eq!(verify(&conn).unwrap(), 3);
         // Past the triggers (someone with the file): a middle record changed, or deleted,
         // breaks the chain.
         let copy = |conn: &Connection| {
@@ -1349,10 +1372,49 @@ mod tests {
                 "DROP TRIGGER audit_no_update; UPDATE audit SET detail = '{\"i\":9}' WHERE id = 2;",
             )
             .unwrap();
-        assert!(db::verify_audit_chain(&changed).is_err(), "changed record");
+        assert!(verify(&changed).is_err(), "changed record");
         let (_d2, cut) = copy(&conn);
         cut.execute_batch("DROP TRIGGER audit_no_delete; DELETE FROM audit WHERE id = 2;")
             .unwrap();
-        assert!(db::verify_audit_chain(&cut).is_err(), "deleted record");
+        assert!(verify(&cut).is_err(), "deleted record");
+        // Someone with the file but not the master key changes record 2 and recomputes the
+        // chain from there (plain SHA-256, or an HMAC under a key of their own): detected.
+        for forger_key in [None, Some([1u8; 32])] {
+            let (_d, rewritten) = copy(&conn);
+            rewritten
+                .execute_batch("DROP TRIGGER audit_no_update;")
+                .unwrap();
+            let mut prev: Vec<u8> = rewritten
+                .query_row("SELECT hash FROM audit WHERE id = 1", [], |r| r.get(0))
+                .unwrap();
+            for id in 2..=3i64 {
+                let (at, event, detail): (i64, String, String) = rewritten
+                    .query_row(
+                        "SELECT at_ms, event, detail FROM audit WHERE id = ?1",
+                        [id],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .unwrap();
+                let detail = if id == 2 { "{\"i\":9}".into() } else { detail };
+                let hash = chain_hash(forger_key.as_ref(), &prev, id, at, &event, &detail).unwrap();
+                rewritten
+                    .execute(
+                        "UPDATE audit SET detail = ?1, prev_hash = ?2, hash = ?3 WHERE id = ?4",
+                        params![detail, prev, hash.as_slice(), id],
+                    )
+                    .unwrap();
+                prev = hash.to_vec();
+            }
+            assert!(
+                verify(&rewritten).is_err(),
+                "recomputed with {forger_key:?}"
+            );
+            // Nor can the rewrite pass for records older than the keyed chain: where the
+            // keyed chain starts is itself under the key.
+            rewritten
+                .execute("UPDATE audit_keyed SET since = 100", [])
+                .unwrap();
+            assert!(db::verify_audit_chain(&rewritten, &audit_key()).is_err());
+        }
     }
 }
