@@ -188,9 +188,12 @@ async fn audit_verify(req: HttpRequest, state: web::Data<AdminState>) -> HttpRes
         return refusal;
     }
     let (reader, key) = (state.reader.clone(), state.audit_key.clone());
+    let head = state.db_file.with_file_name("audit.head");
     let checked = web::block(move || -> Result<u64, kme_actors::Error> {
         let conn = reader.get()?;
-        kme_actors::storage::db::verify_audit_chain(&conn, &key)
+        let count = kme_actors::storage::db::verify_audit_chain(&conn, &key)?;
+        kme_actors::storage::db::check_audit_head(&conn, &head)?;
+        Ok(count)
     })
     .await;
     match checked {

@@ -74,7 +74,8 @@ enum Command {
     Sae(kme::sae_cli::SaeArgs),
     /// The operator's listener of a KME: health, ready, metrics, reload (`kme admin --help`).
     Admin(kme::admin_cli::AdminArgs),
-    /// Verify the hash chain of a KME's audit trail.
+    /// Verify a KME's audit trail: its keyed hash chain (with the master key) and its head
+    /// kept outside the database (a cut tail shows). Only reads; exits non-zero on any doubt.
     AuditVerify {
         #[arg(long)]
         config: Option<PathBuf>,
@@ -188,6 +189,10 @@ fn run(command: Command) -> Result<ExitCode, String> {
                     .and_then(|sealer| sealer.audit_key())
                     .map_err(|err| err.to_string())?;
             let count = kme_actors::storage::db::verify_audit_chain(&conn, &key)
+                .and_then(|count| {
+                    let head = node.me.data_dir.join("audit.head");
+                    kme_actors::storage::db::check_audit_head(&conn, &head).map(|()| count)
+                })
                 .map_err(|err| err.to_string())?;
             println!("audit trail of {kme}: {count} records, hash chain intact");
             Ok(ExitCode::SUCCESS)

@@ -158,9 +158,11 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     let metrics = Arc::new(Metrics::new().map_err(|err| StartError::Metrics(err.to_string()))?);
     let writer_sealer = sealer.clone();
     let writer_metrics = metrics.clone();
+    let head_file = config.me.data_dir.join("audit.head");
     let writer = SyncArbiter::start(1, move || {
         DbWriter::new(writer_pool.clone(), writer_sealer.clone())
             .with_metrics(writer_metrics.clone())
+            .with_head_file(head_file.clone())
     });
     let checkpoint_pool = reader_pool.clone();
     let checkpointer = SyncArbiter::start(1, move || DbCheckpointer::new(checkpoint_pool.clone()));

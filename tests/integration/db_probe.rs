@@ -48,6 +48,13 @@ pub fn audit_events(dir: &Path, kme: &str, event: &str) -> Vec<Value> {
     details
 }
 
+/// Runs `sql` on the database of `kme` as someone with the file would (triggers may be
+/// dropped first).
+pub fn tamper(dir: &Path, kme: &str, sql: &str) {
+    let conn = open(dir, kme).get().unwrap();
+    conn.execute_batch(sql).unwrap();
+}
+
 /// How many rows `table` of the database of `kme` holds.
 pub fn count(dir: &Path, kme: &str, table: &str) -> i64 {
     let conn = open(dir, kme).get().unwrap();

@@ -459,3 +459,45 @@ fn audit_verify_of_a_missing_database_fails_and_creates_nothing() {
         "nothing was created"
     );
 }
+
+/// The audit trail's head is kept outside the database too: cutting the newest records (even
+/// with the triggers dropped, as someone with the file could) is seen by `kme audit-verify`.
+#[actix::test]
+async fn a_cut_audit_tail_is_seen_against_the_head_outside_the_database() {
+    let mut net = Net::start(LinkOptions::default());
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 16).await;
+    let (code, _) = enc(
+        &net.client(Some("sae-a")),
+        &net.url("kme-a"),
+        "sae-b",
+        json!({}),
+    )
+    .await;
+    assert_eq!(code, 200);
+    net.stop("kme-a");
+    let verify = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kme"))
+            .args(["audit-verify", "--config"])
+            .arg(net.setup.config_file())
+            .args(["--kme", "kme-a"])
+            .output()
+            .unwrap()
+    };
+    let intact = verify();
+    assert!(
+        intact.status.success(),
+        "{}",
+        String::from_utf8_lossy(&intact.stderr)
+    );
+    super::db_probe::tamper(
+        net.setup.path(),
+        "kme-a",
+        "DROP TRIGGER audit_no_delete; DELETE FROM audit WHERE id > (SELECT max(id) - 2 FROM audit);",
+    );
+    let cut = verify();
+    let said = String::from_utf8_lossy(&cut.stderr);
+    assert!(
+        !cut.status.success() && said.contains("tail was cut"),
+        "{said}"
+    );
+}

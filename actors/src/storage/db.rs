@@ -279,6 +279,41 @@ pub fn seal_audit_keyed(conn: &Connection, key: &[u8; 32]) -> Result<()> {
     audit_keyed_since(conn, key).map(|_| ())
 }
 
+/// Checks the database's audit trail against its head kept outside it (`audit.head` beside the
+/// database, copied by the writer at most 50 ms behind): the record the head names must be
+/// there with the same hash, or the trail's tail was cut (or replaced). A missing or unreadable
+/// head file is an error too.
+pub fn check_audit_head(conn: &Connection, head_file: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(head_file).map_err(|err| {
+        Error::Storage(format!(
+            "no audit head at {}: {err} (a KME writes it at its first commit)",
+            head_file.display()
+        ))
+    })?;
+    let head: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|err| Error::Storage(format!("{}: {err}", head_file.display())))?;
+    let (Some(id), Some(hash)) = (head["id"].as_i64(), head["hash"].as_str()) else {
+        return Err(Error::Storage(format!(
+            "{} is not an audit head",
+            head_file.display()
+        )));
+    };
+    let stored: Option<Vec<u8>> = conn
+        .query_row("SELECT hash FROM audit WHERE id = ?1", params![id], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    match stored {
+        Some(stored) if crate::types::hex(&stored) == hash => Ok(()),
+        Some(_) => Err(Error::Storage(format!(
+            "audit record {id} differs from the head kept outside the database"
+        ))),
+        None => Err(Error::Storage(format!(
+            "the audit trail ends before its head, record {id}: its tail was cut"
+        ))),
+    }
+}
+
 /// Checks the audit hash chain from the first record, keyed MACs under `key` from where the
 /// chain became keyed; returns the number of records.
 pub fn verify_audit_chain(conn: &Connection, key: &[u8; 32]) -> Result<u64> {

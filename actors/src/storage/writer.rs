@@ -11,6 +11,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -63,6 +64,8 @@ pub struct DbWriter {
     metrics: Option<Arc<Metrics>>,
     /// The key of the audit chain's MACs (None: it could not be derived; writes then fail).
     audit_key: Option<zeroize::Zeroizing<[u8; 32]>>,
+    /// Where the chain's head is copied outside the database, and when it last was.
+    head_file: Option<(PathBuf, Option<Instant>)>,
 }
 
 impl DbWriter {
@@ -76,6 +79,29 @@ impl DbWriter {
             block_cache: HashMap::new(),
             metrics: None,
             audit_key,
+            head_file: None,
+        }
+    }
+
+    /// Copies the audit chain's head to `path` after commits (see `db::check_audit_head`).
+    pub fn with_head_file(mut self, path: PathBuf) -> Self {
+        self.head_file = Some((path, None));
+        self
+    }
+
+    /// The head outside the database: at most `HEAD_EVERY` behind (a cut tail of the trail
+    /// shows against it), and written at once for the last record of a run.
+    fn copy_head(&mut self, stopping: bool) {
+        let (Some((path, written)), Some((id, hash))) = (&mut self.head_file, &self.audit_head)
+        else {
+            return;
+        };
+        if !stopping && written.is_some_and(|at| at.elapsed() < HEAD_EVERY) {
+            return;
+        }
+        *written = Some(Instant::now());
+        if let Err(err) = write_head(path, *id, hash) {
+            log::error!("cannot copy the audit head to {}: {err}", path.display());
         }
     }
 
@@ -121,6 +147,7 @@ impl DbWriter {
         let mut waiting = batch.into_iter();
         match self.transaction(&mut waiting, &mut applied, &mut events) {
             Ok(rolled_back_from) => {
+                self.copy_head(events.contains(&"kme_stopped"));
                 if let Some(metrics) = &self.metrics {
                     metrics
                         .commit_seconds
@@ -236,6 +263,17 @@ impl DbWriter {
         self.audit_head = Some(head);
         Ok(rolled_back_from)
     }
+}
+
+/// How far behind the head outside the database may be.
+const HEAD_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// `{"id": .., "hash": hex}` to `path`, replaced whole (written aside, then renamed).
+fn write_head(path: &Path, id: i64, hash: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let text = serde_json::json!({"id": id, "hash": crate::types::hex(hash)}).to_string();
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }
 
 fn audit_head(tx: &Connection) -> Result<(i64, Vec<u8>)> {
