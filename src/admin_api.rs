@@ -22,6 +22,7 @@ use kme_actors::link::LinkHealth;
 use kme_actors::metrics::Metrics;
 use kme_actors::relay::router::{NetworkView, OwnLink, RouteView, Router};
 use kme_actors::sae_registry::{ListSaes, SaeRegistry};
+use kme_actors::storage::audit_trail;
 use kme_actors::storage::db::DbPool;
 use kme_actors::storage::ops::{RecentEvents, WaitingKeys};
 use kme_actors::storage::store::{Exec, Store};
@@ -40,6 +41,8 @@ pub struct AdminState {
     pub router: Addr<Router>,
     /// The SQLite file (its size, and its WAL's, is a metric).
     pub db_file: PathBuf,
+    /// Its size limit (`max_db_mb`) in bytes, a metric beside its size.
+    pub db_limit_bytes: u64,
     /// CNs allowed in when the listener has TLS; None: plain HTTP on loopback.
     pub operators: Option<HashSet<String>>,
     pub timeout: Duration,
@@ -188,11 +191,11 @@ async fn audit_verify(req: HttpRequest, state: web::Data<AdminState>) -> HttpRes
         return refusal;
     }
     let (reader, key) = (state.reader.clone(), state.audit_key.clone());
-    let head = state.db_file.with_file_name("audit.head");
+    let head = state.db_file.with_file_name(audit_trail::HEAD_FILE);
     let checked = web::block(move || -> Result<u64, kme_actors::Error> {
         let conn = reader.get()?;
-        let count = kme_actors::storage::db::verify_audit_chain(&conn, &key)?;
-        kme_actors::storage::db::check_audit_head(&conn, &head)?;
+        let count = audit_trail::verify_chain(&conn, &key)?;
+        audit_trail::check_head(&conn, &key, &head)?;
         Ok(count)
     })
     .await;
@@ -312,5 +315,11 @@ async fn levels(state: &AdminState) -> Result<Registry, prometheus::Error> {
         .map(|m| m.len())
         .sum::<u64>();
     db_bytes.set(size as f64);
+    let db_limit = prometheus::Gauge::with_opts(Opts::new(
+        "database_limit_bytes",
+        "Size limit of the database (max_db_mb); a warning is logged from 80 % on",
+    ))?;
+    registry.register(Box::new(db_limit.clone()))?;
+    db_limit.set(state.db_limit_bytes as f64);
     Ok(registry)
 }

@@ -161,6 +161,10 @@ impl RawLinkSettings {
     }
 }
 
+/// The database's size limit when `max_db_mb` is not set: a KME whose audit trail is never
+/// pruned fills this in years at demo rates, and the disk is not filled by surprise.
+pub const DEFAULT_MAX_DB_MB: u64 = 4096;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawKme {
@@ -235,8 +239,8 @@ pub struct KmeSpec {
     pub master_key: PathBuf,
     /// Where QKD devices of `file-drop` links write key files: `<key_drop_dir>/<peer KME>/`.
     pub key_drop_dir: PathBuf,
-    /// Size limit of the database file in MiB (None: the disk is the limit).
-    pub max_db_mb: Option<u64>,
+    /// Size limit of the database file in MiB (`DEFAULT_MAX_DB_MB` unless the file says).
+    pub max_db_mb: u64,
     pub workers: usize,
     /// The operator's listener (metrics, health, admin API), if any.
     pub admin: Option<AdminListen>,
@@ -504,7 +508,7 @@ impl Validator<'_> {
                     .as_deref()
                     .map(|p| self.path(p))
                     .unwrap_or_else(|| self.path(&k.data_dir).join("key-drop")),
-                max_db_mb: k.max_db_mb,
+                max_db_mb: k.max_db_mb.unwrap_or(DEFAULT_MAX_DB_MB),
                 workers: k.workers.unwrap_or(2).clamp(1, 64),
                 admin: self.admin_listen(k)?,
             });

@@ -1,6 +1,6 @@
 //! The `kme` command: run a KME, check a configuration, act as an SAE (`kme sae`), ask a
-//! KME's operator listener (`kme admin`), verify an audit trail. The benchmarks
-//! are the `kme-bench` command (`bench/`).
+//! KME's operator listener (`kme admin`), verify, export and prune an audit trail (`kme
+//! audit`). The benchmarks are the `kme-bench` command (`bench/`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -74,13 +74,47 @@ enum Command {
     Sae(kme::sae_cli::SaeArgs),
     /// The operator's listener of a KME: health, ready, metrics, reload (`kme admin --help`).
     Admin(kme::admin_cli::AdminArgs),
-    /// Verify a KME's audit trail: its keyed hash chain (with the master key) and its head
-    /// kept outside the database (a cut tail shows). Only reads; exits non-zero on any doubt.
-    AuditVerify {
+    /// A KME's audit trail, on its database (the KME may run): verify, export, prune.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditAction {
+    /// Verify the keyed hash chain (with the master key) and the head kept outside the
+    /// database (a cut tail shows). Only reads; exits non-zero on any doubt.
+    Verify {
         #[arg(long)]
         config: Option<PathBuf>,
         #[arg(long)]
         kme: String,
+    },
+    /// Write a closed segment of the trail (its oldest records up to --upto, default all but
+    /// the newest) as JSON lines, its head MACed last. Only reads; checks the chain first.
+    Export {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        kme: String,
+        /// Last record of the segment (default: the one before the newest).
+        #[arg(long)]
+        upto: Option<i64>,
+        /// File to write (never overwritten); default: standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Delete the records of an exported segment from the database, once the file is proven
+    /// whole and the trail's oldest part; the chain goes on from its last record.
+    Prune {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        kme: String,
+        /// A file written by `kme audit export`.
+        #[arg(long)]
+        segment: PathBuf,
     },
 }
 
@@ -178,26 +212,67 @@ fn run(command: Command) -> Result<ExitCode, String> {
         }
         Command::Sae(args) => Ok(kme::sae_cli::run(args)),
         Command::Admin(args) => Ok(kme::admin_cli::run(args)),
-        Command::AuditVerify { config, kme } => {
-            let node = load(config)?.node(&kme).map_err(|err| err.to_string())?;
-            let conn =
-                kme_actors::storage::db::open_read_only(&node.me.data_dir.join("kme.sqlite"))
-                    .map_err(|err| err.to_string())?;
-            // The chain's MACs are keyed by the master key: without it, no verdict.
-            let key =
-                kme_actors::storage::sealing::Sealer::from_key_file(&node.me.master_key, false)
-                    .and_then(|sealer| sealer.audit_key())
-                    .map_err(|err| err.to_string())?;
-            let count = kme_actors::storage::db::verify_audit_chain(&conn, &key)
+        Command::Audit { action } => audit(action),
+    }
+}
+
+/// The `kme audit` commands: each opens the KME's existing database and needs its master
+/// key (the chain's MACs are keyed by it: without it, no verdict).
+fn audit(action: AuditAction) -> Result<ExitCode, String> {
+    use kme_actors::storage::{audit_trail, db, sealing::Sealer};
+    let (AuditAction::Verify { config, kme }
+    | AuditAction::Export { config, kme, .. }
+    | AuditAction::Prune { config, kme, .. }) = &action;
+    let node = load(config.clone())?
+        .node(kme)
+        .map_err(|err| err.to_string())?;
+    let data_dir = &node.me.data_dir;
+    let writable = matches!(action, AuditAction::Prune { .. });
+    let mut conn =
+        db::open_existing(&data_dir.join("kme.sqlite"), writable).map_err(|err| err.to_string())?;
+    let key = Sealer::from_key_file(&node.me.master_key, false)
+        .and_then(|sealer| sealer.audit_key())
+        .map_err(|err| err.to_string())?;
+    match action {
+        AuditAction::Verify { kme, .. } => {
+            let count = audit_trail::verify_chain(&conn, &key)
                 .and_then(|count| {
-                    let head = node.me.data_dir.join("audit.head");
-                    kme_actors::storage::db::check_audit_head(&conn, &head).map(|()| count)
+                    let head = data_dir.join(audit_trail::HEAD_FILE);
+                    audit_trail::check_head(&conn, &key, &head).map(|()| count)
                 })
                 .map_err(|err| err.to_string())?;
             println!("audit trail of {kme}: {count} records, hash chain intact");
-            Ok(ExitCode::SUCCESS)
+        }
+        AuditAction::Export { kme, upto, out, .. } => {
+            let mut file: Box<dyn std::io::Write> = match &out {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::options()
+                        .write(true)
+                        .create_new(true)
+                        .open(path)
+                        .map_err(|err| format!("{}: {err}", path.display()))?,
+                )),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            let segment = audit_trail::export_segment(&conn, &key, &kme, upto, &mut file)
+                .map_err(|err| err.to_string())?;
+            eprintln!(
+                "audit records {}..={} of {kme} exported; `kme audit prune --segment FILE` may now delete them",
+                segment.first, segment.last
+            );
+        }
+        AuditAction::Prune { kme, segment, .. } => {
+            let text = std::fs::read_to_string(&segment)
+                .map_err(|err| format!("{}: {err}", segment.display()))?;
+            let deleted = audit_trail::prune_segment(&mut conn, &key, &kme, &text)
+                .map_err(|err| err.to_string())?;
+            println!(
+                "{deleted} audit records of {kme} pruned (exported in {})",
+                segment.display()
+            );
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// An enc_keys / dec_keys pair between two SAEs on neighbouring KMEs of `config`.

@@ -21,6 +21,7 @@ use kme_actors::sae_quota::{SaeLimits, SaeQuotas};
 use kme_actors::sae_registry::{Network, SaeRegistry};
 use kme_actors::startup;
 use kme_actors::storage::audit::AuditRecord;
+use kme_actors::storage::audit_trail;
 use kme_actors::storage::checkpointer::DbCheckpointer;
 use kme_actors::storage::db;
 use kme_actors::storage::ops::AppendAudit;
@@ -113,7 +114,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     let (writer_pool, reader_pool) = db::open_with_quota(
         &config.me.data_dir.join("kme.sqlite"),
         2,
-        config.me.max_db_mb,
+        Some(config.me.max_db_mb),
     )?;
     let sealer = {
         let conn = writer_pool.get().map_err(kme_actors::Error::from)?;
@@ -131,7 +132,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
             }
             Some(_) => {}
         }
-        db::seal_audit_keyed(&conn, &*sealer.audit_key()?)?;
+        audit_trail::seal_keyed(&conn, &*sealer.audit_key()?)?;
         (Arc::new(sealer), epoch)
     };
     let (sealer, epoch) = sealer;
@@ -158,7 +159,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     let metrics = Arc::new(Metrics::new().map_err(|err| StartError::Metrics(err.to_string()))?);
     let writer_sealer = sealer.clone();
     let writer_metrics = metrics.clone();
-    let head_file = config.me.data_dir.join("audit.head");
+    let head_file = config.me.data_dir.join(audit_trail::HEAD_FILE);
     let writer = SyncArbiter::start(1, move || {
         DbWriter::new(writer_pool.clone(), writer_sealer.clone())
             .with_metrics(writer_metrics.clone())
@@ -302,6 +303,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
                 store: store.clone(),
                 router: router.clone(),
                 db_file: config.me.data_dir.join("kme.sqlite"),
+                db_limit_bytes: config.me.max_db_mb.saturating_mul(1 << 20),
                 operators: listen.tls.then(|| config.operators.clone()),
                 reloader: reloader.clone(),
                 registry: registry.clone(),

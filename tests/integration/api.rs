@@ -252,7 +252,7 @@ async fn deliveries_bindings_and_retrievals_are_audited_and_the_live_chain_verif
             "{event} at {kme}: {text}"
         );
     }
-    // `kme audit-verify` on the live databases, next to the running KMEs.
+    // `kme audit verify` on the live databases, next to the running KMEs.
     for kme in ["kme-a", "kme-b", "kme-c"] {
         audit_verify(&net.setup, kme);
     }

@@ -369,7 +369,7 @@ async fn kill_9_rounds(options: LinkOptions, rounds: u64, scenario: Scenario) {
     if scenario.slave_kme == "kme-c" {
         assert_relays_settled(&setup).await;
     }
-    // The audit trails of all, killed again, verify (what `kme audit-verify` does).
+    // The audit trails of all, killed again, verify (what `kme audit verify` does).
     drop(kme_b);
     drop(processes);
     for kme in kmes {

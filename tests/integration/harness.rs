@@ -713,19 +713,25 @@ impl Net {
     }
 }
 
-/// Runs `kme audit-verify` on `kme`'s database (the KME may be running, or killed) and asserts
-/// that it reports the hash chain intact.
-pub fn audit_verify(setup: &Setup, kme: &str) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kme"))
-        .args(["audit-verify", "--config"])
+/// Runs `kme audit <action> --config <setup's> --kme <kme> <args>`; returns its output.
+pub fn kme_audit(setup: &Setup, action: &str, kme: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kme"))
+        .args(["audit", action, "--config"])
         .arg(setup.config_file())
         .args(["--kme", kme])
+        .args(args)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs `kme audit verify` on `kme`'s database (the KME may be running, or killed) and asserts
+/// that it reports the hash chain intact.
+pub fn audit_verify(setup: &Setup, kme: &str) {
+    let out = kme_audit(setup, "verify", kme, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains("hash chain intact"),
-        "audit-verify {kme}: {stdout} {}",
+        "audit verify {kme}: {stdout} {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::harness::{dec, enc, keys, Client, LinkOptions, Net};
+use super::harness::{audit_verify, dec, enc, keys, kme_audit, Client, LinkOptions, Net};
 
 /// Fetches `url` over plain HTTP; returns its status and body text.
 async fn plain_get(url: &str) -> (u16, String) {
@@ -432,7 +432,7 @@ async fn the_webhook_hears_a_link_go_down_and_come_back() {
     stop_receiver.stop(true).await;
 }
 
-/// `kme audit-verify` only reads: pointed at a KME whose database does not exist, it says so,
+/// `kme audit verify` only reads: pointed at a KME whose database does not exist, it says so,
 /// exits non-zero and creates nothing (it used to create an empty database and call it
 /// intact).
 #[test]
@@ -445,12 +445,7 @@ fn audit_verify_of_a_missing_database_fails_and_creates_nothing() {
         })
         .collect();
     let setup = super::harness::Setup::new(&LinkOptions::default(), &ports);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kme"))
-        .args(["audit-verify", "--config"])
-        .arg(setup.config_file())
-        .args(["--kme", "kme-a"])
-        .output()
-        .unwrap();
+    let out = kme_audit(&setup, "verify", "kme-a", &[]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("no database"), "{said}");
@@ -461,7 +456,7 @@ fn audit_verify_of_a_missing_database_fails_and_creates_nothing() {
 }
 
 /// The audit trail's head is kept outside the database too: cutting the newest records (even
-/// with the triggers dropped, as someone with the file could) is seen by `kme audit-verify`.
+/// with the triggers dropped, as someone with the file could) is seen by `kme audit verify`.
 #[actix::test]
 async fn a_cut_audit_tail_is_seen_against_the_head_outside_the_database() {
     let mut net = Net::start(LinkOptions::default());
@@ -475,14 +470,7 @@ async fn a_cut_audit_tail_is_seen_against_the_head_outside_the_database() {
     .await;
     assert_eq!(code, 200);
     net.stop("kme-a");
-    let verify = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_kme"))
-            .args(["audit-verify", "--config"])
-            .arg(net.setup.config_file())
-            .args(["--kme", "kme-a"])
-            .output()
-            .unwrap()
-    };
+    let verify = || kme_audit(&net.setup, "verify", "kme-a", &[]);
     let intact = verify();
     assert!(
         intact.status.success(),
@@ -500,4 +488,58 @@ async fn a_cut_audit_tail_is_seen_against_the_head_outside_the_database() {
         !cut.status.success() && said.contains("tail was cut"),
         "{said}"
     );
+}
+
+/// Retention: a closed segment of the trail is exported and pruned while the KME serves; the
+/// KME goes on appending, the rest verifies, and the same segment is not pruned twice.
+#[actix::test]
+async fn an_exported_audit_segment_is_pruned_while_the_kme_serves() {
+    let net = Net::start(LinkOptions::default());
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 16).await;
+    let master = net.client(Some("sae-a"));
+    let url = net.url("kme-a");
+    let get_key = || enc(&master, &url, "sae-b", json!({}));
+    // Two deliveries: the newest record is never in a segment (the chain goes on from it).
+    assert_eq!(get_key().await.0, 200);
+    assert_eq!(get_key().await.0, 200);
+    let export = net.setup.path().join("segment-1.jsonl");
+    let out = kme_audit(
+        &net.setup,
+        "export",
+        "kme-a",
+        &["--out", export.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exported = std::fs::read_to_string(&export).unwrap();
+    assert!(exported.contains("\"keys_delivered\""), "{exported}");
+    let out = kme_audit(
+        &net.setup,
+        "prune",
+        "kme-a",
+        &["--segment", export.to_str().unwrap()],
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.contains("pruned"), "{said}");
+    let deliveries = || super::db_probe::audit_events(net.setup.path(), "kme-a", "keys_delivered");
+    assert_eq!(
+        deliveries().len(),
+        1,
+        "the first delivery's record went with the segment"
+    );
+    // The KME goes on appending after the anchor, and the trail verifies from there.
+    assert_eq!(get_key().await.0, 200);
+    assert_eq!(deliveries().len(), 2);
+    actix_rt::time::sleep(Duration::from_millis(200)).await;
+    audit_verify(&net.setup, "kme-a");
+    let again = kme_audit(
+        &net.setup,
+        "prune",
+        "kme-a",
+        &["--segment", export.to_str().unwrap()],
+    );
+    assert!(!again.status.success(), "pruned twice");
 }

@@ -36,6 +36,10 @@ const MIGRATIONS: &[(u32, &str)] = &[
         6,
         include_str!("../../../sql/migrations/0006_audit_keyed.sql"),
     ),
+    (
+        7,
+        include_str!("../../../sql/migrations/0007_audit_retention.sql"),
+    ),
 ];
 
 /// Per-connection settings.
@@ -63,17 +67,22 @@ pub fn open(path: &Path, readers: u32) -> Result<(DbPool, DbPool)> {
     open_with_quota(path, readers, None)
 }
 
-/// A read-only connection to an existing database of this schema version, for inspection
-/// (`kme audit-verify`): it never creates, migrates or writes anything, and a missing file
-/// or another schema version is an error.
-pub fn open_read_only(path: &Path) -> Result<Connection> {
+/// A connection to an existing database of this schema version, for the `kme audit`
+/// commands, beside a running KME or not: it never creates or migrates anything, a missing
+/// file or another schema version is an error, and only `writable` (pruning) may write.
+pub fn open_existing(path: &Path, writable: bool) -> Result<Connection> {
+    use rusqlite::OpenFlags;
     if !path.is_file() {
         return Err(Error::Storage(format!("no database at {}", path.display())));
     }
-    let conn = Connection::open_with_flags(
-        path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
+    let access = if writable {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+    };
+    let conn = Connection::open_with_flags(path, access | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    // The KME may be committing: wait for its lock as its own connections do.
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
     let version: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let expected = MIGRATIONS.len();
     if version as usize != expected {
@@ -239,111 +248,32 @@ pub fn blocks(
     Ok(blocks)
 }
 
-/// Where the keyed part of the audit chain starts, checked against its MAC under `key`.
-fn audit_keyed_since(conn: &Connection, key: &[u8; 32]) -> Result<i64> {
-    let (since, mac): (i64, Option<Vec<u8>>) = conn
-        .query_row("SELECT since, mac FROM audit_keyed", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .map_err(|err| Error::Storage(format!("audit_keyed: {err}")))?;
-    match mac {
-        Some(mac) if mac == since_mac(key, since)? => Ok(since),
-        Some(_) => Err(Error::Storage(
-            "the start of the keyed audit chain was altered".into(),
-        )),
-        None => Err(Error::Storage(
-            "the keyed audit chain is not sealed yet (start the KME once)".into(),
-        )),
+/// How much of its size limit (`max_db_mb`, as `max_page_count`) the database uses: pages in
+/// use, not the file's size, since pruned records leave free pages that are used again.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fill {
+    pub used_bytes: u64,
+    pub limit_bytes: u64,
+}
+
+impl Fill {
+    pub fn share(&self) -> f64 {
+        self.used_bytes as f64 / self.limit_bytes.max(1) as f64
     }
 }
 
-fn since_mac(key: &[u8; 32], since: i64) -> Result<Vec<u8>> {
-    let mac = crate::storage::audit::mac(key, &[b"kme audit keyed since", &since.to_be_bytes()])?;
-    Ok(mac.to_vec())
-}
-
-/// At start, with the master key: seals where the keyed audit chain starts (once, after the
-/// migration that keyed it), or checks that nobody moved it.
-pub fn seal_audit_keyed(conn: &Connection, key: &[u8; 32]) -> Result<()> {
-    let unsealed: Option<i64> = conn
-        .query_row("SELECT since FROM audit_keyed WHERE mac IS NULL", [], |r| {
-            r.get(0)
-        })
-        .optional()?;
-    if let Some(since) = unsealed {
-        conn.execute(
-            "UPDATE audit_keyed SET mac = ?1",
-            params![since_mac(key, since)?],
-        )?;
-    }
-    audit_keyed_since(conn, key).map(|_| ())
-}
-
-/// Checks the database's audit trail against its head kept outside it (`audit.head` beside the
-/// database, copied by the writer at most 50 ms behind): the record the head names must be
-/// there with the same hash, or the trail's tail was cut (or replaced). A missing or unreadable
-/// head file is an error too.
-pub fn check_audit_head(conn: &Connection, head_file: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(head_file).map_err(|err| {
-        Error::Storage(format!(
-            "no audit head at {}: {err} (a KME writes it at its first commit)",
-            head_file.display()
+pub fn fill(conn: &Connection) -> Result<Fill> {
+    let pragma = |name: &str| -> Result<u64> {
+        Ok(to_u64(
+            conn.pragma_query_value(None, name, |r| r.get::<_, i64>(0))?,
         ))
-    })?;
-    let head: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|err| Error::Storage(format!("{}: {err}", head_file.display())))?;
-    let (Some(id), Some(hash)) = (head["id"].as_i64(), head["hash"].as_str()) else {
-        return Err(Error::Storage(format!(
-            "{} is not an audit head",
-            head_file.display()
-        )));
     };
-    let stored: Option<Vec<u8>> = conn
-        .query_row("SELECT hash FROM audit WHERE id = ?1", params![id], |r| {
-            r.get(0)
-        })
-        .optional()?;
-    match stored {
-        Some(stored) if crate::types::hex(&stored) == hash => Ok(()),
-        Some(_) => Err(Error::Storage(format!(
-            "audit record {id} differs from the head kept outside the database"
-        ))),
-        None => Err(Error::Storage(format!(
-            "the audit trail ends before its head, record {id}: its tail was cut"
-        ))),
-    }
-}
-
-/// Checks the audit hash chain from the first record, keyed MACs under `key` from where the
-/// chain became keyed; returns the number of records.
-pub fn verify_audit_chain(conn: &Connection, key: &[u8; 32]) -> Result<u64> {
-    let since = audit_keyed_since(conn, key)?;
-    let mut stmt =
-        conn.prepare("SELECT id, at_ms, event, detail, prev_hash, hash FROM audit ORDER BY id")?;
-    let mut rows = stmt.query([])?;
-    let mut prev = vec![0u8; 32];
-    let mut count = 0u64;
-    while let Some(row) = rows.next()? {
-        let id: i64 = row.get(0)?;
-        let at_ms: i64 = row.get(1)?;
-        let event: String = row.get(2)?;
-        let detail: String = row.get(3)?;
-        let prev_hash: Vec<u8> = row.get(4)?;
-        let hash: Vec<u8> = row.get(5)?;
-        if prev_hash != prev {
-            return Err(Error::Storage(format!(
-                "audit chain broken before record {id}"
-            )));
-        }
-        let keyed = (id >= since).then_some(key);
-        let expected = crate::storage::audit::chain_hash(keyed, &prev, id, at_ms, &event, &detail)?;
-        if expected.as_slice() != hash {
-            return Err(Error::Storage(format!("audit record {id} was altered")));
-        }
-        prev = hash;
-        count += 1;
-    }
-    Ok(count)
+    let page = pragma("page_size")?;
+    let used = pragma("page_count")?.saturating_sub(pragma("freelist_count")?);
+    Ok(Fill {
+        used_bytes: used * page,
+        limit_bytes: pragma("max_page_count")? * page,
+    })
 }
 
 pub(crate) fn to_i64(value: u64) -> i64 {
@@ -375,5 +305,23 @@ mod tests {
             .unwrap();
         assert_eq!(version, MIGRATIONS.len() as u32);
         assert_eq!(next_epoch(&conn).unwrap(), 3);
+    }
+
+    #[test]
+    fn fill_counts_pages_in_use_against_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, _) = open_with_quota(&dir.path().join("kme.sqlite"), 1, Some(1)).unwrap();
+        let conn = writer.get().unwrap();
+        let empty = fill(&conn).unwrap();
+        assert_eq!(empty.limit_bytes, 1 << 20);
+        conn.execute_batch(
+            "CREATE TABLE filler(b BLOB); INSERT INTO filler VALUES (zeroblob(600000));",
+        )
+        .unwrap();
+        let full = fill(&conn).unwrap();
+        assert!(full.share() > 0.55 && full.share() < 0.75, "{full:?}");
+        // Deleted rows free pages that count as free again.
+        conn.execute_batch("DELETE FROM filler;").unwrap();
+        assert!(fill(&conn).unwrap().used_bytes < full.used_bytes - 500_000);
     }
 }

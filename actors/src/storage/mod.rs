@@ -7,11 +7,13 @@
 //! | `writer.rs` | `DbWriter` (SyncArbiter of 1): the write connection, one transaction per batch |
 //! | `checkpointer.rs` | `DbCheckpointer` (SyncArbiter of 1): WAL checkpoints off the writer's path |
 //! | `held.rs` | keys of a relay held until the master's KME releases or aborts it |
-//! | `db.rs` | opening, migrations (`sql/migrations`), read-side queries, audit-chain verification |
+//! | `db.rs` | opening, migrations (`sql/migrations`), read-side queries |
 //! | `audit.rs` | audit records and their hash chain |
+//! | `audit_trail.rs` | the trail as a whole: verification, its head outside the database, export and pruning of segments |
 //! | `sealing.rs` | AES-256-GCM sealing of key material at rest, data keys by HKDF |
 
 pub mod audit;
+pub mod audit_trail;
 pub mod checkpointer;
 pub mod db;
 pub mod held;

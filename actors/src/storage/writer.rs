@@ -83,7 +83,7 @@ impl DbWriter {
         }
     }
 
-    /// Copies the audit chain's head to `path` after commits (see `db::check_audit_head`).
+    /// Copies the audit chain's head to `path` after commits (see `audit_trail::check_head`).
     pub fn with_head_file(mut self, path: PathBuf) -> Self {
         self.head_file = Some((path, None));
         self
@@ -751,11 +751,11 @@ fn parse_ids(json: &str) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::db;
     use crate::storage::ops::{
         pending, Activate, AppendAudit, DiscardBlocks, ExpireKeys, KeyFileUsed, Operation,
         Retrieve, StoreBlocks, UsedKeyFile,
     };
+    use crate::storage::{audit_trail, db};
     use std::time::Duration;
     use tokio::sync::oneshot;
 
@@ -790,8 +790,8 @@ mod tests {
     /// The audit chain of `conn` checked with the test master key (its keyed start sealed
     /// first, as a KME does at start).
     fn verify(conn: &Connection) -> Result<u64> {
-        db::seal_audit_keyed(conn, &audit_key())?;
-        db::verify_audit_chain(conn, &audit_key())
+        audit_trail::seal_keyed(conn, &audit_key())?;
+        audit_trail::verify_chain(conn, &audit_key())
     }
 
     fn kme(id: &str) -> KmeId {
@@ -1452,7 +1452,7 @@ mod tests {
             rewritten
                 .execute("UPDATE audit_keyed SET since = 100", [])
                 .unwrap();
-            assert!(db::verify_audit_chain(&rewritten, &audit_key()).is_err());
+            assert!(audit_trail::verify_chain(&rewritten, &audit_key()).is_err());
         }
     }
 }
