@@ -40,6 +40,9 @@ enum Fault {
     DropCommit,
     /// kme-b stores the committed blocks and answers; the answer never reaches kme-a.
     DropCommitReply,
+    /// The blocks named by kme-a's `Commit` of a frame (two or more) are reversed on the way:
+    /// the same key bytes under other owners and numbers at kme-b.
+    ReverseCommit,
     /// kme-b's answer that carries its final `Confirm` never reaches kme-a: kme-b has the key,
     /// kme-a gives the frame up.
     DropConfirm,
@@ -140,7 +143,17 @@ impl Plan {
             let window = message["start"]["window"].as_u64().unwrap();
             return (Action::Forward, Seen::Start { frame, window });
         }
-        if let Some(commit) = message.get("commit") {
+        if let Some(commit) = message.get_mut("commit") {
+            let blocks = commit["blocks"].as_array_mut().unwrap();
+            let reverse = self.armed == Some(Fault::ReverseCommit)
+                && !self.hold_commits
+                && blocks.len() >= 2
+                && commit["frame_id"].is_u64();
+            if reverse {
+                commit["blocks"].as_array_mut().unwrap().reverse();
+                *body = serde_json::to_vec(&message).unwrap();
+            }
+            let commit = &message["commit"];
             let seen = CommitSeen {
                 frame: commit["frame_id"].as_u64(),
                 blocks: commit["blocks"]
@@ -154,6 +167,9 @@ impl Plan {
                     .collect(),
                 status: None,
             };
+            if reverse {
+                self.fire(seen.frame.unwrap_or_default());
+            }
             let action = match self.armed {
                 _ if self.hold_commits => Action::Drop,
                 Some(Fault::DropCommit) => Action::Drop,
@@ -625,11 +641,46 @@ async fn a_lost_commit_is_retried(net: &Net, proxy: &Proxy, fault: Fault) {
     every_key_matches(net, &a, &b).await;
 }
 
+/// A commit whose blocks were renumbered on the channel (here: their order reversed) is
+/// refused by kme-b, whose copy of the frame's authentication window says the tag does not
+/// verify; kme-a's genuine commit, sent again, is stored, and every key matches.
+async fn a_renumbered_commit_is_refused(net: &Net, proxy: &Proxy) {
+    proxy.arm(Fault::ReverseCommit);
+    net.until_link("a commit reversed", |_, _| {
+        proxy.fired(Fault::ReverseCommit).is_some()
+    })
+    .await;
+    let frame = proxy.fired(Fault::ReverseCommit).unwrap();
+    let (a, b) = net
+        .until_link("the genuine commit stored", |_, _| {
+            retried_commits(proxy, frame)
+                .iter()
+                .any(|c| c.status == Some(200))
+        })
+        .await;
+    let commits: Vec<CommitSeen> = proxy
+        .commits()
+        .into_iter()
+        .filter(|c| c.frame == Some(frame))
+        .collect();
+    let (reversed, stored) = (&commits[0], commits.last().unwrap());
+    assert!(
+        reversed.status.is_some_and(|s| (400..500).contains(&s)),
+        "the reversed commit was taken: {commits:?}"
+    );
+    let mut original = reversed.blocks.clone();
+    original.reverse();
+    assert_eq!(stored.blocks, original, "{commits:?}");
+    every_key_matches(net, &a, &b).await;
+}
+
 #[actix::test]
-async fn a_lost_commit_or_final_confirm_never_mismatches_and_a_lost_frame_frees_its_numbers() {
+async fn a_lost_or_renumbered_commit_or_a_lost_final_confirm_never_mismatches_and_a_lost_frame_frees_its_numbers(
+) {
     let (mut net, proxy) = network_behind_proxy().await;
     a_lost_commit_is_retried(&net, &proxy, Fault::DropCommit).await;
     a_lost_commit_is_retried(&net, &proxy, Fault::DropCommitReply).await;
+    a_renumbered_commit_is_refused(&net, &proxy).await;
 
     // The final Confirm lost: kme-b counted the frame as good and holds its key, kme-a gave it
     // up. Only a Commit delivers key, and it never comes for that frame.

@@ -15,12 +15,16 @@
 
 use std::collections::VecDeque;
 
+use zeroize::Zeroize;
+
+use crate::peer::protocol::BlockId;
 use crate::storage::db::StoredBlock;
 
-use kme_bb84::auth::AuthKeyMaterial;
+use kme_bb84::auth::{wegman_carter_tag, AuthKeyMaterial};
 
 /// One-time pads per direction and frame attempt. A frame uses at most 7 (its tagged messages
-/// and the verification key); the rest is margin (a frame that runs out aborts).
+/// and the verification key); the rest is margin (a frame that runs out aborts). The last pad
+/// of the Alice-to-Bob direction is kept from the engine: it tags the frame's `Commit`.
 pub const WINDOW_PADS: usize = 16;
 /// Bytes of one window: the hash key and the pads of both directions.
 pub const WINDOW_BYTES: u64 = 8 * (1 + 2 * WINDOW_PADS as u64);
@@ -121,9 +125,71 @@ impl AuthStream {
     }
 }
 
+/// What authenticates a BB84 frame's `Commit` (the owners and numbers of the blocks its key
+/// becomes): the window's hash key and its last Alice-to-Bob pad, which the engine never
+/// gets. Both ends split it off the window before the frame starts; the Bob end binds the
+/// frame's key only to blocks whose tag verifies, so no one on the channel can renumber them.
+#[derive(Clone)]
+pub struct CommitAuth {
+    mac_key: u64,
+    pad: u64,
+}
+
+impl Drop for CommitAuth {
+    fn drop(&mut self) {
+        self.mac_key.zeroize();
+        self.pad.zeroize();
+    }
+}
+
+impl std::fmt::Debug for CommitAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommitAuth(..)")
+    }
+}
+
+impl CommitAuth {
+    /// Takes the commit's pad out of `material` (before the engine gets it).
+    pub fn split_from(material: &mut AuthKeyMaterial) -> Option<Self> {
+        let pad = material.a2b.pop()?;
+        Some(Self {
+            mac_key: material.mac_key,
+            pad,
+        })
+    }
+
+    /// The Wegman–Carter tag of the commit of frame `frame_id` as `blocks`.
+    pub fn tag(&self, frame_id: u64, blocks: &[BlockId]) -> u64 {
+        wegman_carter_tag(self.mac_key, &commit_words(frame_id, blocks), self.pad)
+    }
+
+    pub fn verifies(&self, frame_id: u64, blocks: &[BlockId], tag: u64) -> bool {
+        self.tag(frame_id, blocks) == tag
+    }
+}
+
+/// The commit as words, without ambiguity: a domain word, the frame, the count, then per
+/// block its owner's length, the owner's bytes (8 per word, zero-padded) and its number.
+fn commit_words(frame_id: u64, blocks: &[BlockId]) -> Vec<u64> {
+    const COMMIT: u64 = u64::from_be_bytes(*b"\0commit\0");
+    let mut words = vec![COMMIT, frame_id, blocks.len() as u64];
+    for block in blocks {
+        let owner = block.owner.as_str().as_bytes();
+        words.push(owner.len() as u64);
+        words.extend(owner.chunks(8).map(|chunk| {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            u64::from_le_bytes(word)
+        }));
+        words.push(block.seq);
+    }
+    words
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::Owner;
 
     fn block(seq: u64, len: usize) -> StoredBlock {
         StoredBlock {
@@ -155,6 +221,39 @@ mod tests {
         assert_eq!(stream.blocks.front().unwrap().seq, 2);
         stream.append((6..9).map(|s| block(s, 100)));
         assert_eq!(stream.windows_left(), 2);
+    }
+
+    #[test]
+    fn a_commit_tag_covers_every_owner_and_number() {
+        let mut material = AuthKeyMaterial::insecure_from_seed(7, WINDOW_PADS);
+        let auth = CommitAuth::split_from(&mut material).unwrap();
+        assert_eq!(
+            material.a2b.len(),
+            WINDOW_PADS - 1,
+            "the engine never gets the pad"
+        );
+        let id = |owner: &str, seq| BlockId {
+            owner: Owner::parse(owner),
+            seq,
+        };
+        let blocks = [id("kme-a", 4), id("kme-b", 9), id("#auth", 2)];
+        let tag = auth.tag(3, &blocks);
+        assert!(auth.verifies(3, &blocks, tag));
+        let mut swapped = blocks.clone();
+        swapped.swap(0, 1);
+        let mut renumbered = blocks.clone();
+        renumbered[2].seq = 3;
+        let mut renamed = blocks.clone();
+        renamed[0] = id("kme-c", 4);
+        for (other, why) in [
+            (&swapped[..], "owners swapped"),
+            (&renumbered[..], "a number changed"),
+            (&renamed[..], "an owner changed"),
+            (&blocks[..2], "a block left out"),
+        ] {
+            assert!(!auth.verifies(3, other, tag), "{why}");
+        }
+        assert!(!auth.verifies(4, &blocks, tag), "another frame");
     }
 
     #[test]

@@ -42,7 +42,7 @@ use futures_util::future::LocalBoxFuture;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::link::auth::AuthStream;
+use crate::link::auth::{AuthStream, CommitAuth};
 use crate::link::LinkCore;
 use crate::peer::protocol::{SourceReply, SourceRequest};
 use crate::storage::ops::UsedKeyFile;
@@ -146,6 +146,8 @@ pub struct SharedKey {
     /// Recorded as used in the transaction that stores its blocks, so that the same key
     /// never gives blocks twice (file-drop: the file's name and hash).
     pub used: Option<UsedKeyFile>,
+    /// What tags its `Commit` (BB84: from the frame's authentication window).
+    pub commit_auth: Option<CommitAuth>,
 }
 
 /// Asynchronous work of a source, for its `Link` to run.

@@ -38,7 +38,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::key_pool::{AddBlocks, KeyPool, PoolLevel};
-use crate::link::auth::WINDOW_BYTES;
+use crate::link::auth::{CommitAuth, WINDOW_BYTES};
 use crate::link::key_source::{
     Condition, Delivery, KeySource, Produced, QkdHealth, SharedKey, Stream, Work,
 };
@@ -118,15 +118,17 @@ impl LinkAddr {
 }
 
 /// How blocks reach the other end.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum Shipment {
     /// With their bytes.
     Bytes,
     /// By number only: the other end holds the same key `Some(id)`, or, after a restart here,
-    /// perhaps already stored them (`None`). `used`: the key's record (see `SharedKey`).
+    /// perhaps already stored them (`None`). `used`: the key's record, `auth`: what tags
+    /// the commit (see `SharedKey`).
     Commit {
         key: Option<u64>,
         used: Option<UsedKeyFile>,
+        auth: Option<CommitAuth>,
     },
 }
 
@@ -155,19 +157,27 @@ impl DeliverySteps {
         Ok(())
     }
 
-    /// Has the other end store its copy of key `key` as these blocks; returns its pool level.
-    /// If it lost the key, the blocks are discarded here too (`FrameLost`).
-    async fn commit(&self, blocks: &[BlockRecord], key: Option<u64>) -> Result<u64> {
-        let ids = blocks
+    /// Has the other end store its copy of key `key` as these blocks (tagged with `auth`);
+    /// returns its pool level. If it lost the key, the blocks are discarded here too
+    /// (`FrameLost`).
+    async fn commit(
+        &self,
+        blocks: &[BlockRecord],
+        key: Option<u64>,
+        auth: Option<&CommitAuth>,
+    ) -> Result<u64> {
+        let ids: Vec<BlockId> = blocks
             .iter()
             .map(|b| BlockId {
                 owner: b.owner.clone(),
                 seq: b.seq,
             })
             .collect();
+        let tag = key.zip(auth).map(|(id, auth)| auth.tag(id, &ids));
         let commit = SourceRequest::Commit {
             frame_id: key,
             blocks: ids,
+            tag,
         };
         match self.peer.send(SourceExchange(commit)).await? {
             Ok(SourceReply::Committed { level }) => Ok(level),
@@ -439,6 +449,7 @@ impl<S: KeySource> Link<S> {
             Delivery::ByNumber => Shipment::Commit {
                 key: None,
                 used: None,
+                auth: None,
             },
         };
         let pending = (!state.unshipped.is_empty()).then_some(PendingDelivery {
@@ -515,6 +526,7 @@ impl<S: KeySource> Link<S> {
                 let shipment = Shipment::Commit {
                     key: Some(key.id),
                     used: key.used,
+                    auth: key.commit_auth,
                 };
                 (blocks, shipment)
             }
@@ -554,8 +566,8 @@ impl<S: KeySource> Link<S> {
                 }
                 let level = match &pending {
                     Shipment::Bytes => to.peer.send(ShipBlocks(blocks.clone())).await??,
-                    Shipment::Commit { key, .. } => {
-                        let level = to.commit(&blocks, *key).await?;
+                    Shipment::Commit { key, auth, .. } => {
+                        let level = to.commit(&blocks, *key, auth.as_ref()).await?;
                         // Both ends hold the blocks and record the key as used: its origin
                         // goes (a key file that cannot go now is destroyed when it turns up
                         // again).
@@ -768,11 +780,11 @@ impl<S: KeySource> Handler<SourceFromPeer> for Link<S> {
                 "{} drives the link with {}; it takes no key-source messages",
                 params.me, params.peer
             ))),
-            SourceRequest::Commit { frame_id, blocks }
-                if self.source.delivery() == Delivery::ByNumber =>
-            {
-                self.commit(frame_id, blocks)
-            }
+            SourceRequest::Commit {
+                frame_id,
+                blocks,
+                tag,
+            } if self.source.delivery() == Delivery::ByNumber => self.commit(frame_id, blocks, tag),
             request => Self::run(self.source.answer(request, &mut self.core)),
         };
         AtomicResponse::new(answer)
@@ -783,9 +795,10 @@ type Reply<S> = ResponseActFuture<Link<S>, Result<SourceReply>>;
 
 /// Commits, at the end that does not drive (sources that deliver by number).
 impl<S: KeySource> Link<S> {
-    /// Stores the held key as the blocks the driving end names; without the key, answers
-    /// from what is stored: all named blocks held (a retried commit) or the key is lost.
-    fn commit(&mut self, key_id: Option<u64>, ids: Vec<BlockId>) -> Reply<S> {
+    /// Stores the held key as the blocks the driving end names (if the key came with a
+    /// `CommitAuth`, only with a tag that verifies); without the key, answers from what is
+    /// stored: all named blocks held (a retried commit) or the key is lost.
+    fn commit(&mut self, key_id: Option<u64>, ids: Vec<BlockId>, tag: Option<u64>) -> Reply<S> {
         let auth = self.source.auth_stream().is_some();
         let core = &mut self.core;
         if let Some(bad) = ids
@@ -821,6 +834,15 @@ impl<S: KeySource> Link<S> {
                 })))
             };
         };
+        if let Some(auth) = &key.commit_auth {
+            if !tag.is_some_and(|tag| auth.verifies(key.id, &ids, tag)) {
+                // Kept for the genuine commit, which the driving end sends again.
+                core.held = Some(key);
+                return Self::run(Work::refuse(
+                    "the commit's authentication tag does not verify: not the blocks the frame's driving end named".into(),
+                ));
+            }
+        }
         let block = core.params.block_bytes;
         // Exactly the key's whole blocks: a commit may not take a key for less.
         if ids.len() != key.bytes.len() / block {

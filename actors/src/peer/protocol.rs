@@ -157,6 +157,9 @@ pub enum SourceRequest {
     Commit {
         frame_id: Option<u64>,
         blocks: Vec<BlockId>,
+        /// BB84: the Wegman–Carter tag of the frame and blocks (`link::auth::CommitAuth`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tag: Option<u64>,
     },
 }
 

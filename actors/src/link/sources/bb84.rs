@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::link::auth::{AuthStream, WINDOW_BYTES};
+use crate::link::auth::{AuthStream, CommitAuth, WINDOW_BYTES};
 use crate::link::key_source::{
     foreign, Condition, Delivery, KeySource, Produced, QkdHealth, SharedKey, SourceHealth, Stream,
     Work,
@@ -62,8 +62,9 @@ pub struct Bb84 {
     next_frame_at: Instant,
     /// (duration, sifted bits, secret bits) of the last frames.
     recent: VecDeque<(Duration, u64, u64)>,
-    /// Bob end: when the running frame started here.
+    /// Bob end: when the running frame started here, and what tags its commit.
     bob_started: Instant,
+    commit_auth: Option<CommitAuth>,
     stats: QkdHealth,
     /// Frames in a row that failed for want of the peer or the storage (for the back-off).
     failures: u64,
@@ -121,6 +122,7 @@ impl Bb84 {
             recent: VecDeque::new(),
             stats: QkdHealth::default(),
             bob_started: Instant::now(),
+            commit_auth: None,
             failures: 0,
             last_summary: None,
         }
@@ -233,9 +235,10 @@ fn bootstrap_auth(link: &mut LinkCore) -> Produced {
 impl Bb84 {
     fn run_frame(&mut self, link: &LinkCore, now: Instant) -> Work<Self, Produced> {
         let window = self.auth.next_window();
-        let Some(material) = self.auth.window(window) else {
+        let Some(mut material) = self.auth.window(window) else {
             return Work::Ready(Produced::Nothing);
         };
+        let commit_auth = CommitAuth::split_from(&mut material);
         let engine = self.engine.clone();
         let peer = link.peer().clone();
         let store = link.store().clone();
@@ -360,6 +363,7 @@ impl Bb84 {
                     id: frame_id,
                     bytes: key,
                     used: None,
+                    commit_auth,
                 }),
                 None => Produced::Nothing,
             }
@@ -589,9 +593,10 @@ impl Bb84 {
                 "authentication window {window} is too far ahead of {next}"
             ));
         }
-        let Some(material) = self.auth.window(window) else {
+        let Some(mut material) = self.auth.window(window) else {
             return Work::refuse(format!("authentication window {window} is not held here"));
         };
+        self.commit_auth = CommitAuth::split_from(&mut material);
         self.auth.burn(window);
         self.bob_started = Instant::now();
         let engine = self.engine.clone();
@@ -663,6 +668,7 @@ impl Bb84 {
                     id: frame_id,
                     bytes: key,
                     used: None,
+                    commit_auth: self.commit_auth.take(),
                 }));
             }
             FrameState::Aborted(reason) => {

@@ -262,6 +262,8 @@ fn shared_key(file: KeyFile) -> SharedKey {
             sha256: file.sha256,
         }),
         bytes: file.bytes,
+        // Key files come with no authentication stream: the commit rests on the TLS channel.
+        commit_auth: None,
     }
 }
 
