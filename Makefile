@@ -19,6 +19,9 @@ build-bench: ## build the kme-bench binary (release): load generator and link be
 certs: ## make the dev/test PKI for every KME and SAE of $(CONFIG) (idempotent)
 	bash certs/gen.sh $(CONFIG) certs
 
+revoke: ## revoke the dev certificate certs/$(NAME).crt and write certs/ca.crl (then reload the KMEs)
+	bash certs/revoke.sh $(NAME)
+
 run: build certs ## start the network of $(CONFIG) (default kme.toml; e.g. CONFIG=examples/ring.toml) in the foreground (Ctrl-C stops it)
 	@scripts/net.sh start $(CONFIG)
 

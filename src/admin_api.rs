@@ -30,8 +30,9 @@ use kme_actors::types::KmeId;
 use prometheus::{GaugeVec, Opts, Registry};
 use serde_json::json;
 
+use crate::cert_status::CertStatus;
 use crate::reload::Reloader;
-use crate::tls::PeerIdentity;
+use crate::tls::{self, PeerIdentity};
 
 pub struct AdminState {
     pub me: KmeId,
@@ -45,6 +46,8 @@ pub struct AdminState {
     pub db_limit_bytes: u64,
     /// CNs allowed in when the listener has TLS; None: plain HTTP on loopback.
     pub operators: Option<HashSet<String>>,
+    /// Operators' certificates checked again per request (expiry, CRLs).
+    pub cert_status: Arc<CertStatus>,
     pub timeout: Duration,
     pub reloader: Arc<Reloader>,
     pub registry: Addr<SaeRegistry>,
@@ -73,16 +76,23 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 /// None when the caller may use the listener, else the refusal.
 fn refused(req: &HttpRequest, state: &AdminState) -> Option<HttpResponse> {
     let operators = state.operators.as_ref()?;
-    let cn = match req.conn_data::<PeerIdentity>() {
-        Some(PeerIdentity::Verified(identity)) => identity.cn.clone(),
-        _ => None,
+    let message = match tls::current_identity(req.conn_data::<PeerIdentity>(), &state.cert_status) {
+        PeerIdentity::Verified(identity)
+            if identity
+                .cn
+                .as_ref()
+                .is_some_and(|cn| operators.contains(cn)) =>
+        {
+            return None
+        }
+        PeerIdentity::Rejected(why) => why,
+        _ => "an operator certificate ([[operator]] of the network file) is required".into(),
     };
-    match cn {
-        Some(cn) if operators.contains(&cn) => None,
-        _ => Some(HttpResponse::Unauthorized().json(json!({
-            "message": "an operator certificate ([[operator]] of the network file) is required"
-        }))),
-    }
+    Some(
+        HttpResponse::Unauthorized()
+            .force_close()
+            .json(json!({ "message": message })),
+    )
 }
 
 async fn not_found(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {

@@ -99,9 +99,10 @@ fn human(request: &AdminRequest, body: &str) -> String {
         AdminRequest::Ready if json["ready"] == true => format!("{}: ready", json["kme"]),
         AdminRequest::Ready => format!("{}: not ready: {}", json["kme"], list(&json["reasons"])),
         AdminRequest::Reload if json.get("added").is_some() => format!(
-            "reloaded: SAEs added: {}; removed: {}",
+            "reloaded: SAEs added: {}; removed: {}; certificates revoked: {}",
             list(&json["added"]),
-            list(&json["removed"])
+            list(&json["removed"]),
+            json["revoked"]
         ),
         AdminRequest::Health if json["status"] == "ok" => format!("{}: ok", json["kme"]),
         AdminRequest::AuditVerify if json["intact"] == true => {

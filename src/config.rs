@@ -70,6 +70,8 @@ struct RawAlerts {
 struct RawTls {
     ca: PathBuf,
     cert_dir: PathBuf,
+    #[serde(default)]
+    crl_files: Vec<PathBuf>,
 }
 
 /// Settings a link may set and `[defaults]` may give for all links.
@@ -260,6 +262,8 @@ pub struct Config {
     pub file: PathBuf,
     pub ca: PathBuf,
     pub cert_dir: PathBuf,
+    /// CRLs of the CA (`[tls] crl_files`), read at start and at every reload.
+    pub crl_files: Vec<PathBuf>,
     pub request_timeout: Duration,
     /// Keys not retrieved by all their slaves within this time are deleted (audited).
     pub key_ttl: Duration,
@@ -299,6 +303,7 @@ pub struct NodeConfig {
     pub file: PathBuf,
     pub me: KmeSpec,
     pub ca: PathBuf,
+    pub crl_files: Vec<PathBuf>,
     pub cert: PathBuf,
     pub key: PathBuf,
     pub request_timeout: Duration,
@@ -386,6 +391,7 @@ impl Config {
             key: self.cert_dir.join(format!("{id}.key")),
             me,
             ca: self.ca.clone(),
+            crl_files: self.crl_files.clone(),
             request_timeout: self.request_timeout,
             key_ttl: self.key_ttl,
             route_advert: self.route_advert,
@@ -612,6 +618,7 @@ impl Validator<'_> {
             file: self.file.to_path_buf(),
             ca: self.path(&raw.tls.ca),
             cert_dir: self.path(&raw.tls.cert_dir),
+            crl_files: raw.tls.crl_files.iter().map(|f| self.path(f)).collect(),
             request_timeout: Duration::from_millis(
                 defaults
                     .request_timeout_ms

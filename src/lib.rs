@@ -8,6 +8,7 @@
 //! |---|---|
 //! | `config.rs` | `kme.toml`: raw file → validated `Config` → one KME's `NodeConfig` |
 //! | `tls.rs` | OpenSSL acceptors/connector, certificate identity of a connection |
+//! | `cert_status.rs` | a connection's certificate checked again per request: expiry, CRLs |
 //! | `sae_api.rs` | ETSI 014 routes: status, enc_keys, dec_keys, sae/info/me |
 //! | `peer_api.rs` | KME-to-KME routes: activations, courier blocks, levels |
 //! | `etsi.rs` | ETSI JSON formats, spec messages, `KeyCount` / `KeySizeBits` |
@@ -25,6 +26,7 @@
 pub mod admin_api;
 pub mod admin_cli;
 pub mod ask;
+pub mod cert_status;
 pub mod config;
 pub mod error;
 pub mod etsi;

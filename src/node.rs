@@ -31,6 +31,7 @@ use kme_actors::storage::writer::DbWriter;
 use kme_actors::types::KmeId;
 
 use crate::admin_api::{self, AdminState};
+use crate::cert_status::{CertStatus, CrlError};
 use crate::config::NodeConfig;
 use crate::peer_api::{self, PeerState};
 use crate::reload::Reloader;
@@ -44,6 +45,8 @@ pub enum StartError {
     Storage(#[from] kme_actors::Error),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Crl(#[from] CrlError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -111,6 +114,7 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 /// before the first actor starts, so a failed start leaves nothing running.
 pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<Node, StartError> {
     let me = config.me.id.clone();
+    let cert_status = Arc::new(CertStatus::load(&config.crl_files, &[&config.ca])?);
     let (writer_pool, reader_pool) = db::open_with_quota(
         &config.me.data_dir.join("kme.sqlite"),
         2,
@@ -142,7 +146,13 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         let conn = reader_pool.get().map_err(kme_actors::Error::from)?;
         for neighbour in &config.neighbours {
             let peer = neighbour.params.peer.as_str();
-            let connector = tls::peer_connector(&config.ca, &config.cert, &config.key, peer)?;
+            let connector = tls::peer_connector(
+                &config.ca,
+                &config.cert,
+                &config.key,
+                peer,
+                cert_status.clone(),
+            )?;
             let resume = startup::resume(&conn, &sealer, neighbour.params.clone())?;
             links.push((neighbour, connector, resume));
         }
@@ -236,8 +246,13 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     .start();
 
     let reloader = Arc::new(
-        Reloader::new(config.file.clone(), registry.clone(), store.clone())
-            .map_err(StartError::Reload)?,
+        Reloader::new(
+            config.file.clone(),
+            registry.clone(),
+            store.clone(),
+            cert_status.clone(),
+        )
+        .map_err(StartError::Reload)?,
     );
     reloader.clone().on_sighup();
     let sae_state = web::Data::new(SaeState {
@@ -245,6 +260,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         registry: registry.clone(),
         timeout: config.request_timeout,
         metrics: metrics.clone(),
+        cert_status: cert_status.clone(),
     });
     let peer_state = web::Data::new(PeerState {
         neighbours: ends,
@@ -252,6 +268,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         router: router.clone(),
         relay,
         timeout: config.request_timeout,
+        cert_status: cert_status.clone(),
     });
     let sae_server = HttpServer::new(move || {
         App::new()
@@ -305,6 +322,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
                 db_file: config.me.data_dir.join("kme.sqlite"),
                 db_limit_bytes: config.me.max_db_mb.saturating_mul(1 << 20),
                 operators: listen.tls.then(|| config.operators.clone()),
+                cert_status: cert_status.clone(),
                 reloader: reloader.clone(),
                 registry: registry.clone(),
                 reader: reader_pool.clone(),

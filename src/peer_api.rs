@@ -9,6 +9,7 @@
 //! end.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Addr, Recipient};
@@ -28,7 +29,8 @@ use kme_actors::types::{CertIdentity, KmeId};
 use kme_actors::Error;
 
 use crate::ask::{ask, Mailbox};
-use crate::tls::PeerIdentity;
+use crate::cert_status::CertStatus;
+use crate::tls::{self, PeerIdentity};
 
 /// Largest peer request body (a batch of activations or of blocks).
 const MAX_PEER_BODY: usize = 256 * 1024 * 1024;
@@ -43,6 +45,8 @@ pub struct PeerState {
     /// Settles relays.
     pub relay: Addr<Relay>,
     pub timeout: Duration,
+    /// Neighbours' certificates checked again per request (expiry, CRLs).
+    pub cert_status: Arc<CertStatus>,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -112,7 +116,13 @@ impl ResponseError for PeerRefusal {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).json(Refusal {
+        let mut response = HttpResponse::build(self.status);
+        if self.status == StatusCode::FORBIDDEN {
+            // Not a neighbour, or no longer one (a certificate expired or revoked since the
+            // handshake): its connection serves nothing more.
+            response.force_close();
+        }
+        response.json(Refusal {
             error: self.message.clone(),
             high_mark: self.high_mark,
             frame_lost: self.frame_lost,
@@ -136,15 +146,17 @@ fn neighbour<'a>(
     req: &HttpRequest,
     state: &'a PeerState,
 ) -> Result<(KmeId, &'a LinkAddr), PeerRefusal> {
-    let Some(PeerIdentity::Verified(CertIdentity { cn: Some(cn), .. })) =
-        req.conn_data::<PeerIdentity>()
-    else {
-        return Err(PeerRefusal::new(
-            StatusCode::FORBIDDEN,
-            "a KME certificate is required",
-        ));
+    let cn = match tls::current_identity(req.conn_data::<PeerIdentity>(), &state.cert_status) {
+        PeerIdentity::Verified(CertIdentity { cn: Some(cn), .. }) => cn,
+        PeerIdentity::Rejected(why) => return Err(PeerRefusal::new(StatusCode::FORBIDDEN, why)),
+        _ => {
+            return Err(PeerRefusal::new(
+                StatusCode::FORBIDDEN,
+                "a KME certificate is required",
+            ))
+        }
     };
-    let id = KmeId::new(cn);
+    let id = KmeId::new(&cn);
     match state.neighbours.get(&id) {
         Some(end) => Ok((id, end)),
         None => {

@@ -1,12 +1,14 @@
 //! Reload without restart: SIGHUP, or `POST /reload` on the admin listener (`kme admin
 //! reload`), re-reads the network file and applies what can change while the KME runs — its
 //! SAEs (added, removed, re-homed), pinned certificates and the SAEs' rate limits — keeping
-//! every connection and every key. Anything else (`[tls]`, `[defaults]`, `[[kme]]`,
+//! every connection and every key; it also reads the CRLs (`[tls] crl_files`) again, and a
+//! connection whose certificate they revoke serves nothing more. Anything else (`[tls]`, `[defaults]`, `[[kme]]`,
 //! `[[link]]`: listeners, links, pools) needs a restart: a file that changes it is refused
 //! whole, naming the table, and so is a file that does not validate. An applied reload is
 //! audited (`config_reloaded`).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use actix::Addr;
 use kme_actors::sae_registry::{ReloadSaes, SaeRegistry};
@@ -16,6 +18,7 @@ use kme_actors::storage::store::{Exec, Store};
 use kme_actors::types::SaeId;
 use serde::Serialize;
 
+use crate::cert_status::CertStatus;
 use crate::config::Config;
 
 /// Tables of the network file that a reload may change.
@@ -27,6 +30,7 @@ pub struct Reloader {
     fixed: toml::Table,
     registry: Addr<SaeRegistry>,
     store: Addr<Store>,
+    cert_status: Arc<CertStatus>,
 }
 
 /// What a reload changed.
@@ -34,11 +38,17 @@ pub struct Reloader {
 pub struct Reloaded {
     pub added: Vec<SaeId>,
     pub removed: Vec<SaeId>,
+    /// Certificates the CRLs revoke now.
+    pub revoked: usize,
 }
 
 fn fixed_tables(text: &str) -> Result<toml::Table, String> {
     let mut table: toml::Table = text.parse().map_err(|err| format!("{err}"))?;
     table.retain(|key, _| !RELOADABLE.contains(&key));
+    // The CRLs are read again at every reload, and which files they are may change too.
+    if let Some(toml::Value::Table(tls)) = table.get_mut("tls") {
+        tls.remove("crl_files");
+    }
     Ok(table)
 }
 
@@ -48,6 +58,7 @@ impl Reloader {
         file: PathBuf,
         registry: Addr<SaeRegistry>,
         store: Addr<Store>,
+        cert_status: Arc<CertStatus>,
     ) -> Result<Self, String> {
         let text = std::fs::read_to_string(&file)
             .map_err(|err| format!("cannot read {}: {err}", file.display()))?;
@@ -56,6 +67,7 @@ impl Reloader {
             file,
             registry,
             store,
+            cert_status,
         })
     }
 
@@ -73,6 +85,11 @@ impl Reloader {
                 "`{changed}` changed, which needs a restart (a reload applies [[sae]], [sae_defaults] and [[operator]] only)"
             )));
         }
+        // The CRLs first: one that cannot be read or verified refuses the reload whole.
+        let revoked = self
+            .cert_status
+            .reload(&config.crl_files, &[&config.ca])
+            .map_err(|err| refused(err.to_string()))?;
         let message = ReloadSaes {
             homes: config.sae_homes,
             pinned: config.pinned,
@@ -83,7 +100,11 @@ impl Reloader {
             .send(message)
             .await
             .map_err(|err| refused(err.to_string()))?;
-        let reloaded = Reloaded { added, removed };
+        let reloaded = Reloaded {
+            added,
+            removed,
+            revoked,
+        };
         let record = AuditRecord::new("config_reloaded", &reloaded);
         if let Ok(Err(err)) | Err(err) = self
             .store
@@ -94,10 +115,11 @@ impl Reloader {
             log::error!("the reload is applied but not audited: {err}");
         }
         log::info!(
-            "{} reloaded: SAEs added {:?}, removed {:?}",
+            "{} reloaded: SAEs added {:?}, removed {:?}; {} certificates revoked",
             self.file.display(),
             reloaded.added,
-            reloaded.removed
+            reloaded.removed,
+            reloaded.revoked
         );
         Ok(reloaded)
     }

@@ -26,10 +26,11 @@ use kme_actors::types::{CertIdentity, Key, KmeId};
 use uuid::Uuid;
 
 use crate::ask::ask_ok;
+use crate::cert_status::CertStatus;
 use crate::error::ApiError;
 use crate::etsi::{self, KeyContainer, KeyEntry, KeyIds, KeyQuery, KeyRequest, Object, Status};
 use crate::sae_metrics::RequestId;
-use crate::tls::PeerIdentity;
+use crate::tls::{self, PeerIdentity};
 
 /// Largest request body read; anything larger is refused with 400 before it is parsed.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -48,6 +49,8 @@ pub struct SaeState {
     pub registry: Addr<SaeRegistry>,
     pub timeout: Duration,
     pub metrics: Arc<Metrics>,
+    /// Callers' certificates checked again per request (expiry, CRLs).
+    pub cert_status: Arc<CertStatus>,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -84,21 +87,23 @@ pub async fn authenticate_first(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
-    let refusal = match req.conn_data::<PeerIdentity>() {
-        Some(PeerIdentity::Verified(identity)) if has_body(&req) => {
-            match req.app_data::<web::Data<SaeState>>() {
-                Some(state) => {
-                    let identify = Identify {
-                        identity: identity.clone(),
-                    };
+    let refusal = match req.app_data::<web::Data<SaeState>>() {
+        None => Some(ApiError::unavailable("the KME is starting")),
+        Some(state) => {
+            // Checked again at every request: a certificate may have expired or been revoked
+            // since the connection's handshake.
+            match tls::current_identity(req.conn_data::<PeerIdentity>(), &state.cert_status) {
+                PeerIdentity::Verified(identity) if has_body(&req) => {
+                    let identify = Identify { identity };
                     ask_ok(&state.registry, identify, state.timeout).await.err()
                 }
-                None => Some(ApiError::unavailable("the KME is starting")),
+                PeerIdentity::Verified(_) => None,
+                PeerIdentity::Rejected(reason) => Some(ApiError::unauthorized(reason)),
+                PeerIdentity::Missing => {
+                    Some(ApiError::unauthorized("a client certificate is required"))
+                }
             }
         }
-        Some(PeerIdentity::Verified(_)) => None,
-        Some(PeerIdentity::Rejected(reason)) => Some(ApiError::unauthorized(reason.clone())),
-        _ => Some(ApiError::unauthorized("a client certificate is required")),
     };
     match refusal {
         None => Ok(next.call(req).await?.map_into_left_body()),

@@ -8,6 +8,7 @@
 
 use std::any::Any;
 use std::path::Path;
+use std::sync::Arc;
 
 use actix_tls::accept::openssl::TlsStream;
 use actix_web::rt::net::TcpStream;
@@ -20,6 +21,8 @@ use openssl::ssl::{
 };
 use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::{X509PurposeId, X509Ref, X509VerifyResult};
+
+use crate::cert_status::CertStatus;
 
 #[derive(Debug, thiserror::Error)]
 #[error("TLS setup with {file}: {source}")]
@@ -119,12 +122,14 @@ fn base_connector(ca: &Path, cert: &Path, key: &Path) -> Result<SslConnectorBuil
     Ok(builder)
 }
 
-/// Client of the KME-to-KME channel towards `expected_peer`.
+/// Client of the KME-to-KME channel towards `expected_peer`, whose certificate must not be
+/// revoked (`status`).
 pub fn peer_connector(
     ca: &Path,
     cert: &Path,
     key: &Path,
     expected_peer: &str,
+    status: Arc<CertStatus>,
 ) -> Result<SslConnector, TlsError> {
     let mut builder = base_connector(ca, cert, key)?;
     let expected = expected_peer.to_string();
@@ -136,7 +141,16 @@ pub fn peer_connector(
         if ctx.error_depth() != 0 {
             return true;
         }
-        ctx.current_cert().and_then(common_name).as_deref() == Some(expected.as_str())
+        let Some(identity) = ctx.current_cert().and_then(|c| cert_identity(c).ok()) else {
+            return false;
+        };
+        match status.check(&identity) {
+            Err(why) => {
+                log::warn!("KME-to-KME: {expected}'s certificate refused: {why}");
+                false
+            }
+            Ok(()) => identity.cn.as_deref() == Some(expected.as_str()),
+        }
     });
     Ok(builder.build())
 }
@@ -172,6 +186,19 @@ pub fn on_connect(connection: &dyn Any, extensions: &mut actix_web::dev::Extensi
     extensions.insert(identify(connection));
 }
 
+/// The caller's identity as its connection's handshake established it, checked again now: a
+/// certificate that has expired or been revoked since is `Rejected`.
+pub fn current_identity(connection: Option<&PeerIdentity>, status: &CertStatus) -> PeerIdentity {
+    match connection {
+        Some(PeerIdentity::Verified(identity)) => match status.check(identity) {
+            Ok(()) => PeerIdentity::Verified(identity.clone()),
+            Err(why) => PeerIdentity::Rejected(why),
+        },
+        Some(other) => other.clone(),
+        None => PeerIdentity::Missing,
+    }
+}
+
 /// What TLS established about the client of this connection.
 pub fn identify(connection: &dyn Any) -> PeerIdentity {
     let Some(tls) = connection.downcast_ref::<TlsStream<TcpStream>>() else {
@@ -195,13 +222,23 @@ pub fn identify(connection: &dyn Any) -> PeerIdentity {
             "the client certificate has several CNs: whose it is is ambiguous".into(),
         );
     }
-    let sha256 = match cert.digest(MessageDigest::sha256()) {
-        Ok(digest) => kme_actors::types::hex(&digest),
-        Err(_) => return PeerIdentity::Rejected("client certificate cannot be hashed".into()),
-    };
-    PeerIdentity::Verified(CertIdentity {
-        cn: common_name(&cert),
-        sha256,
+    match cert_identity(&cert) {
+        Ok(identity) => PeerIdentity::Verified(identity),
+        Err(_) => PeerIdentity::Rejected("client certificate cannot be read".into()),
+    }
+}
+
+/// What a certificate (verified by the caller) says about its holder.
+pub fn cert_identity(cert: &X509Ref) -> Result<CertIdentity, openssl::error::ErrorStack> {
+    let hex = kme_actors::types::hex;
+    let epoch = openssl::asn1::Asn1Time::from_unix(0)?;
+    let until = epoch.diff(cert.not_after())?;
+    Ok(CertIdentity {
+        cn: common_name(cert),
+        sha256: hex(&cert.digest(MessageDigest::sha256())?),
+        issuer: hex(&openssl::sha::sha256(&cert.issuer_name().to_der()?)),
+        serial: cert.serial_number().to_bn()?.to_hex_str()?.to_string(),
+        not_after: i64::from(until.days) * 86_400 + i64::from(until.secs),
     })
 }
 

@@ -999,6 +999,7 @@ mod tests {
         CertIdentity {
             cn: Some(cn.to_string()),
             sha256: format!("{:064x}", cn.len()),
+            ..CertIdentity::default()
         }
     }
 
@@ -1026,6 +1027,7 @@ mod tests {
         let holder = CertIdentity {
             cn: None,
             sha256: "f".repeat(64),
+            ..CertIdentity::default()
         };
         assert_eq!(r.identify(&holder).unwrap(), SaeId::new("sae-b2"));
         assert!(matches!(

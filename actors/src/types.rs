@@ -100,12 +100,18 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// What a verified client certificate says about its holder.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct CertIdentity {
     /// Subject CN, if the certificate has a usable one.
     pub cn: Option<String>,
     /// SHA-256 of the certificate (DER), lowercase hex.
     pub sha256: String,
+    /// Its issuer (SHA-256 of the issuer's name, DER, hex) and serial number (hex), as a CRL
+    /// names it.
+    pub issuer: String,
+    pub serial: String,
+    /// The end of its validity, in Unix seconds (a connection outlives the handshake).
+    pub not_after: i64,
 }
 
 /// ETSI limits of one link (or of local keys), as announced in `status`.

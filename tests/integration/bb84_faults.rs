@@ -367,6 +367,7 @@ impl Proxy {
                         &dir.join(format!("{kme}.crt")),
                         &dir.join(format!("{kme}.key")),
                         "kme-b",
+                        Default::default(),
                     )
                     .unwrap();
                     let client = tls::https_client(connector, 8, Duration::from_secs(10));

@@ -97,6 +97,8 @@ pub struct LinkOptions {
     pub link_extra: Vec<([&'static str; 2], &'static str)>,
     /// (SAE, TOML lines): rate limits of that SAE (`requests_per_s`, `keys_per_s`).
     pub sae_limits: Vec<(&'static str, &'static str)>,
+    /// `[tls] crl_files = ["ca.crl"]`, with a first, empty CRL made by `certs/revoke.sh`.
+    pub crl: bool,
 }
 
 impl LinkOptions {
@@ -132,6 +134,7 @@ impl Default for LinkOptions {
             link_extra: Vec::new(),
             admin: None,
             alerts: None,
+            crl: false,
         }
     }
 }
@@ -162,6 +165,9 @@ impl Setup {
         pki.issue("no-cn", None, false, Validity::Valid);
         pki.issue("two-cns", Some("sae-x+sae-a"), false, Validity::Valid);
         pki.issue_foreign("foreign", "sae-a");
+        if options.crl {
+            revoke(dir.path(), &[]);
+        }
         let ports: HashMap<_, _> = listeners
             .iter()
             .map(|(k, (s, p))| {
@@ -203,7 +209,8 @@ fn network_file(
     dir: &Path,
 ) -> String {
     let mut text = format!(
-        "[tls]\nca = \"ca.crt\"\ncert_dir = \".\"\n[defaults]\nrequest_timeout_ms = 5000\nmax_sae_id_count = {}\n",
+        "[tls]\nca = \"ca.crt\"\ncert_dir = \".\"\n{}[defaults]\nrequest_timeout_ms = 5000\nmax_sae_id_count = {}\n",
+        if options.crl { "crl_files = [\"ca.crl\"]\n" } else { "" },
         options.max_sae_id_count
     );
     if let Some(ttl) = options.key_ttl_s {
@@ -711,6 +718,24 @@ impl Net {
         let node = node::spawn(config.node(kme).unwrap(), Some(Listeners { sae, peer }));
         self.nodes.push((kme, node.unwrap()));
     }
+}
+
+/// Revokes the certificates `names` of the PKI in `dir` and writes its CRL, `ca.crl`, with
+/// the dev PKI's own script (`certs/revoke.sh`).
+pub fn revoke(dir: &Path, names: &[&str]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/revoke.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .arg("--dir")
+        .arg(dir)
+        .args(names)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "revoke.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Runs `kme audit <action> --config <setup's> --kme <kme> <args>`; returns its output.

@@ -15,4 +15,5 @@ mod load;
 mod operations;
 mod pki;
 mod relay;
+mod revocation;
 mod sae_cli;

@@ -195,7 +195,10 @@ async fn a_reload_adds_and_removes_saes_and_a_bad_file_changes_nothing() {
     let (code, out) = kme_admin(&net, "kme-a", &["reload"]);
     assert_eq!(
         (code, out.trim()),
-        (0, "reloaded: SAEs added: sae-x; removed: none")
+        (
+            0,
+            "reloaded: SAEs added: sae-x; removed: none; certificates revoked: 0"
+        )
     );
     let (code, out) = kme_admin(&net, "kme-b", &["--json", "reload"]);
     assert_eq!(code, 0, "{out}");

@@ -71,16 +71,33 @@ fn self_signed_ca(cn: &str) -> (X509, PKey<Private>) {
 pub enum Validity {
     Valid,
     Expired,
+    /// Valid for this many more seconds.
+    ExpiresIn(i64),
 }
 
 impl Pki {
     pub fn new(dir: &Path) -> Pki {
         let (ca_cert, ca_key) = self_signed_ca("kme test CA");
         std::fs::write(dir.join("ca.crt"), ca_cert.to_pem().unwrap()).unwrap();
+        std::fs::write(
+            dir.join("ca.key"),
+            ca_key.private_key_to_pem_pkcs8().unwrap(),
+        )
+        .unwrap();
         Pki {
             dir: dir.to_path_buf(),
             ca_cert,
             ca_key,
+        }
+    }
+
+    /// The PKI that `Pki::new` made in `dir`, to issue more certificates from its CA.
+    pub fn open(dir: &Path) -> Pki {
+        let read = |file: &str| std::fs::read(dir.join(file)).unwrap();
+        Pki {
+            dir: dir.to_path_buf(),
+            ca_cert: X509::from_pem(&read("ca.crt")).unwrap(),
+            ca_key: PKey::private_key_from_pem(&read("ca.key")).unwrap(),
         }
     }
 
@@ -118,6 +135,7 @@ impl Pki {
         let (from, to) = match validity {
             Validity::Valid => (now - 3600, now + 30 * 86400),
             Validity::Expired => (now - 10 * 86400, now - 86400),
+            Validity::ExpiresIn(secs) => (now - 3600, now + secs),
         };
         b.set_not_before(&Asn1Time::from_unix(from).unwrap())
             .unwrap();
@@ -158,7 +176,7 @@ fn our_ca_is_the_only_trust_anchor_of_our_clients() {
     let (ca, cert, key) = (file("ca.crt"), file("kme-a.crt"), file("kme-a.key"));
     for connector in [
         kme::tls::sae_connector(&ca, &cert, &key).unwrap(),
-        kme::tls::peer_connector(&ca, &cert, &key, "kme-b").unwrap(),
+        kme::tls::peer_connector(&ca, &cert, &key, "kme-b", Default::default()).unwrap(),
     ] {
         let anchors = connector.context().cert_store().all_certificates();
         assert_eq!(anchors.len(), 1, "the system's CAs are trusted too");
