@@ -79,6 +79,24 @@ enum Command {
         #[command(subcommand)]
         action: AuditAction,
     },
+    /// A KME's master key (encryption at rest), the KME stopped: rotate.
+    MasterKey {
+        #[command(subcommand)]
+        action: MasterKeyAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum MasterKeyAction {
+    /// Re-seal every value of the database under a new master key, which then replaces the
+    /// key file; crash-safe: the old or the new key works at every moment. The KME must be
+    /// stopped (its data directory is locked while it runs).
+    Rotate {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        kme: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -143,6 +161,8 @@ fn run(command: Command) -> Result<ExitCode, String> {
     match command {
         Command::Run { config, kme } => {
             let node = load(config)?.node(&kme).map_err(|err| err.to_string())?;
+            // Held until the process ends: one process per data directory.
+            let _lock = kme::node::lock_data_dir(&node.me.data_dir)?;
             actix::System::new().block_on(async move {
                 match kme::node::start(node, None).await {
                     Ok(node) => node
@@ -213,13 +233,33 @@ fn run(command: Command) -> Result<ExitCode, String> {
         Command::Sae(args) => Ok(kme::sae_cli::run(args)),
         Command::Admin(args) => Ok(kme::admin_cli::run(args)),
         Command::Audit { action } => audit(action),
+        Command::MasterKey {
+            action: MasterKeyAction::Rotate { config, kme },
+        } => {
+            let node = load(config)?.node(&kme).map_err(|err| err.to_string())?;
+            let _lock = kme::node::lock_data_dir(&node.me.data_dir)?;
+            let mut conn =
+                kme_actors::storage::db::open_existing(&node.me.data_dir.join("kme.sqlite"), true)
+                    .map_err(|err| err.to_string())?;
+            let rotated = kme_actors::storage::master_key::rotate(&mut conn, &node.me.master_key)
+                .map_err(|err| err.to_string())?;
+            println!(
+                "master key of {kme} rotated: {} keys, {} held keys, {} link blocks re-sealed under the new {}",
+                rotated.keys,
+                rotated.held_keys,
+                rotated.link_blocks,
+                node.me.master_key.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
 /// The `kme audit` commands: each opens the KME's existing database and needs its master
 /// key (the chain's MACs are keyed by it: without it, no verdict).
 fn audit(action: AuditAction) -> Result<ExitCode, String> {
-    use kme_actors::storage::{audit_trail, db, sealing::Sealer};
+    use kme_actors::storage::master_key::{open_sealer, Access};
+    use kme_actors::storage::{audit_trail, db};
     let (AuditAction::Verify { config, kme }
     | AuditAction::Export { config, kme, .. }
     | AuditAction::Prune { config, kme, .. }) = &action;
@@ -230,7 +270,7 @@ fn audit(action: AuditAction) -> Result<ExitCode, String> {
     let writable = matches!(action, AuditAction::Prune { .. });
     let mut conn =
         db::open_existing(&data_dir.join("kme.sqlite"), writable).map_err(|err| err.to_string())?;
-    let key = Sealer::from_key_file(&node.me.master_key, false)
+    let key = open_sealer(&conn, &node.me.master_key, Access::Inspect)
         .and_then(|sealer| sealer.audit_key())
         .map_err(|err| err.to_string())?;
     match action {

@@ -24,8 +24,8 @@ use kme_actors::storage::audit::AuditRecord;
 use kme_actors::storage::audit_trail;
 use kme_actors::storage::checkpointer::DbCheckpointer;
 use kme_actors::storage::db;
+use kme_actors::storage::master_key::{self, Access};
 use kme_actors::storage::ops::AppendAudit;
-use kme_actors::storage::sealing::Sealer;
 use kme_actors::storage::store::{Exec, Store};
 use kme_actors::storage::writer::DbWriter;
 use kme_actors::types::KmeId;
@@ -110,6 +110,27 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     })
 }
 
+/// Locks `data_dir` for this process (`<data_dir>/kme.lock`, released when the returned file
+/// closes, at the latest when the process ends): a second `kme run` of the same KME, or a
+/// master key rotation while it runs, is refused instead of writing beside it.
+pub fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, String> {
+    let fail = |err: &dyn std::fmt::Display| format!("{}: {err}", data_dir.display());
+    std::fs::create_dir_all(data_dir).map_err(|err| fail(&err))?;
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(data_dir.join("kme.lock"))
+        .map_err(|err| fail(&err))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(fail(
+            &"in use by a running kme (its kme.lock is held): stop it first",
+        )),
+        Err(std::fs::TryLockError::Error(err)) => Err(fail(&err)),
+    }
+}
+
 /// Starts one KME. Everything that can fail (storage, keys, certificates, listeners) is done
 /// before the first actor starts, so a failed start leaves nothing running.
 pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<Node, StartError> {
@@ -123,19 +144,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     let sealer = {
         let conn = writer_pool.get().map_err(kme_actors::Error::from)?;
         let epoch = db::next_epoch(&conn)?;
-        let stored = db::master_key_check(&conn)?;
-        let sealer = Sealer::from_key_file(&config.me.master_key, stored.is_none())?;
-        let check = sealer.check_value()?;
-        match stored {
-            None => db::set_master_key_check(&conn, check)?,
-            Some(stored) if stored != check => {
-                return Err(StartError::Storage(kme_actors::Error::Storage(format!(
-                    "master key {} is not the key of this database",
-                    config.me.master_key.display()
-                ))))
-            }
-            Some(_) => {}
-        }
+        let sealer = master_key::open_sealer(&conn, &config.me.master_key, Access::Start)?;
         audit_trail::seal_keyed(&conn, &*sealer.audit_key()?)?;
         (Arc::new(sealer), epoch)
     };

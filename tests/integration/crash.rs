@@ -529,3 +529,60 @@ async fn sigterm_under_load_keeps_every_acknowledged_key_and_exits_0_in_time() {
     assert_eq!(stopped.len(), 1, "the audit trail is closed");
     audit_verify(&setup, "kme-a");
 }
+
+/// `kme master-key rotate`: refused while the KME runs (its data directory is locked); with
+/// the KME stopped, every key waiting at it is re-sealed under a new key file, which opens
+/// them after the restart (the old one no longer does), and the audit trail still verifies.
+#[actix::test]
+async fn a_master_key_rotation_keeps_every_key_and_waits_for_the_kme_to_stop() {
+    let mut net = super::harness::Net::start(LinkOptions::default());
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 4).await;
+    let (code, body) = enc(
+        &net.client(Some("sae-a")),
+        &net.url("kme-a"),
+        "sae-b",
+        serde_json::json!({"number": 2}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let sent = keys(&body);
+    let rotate = |net: &super::harness::Net| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kme"))
+            .args(["master-key", "rotate", "--config"])
+            .arg(net.setup.config_file())
+            .args(["--kme", "kme-b"])
+            .output()
+            .unwrap()
+    };
+    let data = net.setup.path().join("data/kme-b");
+    let running = kme::node::lock_data_dir(&data).unwrap();
+    let refused = rotate(&net);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("running"),
+        "{said}"
+    );
+    drop(running);
+
+    net.stop("kme-b");
+    let old_key = std::fs::read(data.join("master.key")).unwrap();
+    let rotated = rotate(&net);
+    let said = String::from_utf8_lossy(&rotated.stdout);
+    assert!(
+        rotated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    assert!(said.contains("2 keys"), "{said}");
+    assert_ne!(std::fs::read(data.join("master.key")).unwrap(), old_key);
+    net.restart_on_new_ports("kme-b");
+    let ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
+    let (code, body) = dec(&net.client(Some("sae-b")), &net.url("kme-b"), "sae-a", &ids).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        keys(&body),
+        sent,
+        "the same keys, opened with the new master key"
+    );
+    audit_verify(&net.setup, "kme-b");
+}

@@ -40,6 +40,10 @@ const MIGRATIONS: &[(u32, &str)] = &[
         7,
         include_str!("../../../sql/migrations/0007_audit_retention.sql"),
     ),
+    (
+        8,
+        include_str!("../../../sql/migrations/0008_sealed_secrets.sql"),
+    ),
 ];
 
 /// Per-connection settings.

@@ -11,12 +11,14 @@
 //! | `audit.rs` | audit records and their hash chain |
 //! | `audit_trail.rs` | the trail as a whole: verification, its head outside the database, export and pruning of segments |
 //! | `sealing.rs` | AES-256-GCM sealing of key material at rest, data keys by HKDF |
+//! | `master_key.rs` | which key file opens the database, and the master key's rotation |
 
 pub mod audit;
 pub mod audit_trail;
 pub mod checkpointer;
 pub mod db;
 pub mod held;
+pub mod master_key;
 pub mod ops;
 pub mod sealing;
 pub mod store;

@@ -39,6 +39,8 @@ pub enum Purpose {
     LinkBlock,
     /// `keys.material`
     Key,
+    /// `sealed_secrets.value`
+    Secret,
 }
 
 impl Purpose {
@@ -46,6 +48,7 @@ impl Purpose {
         match self {
             Purpose::LinkBlock => b"kme at rest v1: link blocks",
             Purpose::Key => b"kme at rest v1: keys",
+            Purpose::Secret => b"kme at rest v1: secrets",
         }
     }
 }
@@ -54,6 +57,9 @@ impl Purpose {
 /// is dropped; it has no `Debug`.
 pub struct Sealer {
     master: [u8; 32],
+    /// The audit chain's key as stored in the database after a rotation (`master_key.rs`);
+    /// None: derived from `master`.
+    audit_key: Option<[u8; 32]>,
     seals: AtomicU64,
     /// Seals under one data key before the next key id is drawn (`SEALS_PER_KEY`).
     seals_per_key: u64,
@@ -81,6 +87,7 @@ impl Drop for Sealer {
     fn drop(&mut self) {
         use zeroize::Zeroize;
         self.master.zeroize();
+        self.audit_key.zeroize();
         if let Ok(mut keys) = self.keys.lock() {
             keys.values_mut().for_each(Zeroize::zeroize);
         }
@@ -134,6 +141,7 @@ impl Sealer {
             .map_err(|_| Error::Storage(format!("{} bytes, expected 32", master.len())))?;
         Ok(Self {
             master,
+            audit_key: None,
             seals: AtomicU64::new(0),
             seals_per_key: SEALS_PER_KEY,
             key_ids: Mutex::new(HashMap::new()),
@@ -144,13 +152,22 @@ impl Sealer {
         })
     }
 
-    /// The key of the audit chain's MACs (derived from the master key, used for nothing else).
+    /// The key of the audit chain's MACs (used for nothing else): derived from the first
+    /// master key of the database, and kept sealed in it across rotations.
     pub fn audit_key(&self) -> Result<zeroize::Zeroizing<[u8; 32]>> {
-        Ok(zeroize::Zeroizing::new(hkdf(
-            &self.master,
-            b"kme audit chain",
-            &[],
-        )?))
+        match self.audit_key {
+            Some(key) => Ok(zeroize::Zeroizing::new(key)),
+            None => Ok(zeroize::Zeroizing::new(hkdf(
+                &self.master,
+                b"kme audit chain",
+                &[],
+            )?)),
+        }
+    }
+
+    /// Uses `key` as the audit chain's key (the one stored in the database).
+    pub fn set_audit_key(&mut self, key: [u8; 32]) {
+        self.audit_key = Some(key);
     }
 
     /// A value that identifies the master key without revealing it (stored in the database,
@@ -296,7 +313,7 @@ fn hkdf(master: &[u8], label: &[u8], context: &[u8]) -> Result<[u8; 32]> {
 
 /// Writes a new random key to a temporary file, syncs it, and renames it into place, so a
 /// crash never leaves an empty or partial key file behind.
-fn create_key_file(path: &Path) -> std::io::Result<()> {
+pub(crate) fn create_key_file(path: &Path) -> std::io::Result<()> {
     let mut key = [0u8; 32];
     openssl::rand::rand_bytes(&mut key).map_err(std::io::Error::other)?;
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
@@ -306,7 +323,14 @@ fn create_key_file(path: &Path) -> std::io::Result<()> {
     let mut file = open_new_private(&tmp)?;
     file.write_all(&key)?;
     file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    replace_file(&tmp, path)
+}
+
+/// Renames `from` over `to` and syncs their directory: the rename is durable when this
+/// returns.
+pub(crate) fn replace_file(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::rename(from, to)?;
+    let dir = to.parent().unwrap_or_else(|| Path::new("."));
     std::fs::File::open(dir)?.sync_all()
 }
 
