@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use kme_actors::alerts::AlertSettings;
 use kme_actors::sae_quota::SaeLimits;
-use kme_actors::types::{Bb84Settings, KeyLimits, KmeId, LinkParams, SaeId, SourceKind};
+use kme_actors::types::{
+    AuthBootstrap, Bb84Settings, KeyLimits, KmeId, LinkParams, SaeId, SourceKind,
+};
 use kme_bb84::channel::ChannelParams;
 use kme_bb84::pipeline::PpConfig;
 use serde::Deserialize;
@@ -114,6 +116,7 @@ struct RawBb84 {
     frame_sifted_bits: Option<u64>,
     paced: Option<bool>,
     qber_threshold: Option<f64>,
+    auth_bootstrap: Option<String>,
 }
 
 impl RawBb84 {
@@ -133,6 +136,7 @@ impl RawBb84 {
             frame_sifted_bits: self.frame_sifted_bits.or(d.frame_sifted_bits),
             paced: self.paced.or(d.paced),
             qber_threshold: self.qber_threshold.or(d.qber_threshold),
+            auth_bootstrap: self.auth_bootstrap.clone().or(d.auth_bootstrap.clone()),
         }
     }
 }
@@ -381,6 +385,7 @@ impl Config {
                     tick_ms: link.tick_ms,
                     limits: link.limits,
                     key_drop_dir: me.key_drop_dir.join(peer.as_str()),
+                    auth_key_dir: me.data_dir.join("auth-keys").join(peer.as_str()),
                 },
                 url: peer_spec.peer_url.clone(),
             });
@@ -859,11 +864,22 @@ impl Validator<'_> {
             }
             pp.estimation.qber_threshold = threshold;
         }
+        let auth_bootstrap = match b.auth_bootstrap.as_deref() {
+            None | Some("key-file") => AuthBootstrap::KeyFile,
+            Some("tls") => AuthBootstrap::Tls,
+            Some(other) => {
+                return Err(self.err(
+                    format!("{at}.bb84.auth_bootstrap"),
+                    format!("\"{other}\": \"key-file\" (the default) or \"tls\""),
+                ))
+            }
+        };
         Ok(Bb84Settings {
             channel,
             pulses_per_frame,
             paced: b.paced.unwrap_or(true),
             pp,
+            auth_bootstrap,
         })
     }
 }
@@ -883,6 +899,23 @@ mod tests {
         assert_eq!(a.neighbours.len(), 1);
         assert_eq!(a.neighbours[0].url, "https://127.0.0.1:9442");
         assert_eq!(config.sae_homes.len(), 4);
+    }
+
+    #[test]
+    fn a_bb84_link_takes_its_authentication_key_from_a_key_file_unless_tls_is_said() {
+        let file = Path::new("x.toml");
+        let base = "[tls]\nca = \"ca.crt\"\ncert_dir = \".\"\n[[kme]]\nid=\"a\"\nsae_listen=\"127.0.0.1:1\"\npeer_listen=\"127.0.0.1:2\"\ndata_dir=\"d\"\n[[kme]]\nid=\"b\"\nsae_listen=\"127.0.0.1:3\"\npeer_listen=\"127.0.0.1:4\"\ndata_dir=\"e\"\n[[link]]\nends=[\"a\",\"b\"]\nsource=\"bb84\"\n";
+        let bootstrap = |extra: &str| {
+            Config::parse(&format!("{base}{extra}"), file).map(|c| match &c.links[0].source {
+                SourceKind::Bb84(b) => b.auth_bootstrap,
+                _ => panic!("not bb84"),
+            })
+        };
+        assert_eq!(bootstrap("").unwrap(), AuthBootstrap::KeyFile);
+        let tls = bootstrap("[link.bb84]\nauth_bootstrap = \"tls\"\n").unwrap();
+        assert_eq!(tls, AuthBootstrap::Tls);
+        let err = bootstrap("[link.bb84]\nauth_bootstrap = \"courier\"\n").unwrap_err();
+        assert!(err.to_string().contains("auth_bootstrap"), "{err}");
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! | `admin_cli.rs` | `kme admin`: health, ready, metrics, reload from the terminal |
 //! | `admin_api.rs` | the operator's listener: `/health`, `/ready`, `/metrics` |
 //! | `sae_metrics.rs` | metrics middleware of the SAE API (requests, latency, keys, refusals) |
+//! | `link_cli.rs` | `kme link rekey`: a BB84 link's authentication key file installed |
 //! | `sae_cli.rs` | `kme sae`: an ETSI 014 client for scripts (exit codes per answer) |
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
@@ -30,6 +31,7 @@ pub mod cert_status;
 pub mod config;
 pub mod error;
 pub mod etsi;
+pub mod link_cli;
 pub mod node;
 pub mod peer_api;
 pub mod reload;

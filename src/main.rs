@@ -79,10 +79,34 @@ enum Command {
         #[command(subcommand)]
         action: AuditAction,
     },
+    /// A KME's links: rekey (a BB84 link's pre-shared authentication key file).
+    Link {
+        #[command(subcommand)]
+        action: LinkAction,
+    },
     /// A KME's master key (encryption at rest), the KME stopped: rotate.
     MasterKey {
         #[command(subcommand)]
         action: MasterKeyAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum LinkAction {
+    /// Install a pre-shared authentication key file for the BB84 link to --peer; run it at
+    /// both ends with the same file. The link uses it when it has no authentication key left
+    /// (auth_bootstrap = "key-file", the default), then destroys it. The KME may run.
+    Rekey {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        kme: String,
+        /// The neighbour at the link's other end.
+        #[arg(long)]
+        peer: String,
+        /// The key file (random bytes, the same at both ends; its name is kept).
+        #[arg(long)]
+        key_file: PathBuf,
     },
 }
 
@@ -202,12 +226,16 @@ fn run(command: Command) -> Result<ExitCode, String> {
             for l in &config.links {
                 match &l.source {
                     SourceKind::Bb84(b) => println!(
-                        "  link {} — {} (bb84, {} km, eavesdropper {}, {} pulses/frame)",
+                        "  link {} — {} (bb84, {} km, eavesdropper {}, {} pulses/frame, authentication key {})",
                         l.ends[0],
                         l.ends[1],
                         b.channel.fibre_km,
                         b.channel.eve_fraction,
-                        b.pulses_per_frame
+                        b.pulses_per_frame,
+                        match b.auth_bootstrap {
+                            kme_actors::types::AuthBootstrap::KeyFile => "from key files (kme link rekey)",
+                            kme_actors::types::AuthBootstrap::Tls => "over TLS (demo)",
+                        }
                     ),
                     SourceKind::Courier => println!(
                         "  link {} — {} (courier, {} bit/s)",
@@ -233,6 +261,19 @@ fn run(command: Command) -> Result<ExitCode, String> {
         Command::Sae(args) => Ok(kme::sae_cli::run(args)),
         Command::Admin(args) => Ok(kme::admin_cli::run(args)),
         Command::Audit { action } => audit(action),
+        Command::Link {
+            action:
+                LinkAction::Rekey {
+                    config,
+                    kme,
+                    peer,
+                    key_file,
+                },
+        } => {
+            let node = load(config)?.node(&kme).map_err(|err| err.to_string())?;
+            println!("{}", kme::link_cli::rekey(&node, &peer, &key_file)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::MasterKey {
             action: MasterKeyAction::Rotate { config, kme },
         } => {

@@ -121,7 +121,12 @@ pub fn start_link(
             let engine_settings = settings.clone();
             let engine =
                 SyncArbiter::start(1, move || Bb84Engine::new(engine_settings.clone(), seed));
-            setup.start(Bb84::new(settings, engine, resume.auth))
+            setup.start(Bb84::new(
+                settings,
+                engine,
+                resume.auth,
+                params.auth_key_dir.clone(),
+            ))
         }
         SourceKind::FileDrop => setup.start(FileDrop::new(params.key_drop_dir.clone())),
         SourceKind::Courier => {

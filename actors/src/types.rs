@@ -146,6 +146,20 @@ pub struct Bb84Settings {
     /// run as fast as the CPU allows (tests, benchmarks).
     pub paced: bool,
     pub pp: PpConfig,
+    /// Where the link's authentication key comes from, first and after exhaustion.
+    pub auth_bootstrap: AuthBootstrap,
+}
+
+/// Where a BB84 link's authentication key comes from when it has none left (at its first
+/// start, and when aborted frames used it up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthBootstrap {
+    /// A key file the operator installs at both ends (`kme link rekey`); until then the link
+    /// is down.
+    KeyFile,
+    /// Random bytes shipped over the KME-to-KME TLS channel: the link's security then rests on
+    /// TLS (demos and tests; logged as a warning every time).
+    Tls,
 }
 
 /// Everything one end needs to know about its link to a neighbour.
@@ -163,6 +177,8 @@ pub struct LinkParams {
     pub limits: KeyLimits,
     /// `file-drop` links: the directory this end's device writes key files to.
     pub key_drop_dir: PathBuf,
+    /// BB84 links: where the operator installs authentication key files (`kme link rekey`).
+    pub auth_key_dir: PathBuf,
 }
 
 impl LinkParams {
@@ -189,6 +205,7 @@ impl LinkParams {
             block_bytes,
             tick_ms: 100,
             key_drop_dir: PathBuf::new(),
+            auth_key_dir: PathBuf::new(),
             limits: KeyLimits {
                 key_size: 256,
                 min_key_size: 64,

@@ -224,3 +224,74 @@ async fn the_bob_end_refuses_stale_or_forged_bb84_messages_and_keeps_working() {
     net.key_pair(("sae-b", "kme-b"), ("sae-a", "kme-a"), 2)
         .await;
 }
+
+/// Runs `kme link rekey` at `kme` for its link to `peer` with `key_file`; asserts it worked.
+fn install_auth_key(net: &Net, kme: &str, peer: &str, key_file: &std::path::Path) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kme"))
+        .args(["link", "rekey", "--config"])
+        .arg(net.setup.config_file())
+        .args(["--kme", kme, "--peer", peer, "--key-file"])
+        .arg(key_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `auth_bootstrap = "key-file"` (the default): a BB84 link never ships its authentication
+/// key over TLS. Without one it is down and says why; once the operator installs the same key
+/// file at both ends (`kme link rekey`) it runs frames, its keys match at both ends, and the
+/// file is destroyed at both.
+#[actix::test]
+async fn a_bb84_link_runs_only_on_an_authentication_key_the_operator_installed() {
+    let net = Net::start(LinkOptions::bb84("auth_bootstrap = \"key-file\""));
+    let waiting = |s: &Value| {
+        s["status_extension"]["link"]["state"] == "down"
+            && s["status_extension"]["link"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("no authentication key yet"))
+    };
+    net.until_link("down for want of a key", |a, b| waiting(a) && waiting(b))
+        .await;
+    actix_rt::time::sleep(Duration::from_millis(500)).await;
+    let (a, b) = net.link_ends().await;
+    for end in [&a, &b] {
+        assert!(waiting(end), "{end}");
+        assert_eq!(qkd(end)["frames_ok"], 0, "{end}");
+        assert_eq!(
+            qkd(end)["auth_windows_left"],
+            0,
+            "nothing came over TLS: {end}"
+        );
+    }
+
+    let key_file = net.setup.path().join("a-b.auth-key");
+    std::fs::write(&key_file, openssl_random(16 * 1024)).unwrap();
+    install_auth_key(&net, "kme-a", "kme-b", &key_file);
+    install_auth_key(&net, "kme-b", "kme-a", &key_file);
+    net.until_link("frames on the operator's key", |a, b| {
+        qkd(a)["frames_ok"].as_u64().unwrap() >= 2
+            && qkd(b)["frames_ok"].as_u64().unwrap() >= 2
+            && a["status_extension"]["link"]["state"] == "up"
+    })
+    .await;
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 8).await;
+    net.key_pair(("sae-a", "kme-a"), ("sae-b", "kme-b"), 8)
+        .await;
+    for (kme, peer) in [("kme-a", "kme-b"), ("kme-b", "kme-a")] {
+        let installed = net
+            .setup
+            .path()
+            .join(format!("data/{kme}/auth-keys/{peer}/a-b.auth-key"));
+        assert!(!installed.exists(), "{} left", installed.display());
+    }
+}
+
+fn openssl_random(len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    openssl::rand::rand_bytes(&mut bytes).unwrap();
+    bytes
+}

@@ -261,6 +261,11 @@ fn network_file(
         }
         if let Some(bb84) = &options.bb84 {
             text += &format!("source = \"bb84\"\n[link.bb84]\n{bb84}\n");
+            // The test networks ship their first authentication key over TLS unless a test
+            // says otherwise.
+            if !bb84.contains("auth_bootstrap") {
+                text += "auth_bootstrap = \"tls\"\n";
+            }
             for (_, extra) in options.bb84_on.iter().filter(|(on, _)| on == ends) {
                 text += &format!("{extra}\n");
             }

@@ -148,6 +148,9 @@ pub struct SharedKey {
     pub used: Option<UsedKeyFile>,
     /// What tags its `Commit` (BB84: from the frame's authentication window).
     pub commit_auth: Option<CommitAuth>,
+    /// All its blocks for one stream (an authentication key file: `Some(Auth)`), or (None)
+    /// authentication blocks first while the stream runs low, then key blocks.
+    pub stream: Option<Stream>,
 }
 
 /// Asynchronous work of a source, for its `Link` to run.
@@ -173,6 +176,30 @@ impl<S: 'static, T: 'static> Work<S, T> {
             Box::new(move |source: &mut S, link: &mut LinkCore| then(out, source, link))
                 as Then<S, T>
         }))
+    }
+
+    /// The work of a source that another one (`O`) embeds, as `O`'s: `part` finds it in `O`.
+    pub fn within<O: 'static>(self, part: fn(&mut O) -> &mut S) -> Work<O, T> {
+        match self {
+            Work::Ready(value) => Work::Ready(value),
+            Work::Later(future) => Work::Later(Box::pin(async move {
+                let then = future.await;
+                Box::new(move |outer: &mut O, link: &mut LinkCore| then(part(outer), link))
+                    as Then<O, T>
+            })),
+        }
+    }
+
+    /// The same work, its outcome passed through `f`.
+    pub fn map<U: 'static>(self, f: impl FnOnce(T) -> U + 'static) -> Work<S, U> {
+        match self {
+            Work::Ready(value) => Work::Ready(f(value)),
+            Work::Later(future) => Work::Later(Box::pin(async move {
+                let then = future.await;
+                Box::new(move |source: &mut S, link: &mut LinkCore| f(then(source, link)))
+                    as Then<S, U>
+            })),
+        }
     }
 }
 

@@ -522,7 +522,11 @@ impl<S: KeySource> Link<S> {
                     .source
                     .auth_stream()
                     .map_or(u64::MAX, |auth| auth.windows_left());
-                let blocks = self.core.cut(&key.bytes, Cut::AuthFirst { windows });
+                let cut = match key.stream {
+                    Some(stream) => Cut::To(stream),
+                    None => Cut::AuthFirst { windows },
+                };
+                let blocks = self.core.cut(&key.bytes, cut);
                 let shipment = Shipment::Commit {
                     key: Some(key.id),
                     used: key.used,

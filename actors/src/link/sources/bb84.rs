@@ -16,9 +16,11 @@
 //! it stands in for the key an operator installs at both ends out of band.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use futures_util::future::LocalBoxFuture;
 
 use crate::error::{Error, Result};
 use crate::link::auth::{AuthStream, CommitAuth, WINDOW_BYTES};
@@ -30,14 +32,15 @@ use crate::link::sources::bb84_engine::{
     AbortFrame, Bb84Engine, BeginAlice, BeginBob, FrameState, Progress, Step,
 };
 use crate::link::sources::courier::random_bytes;
+use crate::link::sources::file_drop::FileDrop;
 use crate::link::LinkCore;
 use crate::peer::peer_link::{PeerLink, SourceExchange};
 use crate::peer::protocol::DetectionRecord;
 use crate::peer::protocol::{FrameProgress, SourceReply, SourceRequest};
 use crate::storage::audit::AuditRecord;
-use crate::storage::ops::CommitDelivery;
+use crate::storage::ops::{CommitDelivery, UsedKeyFile};
 use crate::storage::store::Exec;
-use crate::types::{Bb84Settings, KmeId, Owner};
+use crate::types::{AuthBootstrap, Bb84Settings, KmeId, Owner};
 use kme_bb84::pipeline::{AbortReason, Envelope, FrameReport, PROTOCOL_VERSION};
 
 /// How often a running BB84 link logs a summary at info level (and at its first frame).
@@ -49,8 +52,11 @@ const MAX_ABORT_BACKOFF: Duration = Duration::from_secs(10);
 /// Most windows a `Start` may skip at the Bob end (the Alice end skips one when it burned a
 /// window and crashed before the Bob end saw it); beyond, a message could burn the stream.
 const MAX_WINDOW_SKIP: u64 = 8;
-/// Authentication windows shipped at bootstrap (and at a re-key after exhaustion).
+/// Authentication windows shipped over TLS (`auth_bootstrap = "tls"`), first and after
+/// exhaustion.
 const AUTH_BOOTSTRAP_WINDOWS: u64 = 256;
+/// Below this many authentication windows the operator is warned.
+const AUTH_LOW_WARNING: u64 = 16;
 /// After this many aborted frames in a row the link counts as down (before: degraded).
 const DOWN_AFTER_ABORTS: u64 = 3;
 
@@ -70,6 +76,10 @@ pub struct Bb84 {
     failures: u64,
     /// When the last summary was logged (None: log the next frame).
     last_summary: Option<Instant>,
+    /// The operator's authentication key files (`auth_bootstrap = "key-file"`).
+    rekey: FileDrop,
+    /// The stream ran below `AUTH_LOW_WARNING` windows and the operator was warned.
+    low_warned: bool,
 }
 
 /// Why a frame was discarded, for the statistics and the logs.
@@ -113,7 +123,13 @@ struct FrameRun {
 }
 
 impl Bb84 {
-    pub fn new(settings: Bb84Settings, engine: Addr<Bb84Engine>, auth: AuthStream) -> Self {
+    /// `auth_key_dir`: where the operator installs authentication key files.
+    pub fn new(
+        settings: Bb84Settings,
+        engine: Addr<Bb84Engine>,
+        auth: AuthStream,
+        auth_key_dir: PathBuf,
+    ) -> Self {
         Self {
             settings,
             engine,
@@ -125,6 +141,27 @@ impl Bb84 {
             commit_auth: None,
             failures: 0,
             last_summary: None,
+            rekey: FileDrop::for_auth_keys(auth_key_dir),
+            low_warned: false,
+        }
+    }
+
+    fn rekey(&mut self) -> &mut FileDrop {
+        &mut self.rekey
+    }
+
+    /// Warns the operator once when the stream runs low (aborted frames use it up; good ones
+    /// refill it), again after it recovered.
+    fn watch_auth_level(&mut self, peer: &KmeId) {
+        let left = self.auth.windows_left();
+        if left < AUTH_LOW_WARNING && !self.low_warned {
+            self.low_warned = true;
+            log::warn!(
+                "link to {peer}: {left} authentication windows left (each aborted frame uses one; \
+                 at none the link goes down until an operator re-key, `kme link rekey`)"
+            );
+        } else if left >= 2 * AUTH_LOW_WARNING {
+            self.low_warned = false;
         }
     }
 }
@@ -138,11 +175,22 @@ impl KeySource for Bb84 {
         Delivery::ByNumber
     }
 
-    /// Alice: the next frame, when the pools want material and the pacing allows.
+    /// Destroys authentication key files that gave blocks before a crash could remove them.
+    fn start(&mut self, link: &mut LinkCore) -> Work<Self, ()> {
+        self.rekey.start(link).within(Self::rekey)
+    }
+
+    /// Alice: the next frame, when the pools want material and the pacing allows; without an
+    /// authentication window, the operator's key file (or, with `auth_bootstrap = "tls"`, a
+    /// key shipped over TLS).
     fn drive(&mut self, link: &mut LinkCore, now: Instant) -> Work<Self, Produced> {
         if self.auth.windows_left() == 0 {
-            return Work::Ready(bootstrap_auth(link));
+            return match self.settings.auth_bootstrap {
+                AuthBootstrap::Tls => Work::Ready(bootstrap_auth(link)),
+                AuthBootstrap::KeyFile => self.rekey.offer_when_due(link, now).within(Self::rekey),
+            };
         }
+        self.watch_auth_level(&link.params().peer.clone());
         if link.pools_full() || now < self.next_frame_at {
             return Work::Ready(Produced::Nothing);
         }
@@ -172,8 +220,18 @@ impl KeySource for Bb84 {
                 frame_id,
                 envelopes,
             } => self.bob_step(frame_id, envelopes),
+            offer @ SourceRequest::FileOffer { .. }
+                if self.settings.auth_bootstrap == AuthBootstrap::KeyFile =>
+            {
+                self.rekey.answer(offer, link).within(Self::rekey)
+            }
             _ => foreign(self),
         }
+    }
+
+    /// An authentication key file gave blocks at both ends: it goes.
+    fn key_used(&self, link: &LinkCore, used: &UsedKeyFile) -> LocalBoxFuture<'static, ()> {
+        self.rekey.key_used(link, used)
     }
 
     fn auth_stream(&mut self) -> Option<&mut AuthStream> {
@@ -181,13 +239,37 @@ impl KeySource for Bb84 {
     }
 
     fn health(&self) -> SourceHealth {
-        health(QkdHealth {
+        let qkd = QkdHealth {
             auth_windows_left: self.auth.windows_left(),
             fibre_km: self.settings.channel.fibre_km,
             eavesdropper: self.settings.channel.eve_fraction,
             ..self.stats.clone()
-        })
+        };
+        match without_auth_key(&self.auth, self.settings.auth_bootstrap) {
+            Some(reason) => SourceHealth {
+                condition: Condition::Down,
+                reason: Some(reason),
+                qkd: Some(qkd),
+            },
+            None => health(qkd),
+        }
     }
+}
+
+/// Why a link with `auth` cannot run frames, if it has no authentication window left and
+/// waits for the operator's key file.
+fn without_auth_key(auth: &AuthStream, bootstrap: AuthBootstrap) -> Option<String> {
+    if auth.windows_left() > 0 || bootstrap == AuthBootstrap::Tls {
+        return None;
+    }
+    let what = if auth.next_window() == 0 {
+        "no authentication key yet"
+    } else {
+        "authentication key exhausted"
+    };
+    Some(format!(
+        "{what}: install the same pre-shared key file at both ends (kme link rekey)"
+    ))
 }
 
 /// Up after a good frame, degraded after an aborted one, down after `DOWN_AFTER_ABORTS` in a
@@ -207,15 +289,16 @@ fn health(qkd: QkdHealth) -> SourceHealth {
     }
 }
 
-/// The first authentication key, or a new one after exhaustion, shipped over the TLS
-/// channel: it stands in for the key an operator installs at both ends out of band.
+/// `auth_bootstrap = "tls"`: the first authentication key, or a new one after exhaustion,
+/// shipped over the TLS channel in place of the key file an operator installs at both ends.
 fn bootstrap_auth(link: &mut LinkCore) -> Produced {
     let block = link.params().block_bytes as u64;
     let count = (AUTH_BOOTSTRAP_WINDOWS * WINDOW_BYTES).div_ceil(block);
     match random_bytes((count * block) as usize) {
         Ok(material) => {
-            log::info!(
-                "link to {}: shipping {} authentication windows over TLS (bootstrap)",
+            log::warn!(
+                "link to {}: shipping {} authentication windows over TLS (auth_bootstrap = \"tls\"): \
+                 until they are used up the link's authentication rests on TLS, not on a pre-shared key",
                 link.params().peer,
                 AUTH_BOOTSTRAP_WINDOWS
             );
@@ -364,6 +447,7 @@ impl Bb84 {
                     bytes: key,
                     used: None,
                     commit_auth,
+                    stream: None,
                 }),
                 None => Produced::Nothing,
             }
@@ -669,6 +753,7 @@ impl Bb84 {
                     bytes: key,
                     used: None,
                     commit_auth: self.commit_auth.take(),
+                    stream: None,
                 }));
             }
             FrameState::Aborted(reason) => {
@@ -727,6 +812,28 @@ mod tests {
         let down = after(DOWN_AFTER_ABORTS);
         assert_eq!(down.condition, Condition::Down);
         assert_eq!(down.reason.as_deref(), Some("QBER too high"));
+    }
+
+    #[test]
+    fn a_link_without_authentication_key_waits_for_the_operator_unless_tls_is_allowed() {
+        use crate::storage::db::StoredBlock;
+        let block = |seq| StoredBlock {
+            seq,
+            data: vec![1; WINDOW_BYTES as usize],
+        };
+        let fresh = AuthStream::new(WINDOW_BYTES as usize, 0, Vec::new());
+        let why = without_auth_key(&fresh, AuthBootstrap::KeyFile).unwrap();
+        assert!(why.starts_with("no authentication key yet"), "{why}");
+        // Two windows held, both burned by aborted frames: exhausted.
+        let mut used_up = AuthStream::new(WINDOW_BYTES as usize, 0, vec![block(0), block(1)]);
+        assert_eq!(without_auth_key(&used_up, AuthBootstrap::KeyFile), None);
+        used_up.burn(0);
+        used_up.burn(1);
+        let why = without_auth_key(&used_up, AuthBootstrap::KeyFile).unwrap();
+        assert!(why.starts_with("authentication key exhausted"), "{why}");
+        assert!(why.contains("kme link rekey"), "{why}");
+        // Only the explicit demo setting ships a key over TLS instead.
+        assert_eq!(without_auth_key(&used_up, AuthBootstrap::Tls), None);
     }
 
     #[test]

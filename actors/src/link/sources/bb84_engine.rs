@@ -301,6 +301,7 @@ mod tests {
             channel,
             paced: false,
             pp,
+            auth_bootstrap: crate::types::AuthBootstrap::KeyFile,
         }
     }
 

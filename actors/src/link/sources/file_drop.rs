@@ -18,7 +18,7 @@ use actix::prelude::*;
 use futures_util::future::LocalBoxFuture;
 
 use crate::error::{Error, Result};
-use crate::link::key_source::{foreign, Delivery, KeySource, Produced, SharedKey, Work};
+use crate::link::key_source::{foreign, Delivery, KeySource, Produced, SharedKey, Stream, Work};
 use crate::link::sources::key_files::{self, KeyFile};
 use crate::link::LinkCore;
 use crate::peer::peer_link::SourceExchange;
@@ -44,6 +44,8 @@ pub struct FileDrop {
     skipped: HashSet<String>,
     /// The file whose twin is missing, as read and hashed once, and since when it waits.
     waiting: Option<(KeyFile, Instant)>,
+    /// Which blocks the files become (see `SharedKey::stream`).
+    stream: Option<Stream>,
 }
 
 /// What the driving end learnt about its first key file.
@@ -66,6 +68,16 @@ impl FileDrop {
             next_offer_at: Instant::now(),
             skipped: HashSet::new(),
             waiting: None,
+            stream: None,
+        }
+    }
+
+    /// The authentication key files of a BB84 link (`kme link rekey` installs them in
+    /// `dir`): each becomes authentication blocks only.
+    pub fn for_auth_keys(dir: PathBuf) -> Self {
+        Self {
+            stream: Some(Stream::Auth),
+            ..Self::new(dir)
         }
     }
 }
@@ -91,10 +103,10 @@ impl KeySource for FileDrop {
 
     /// Offers the first key file, when the pools want material.
     fn drive(&mut self, link: &mut LinkCore, now: Instant) -> Work<Self, Produced> {
-        if link.pools_full() || now < self.next_offer_at {
+        if link.pools_full() {
             return Work::Ready(Produced::Nothing);
         }
-        self.offer(link)
+        self.offer_when_due(link, now)
     }
 
     fn answer(
@@ -122,6 +134,15 @@ impl KeySource for FileDrop {
 
 /// file-drop, driving end.
 impl FileDrop {
+    /// Offers the first key file to the other end when an offer is due, whatever the pools
+    /// hold.
+    pub(crate) fn offer_when_due(&mut self, link: &LinkCore, now: Instant) -> Work<Self, Produced> {
+        if now < self.next_offer_at {
+            return Work::Ready(Produced::Nothing);
+        }
+        self.offer(link)
+    }
+
     fn offer(&mut self, link: &LinkCore) -> Work<Self, Produced> {
         let dir = self.dir.clone();
         let skipped = self.skipped.clone();
@@ -211,7 +232,7 @@ impl FileDrop {
             file.name,
             file.bytes.len() / link.params().block_bytes.max(1)
         );
-        Produced::Shared(shared_key(file))
+        Produced::Shared(shared_key(file, self.stream))
     }
 
     /// The other end cannot use its twin: wait for a missing one (a while, since `since` if it
@@ -254,7 +275,7 @@ impl FileDrop {
 
 /// A key file's key, as both ends commit it: numbered from its hash, recorded as used by name
 /// and hash.
-fn shared_key(file: KeyFile) -> SharedKey {
+fn shared_key(file: KeyFile, stream: Option<Stream>) -> SharedKey {
     SharedKey {
         id: file.frame_id(),
         used: Some(UsedKeyFile {
@@ -264,6 +285,7 @@ fn shared_key(file: KeyFile) -> SharedKey {
         bytes: file.bytes,
         // Key files come with no authentication stream: the commit rests on the TLS channel.
         commit_auth: None,
+        stream,
     }
 }
 
@@ -321,7 +343,7 @@ impl FileDrop {
         };
         Work::later(
             work,
-            |result: Result<(FileMatch, Option<KeyFile>)>, _: &mut Self, link| {
+            |result: Result<(FileMatch, Option<KeyFile>)>, me: &mut Self, link| {
                 let (answer, file) = result?;
                 if answer == FileMatch::Mismatch {
                     log::error!(
@@ -329,7 +351,7 @@ impl FileDrop {
                         link.params().peer
                     );
                 }
-                link.hold(file.map(shared_key));
+                link.hold(file.map(|file| shared_key(file, me.stream)));
                 Ok(SourceReply::FileOffer { file: answer })
             },
         )
