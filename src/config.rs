@@ -13,7 +13,7 @@ use std::time::Duration;
 use kme_actors::alerts::AlertSettings;
 use kme_actors::sae_quota::SaeLimits;
 use kme_actors::types::{
-    AuthBootstrap, Bb84Settings, KeyLimits, KmeId, LinkParams, SaeId, SourceKind,
+    AuthBootstrap, Bb84Settings, CertBinding, KeyLimits, KmeId, LinkParams, SaeId, SourceKind,
 };
 use kme_bb84::channel::ChannelParams;
 use kme_bb84::pipeline::PpConfig;
@@ -200,6 +200,7 @@ struct RawSae {
     id: String,
     kme: String,
     cert_sha256: Option<String>,
+    uri: Option<String>,
     #[serde(flatten)]
     limits: RawSaeLimits,
 }
@@ -280,7 +281,7 @@ pub struct Config {
     pub kmes: Vec<KmeSpec>,
     pub sae_homes: HashMap<SaeId, KmeId>,
     /// SAEs identified by certificate fingerprint (SHA-256, lowercase hex) instead of CN.
-    pub pinned: HashMap<String, SaeId>,
+    pub pinned: HashMap<CertBinding, SaeId>,
     pub links: Vec<LinkSpec>,
     /// Limits for keys between SAEs of one KME (from `[defaults]`).
     pub local_limits: KeyLimits,
@@ -321,7 +322,7 @@ pub struct NodeConfig {
     /// Every link of the network (the static topology relay routes are found in).
     pub links: Vec<(KmeId, KmeId)>,
     pub sae_homes: HashMap<SaeId, KmeId>,
-    pub pinned: HashMap<String, SaeId>,
+    pub pinned: HashMap<CertBinding, SaeId>,
     pub kmes: HashSet<KmeId>,
     pub local_limits: KeyLimits,
     /// Rate limits of every SAE (those of other KMEs' SAEs for `max_waiting_keys`).
@@ -564,8 +565,31 @@ impl Validator<'_> {
                         format!("SAE \"{}\": a SHA-256 fingerprint is 64 hex digits", s.id),
                     ));
                 }
-                if pinned.insert(hex, SaeId::new(&s.id)).is_some() {
+                if pinned
+                    .insert(CertBinding::Sha256(hex), SaeId::new(&s.id))
+                    .is_some()
+                {
                     return Err(self.err("sae.cert_sha256", "one certificate pinned to two SAEs"));
+                }
+            }
+            if let Some(uri) = &s.uri {
+                let scheme_ok = uri
+                    .split_once(':')
+                    .is_some_and(|(scheme, rest)| !scheme.is_empty() && !rest.is_empty());
+                if !scheme_ok || uri.chars().any(char::is_whitespace) {
+                    return Err(self.err(
+                        "sae.uri",
+                        format!(
+                            "SAE \"{}\": \"{uri}\" is not a URI (e.g. spiffe://example.org/sae-a)",
+                            s.id
+                        ),
+                    ));
+                }
+                if pinned
+                    .insert(CertBinding::Uri(uri.clone()), SaeId::new(&s.id))
+                    .is_some()
+                {
+                    return Err(self.err("sae.uri", "one URI bound to two SAEs"));
                 }
             }
         }

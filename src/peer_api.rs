@@ -32,8 +32,20 @@ use crate::ask::{ask, Mailbox};
 use crate::cert_status::CertStatus;
 use crate::tls::{self, PeerIdentity};
 
-/// Largest peer request body (a batch of activations or of blocks).
-const MAX_PEER_BODY: usize = 256 * 1024 * 1024;
+/// Largest body of a neighbour's message to `path`: what the largest legitimate one needs
+/// (BB84 detection records and courier block shipments run to tens of MiB; a level report is
+/// a few bytes), so that a neighbour, or one who took its key, cannot make this KME buffer
+/// more.
+fn body_limit(path: &str) -> usize {
+    const KIB: usize = 1024;
+    match path {
+        protocol::LEVEL_PATH => 4 * KIB,
+        protocol::TOPOLOGY_PATH => 1024 * KIB,
+        protocol::SETTLE_PATH => 4 * 1024 * KIB,
+        protocol::ACTIVATE_PATH => 64 * 1024 * KIB,
+        _ => 256 * 1024 * KIB,
+    }
+}
 
 pub struct PeerState {
     /// This KME's end of the link to each neighbour.
@@ -172,8 +184,16 @@ fn neighbour<'a>(
 /// The longest a neighbour's message body may take to arrive.
 const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-async fn read_body(payload: web::Payload) -> Result<web::BytesMut, PeerRefusal> {
-    actix_rt::time::timeout(BODY_READ_TIMEOUT, read_whole(payload))
+async fn read_body(req: &HttpRequest, payload: web::Payload) -> Result<web::BytesMut, PeerRefusal> {
+    let limit = body_limit(req.path());
+    let announced = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|length| length.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|length| length > limit as u64) {
+        return Err(too_large(limit));
+    }
+    actix_rt::time::timeout(BODY_READ_TIMEOUT, read_whole(payload, limit))
         .await
         .unwrap_or_else(|_| {
             Err(PeerRefusal::new(
@@ -183,20 +203,24 @@ async fn read_body(payload: web::Payload) -> Result<web::BytesMut, PeerRefusal> 
         })
 }
 
-async fn read_whole(mut payload: web::Payload) -> Result<web::BytesMut, PeerRefusal> {
+async fn read_whole(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, PeerRefusal> {
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
         let chunk =
             chunk.map_err(|err| PeerRefusal::new(StatusCode::BAD_REQUEST, err.to_string()))?;
-        if body.len() + chunk.len() > MAX_PEER_BODY {
-            return Err(PeerRefusal::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "peer message too large",
-            ));
+        if body.len() + chunk.len() > limit {
+            return Err(too_large(limit));
         }
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+fn too_large(limit: usize) -> PeerRefusal {
+    PeerRefusal::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("peer message larger than this endpoint takes ({limit} bytes)"),
+    )
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, PeerRefusal> {
@@ -222,7 +246,7 @@ async fn incoming<'a, T: serde::de::DeserializeOwned>(
     state: &'a PeerState,
 ) -> Result<Incoming<'a, T>, PeerRefusal> {
     let (peer, end) = neighbour(req, state)?;
-    let body = read_body(payload).await?;
+    let body = read_body(req, payload).await?;
     let message = parse(&body)?;
     Ok(Incoming {
         peer,

@@ -236,6 +236,12 @@ pub fn cert_identity(cert: &X509Ref) -> Result<CertIdentity, openssl::error::Err
     Ok(CertIdentity {
         cn: common_name(cert),
         sha256: hex(&cert.digest(MessageDigest::sha256())?),
+        uris: cert
+            .subject_alt_names()
+            .into_iter()
+            .flatten()
+            .filter_map(|name| name.uri().map(str::to_string))
+            .collect(),
         issuer: hex(&openssl::sha::sha256(&cert.issuer_name().to_der()?)),
         serial: cert.serial_number().to_bn()?.to_hex_str()?.to_string(),
         not_after: i64::from(until.days) * 86_400 + i64::from(until.secs),

@@ -31,8 +31,8 @@ use crate::storage::audit::{AuditRecord, Delivered};
 use crate::storage::ops::{Activate, InsertLocalKeys, LocalKey, Retrieve, WaitingKeys};
 use crate::storage::store::{Exec, Store};
 use crate::types::{
-    Binding, Branch, CertIdentity, Key, KeyCount, KeyLimits, KeySizeBits, KmeId, RelayLeg, SaeId,
-    MAC_KEY_BYTES,
+    Binding, Branch, CertBinding, CertIdentity, Key, KeyCount, KeyLimits, KeySizeBits, KmeId,
+    RelayLeg, SaeId, MAC_KEY_BYTES,
 };
 
 const MAILBOX_CAPACITY: usize = 4096;
@@ -125,7 +125,7 @@ pub struct SaeRegistry {
     neighbours: HashMap<KmeId, NeighbourRoute>,
     local_limits: KeyLimits,
     /// SAEs identified by their certificate's SHA-256 instead of its CN.
-    pinned: HashMap<String, SaeId>,
+    pinned: HashMap<CertBinding, SaeId>,
     /// Routes and relay beyond neighbours (None: keys reach neighbours only).
     network: Option<Network>,
     /// Rate limits of this KME's SAEs, asked before anything is spent for them.
@@ -178,15 +178,25 @@ impl SaeRegistry {
 
     /// Identify these SAEs by certificate fingerprint (SHA-256, lowercase hex) only: their CN
     /// alone no longer suffices.
-    pub fn with_pinned(mut self, pinned: HashMap<String, SaeId>) -> Self {
+    pub fn with_pinned(mut self, pinned: HashMap<CertBinding, SaeId>) -> Self {
         self.pinned = pinned;
         self
     }
 
     /// The SAE behind a verified certificate identity, if it is homed on this KME.
     pub fn identify(&self, identity: &CertIdentity) -> Result<SaeId> {
-        let id = match (self.pinned.get(&identity.sha256), &identity.cn) {
-            (Some(sae), _) => sae.clone(),
+        let mut bound: Vec<&SaeId> = CertBinding::of(identity)
+            .filter_map(|binding| self.pinned.get(&binding))
+            .collect();
+        bound.sort();
+        bound.dedup();
+        if bound.len() > 1 {
+            return Err(Error::NotAuthorized(
+                "the client certificate is bound to several SAEs: whose it is is ambiguous".into(),
+            ));
+        }
+        let id = match (bound.first(), &identity.cn) {
+            (Some(sae), _) => (*sae).clone(),
             (None, None) => {
                 return Err(Error::NotAuthorized(
                     "client certificate has no usable CN".into(),
@@ -398,7 +408,7 @@ pub struct Identify {
 #[rtype(result = "(Vec<SaeId>, Vec<SaeId>)")]
 pub struct ReloadSaes {
     pub homes: HashMap<SaeId, KmeId>,
-    pub pinned: HashMap<String, SaeId>,
+    pub pinned: HashMap<CertBinding, SaeId>,
     pub limits: HashMap<SaeId, SaeLimits>,
 }
 
@@ -1007,6 +1017,27 @@ mod tests {
     async fn identities() {
         let r = registry();
         assert_eq!(r.identify(&cert("sae-b")).unwrap(), SaeId::new("sae-b"));
+        // Bound by a SAN URI (a SPIFFE ID): that URI is sae-b2, whatever the CN; a
+        // certificate naming two bound SAEs is nobody's.
+        let spiffe = |uri: &str| CertBinding::Uri(uri.to_string());
+        let pinned = [
+            (spiffe("spiffe://kme.test/sae-b2"), SaeId::new("sae-b2")),
+            (spiffe("spiffe://kme.test/sae-b"), SaeId::new("sae-b")),
+        ]
+        .into_iter()
+        .collect();
+        let r = registry().with_pinned(pinned);
+        let workload = |uris: &[&str]| CertIdentity {
+            cn: Some("workload-7".into()),
+            uris: uris.iter().map(|u| u.to_string()).collect(),
+            ..CertIdentity::default()
+        };
+        let b2 = workload(&["spiffe://kme.test/sae-b2"]);
+        assert_eq!(r.identify(&b2).unwrap(), SaeId::new("sae-b2"));
+        assert!(r.identify(&cert("sae-b2")).is_err(), "its CN alone");
+        assert!(r.identify(&workload(&["spiffe://kme.test/other"])).is_err());
+        let both = workload(&["spiffe://kme.test/sae-b2", "spiffe://kme.test/sae-b"]);
+        assert!(r.identify(&both).is_err(), "ambiguous");
         assert!(matches!(
             r.identify(&cert("sae-a")),
             Err(Error::NotAuthorized(_))
@@ -1020,7 +1051,7 @@ mod tests {
             Err(Error::NotAuthorized(_))
         ));
         // Pinned: only the certificate with that fingerprint is sae-b2, whatever its CN.
-        let pinned = [("f".repeat(64), SaeId::new("sae-b2"))]
+        let pinned = [(CertBinding::Sha256("f".repeat(64)), SaeId::new("sae-b2"))]
             .into_iter()
             .collect();
         let r = registry().with_pinned(pinned);

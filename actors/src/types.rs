@@ -106,12 +106,32 @@ pub struct CertIdentity {
     pub cn: Option<String>,
     /// SHA-256 of the certificate (DER), lowercase hex.
     pub sha256: String,
+    /// The URIs among its subject alternative names (e.g. SPIFFE IDs).
+    pub uris: Vec<String>,
     /// Its issuer (SHA-256 of the issuer's name, DER, hex) and serial number (hex), as a CRL
     /// names it.
     pub issuer: String,
     pub serial: String,
     /// The end of its validity, in Unix seconds (a connection outlives the handshake).
     pub not_after: i64,
+}
+
+/// What ties a certificate to an SAE other than its CN (`cert_sha256` or `uri` of a
+/// `[[sae]]`): an SAE bound so is that certificate's only, whatever its CN.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CertBinding {
+    /// The certificate's SHA-256 fingerprint (lowercase hex).
+    Sha256(String),
+    /// A URI subject alternative name (e.g. a SPIFFE ID).
+    Uri(String),
+}
+
+impl CertBinding {
+    /// Everything `identity` may be bound by.
+    pub fn of(identity: &CertIdentity) -> impl Iterator<Item = CertBinding> + '_ {
+        std::iter::once(CertBinding::Sha256(identity.sha256.clone()))
+            .chain(identity.uris.iter().cloned().map(CertBinding::Uri))
+    }
 }
 
 /// ETSI limits of one link (or of local keys), as announced in `status`.

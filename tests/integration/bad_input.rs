@@ -432,6 +432,25 @@ async fn a_slow_client_does_not_block_others() {
     assert!(answer.contains("\"key_ID\""), "{answer}");
 }
 
+/// Each KME-to-KME endpoint takes bodies only as large as its messages get: a neighbour's
+/// 64 KiB level report (a few bytes when genuine) is refused with 413, announced or not, and
+/// the genuine one still goes through.
+#[actix::test]
+async fn a_neighbour_message_larger_than_its_endpoint_takes_is_refused() {
+    let net = Net::start(LinkOptions::default());
+    let level = format!("{}/peer/v1/level", net.setup.peer_url("kme-b"));
+    let kme_a = net.client(Some("kme-a"));
+    let padded = json!({"level": 1, "padding": "x".repeat(64 * 1024)});
+    let (code, answer) = kme_a.try_post(&level, &padded).await.unwrap();
+    assert_eq!(code, 413, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("4096 bytes"),
+        "{answer}"
+    );
+    let (code, answer) = kme_a.try_post(&level, &json!({"level": 1})).await.unwrap();
+    assert_eq!(code, 200, "{answer}");
+}
+
 #[actix::test]
 async fn the_kme_to_kme_channel_accepts_only_neighbour_kmes() {
     let net = Net::start(LinkOptions::default());
@@ -567,6 +586,33 @@ async fn an_sae_pinned_to_a_certificate_fingerprint() {
         .get(&format!("{b}/api/v1/sae/info/me"))
         .await;
     assert_eq!(code, 200, "SAEs without a pin keep their CN identity");
+}
+
+/// An SAE bound to a SAN URI (a SPIFFE ID) is any certificate of the CA with that URI,
+/// whatever its CN, and no longer the certificate that merely says CN=sae-b2.
+#[actix::test]
+async fn an_sae_bound_to_a_spiffe_uri() {
+    let net = Net::start(LinkOptions {
+        sae_limits: vec![("sae-b2", "uri = \"spiffe://kme.test/sae-b2\"")],
+        ..LinkOptions::default()
+    });
+    let me = format!("{}/api/v1/sae/info/me", net.url("kme-b"));
+    let (code, body) = net.client(Some("workload")).get(&me).await;
+    assert_eq!(
+        (code, body["SAE_ID"].as_str()),
+        (200, Some("sae-b2")),
+        "{body}"
+    );
+    expect(
+        &net.client(Some("sae-b2")),
+        &me,
+        None,
+        401,
+        "another certificate",
+    )
+    .await;
+    let (code, _) = net.client(Some("sae-b")).get(&me).await;
+    assert_eq!(code, 200, "SAEs without a binding keep their CN identity");
 }
 
 /// Resident memory of process `pid`, in KiB.

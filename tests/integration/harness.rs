@@ -95,7 +95,7 @@ pub struct LinkOptions {
     pub alerts: Option<String>,
     /// (link ends, TOML lines): more settings of one `[[link]]` (e.g. its own limits).
     pub link_extra: Vec<([&'static str; 2], &'static str)>,
-    /// (SAE, TOML lines): rate limits of that SAE (`requests_per_s`, `keys_per_s`).
+    /// (SAE, TOML lines): more settings of that SAE (rate limits, a `uri` binding).
     pub sae_limits: Vec<(&'static str, &'static str)>,
     /// `[tls] crl_files = ["ca.crl"]`, with a first, empty CRL made by `certs/revoke.sh`.
     pub crl: bool,
@@ -165,6 +165,7 @@ impl Setup {
         pki.issue("no-cn", None, false, Validity::Valid);
         pki.issue("two-cns", Some("sae-x+sae-a"), false, Validity::Valid);
         pki.issue_foreign("foreign", "sae-a");
+        pki.issue_with_uri("workload", "workload-7", "spiffe://kme.test/sae-b2");
         if options.crl {
             revoke(dir.path(), &[]);
         }

@@ -103,13 +103,19 @@ impl Pki {
 
     /// Issues `<file>.crt` / `<file>.key` with subject CN `cn` (None: no CN; `a+b`: two CNs).
     pub fn issue(&self, file: &str, cn: Option<&str>, kme: bool, validity: Validity) {
-        self.issue_by(file, cn, kme, validity, &self.ca_cert, &self.ca_key);
+        self.issue_by(file, cn, kme, validity, (&self.ca_cert, &self.ca_key), None);
+    }
+
+    /// An SAE certificate with subject CN `cn` and the SAN URI `uri` (a SPIFFE ID, say).
+    pub fn issue_with_uri(&self, file: &str, cn: &str, uri: &str) {
+        let ca = (&self.ca_cert, &self.ca_key);
+        self.issue_by(file, Some(cn), false, Validity::Valid, ca, Some(uri));
     }
 
     /// A certificate for `cn` from a CA the KMEs do not trust.
     pub fn issue_foreign(&self, file: &str, cn: &str) {
         let (ca, key) = self_signed_ca("rogue CA");
-        self.issue_by(file, Some(cn), false, Validity::Valid, &ca, &key);
+        self.issue_by(file, Some(cn), false, Validity::Valid, (&ca, &key), None);
     }
 
     fn issue_by(
@@ -118,8 +124,8 @@ impl Pki {
         cn: Option<&str>,
         kme: bool,
         validity: Validity,
-        ca: &X509,
-        ca_key: &PKey<Private>,
+        (ca, ca_key): (&X509, &PKey<Private>),
+        uri: Option<&str>,
     ) {
         let key = key();
         let mut b = X509::builder().unwrap();
@@ -150,6 +156,11 @@ impl Pki {
                 .ip("127.0.0.1")
                 .build(&ctx)
                 .unwrap();
+            b.append_extension(san).unwrap();
+        }
+        if let Some(uri) = uri {
+            let ctx = b.x509v3_context(Some(ca), None);
+            let san = SubjectAlternativeName::new().uri(uri).build(&ctx).unwrap();
             b.append_extension(san).unwrap();
         }
         b.append_extension(eku.build().unwrap()).unwrap();
