@@ -432,6 +432,35 @@ async fn a_slow_client_does_not_block_others() {
     assert!(answer.contains("\"key_ID\""), "{answer}");
 }
 
+/// Every listener speaks HTTP/1.1 only: a client that offers HTTP/2 first gets HTTP/1.1, so a
+/// connection carries one request at a time and the connection cap bounds the requests in
+/// flight (HTTP/2 would multiplex streams past it).
+#[actix::test]
+async fn no_listener_negotiates_http2_so_the_connection_cap_bounds_the_requests() {
+    use openssl::ssl::{SslConnector, SslFiletype, SslMethod};
+    let net = Net::start(LinkOptions::default());
+    let dir = net.setup.path();
+    for (port, cert) in [
+        (net.setup.ports["kme-a"].0, "sae-a"),
+        (net.setup.ports["kme-a"].1, "kme-b"),
+    ] {
+        let mut tls = SslConnector::builder(SslMethod::tls()).unwrap();
+        tls.set_ca_file(dir.join("ca.crt")).unwrap();
+        tls.set_certificate_chain_file(dir.join(format!("{cert}.crt")))
+            .unwrap();
+        tls.set_private_key_file(dir.join(format!("{cert}.key")), SslFiletype::PEM)
+            .unwrap();
+        tls.set_alpn_protos(b"\x02h2\x08http/1.1").unwrap();
+        let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let stream = tls.build().connect("localhost", tcp).unwrap();
+        assert_eq!(
+            stream.ssl().selected_alpn_protocol(),
+            Some(&b"http/1.1"[..]),
+            "port {port}"
+        );
+    }
+}
+
 /// Each KME-to-KME endpoint takes bodies only as large as its messages get: a neighbour's
 /// 64 KiB level report (a few bytes when genuine) is refused with 413, announced or not, and
 /// the genuine one still goes through.

@@ -46,6 +46,9 @@ pub struct FileDrop {
     waiting: Option<(KeyFile, Instant)>,
     /// Which blocks the files become (see `SharedKey::stream`).
     stream: Option<Stream>,
+    /// The start's sweep of used files is done: before, nothing is offered or matched (a
+    /// file being destroyed must not be read).
+    swept: bool,
 }
 
 /// What the driving end learnt about its first key file.
@@ -69,6 +72,7 @@ impl FileDrop {
             skipped: HashSet::new(),
             waiting: None,
             stream: None,
+            swept: false,
         }
     }
 
@@ -98,7 +102,7 @@ impl KeySource for FileDrop {
             link.store().clone(),
             link.params().peer.clone(),
         );
-        Work::later(sweep, |(), _, _| ())
+        Work::later(sweep, |(), me: &mut Self, _| me.swept = true)
     }
 
     /// Offers the first key file, when the pools want material.
@@ -137,7 +141,7 @@ impl FileDrop {
     /// Offers the first key file to the other end when an offer is due, whatever the pools
     /// hold.
     pub(crate) fn offer_when_due(&mut self, link: &LinkCore, now: Instant) -> Work<Self, Produced> {
-        if now < self.next_offer_at {
+        if !self.swept || now < self.next_offer_at {
             return Work::Ready(Produced::Nothing);
         }
         self.offer(link)
@@ -310,6 +314,12 @@ impl FileDrop {
     ) -> Work<Self, Result<SourceReply>> {
         if !key_files::valid_name(&name) {
             return Work::refuse(format!("\"{name}\" is not a key file name"));
+        }
+        if !self.swept {
+            // Still destroying the files used before a restart: as good as not there yet.
+            return Work::Ready(Ok(SourceReply::FileOffer {
+                file: FileMatch::Missing,
+            }));
         }
         link.hold(None);
         let dir = self.dir.clone();

@@ -117,14 +117,24 @@ pub fn read_named(dir: &Path, name: &str) -> io::Result<Option<KeyFile>> {
     }))
 }
 
-/// Overwrites a used key file with zeros, syncs it, then deletes it. A file that is gone
-/// already counts as destroyed.
+/// Takes a used key file out of sight (renamed to a hidden name, which is never read), then
+/// overwrites it with zeros, syncs it and deletes it. A file that is gone already counts as
+/// destroyed. Renamed first: a file being zeroed under its own name could be read as a key
+/// of zeros, whose hash no one has used.
 pub fn destroy(path: &Path) -> io::Result<()> {
-    let mut file = match fs::OpenOptions::new().write(true).open(path) {
-        Ok(file) => file,
+    let Some(name) = path.file_name() else {
+        return Err(io::Error::other("a key file path without a name"));
+    };
+    let mut hidden = std::ffi::OsString::from(".destroying-");
+    hidden.push(name);
+    let hidden = path.with_file_name(hidden);
+    match fs::rename(path, &hidden) {
+        Ok(()) => {}
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(err) => return Err(err),
-    };
+    }
+    let path = hidden.as_path();
+    let mut file = fs::OpenOptions::new().write(true).open(path)?;
     let zeros = [0u8; 64 * 1024];
     let mut left = file.metadata()?.len();
     while left > 0 {
@@ -146,6 +156,20 @@ pub fn reject(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_destroyed_file_is_out_of_sight_before_it_is_zeroed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0001");
+        fs::write(&path, [7u8; 100]).unwrap();
+        destroy(&path).unwrap();
+        assert!(!path.exists());
+        assert!(names(dir.path()).unwrap().is_empty());
+        // One cut before its deletion stays hidden, never read as a key.
+        fs::write(dir.path().join(".destroying-0002"), [0u8; 100]).unwrap();
+        assert!(next_file(dir.path(), &HashSet::new()).unwrap().is_none());
+        assert!(destroy(&dir.path().join("0003")).is_ok(), "gone already");
+    }
 
     #[test]
     fn files_are_taken_in_name_order_and_half_written_ones_are_skipped() {
