@@ -70,6 +70,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics))
         .route("/reload", web::post().to(reload))
         .route("/audit/verify", web::post().to(audit_verify))
+        .route("/audit/export", web::get().to(audit_export))
         .default_service(web::to(not_found));
 }
 
@@ -191,6 +192,48 @@ async fn reload(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse 
     match state.reloader.reload().await {
         Ok(reloaded) => HttpResponse::Ok().json(reloaded),
         Err(why) => HttpResponse::BadRequest().json(json!({"message": why})),
+    }
+}
+
+/// Audit records per `GET /audit/export` at most (a few MiB of JSON lines).
+const EXPORT_MAX_RECORDS: u64 = 10_000;
+
+#[derive(serde::Deserialize)]
+struct ExportQuery {
+    upto: Option<i64>,
+}
+
+/// The oldest closed segment of the audit trail (up to `?upto=`, at most
+/// `EXPORT_MAX_RECORDS`) as JSON lines, its MACed head last, as `kme audit export` writes it;
+/// 409 if the chain does not verify or nothing is closed.
+async fn audit_export(
+    req: HttpRequest,
+    query: web::Query<ExportQuery>,
+    state: web::Data<AdminState>,
+) -> HttpResponse {
+    if let Some(refusal) = refused(&req, &state) {
+        return refusal;
+    }
+    let (reader, key, me) = (
+        state.reader.clone(),
+        state.audit_key.clone(),
+        state.me.clone(),
+    );
+    let upto = query.upto;
+    let exported = web::block(move || -> Result<Vec<u8>, kme_actors::Error> {
+        let conn = reader.get()?;
+        let mut out = Vec::new();
+        let limits = (upto, Some(EXPORT_MAX_RECORDS));
+        audit_trail::export_segment(&conn, &key, me.as_str(), limits, &mut out)?;
+        Ok(out)
+    })
+    .await;
+    match exported {
+        Ok(Ok(lines)) => HttpResponse::Ok()
+            .content_type("application/x-ndjson")
+            .body(lines),
+        Ok(Err(err)) => HttpResponse::Conflict().json(json!({"message": err.to_string()})),
+        Err(err) => HttpResponse::ServiceUnavailable().json(json!({"message": err.to_string()})),
     }
 }
 

@@ -1,5 +1,5 @@
 //! `kme admin`: the operator's listener (`admin_api.rs`) from the terminal: health, ready,
-//! metrics, reload, network (links and SAEs), events (latest audit records), audit-verify.
+//! metrics, reload, network (links and SAEs), events (latest audit records), audit-verify, audit-export.
 //!
 //! `kme admin --kme kme-a reload` finds kme-a's `admin_listen` in the network file; with
 //! `admin_tls` it presents `<cert_dir>/<operator>.crt` (`--operator`, default `operator`).
@@ -53,19 +53,29 @@ enum AdminRequest {
     Events,
     /// Check the audit trail's hash chain now.
     AuditVerify,
+    /// The oldest closed segment of the audit trail as JSON lines (at most 10,000 records;
+    /// `kme audit prune` on the KME's host may then delete it).
+    AuditExport {
+        /// Last record of the segment (default: all closed ones, within the limit).
+        #[arg(long)]
+        upto: Option<i64>,
+    },
 }
 
 pub fn run(args: AdminArgs) -> ExitCode {
     match ask(&args) {
         Ok((ok, body)) => {
-            println!(
-                "{}",
-                if args.json {
-                    body
-                } else {
-                    human(&args.request, &body)
-                }
-            );
+            let text = if args.json {
+                body
+            } else {
+                human(&args.request, &body)
+            };
+            // JSON lines (an audit export) end with their own newline.
+            if text.ends_with('\n') {
+                print!("{text}");
+            } else {
+                println!("{text}");
+            }
             if ok {
                 ExitCode::SUCCESS
             } else {
@@ -221,12 +231,14 @@ fn ask(args: &AdminArgs) -> Result<(bool, String), String> {
         .admin
         .ok_or_else(|| format!("{} has no admin_listen", args.kme))?;
     let path = match args.request {
-        AdminRequest::Health => "/health",
-        AdminRequest::Ready => "/ready",
-        AdminRequest::Metrics => "/metrics",
-        AdminRequest::Reload => "/reload",
-        AdminRequest::Network | AdminRequest::Events => "/api/network",
-        AdminRequest::AuditVerify => "/audit/verify",
+        AdminRequest::Health => "/health".to_string(),
+        AdminRequest::Ready => "/ready".into(),
+        AdminRequest::Metrics => "/metrics".into(),
+        AdminRequest::Reload => "/reload".into(),
+        AdminRequest::Network | AdminRequest::Events => "/api/network".into(),
+        AdminRequest::AuditVerify => "/audit/verify".into(),
+        AdminRequest::AuditExport { upto: None } => "/audit/export".into(),
+        AdminRequest::AuditExport { upto: Some(upto) } => format!("/audit/export?upto={upto}"),
     };
     let client = if admin.tls {
         let cert = |ext: &str| config.cert_dir.join(format!("{}.{ext}", args.operator));

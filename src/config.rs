@@ -65,6 +65,7 @@ struct RawAlerts {
     webhook_url: String,
     pool_low_percent: Option<u64>,
     auth_windows_low: Option<u64>,
+    audit_check_s: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -691,6 +692,9 @@ impl Validator<'_> {
             webhook_url: url.to_string(),
             pool_low_percent,
             auth_windows_low: raw.auth_windows_low.unwrap_or(4),
+            audit_check: std::time::Duration::from_secs(
+                raw.audit_check_s.unwrap_or(3600).clamp(1, 7 * 86_400),
+            ),
         })
     }
 

@@ -335,7 +335,7 @@ fn audit(action: AuditAction) -> Result<ExitCode, String> {
                 )),
                 None => Box::new(std::io::stdout().lock()),
             };
-            let segment = audit_trail::export_segment(&conn, &key, &kme, upto, &mut file)
+            let segment = audit_trail::export_segment(&conn, &key, &kme, (upto, None), &mut file)
                 .map_err(|err| err.to_string())?;
             eprintln!(
                 "audit records {}..={} of {kme} exported; `kme audit prune --segment FILE` may now delete them",

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpServer};
-use kme_actors::alerts::Alerts;
+use kme_actors::alerts::{Alerts, AuditCheck};
 use kme_actors::metrics::Metrics;
 use kme_actors::peer::peer_link::PeerLink;
 use kme_actors::relay::router::{OwnLink, Router};
@@ -230,7 +230,14 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
     )
     .start();
     if let Some(settings) = config.alerts.clone() {
-        Alerts::new(me.clone(), settings, alert_links, router.clone()).start();
+        let audit = AuditCheck {
+            reader: reader_pool.clone(),
+            key: Arc::new(sealer.audit_key()?),
+            head_file: config.me.data_dir.join(audit_trail::HEAD_FILE),
+        };
+        Alerts::new(me.clone(), settings, alert_links, router.clone())
+            .with_audit_check(audit)
+            .start();
     }
     // Held keys of a relay wait for its release at most twice the request timeout.
     let relay = Relay::new(store.clone(), hops, config.request_timeout * 2).start();

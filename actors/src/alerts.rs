@@ -10,9 +10,13 @@
 //! `ATTEMPTS` tries (1, 2, 4 s apart) is logged and dropped.
 //! Events (`event` of the JSON): `link_down` / `link_up`, `pool_low` (below
 //! `pool_low_percent` of the pool's capacity) / `pool_ok` (back above twice that),
-//! `auth_key_low` (a BB84 link's authentication windows at `auth_windows_low` or fewer).
+//! `auth_key_low` (a BB84 link's authentication windows at `auth_windows_low` or fewer), and
+//! `audit_chain_broken` (the audit trail, verified every `audit_check` off the actors' thread
+//! on a reader connection, no longer verifies; once, until it verifies again).
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -22,6 +26,8 @@ use crate::key_pool::PoolStatus;
 use crate::link::key_source::Condition;
 use crate::link::LinkHealth;
 use crate::relay::router::{OwnLink, RouteView, Router};
+use crate::storage::audit_trail;
+use crate::storage::db::DbPool;
 use crate::types::{now_ms, KmeId};
 
 /// Events waiting for the webhook, at most.
@@ -35,6 +41,15 @@ pub struct AlertSettings {
     pub webhook_url: String,
     pub pool_low_percent: u64,
     pub auth_windows_low: u64,
+    /// How often the audit trail is verified.
+    pub audit_check: Duration,
+}
+
+/// What verifying this KME's audit trail takes (see `audit_trail::verify_chain`).
+pub struct AuditCheck {
+    pub reader: DbPool,
+    pub key: Arc<zeroize::Zeroizing<[u8; 32]>>,
+    pub head_file: PathBuf,
 }
 
 /// What was last seen of one link end.
@@ -55,6 +70,9 @@ pub struct Alerts {
     seen: HashMap<KmeId, Seen>,
     queue: VecDeque<Value>,
     sending: bool,
+    audit: Option<Arc<AuditCheck>>,
+    /// The last verification failed (and was told).
+    audit_broken: bool,
 }
 
 impl Alerts {
@@ -76,7 +94,45 @@ impl Alerts {
             seen: HashMap::new(),
             queue: VecDeque::new(),
             sending: false,
+            audit: None,
+            audit_broken: false,
         }
+    }
+
+    /// Verifies the audit trail every `audit_check` and tells of a broken one.
+    pub fn with_audit_check(mut self, check: AuditCheck) -> Self {
+        self.audit = Some(Arc::new(check));
+        self
+    }
+
+    fn check_audit(&mut self, ctx: &mut Context<Self>) {
+        let Some(check) = self.audit.clone() else {
+            return;
+        };
+        let verifying = actix_rt::task::spawn_blocking(move || -> crate::Result<u64> {
+            let conn = check.reader.get()?;
+            let records = audit_trail::verify_chain(&conn, &check.key)?;
+            audit_trail::check_head(&conn, &check.key, &check.head_file)?;
+            Ok(records)
+        });
+        ctx.spawn(
+            fut::wrap_future(verifying).map(|outcome, act: &mut Self, ctx| {
+                let failure = match outcome {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(err)) => Some(err.to_string()),
+                    Err(err) => Some(format!("the verification did not finish: {err}")),
+                };
+                match failure {
+                    Some(why) if !act.audit_broken => {
+                        act.audit_broken = true;
+                        log::error!("audit trail verification failed: {why}");
+                        act.enqueue("audit_chain_broken", None, json!({ "message": why }), ctx);
+                    }
+                    Some(_) => {}
+                    None => act.audit_broken = false,
+                }
+            }),
+        );
     }
 
     fn check(&mut self, ctx: &mut Context<Self>) {
@@ -143,7 +199,7 @@ impl Alerts {
                             _ => None,
                         };
                         if let Some(event) = event {
-                            act.enqueue(event, &peer, detail.clone(), ctx);
+                            act.enqueue(event, Some(&peer), detail.clone(), ctx);
                         }
                     }
                 }
@@ -151,8 +207,18 @@ impl Alerts {
         );
     }
 
-    fn enqueue(&mut self, event: &str, peer: &KmeId, detail: Value, ctx: &mut Context<Self>) {
-        log::warn!("alert: {event} on the link to {peer}");
+    /// Queues `event` (of the link to `peer`, or of the KME itself) for the webhook.
+    fn enqueue(
+        &mut self,
+        event: &str,
+        peer: Option<&KmeId>,
+        detail: Value,
+        ctx: &mut Context<Self>,
+    ) {
+        match peer {
+            Some(peer) => log::warn!("alert: {event} on the link to {peer}"),
+            None => log::warn!("alert: {event}"),
+        }
         if self.queue.len() >= QUEUE {
             if let Some(dropped) = self.queue.pop_front() {
                 log::warn!("alert queue full: dropped {dropped}");
@@ -204,5 +270,8 @@ impl Actor for Alerts {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(CHECK_EVERY, |act, ctx| act.check(ctx));
+        if self.audit.is_some() {
+            ctx.run_interval(self.settings.audit_check, |act, ctx| act.check_audit(ctx));
+        }
     }
 }

@@ -46,8 +46,9 @@ pub enum Role {
     Bob,
 }
 
-/// Pre-shared secret material, identical at both ends.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Pre-shared secret material, identical at both ends. Overwritten when dropped; its `Debug`
+/// shows sizes only.
+#[derive(Clone, PartialEq, Eq)]
 pub struct AuthKeyMaterial {
     /// Long-term polynomial-hash key `r`.
     pub mac_key: u64,
@@ -55,6 +56,26 @@ pub struct AuthKeyMaterial {
     pub a2b: Vec<u64>,
     /// One-time pads for Bob → Alice tags (and keys Bob draws, e.g. verification).
     pub b2a: Vec<u64>,
+}
+
+impl std::fmt::Debug for AuthKeyMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "AuthKeyMaterial({} + {} pads)",
+            self.a2b.len(),
+            self.b2a.len()
+        )
+    }
+}
+
+impl Drop for AuthKeyMaterial {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.mac_key.zeroize();
+        self.a2b.zeroize();
+        self.b2a.zeroize();
+    }
 }
 
 impl AuthKeyMaterial {
@@ -79,8 +100,9 @@ pub struct AuthTag {
     pub tag: u64,
 }
 
-/// One end's persistent authentication state (lives across frames).
-#[derive(Debug, Clone)]
+/// One end's persistent authentication state (lives across frames). Its pads are overwritten
+/// when dropped; its `Debug` shows positions only.
+#[derive(Clone)]
 pub struct AuthChannel {
     mac_key: u64,
     out_pads: Vec<u64>,
@@ -88,6 +110,25 @@ pub struct AuthChannel {
     out_next: u64,
     in_next: u64,
     consumed_bits: u64,
+}
+
+impl std::fmt::Debug for AuthChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthChannel")
+            .field("out_next", &self.out_next)
+            .field("in_next", &self.in_next)
+            .field("consumed_bits", &self.consumed_bits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for AuthChannel {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.mac_key.zeroize();
+        self.out_pads.zeroize();
+        self.in_pads.zeroize();
+    }
 }
 
 /// Compute a Wegman–Carter tag over `words` (stand-alone form of the MAC).
@@ -185,6 +226,26 @@ impl AuthChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_shows_no_key_material() {
+        let material = AuthKeyMaterial {
+            mac_key: 0x5eed_5eed_5eed_5eed,
+            a2b: vec![0xabcd_abcd_abcd_abcd; 2],
+            b2a: vec![0x1234_1234_1234_1234],
+        };
+        let channel = AuthChannel::new(Role::Alice, &material);
+        for shown in [format!("{material:?}"), format!("{channel:?}")] {
+            for secret in [
+                0x5eed_5eed_5eed_5eed_u64,
+                0xabcd_abcd_abcd_abcd,
+                0x1234_1234_1234_1234,
+            ] {
+                assert!(!shown.contains(&secret.to_string()), "{shown}");
+                assert!(!shown.contains(&format!("{secret:x}")), "{shown}");
+            }
+        }
+    }
 
     #[test]
     fn tag_roundtrip_and_tamper() {

@@ -185,7 +185,6 @@ async fn a_reload_adds_and_removes_saes_and_a_bad_file_changes_nothing() {
     assert!(code == 0 && out.contains("kme_started"), "{out}");
     let (code, out) = kme_admin(&net, "kme-a", &["audit-verify"]);
     assert!(code == 0 && out.starts_with("audit trail intact"), "{out}");
-
     let file = net.setup.config_file();
     let original = std::fs::read_to_string(&file).unwrap();
     let removed = "[[sae]]\nid = \"sae-b2\"\nkme = \"kme-b\"\n";
@@ -200,6 +199,21 @@ async fn a_reload_adds_and_removes_saes_and_a_bad_file_changes_nothing() {
             "reloaded: SAEs added: sae-x; removed: none; certificates revoked: 0"
         )
     );
+    // The oldest closed records (all but the audited reload) as JSON lines, their MACed head
+    // last (as `kme audit export`).
+    let (code, out) = kme_admin(&net, "kme-a", &["audit-export"]);
+    assert_eq!(code, 0, "{out}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}: {out}")))
+        .collect();
+    assert_eq!(lines[0]["event"], "kme_started", "{out}");
+    let segment = &lines.last().unwrap()["segment"];
+    assert_eq!(
+        (segment["kme"].as_str(), segment["first"].as_i64()),
+        (Some("kme-a"), Some(1))
+    );
+
     let (code, out) = kme_admin(&net, "kme-b", &["--json", "reload"]);
     assert_eq!(code, 0, "{out}");
     let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -374,9 +388,10 @@ async fn logs_can_be_json_lines_naming_the_request_id_of_a_refusal() {
 }
 
 /// The operator's webhook hears of a link that goes down and comes back (each KME watches its
-/// link ends; events are JSON POSTs, sent one at a time and retried).
+/// link ends; events are JSON POSTs, sent one at a time and retried), and of an audit trail
+/// that no longer verifies (checked every `audit_check_s`).
 #[actix::test]
-async fn the_webhook_hears_a_link_go_down_and_come_back() {
+async fn the_webhook_hears_a_link_go_down_and_come_back_and_a_broken_audit_chain() {
     use actix_web::{web, App, HttpServer};
     let heard = web::Data::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -402,11 +417,14 @@ async fn the_webhook_hears_a_link_go_down_and_come_back() {
     actix_rt::spawn(receiver);
 
     let mut net = Net::start(LinkOptions {
-        alerts: Some(format!("webhook_url = \"http://127.0.0.1:{port}/hook\"")),
+        alerts: Some(format!(
+            "webhook_url = \"http://127.0.0.1:{port}/hook\"\naudit_check_s = 1"
+        )),
         ..LinkOptions::default()
     });
     net.wait_for_keys("sae-a", "kme-a", "sae-b", 16).await;
     let until = |event: &'static str,
+                 peer: Option<&'static str>,
                  heard: web::Data<std::sync::Mutex<Vec<serde_json::Value>>>| async move {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -414,7 +432,7 @@ async fn the_webhook_hears_a_link_go_down_and_come_back() {
                 .lock()
                 .unwrap()
                 .iter()
-                .find(|e| e["event"] == event && e["kme"] == "kme-a" && e["peer"] == "kme-b")
+                .find(|e| e["event"] == event && e["kme"] == "kme-a" && e["peer"] == json!(peer))
                 .cloned();
             if let Some(found) = found {
                 return found;
@@ -428,10 +446,33 @@ async fn the_webhook_hears_a_link_go_down_and_come_back() {
         }
     };
     net.stop("kme-b");
-    let down = until("link_down", heard.clone()).await;
+    let down = until("link_down", Some("kme-b"), heard.clone()).await;
     assert!(down["at_ms"].is_i64(), "{down}");
     net.restart_on_new_ports("kme-b");
-    until("link_up", heard.clone()).await;
+    until("link_up", Some("kme-b"), heard.clone()).await;
+    // Someone with the file rewrites a record of kme-a's trail while it runs.
+    actix_rt::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !heard
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e["event"] == "audit_chain_broken"),
+        "an intact trail is not news"
+    );
+    super::db_probe::tamper(
+        net.setup.path(),
+        "kme-a",
+        "DROP TRIGGER audit_no_update; UPDATE audit SET detail = '{}' WHERE id = 1;",
+    );
+    let broken = until("audit_chain_broken", None, heard.clone()).await;
+    assert!(
+        broken["detail"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("record 1"),
+        "{broken}"
+    );
     stop_receiver.stop(true).await;
 }
 

@@ -224,13 +224,14 @@ struct SegmentLine {
 }
 
 /// Writes the closed segment of `kme`'s trail from its first record to `upto` (default: all
-/// but the newest record, which stays as the chain's head) to `out`, one JSON object per line
-/// and the `Segment` last, after checking the whole chain. Only reads.
+/// but the newest record, which stays as the chain's head), at most `max_records` of them, to
+/// `out`, one JSON object per line and the `Segment` last, after checking the whole chain.
+/// Only reads.
 pub fn export_segment(
     conn: &Connection,
     key: &[u8; 32],
     kme: &str,
-    upto: Option<i64>,
+    (upto, max_records): (Option<i64>, Option<u64>),
     out: &mut dyn Write,
 ) -> Result<Segment> {
     // One snapshot for the check and the export, while the KME goes on writing.
@@ -240,7 +241,10 @@ pub fn export_segment(
     let newest: Option<i64> = snapshot.query_row("SELECT max(id) FROM audit", [], |r| r.get(0))?;
     let newest = newest.unwrap_or(anchor_id);
     let first = anchor_id + 1;
-    let last = upto.unwrap_or(newest - 1);
+    let most = max_records.map_or(i64::MAX, |n| i64::try_from(n).unwrap_or(i64::MAX));
+    let last = upto
+        .unwrap_or(newest - 1)
+        .min(first.saturating_add(most).saturating_sub(1));
     if last >= newest {
         return Err(Error::Storage(format!(
             "record {last} is not closed: a segment ends before the newest record, {newest}"
@@ -395,7 +399,7 @@ mod tests {
 
     fn export(conn: &Connection, upto: Option<i64>) -> (Segment, String) {
         let mut out = Vec::new();
-        let segment = export_segment(conn, &key(), "kme-a", upto, &mut out).unwrap();
+        let segment = export_segment(conn, &key(), "kme-a", (upto, None), &mut out).unwrap();
         (segment, String::from_utf8(out).unwrap())
     }
 
@@ -420,6 +424,11 @@ mod tests {
         assert_eq!((next.first, next.last), (7, 12), "all but the newest");
         assert_eq!(prune_segment(&mut conn, &key(), "kme-a", &text).unwrap(), 6);
         assert_eq!(verify_chain(&conn, &key()).unwrap(), 1);
+        // At most `max_records` per segment.
+        append(&conn, 5);
+        let mut out = Vec::new();
+        let capped = export_segment(&conn, &key(), "kme-a", (None, Some(2)), &mut out).unwrap();
+        assert_eq!((capped.first, capped.last), (13, 14));
     }
 
     #[test]
@@ -467,9 +476,9 @@ mod tests {
     fn the_newest_record_is_never_exported_for_pruning() {
         let (_dir, conn) = trail(3);
         let mut out = Vec::new();
-        assert!(export_segment(&conn, &key(), "kme-a", Some(3), &mut out).is_err());
+        assert!(export_segment(&conn, &key(), "kme-a", (Some(3), None), &mut out).is_err());
         let (_dir, single) = trail(1);
-        assert!(export_segment(&single, &key(), "kme-a", None, &mut out).is_err());
+        assert!(export_segment(&single, &key(), "kme-a", (None, None), &mut out).is_err());
     }
 
     #[test]

@@ -215,11 +215,17 @@ pub fn stream_state(conn: &Connection, peer: &KmeId, owner: &Owner) -> Result<St
         .unwrap_or_default())
 }
 
-/// A stored block: number in its owner's stream and its bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A stored block: number in its owner's stream and its bytes (its `Debug` shows no byte).
+#[derive(Clone, PartialEq, Eq)]
 pub struct StoredBlock {
     pub seq: u64,
     pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for StoredBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoredBlock(#{}, {} bytes)", self.seq, self.data.len())
+    }
 }
 
 /// Blocks of `owner` on the link to `peer`, in order, from `from_seq` on; `confirmed` selects
@@ -291,6 +297,23 @@ pub(crate) fn to_u64(value: i64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocks_show_where_they_go_not_their_bytes() {
+        let stored = StoredBlock {
+            seq: 3,
+            data: vec![0xab; 4],
+        };
+        let record = crate::storage::ops::BlockRecord {
+            owner: Owner::parse("kme-a"),
+            seq: 3,
+            data: vec![0xab; 4],
+        };
+        for shown in [format!("{stored:?}"), format!("{record:?}")] {
+            assert!(shown.contains("#3") && shown.contains("4 bytes"), "{shown}");
+            assert!(!shown.contains("171") && !shown.contains("ab"), "{shown}");
+        }
+    }
 
     #[test]
     fn migrations_apply_once_and_epoch_grows() {

@@ -23,12 +23,19 @@ use crate::storage::writer::{
 };
 use crate::types::{now_ms, Binding, Key, KmeId, Owner, SaeId};
 
-/// One block of link material to store.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One block of link material to store. Its `Debug` shows where it goes, not its bytes.
+#[derive(Clone, PartialEq, Eq)]
 pub struct BlockRecord {
     pub owner: Owner,
     pub seq: u64,
     pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for BlockRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (owner, seq, len) = (self.owner.as_str(), self.seq, self.data.len());
+        write!(f, "BlockRecord({owner} #{seq}, {len} bytes)")
+    }
 }
 
 /// What storing a block did.
