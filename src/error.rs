@@ -90,6 +90,7 @@ impl From<Error> for ApiError {
             Error::PeerUnavailable { .. }
             | Error::ActivationRejected { .. }
             | Error::FrameLost { .. }
+            | Error::SequenceBehind { .. }
             | Error::PeerMessage(_) => {
                 log::warn!("peer failure: {err}");
                 Self::unavailable("the slave's KME could not take the keys; retry later")
@@ -144,6 +145,7 @@ mod tests {
             | Error::PeerUnavailable { .. }
             | Error::ActivationRejected { .. }
             | Error::FrameLost { .. }
+            | Error::SequenceBehind { .. }
             | Error::PeerMessage(_)
             | Error::Storage(_)
             | Error::Unavailable(_) => 503,
@@ -175,6 +177,10 @@ mod tests {
             },
             Error::PeerMessage(secret.into()),
             Error::FrameLost { peer: "p".into() },
+            Error::SequenceBehind {
+                seq: 1,
+                last_seq: 2,
+            },
             Error::Storage(secret.into()),
             Error::Unavailable(secret.into()),
         ];

@@ -84,6 +84,7 @@ pub struct PeerRefusal {
     message: String,
     high_mark: Option<u64>,
     frame_lost: bool,
+    last_seq: Option<u64>,
 }
 
 impl PeerRefusal {
@@ -93,6 +94,7 @@ impl PeerRefusal {
             message: message.into(),
             high_mark: None,
             frame_lost: false,
+            last_seq: None,
         }
     }
 }
@@ -110,6 +112,13 @@ impl From<Error> for PeerRefusal {
                 high_mark: Some(high_mark),
                 ..Self::new(StatusCode::CONFLICT, reason)
             },
+            Error::SequenceBehind { last_seq, .. } => {
+                log::warn!("refused peer message: {err}");
+                Self {
+                    last_seq: Some(last_seq),
+                    ..Self::new(StatusCode::CONFLICT, err.to_string())
+                }
+            }
             Error::PeerMessage(_) | Error::BadRequest(_) => {
                 log::warn!("refused peer message: {err}");
                 Self::new(StatusCode::BAD_REQUEST, err.to_string())
@@ -138,6 +147,7 @@ impl ResponseError for PeerRefusal {
             error: self.message.clone(),
             high_mark: self.high_mark,
             frame_lost: self.frame_lost,
+            last_seq: self.last_seq,
         })
     }
 }

@@ -50,6 +50,11 @@ pub enum Error {
     /// committed): the frame's blocks are discarded at both ends.
     #[error("peer KME {peer} no longer holds the frame's key")]
     FrameLost { peer: String },
+    /// A neighbour's activation carries a sequence number at or below the last one taken from
+    /// it: a replay, or a neighbour restored from a backup (which moves its numbers past
+    /// `last_seq` when told, and sends again).
+    #[error("peer message rejected: activation {seq} is not newer than {last_seq} (a replay, or a KME restored from a backup)")]
+    SequenceBehind { seq: u64, last_seq: u64 },
     /// A message from a peer KME is invalid or a replay.
     #[error("peer message rejected: {0}")]
     PeerMessage(String),

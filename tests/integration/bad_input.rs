@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::harness::{dec, enc, keys, Client, LinkOptions, Net};
+use super::harness::{dec, enc, keys, Client, LinkOptions, Net, NEW_SEQ};
 
 fn full_pool_options() -> LinkOptions {
     LinkOptions {
@@ -437,22 +437,15 @@ async fn a_slow_client_does_not_block_others() {
 /// flight (HTTP/2 would multiplex streams past it).
 #[actix::test]
 async fn no_listener_negotiates_http2_so_the_connection_cap_bounds_the_requests() {
-    use openssl::ssl::{SslConnector, SslFiletype, SslMethod};
     let net = Net::start(LinkOptions::default());
     let dir = net.setup.path();
     for (port, cert) in [
         (net.setup.ports["kme-a"].0, "sae-a"),
         (net.setup.ports["kme-a"].1, "kme-b"),
     ] {
-        let mut tls = SslConnector::builder(SslMethod::tls()).unwrap();
-        tls.set_ca_file(dir.join("ca.crt")).unwrap();
-        tls.set_certificate_chain_file(dir.join(format!("{cert}.crt")))
-            .unwrap();
-        tls.set_private_key_file(dir.join(format!("{cert}.key")), SslFiletype::PEM)
-            .unwrap();
-        tls.set_alpn_protos(b"\x02h2\x08http/1.1").unwrap();
+        let tls = super::harness::raw_tls(dir, "ca.crt", cert, b"\x02h2\x08http/1.1");
         let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let stream = tls.build().connect("localhost", tcp).unwrap();
+        let stream = tls.connect("localhost", tcp).unwrap();
         assert_eq!(
             stream.ssl().selected_alpn_protocol(),
             Some(&b"http/1.1"[..]),
@@ -515,13 +508,14 @@ async fn the_kme_to_kme_channel_accepts_only_neighbour_kmes() {
         ("sae-a", "sae-a", "slave sae-a is not an SAE of this KME"),
         ("sae-a", "sae-c", "slave sae-c is not an SAE of this KME"),
     ] {
-        let forged = json!({"seq": u64::MAX >> 2, "bindings": [{
+        let forged = json!({"seq": NEW_SEQ, "bindings": [{
             "key_ids": [uuid::Uuid::now_v7()], "master": master, "slaves": [slave], "start": 0, "len": 32}]});
         let (code, answer) = kme_a.try_post(&url, &forged).await.unwrap();
         assert_eq!(code, 400, "{master}->{slave}: {answer}");
         assert_eq!(answer["error"], format!("peer message rejected: {reason}"));
     }
-    // A replayed (old) sequence number from a real neighbour is rejected.
+    // A replayed (old) sequence number from a real neighbour is rejected, with the last one
+    // taken (so that a neighbour restored from a backup can move past it).
     net.wait_for_keys("sae-a", "kme-a", "sae-b", 1).await;
     let master = net.client(Some("sae-a"));
     let (code, _) = enc(&master, &net.url("kme-a"), "sae-b", json!({})).await;
@@ -531,11 +525,70 @@ async fn the_kme_to_kme_channel_accepts_only_neighbour_kmes() {
         .try_post(&url, &body)
         .await
         .unwrap();
-    assert_eq!(code, 400, "{answer}");
+    assert_eq!(code, 409, "{answer}");
     assert!(
-        answer["error"].as_str().unwrap().contains("replay"),
+        answer["error"].as_str().unwrap().contains("replay") && answer["last_seq"].is_u64(),
         "{answer}"
     );
+}
+
+/// Sequence numbers recover: when kme-b has taken higher numbers from kme-a than kme-a now
+/// sends (kme-a restored from a backup, its boot epoch behind), kme-a's next batch is refused
+/// with kme-b's last number, kme-a's numbers move past it, and the batch after goes through
+/// (before, every batch was a "replay" until enough restarts passed the old epoch). A number
+/// far ahead of the last one (which would leave no room above it) is refused.
+#[actix::test]
+async fn sequence_numbers_resynchronise_after_a_restore_and_refuse_a_jump_far_ahead() {
+    let net = Net::start(LinkOptions::default());
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 16).await;
+    let (master, a) = (net.client(Some("sae-a")), net.url("kme-a"));
+    let (code, _) = enc(&master, &a, "sae-b", json!({})).await;
+    assert_eq!(code, 200);
+    let dir = net.setup.path();
+    let last: i64 = super::db_probe::open(dir, "kme-b")
+        .get()
+        .unwrap()
+        .query_row(
+            "SELECT last_seq FROM peer_sequence WHERE peer = 'kme-a'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    // As if kme-a had run 40 more boots before its data went back to this state.
+    let ahead = ((last >> 40) + 40) << 40;
+    super::db_probe::tamper(
+        dir,
+        "kme-b",
+        &format!("UPDATE peer_sequence SET last_seq = {ahead} WHERE peer = 'kme-a'"),
+    );
+    let mut codes = Vec::new();
+    let sent = loop {
+        let (code, body) = enc(&master, &a, "sae-b", json!({})).await;
+        codes.push(code);
+        if code == 200 || codes.len() == 3 {
+            break keys(&body);
+        }
+    };
+    assert_eq!(codes.last(), Some(&200), "{codes:?}");
+    assert!(codes.len() <= 2, "one refused batch at most: {codes:?}");
+    let (code, body) = net.dec_sent(("sae-b", "kme-b"), "sae-a", &sent).await;
+    assert_eq!((code, keys(&body)), (200, sent));
+
+    let far = (((ahead >> 40) + (1 << 17)) << 40) as u64;
+    let url = format!("{}/peer/v1/activate", net.setup.peer_url("kme-b"));
+    let empty = json!({"seq": far, "bindings": []});
+    let (code, answer) = net
+        .client(Some("kme-a"))
+        .try_post(&url, &empty)
+        .await
+        .unwrap();
+    assert_eq!(code, 400, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("too far ahead"),
+        "{answer}"
+    );
+    let (code, _) = enc(&master, &a, "sae-b", json!({})).await;
+    assert_eq!(code, 200, "the real numbers still go through");
 }
 
 #[actix::test]

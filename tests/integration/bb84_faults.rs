@@ -601,35 +601,41 @@ async fn a_dropped_or_corrupted_bb84_message_discards_the_frame_at_both_ends() {
     proxy.server.stop(true).await;
 }
 
-/// The commits of `frame` after the first one, which kme-a sent again.
-fn retried_commits(proxy: &Proxy, frame: u64) -> Vec<CommitSeen> {
-    let commits: Vec<CommitSeen> = proxy
+/// Every commit of `frame`, in order.
+fn commits_of(proxy: &Proxy, frame: u64) -> Vec<CommitSeen> {
+    proxy
         .commits()
         .into_iter()
         .filter(|c| c.frame == Some(frame))
-        .collect();
-    commits.into_iter().skip(1).collect()
+        .collect()
+}
+
+/// Fires `fault` at the next commit and waits until kme-a's commit of that frame, sent again,
+/// is stored at kme-b; returns the frame, its commits, and both ends' status then.
+async fn until_commit_retried(
+    net: &Net,
+    proxy: &Proxy,
+    fault: Fault,
+) -> (u64, Vec<CommitSeen>, (Value, Value)) {
+    proxy.arm(fault);
+    net.until_link(&format!("{fault:?}"), |_, _| proxy.fired(fault).is_some())
+        .await;
+    let frame = proxy.fired(fault).unwrap();
+    let ends = net
+        .until_link(&format!("{fault:?}: the commit retried"), |_, _| {
+            commits_of(proxy, frame)
+                .iter()
+                .skip(1)
+                .any(|c| c.status == Some(200))
+        })
+        .await;
+    (frame, commits_of(proxy, frame), ends)
 }
 
 /// A commit lost on its way or on its way back is sent again, with the same numbers, and
 /// kme-b stores (or has stored) the frame's key: no frame is lost, nothing is discarded.
 async fn a_lost_commit_is_retried(net: &Net, proxy: &Proxy, fault: Fault) {
-    proxy.arm(fault);
-    net.until_link(&format!("{fault:?}"), |_, _| proxy.fired(fault).is_some())
-        .await;
-    let frame = proxy.fired(fault).unwrap();
-    let (a, b) = net
-        .until_link(&format!("{fault:?}: the commit retried"), |_, _| {
-            retried_commits(proxy, frame)
-                .iter()
-                .any(|c| c.status == Some(200))
-        })
-        .await;
-    let commits: Vec<CommitSeen> = proxy
-        .commits()
-        .into_iter()
-        .filter(|c| c.frame == Some(frame))
-        .collect();
+    let (frame, commits, (a, b)) = until_commit_retried(net, proxy, fault).await;
     assert!(
         commits.iter().all(|c| c.blocks == commits[0].blocks),
         "{fault:?}: a retried commit names other blocks: {commits:?}"
@@ -646,24 +652,7 @@ async fn a_lost_commit_is_retried(net: &Net, proxy: &Proxy, fault: Fault) {
 /// refused by kme-b, whose copy of the frame's authentication window says the tag does not
 /// verify; kme-a's genuine commit, sent again, is stored, and every key matches.
 async fn a_renumbered_commit_is_refused(net: &Net, proxy: &Proxy) {
-    proxy.arm(Fault::ReverseCommit);
-    net.until_link("a commit reversed", |_, _| {
-        proxy.fired(Fault::ReverseCommit).is_some()
-    })
-    .await;
-    let frame = proxy.fired(Fault::ReverseCommit).unwrap();
-    let (a, b) = net
-        .until_link("the genuine commit stored", |_, _| {
-            retried_commits(proxy, frame)
-                .iter()
-                .any(|c| c.status == Some(200))
-        })
-        .await;
-    let commits: Vec<CommitSeen> = proxy
-        .commits()
-        .into_iter()
-        .filter(|c| c.frame == Some(frame))
-        .collect();
+    let (_, commits, (a, b)) = until_commit_retried(net, proxy, Fault::ReverseCommit).await;
     let (reversed, stored) = (&commits[0], commits.last().unwrap());
     assert!(
         reversed.status.is_some_and(|s| (400..500).contains(&s)),

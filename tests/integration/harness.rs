@@ -726,6 +726,23 @@ impl Net {
     }
 }
 
+/// A TLS client of the PKI in `dir` presenting `<cert>.crt`/`.key` and trusting `ca` (a file
+/// in `dir`), offering the ALPN protocols `alpn`, for tests that speak HTTP by hand.
+pub fn raw_tls(dir: &Path, ca: &str, cert: &str, alpn: &[u8]) -> SslConnector {
+    let mut tls = SslConnector::builder(SslMethod::tls()).unwrap();
+    tls.set_ca_file(dir.join(ca)).unwrap();
+    tls.set_certificate_chain_file(dir.join(format!("{cert}.crt")))
+        .unwrap();
+    tls.set_private_key_file(dir.join(format!("{cert}.key")), SslFiletype::PEM)
+        .unwrap();
+    tls.set_alpn_protos(alpn).unwrap();
+    tls.build()
+}
+
+/// A sequence number ahead of any a test network's KME has sent (epoch 1024: within the
+/// 2^16 epochs a neighbour may jump), for forged KME-to-KME messages.
+pub const NEW_SEQ: u64 = 1 << 50;
+
 /// Revokes the certificates `names` of the PKI in `dir` and writes its CRL, `ca.crl`, with
 /// the dev PKI's own script (`certs/revoke.sh`).
 pub fn revoke(dir: &Path, names: &[&str]) {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::db_probe;
-use super::harness::{enc, keys, LinkOptions, Net, Topology};
+use super::harness::{enc, keys, LinkOptions, Net, Topology, NEW_SEQ};
 
 /// enc_keys of `master` at `master_kme` for `slave` with `body`; asserts 200, returns the keys.
 async fn enc_ok(
@@ -398,7 +398,7 @@ async fn tampered_replayed_truncated_or_looping_relay_legs_are_refused_and_consu
     };
     let leg = |keys: Vec<String>, ids: usize, onward: Value, tag: u64| {
         let key_ids: Vec<String> = (0..ids).map(|_| uuid::Uuid::now_v7().to_string()).collect();
-        json!({"seq": u64::MAX >> 2, "bindings": [{
+        json!({"seq": NEW_SEQ, "bindings": [{
             "master": "sae-a", "slaves": ["sae-c"], "start": start, "len": 32, "key_ids": key_ids,
             "relay": {"relay_id": uuid::Uuid::new_v4(), "onward": onward,
                       "sealed": {"keys": keys, "tag": tag}}}]})
@@ -466,7 +466,7 @@ async fn tampered_replayed_truncated_or_looping_relay_legs_are_refused_and_consu
         .iter()
         .find(|b| b["bindings"][0]["relay"].is_object())
         .expect("a relay leg was bound");
-    let replay = json!({"seq": u64::MAX >> 2, "bindings": relayed["bindings"]});
+    let replay = json!({"seq": NEW_SEQ, "bindings": relayed["bindings"]});
     let (got, answer) = as_b.try_post(&url, &replay).await.unwrap();
     assert_eq!(got, 409, "{answer}");
 

@@ -7,10 +7,10 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslStream};
+use openssl::ssl::SslStream;
 use serde_json::json;
 
-use super::harness::{enc, revoke, LinkOptions, Net};
+use super::harness::{enc, raw_tls, revoke, LinkOptions, Net};
 use super::pki::{Pki, Validity};
 
 /// One TLS connection to a KME's SAE API as `cert`: requests go one after another on it.
@@ -27,16 +27,10 @@ struct Answer {
 
 impl Connection {
     fn open(dir: &Path, port: u16, cert: &str) -> Connection {
-        let mut tls = SslConnector::builder(SslMethod::tls()).unwrap();
-        tls.set_ca_file(dir.join("ca.crt")).unwrap();
-        tls.set_certificate_chain_file(dir.join(format!("{cert}.crt")))
-            .unwrap();
-        tls.set_private_key_file(dir.join(format!("{cert}.key")), SslFiletype::PEM)
-            .unwrap();
-        tls.set_alpn_protos(b"\x08http/1.1").unwrap();
+        let tls = raw_tls(dir, "ca.crt", cert, b"\x08http/1.1");
         let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let stream = tls.build().connect("localhost", tcp).unwrap();
+        let stream = tls.connect("localhost", tcp).unwrap();
         Connection { stream }
     }
 

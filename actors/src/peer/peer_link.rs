@@ -108,6 +108,23 @@ impl PeerLink {
         (self.epoch << 40) | self.counter
     }
 
+    /// The neighbour has taken `last_seq` from this KME already (it was restored from a
+    /// backup, or its boot epoch lags): numbers go on from the epoch after it. The refused
+    /// batch fails (its callers get a 503); the next one goes through, and its positions
+    /// are checked against the neighbour's high mark as always, so no material serves twice.
+    fn resynchronise(&mut self, last_seq: u64) {
+        let epoch = (last_seq >> 40).saturating_add(1);
+        if epoch > self.epoch {
+            log::warn!(
+                "{} has taken activation {last_seq} from this KME already: sequence numbers \
+                 go on from epoch {epoch} (this KME's data was restored from an older state?)",
+                self.peer
+            );
+            self.epoch = epoch;
+            self.counter = 0;
+        }
+    }
+
     fn flush(&mut self, ctx: &mut Context<Self>) {
         if self.in_flight || self.pending.is_empty() {
             return;
@@ -137,6 +154,9 @@ impl PeerLink {
         );
         ctx.spawn(fut::wrap_future(request).map(
             move |result: Result<Activated>, act: &mut Self, ctx| {
+                if let Err(Error::SequenceBehind { last_seq, .. }) = &result {
+                    act.resynchronise(*last_seq);
+                }
                 let outcome = result.map(|_| ());
                 for waiter in waiters {
                     let _ = waiter.send(outcome.clone());
@@ -301,6 +321,9 @@ async fn post_json<R: DeserializeOwned>(
             return Err(Error::FrameLost {
                 peer: target.peer.to_string(),
             });
+        }
+        if let Some(last_seq) = refusal.last_seq {
+            return Err(Error::SequenceBehind { seq: 0, last_seq });
         }
         return Err(match refusal.high_mark {
             Some(high_mark) => Error::ActivationRejected {

@@ -244,6 +244,9 @@ pub struct Refusal {
     /// Commit: this end no longer holds the frame's key.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub frame_lost: bool,
+    /// Activation: the last sequence number taken from the sender (its numbers are behind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seq: Option<u64>,
 }
 
 impl WireBlock {

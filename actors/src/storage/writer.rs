@@ -287,6 +287,13 @@ fn audit_head(tx: &Connection) -> Result<(i64, Vec<u8>)> {
     Ok(row.unwrap_or((0, vec![0u8; 32])))
 }
 
+/// A neighbour's sequence numbers are `epoch << EPOCH_SHIFT | counter` (see `PeerLink`).
+const EPOCH_SHIFT: u32 = 40;
+/// Most epochs (restarts, resynchronisations) a neighbour may move ahead between two batches.
+const MAX_EPOCH_JUMP: u64 = 1 << 16;
+/// Highest epoch taken: room for 2^20 restarts.
+const MAX_EPOCH: u64 = 1 << 20;
+
 pub(super) fn append_audit(
     tx: &Connection,
     key: &[u8; 32],
@@ -431,10 +438,19 @@ pub(super) fn activate(
             return Ok(None);
         }
         if seq <= last_seq {
+            return Err(Error::SequenceBehind { seq, last_seq });
+        }
+        // A number far ahead would leave no room above it (every later batch a "replay").
+        if seq >> EPOCH_SHIFT > (last_seq >> EPOCH_SHIFT).saturating_add(MAX_EPOCH_JUMP) {
             return Err(Error::PeerMessage(format!(
-                "activation {seq} is not newer than {last_seq} (replay)"
+                "activation {seq} is too far ahead of {last_seq}"
             )));
         }
+    }
+    if seq >> EPOCH_SHIFT > MAX_EPOCH {
+        return Err(Error::PeerMessage(format!(
+            "activation {seq}: its epoch is out of range"
+        )));
     }
     let peer_stream = Owner::Kme(peer.clone());
     let state = crate::storage::db::stream_state(tx, peer, &peer_stream)?;
@@ -901,11 +917,11 @@ mod tests {
         let other = vec![binding(20, &["sae-b"])];
         assert!(matches!(
             bind(&conn, 10, &[2u8; 32], &other),
-            Err(Error::PeerMessage(_))
+            Err(Error::SequenceBehind { last_seq: 10, .. })
         ));
         assert!(matches!(
             bind(&conn, 9, &[2u8; 32], &other),
-            Err(Error::PeerMessage(_))
+            Err(Error::SequenceBehind { last_seq: 10, .. })
         ));
         // A newer batch reusing bound positions is refused with the high mark.
         let reuse = vec![binding(16, &["sae-b"])];
