@@ -75,6 +75,7 @@ struct RawTls {
     cert_dir: PathBuf,
     #[serde(default)]
     crl_files: Vec<PathBuf>,
+    peer_ca: Option<PathBuf>,
 }
 
 /// Settings a link may set and `[defaults]` may give for all links.
@@ -270,6 +271,8 @@ pub struct Config {
     pub cert_dir: PathBuf,
     /// CRLs of the CA (`[tls] crl_files`), read at start and at every reload.
     pub crl_files: Vec<PathBuf>,
+    /// A CA of the KME-to-KME channel of its own (`[tls] peer_ca`), if any.
+    pub peer_ca: Option<PathBuf>,
     pub request_timeout: Duration,
     /// Keys not retrieved by all their slaves within this time are deleted (audited).
     pub key_ttl: Duration,
@@ -294,6 +297,14 @@ pub struct Config {
     pub alerts: Option<AlertSettings>,
 }
 
+/// The CA and this KME's certificate and key on the KME-to-KME channel.
+#[derive(Debug, Clone)]
+pub struct PeerTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// One neighbour as seen from a KME.
 #[derive(Debug, Clone)]
 pub struct Neighbour {
@@ -311,6 +322,10 @@ pub struct NodeConfig {
     pub ca: PathBuf,
     pub crl_files: Vec<PathBuf>,
     pub cert: PathBuf,
+    /// The KME-to-KME channel's trust anchor and this KME's certificate on it: `[tls]
+    /// peer_ca` and `<cert_dir>/<id>.peer.crt`/`.key` if the file names a peer CA, else the
+    /// SAE API's.
+    pub peer_tls: PeerTls,
     pub key: PathBuf,
     pub request_timeout: Duration,
     pub key_ttl: Duration,
@@ -392,10 +407,23 @@ impl Config {
                 url: peer_spec.peer_url.clone(),
             });
         }
+        let peer_tls = match &self.peer_ca {
+            Some(ca) => PeerTls {
+                ca: ca.clone(),
+                cert: self.cert_dir.join(format!("{id}.peer.crt")),
+                key: self.cert_dir.join(format!("{id}.peer.key")),
+            },
+            None => PeerTls {
+                ca: self.ca.clone(),
+                cert: self.cert_dir.join(format!("{id}.crt")),
+                key: self.cert_dir.join(format!("{id}.key")),
+            },
+        };
         Ok(NodeConfig {
             file: self.file.clone(),
             cert: self.cert_dir.join(format!("{id}.crt")),
             key: self.cert_dir.join(format!("{id}.key")),
+            peer_tls,
             me,
             ca: self.ca.clone(),
             crl_files: self.crl_files.clone(),
@@ -649,6 +677,7 @@ impl Validator<'_> {
             ca: self.path(&raw.tls.ca),
             cert_dir: self.path(&raw.tls.cert_dir),
             crl_files: raw.tls.crl_files.iter().map(|f| self.path(f)).collect(),
+            peer_ca: raw.tls.peer_ca.as_ref().map(|f| self.path(f)),
             request_timeout: Duration::from_millis(
                 defaults
                     .request_timeout_ms

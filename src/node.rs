@@ -135,7 +135,10 @@ pub fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, String
 /// before the first actor starts, so a failed start leaves nothing running.
 pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<Node, StartError> {
     let me = config.me.id.clone();
-    let cert_status = Arc::new(CertStatus::load(&config.crl_files, &[&config.ca])?);
+    let cert_status = Arc::new(CertStatus::load(
+        &config.crl_files,
+        &[&config.ca, &config.peer_tls.ca],
+    )?);
     let (writer_pool, reader_pool) = db::open_with_quota(
         &config.me.data_dir.join("kme.sqlite"),
         2,
@@ -156,9 +159,9 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         for neighbour in &config.neighbours {
             let peer = neighbour.params.peer.as_str();
             let connector = tls::peer_connector(
-                &config.ca,
-                &config.cert,
-                &config.key,
+                &config.peer_tls.ca,
+                &config.peer_tls.cert,
+                &config.peer_tls.key,
                 peer,
                 cert_status.clone(),
             )?;
@@ -167,7 +170,8 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         }
     }
     let sae_tls = tls::sae_acceptor(&config.ca, &config.cert, &config.key)?;
-    let peer_tls = tls::peer_acceptor(&config.ca, &config.cert, &config.key)?;
+    let peer = &config.peer_tls;
+    let peer_tls = tls::peer_acceptor(&peer.ca, &peer.cert, &peer.key)?;
     let (sae_listener, peer_listener) = match listeners {
         Some(l) => (l.sae, l.peer),
         None => (bind(config.me.sae_listen)?, bind(config.me.peer_listen)?),

@@ -88,7 +88,10 @@ impl Reloader {
         // The CRLs first: one that cannot be read or verified refuses the reload whole.
         let revoked = self
             .cert_status
-            .reload(&config.crl_files, &[&config.ca])
+            .reload(
+                &config.crl_files,
+                &[&config.ca, config.peer_ca.as_ref().unwrap_or(&config.ca)],
+            )
             .map_err(|err| refused(err.to_string()))?;
         let message = ReloadSaes {
             homes: config.sae_homes,

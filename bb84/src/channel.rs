@@ -117,6 +117,13 @@ impl ChannelParams {
         if !(mu > nu && nu > vac && vac >= 0.0) {
             return Err(ChannelError::Inconsistent("need mu > nu > vacuum >= 0"));
         }
+        // The decoy bounds take the third intensity's gain as the vacuum yield Y0, which only
+        // a true vacuum gives; a weak third intensity would overstate the key (insecure).
+        if vac != 0.0 {
+            return Err(ChannelError::Inconsistent(
+                "the vacuum intensity must be 0 (the bounds treat its gain as the vacuum yield)",
+            ));
+        }
         if !(self.fibre_km >= 0.0 && self.atten_db_per_km >= 0.0) {
             return Err(ChannelError::Inconsistent("negative length or attenuation"));
         }
@@ -439,5 +446,11 @@ mod tests {
         }
         .validate()
         .is_err());
+        // A weak "vacuum" would have its gain taken as the vacuum yield: refused.
+        let weak_vacuum = ChannelParams {
+            intensities: [0.5, 0.1, 0.001],
+            ..ChannelParams::default()
+        };
+        assert!(weak_vacuum.validate().is_err());
     }
 }

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use thiserror::Error;
 
 /// Privacy-amplification failures.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[derive(Debug, Error, Clone, PartialEq)]
 pub enum PaError {
     /// Output longer than input.
     #[error("output length {m} exceeds input length {n}")]
@@ -50,6 +50,24 @@ pub enum PaError {
     /// Sizes beyond what f64 FFT convolution is validated for.
     #[error("input too large for the FFT hash ({0} bits)")]
     TooLarge(usize),
+    /// A convolution value came out farther than `EXACTNESS_MARGIN` from an integer: the two
+    /// ends might round it differently (their SIMD kernels may differ), so the frame aborts.
+    #[error("FFT hash not exact: a value {0} away from an integer")]
+    Inexact(f64),
+}
+
+/// Largest distance from an integer a convolution value may have: the FFT's error is about
+/// 1e-16 * sqrt(n m) * log L, some 1e-9 at the largest frames, so anything near this margin
+/// means the arithmetic went wrong, not a rounding question.
+const EXACTNESS_MARGIN: f64 = 1e-3;
+
+/// The parity of the integer `v` stands for, if `v` is within `EXACTNESS_MARGIN` of it.
+fn exact_parity(v: f64) -> Result<bool, PaError> {
+    let nearest = v.round();
+    if (v - nearest).abs() > EXACTNESS_MARGIN || !v.is_finite() {
+        return Err(PaError::Inexact((v - nearest).abs()));
+    }
+    Ok((nearest as i64) & 1 == 1)
 }
 
 /// Security parameters of the final key.
@@ -379,17 +397,15 @@ fn inverse_bits(
         .process_with_scratch(&mut ws.acc, &mut ws.out, &mut ws.scratch[..scratch_len])
         .map_err(|_| PaError::TooLarge(l))?;
     let scale = 1.0 / l as f64;
-    let bit = |v: f64| ((v * scale).round() as i64) & 1 == 1;
     let out = ws.out.get(block - 1..block - 1 + m).unwrap_or_default();
-    let words = out
-        .chunks(64)
-        .map(|chunk| {
-            chunk
-                .iter()
-                .enumerate()
-                .fold(0u64, |acc, (b, &v)| acc | (u64::from(bit(v)) << b))
-        })
-        .collect();
+    let mut words = Vec::with_capacity(m.div_ceil(64));
+    for chunk in out.chunks(64) {
+        let mut word = 0u64;
+        for (b, &v) in chunk.iter().enumerate() {
+            word |= u64::from(exact_parity(v * scale)?) << b;
+        }
+        words.push(word);
+    }
     BitVec::from_words(words, m).map_err(|_| PaError::TooLarge(l))
 }
 
@@ -424,6 +440,15 @@ mod tests {
             let slow = toeplitz_hash_naive(&key, &seed, m).unwrap();
             assert_eq!(fast, slow, "n={n} m={m}");
         }
+    }
+
+    #[test]
+    fn a_value_off_an_integer_aborts_instead_of_being_rounded() {
+        assert_eq!(exact_parity(3.0 + 1e-9), Ok(true));
+        assert_eq!(exact_parity(4.0 - 1e-9), Ok(false));
+        assert!(matches!(exact_parity(2.5), Err(PaError::Inexact(_))));
+        assert!(matches!(exact_parity(7.01), Err(PaError::Inexact(_))));
+        assert!(exact_parity(f64::NAN).is_err());
     }
 
     #[test]

@@ -473,6 +473,40 @@ async fn a_neighbour_message_larger_than_its_endpoint_takes_is_refused() {
     assert_eq!(code, 200, "{answer}");
 }
 
+/// With `[tls] peer_ca` the KME-to-KME channel has a CA of its own: keys flow between KMEs
+/// whose channel certificates it issued, and a KME certificate of the SAE API's CA no longer
+/// opens that channel.
+#[actix::test]
+async fn the_kme_to_kme_channel_may_have_a_ca_of_its_own() {
+    let net = Net::start(LinkOptions {
+        peer_ca: true,
+        ..LinkOptions::default()
+    });
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 16).await;
+    net.key_pair(("sae-a", "kme-a"), ("sae-b", "kme-b"), 4)
+        .await;
+    let dir = net.setup.path();
+    let handshake = |cert: &str| {
+        let tls = super::harness::raw_tls(dir, "peer-pki/ca.crt", cert, b"\x08http/1.1");
+        let tcp = std::net::TcpStream::connect(("127.0.0.1", net.setup.ports["kme-b"].1)).unwrap();
+        tls.connect("localhost", tcp).map(|mut stream| {
+            // TLS 1.3 reports a refused client certificate at the first read.
+            use std::io::{Read, Write};
+            let _ = stream.write_all(b"GET /peer/v1/none HTTP/1.1\r\nHost: x\r\n\r\n");
+            let mut byte = [0u8; 1];
+            stream.read(&mut byte).is_ok_and(|n| n == 1)
+        })
+    };
+    assert!(
+        matches!(handshake("kme-a.peer"), Ok(true)),
+        "its channel certificate"
+    );
+    assert!(
+        !matches!(handshake("kme-a"), Ok(true)),
+        "its SAE API certificate"
+    );
+}
+
 #[actix::test]
 async fn the_kme_to_kme_channel_accepts_only_neighbour_kmes() {
     let net = Net::start(LinkOptions::default());

@@ -99,6 +99,9 @@ pub struct LinkOptions {
     pub sae_limits: Vec<(&'static str, &'static str)>,
     /// `[tls] crl_files = ["ca.crl"]`, with a first, empty CRL made by `certs/revoke.sh`.
     pub crl: bool,
+    /// `[tls] peer_ca`: a CA of the KME-to-KME channel of its own (`peer-pki/`), which issues
+    /// each KME's `<id>.peer.crt`.
+    pub peer_ca: bool,
 }
 
 impl LinkOptions {
@@ -135,6 +138,7 @@ impl Default for LinkOptions {
             admin: None,
             alerts: None,
             crl: false,
+            peer_ca: false,
         }
     }
 }
@@ -168,6 +172,18 @@ impl Setup {
         pki.issue_with_uri("workload", "workload-7", "spiffe://kme.test/sae-b2");
         if options.crl {
             revoke(dir.path(), &[]);
+        }
+        if options.peer_ca {
+            let peer_pki = dir.path().join("peer-pki");
+            std::fs::create_dir(&peer_pki).unwrap();
+            let pki = Pki::new(&peer_pki);
+            for kme in &options.topology.kmes {
+                pki.issue(kme, Some(kme), true, Validity::Valid);
+                for ext in ["crt", "key"] {
+                    let to = dir.path().join(format!("{kme}.peer.{ext}"));
+                    std::fs::copy(peer_pki.join(format!("{kme}.{ext}")), to).unwrap();
+                }
+            }
         }
         let ports: HashMap<_, _> = listeners
             .iter()
@@ -211,7 +227,12 @@ fn network_file(
 ) -> String {
     let mut text = format!(
         "[tls]\nca = \"ca.crt\"\ncert_dir = \".\"\n{}[defaults]\nrequest_timeout_ms = 5000\nmax_sae_id_count = {}\n",
-        if options.crl { "crl_files = [\"ca.crl\"]\n" } else { "" },
+        match (options.crl, options.peer_ca) {
+            (false, false) => "",
+            (true, false) => "crl_files = [\"ca.crl\"]\n",
+            (false, true) => "peer_ca = \"peer-pki/ca.crt\"\n",
+            (true, true) => "crl_files = [\"ca.crl\"]\npeer_ca = \"peer-pki/ca.crt\"\n",
+        },
         options.max_sae_id_count
     );
     if let Some(ttl) = options.key_ttl_s {
