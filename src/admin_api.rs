@@ -78,7 +78,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 fn refused(req: &HttpRequest, state: &AdminState) -> Option<HttpResponse> {
     let operators = state.operators.as_ref()?;
     let message = match tls::current_identity(req.conn_data::<PeerIdentity>(), &state.cert_status) {
-        PeerIdentity::Verified(identity)
+        Ok(Some(identity))
             if identity
                 .cn
                 .as_ref()
@@ -86,8 +86,8 @@ fn refused(req: &HttpRequest, state: &AdminState) -> Option<HttpResponse> {
         {
             return None
         }
-        PeerIdentity::Rejected(why) => why,
-        _ => "an operator certificate ([[operator]] of the network file) is required".into(),
+        Err(why) => why,
+        Ok(_) => "an operator certificate ([[operator]] of the network file) is required".into(),
     };
     Some(
         HttpResponse::Unauthorized()

@@ -9,7 +9,7 @@
 //! next update is still applied, with a warning: an old list of revocations is better than
 //! none.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
@@ -24,8 +24,9 @@ pub struct CrlError {
     why: String,
 }
 
-/// The revocations in force: (issuer, serial) as in [`CertIdentity`].
-type Revoked = HashSet<(String, String)>;
+/// The revocations in force: serial numbers by issuer, as in [`CertIdentity`] (a lookup per
+/// request allocates nothing).
+type Revoked = HashMap<String, HashSet<String>>;
 
 /// Shared by the listeners and the KME-to-KME clients of one KME.
 #[derive(Debug, Default)]
@@ -45,7 +46,7 @@ impl CertStatus {
     /// revoke. On an error the revocations in force stay.
     pub fn reload(&self, crl_files: &[PathBuf], cas: &[&Path]) -> Result<usize, CrlError> {
         let revoked = read_crls(crl_files, cas)?;
-        let count = revoked.len();
+        let count = revoked.values().map(HashSet::len).sum();
         *self
             .revoked
             .write()
@@ -62,7 +63,8 @@ impl CertStatus {
             .revoked
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if revoked.contains(&(identity.issuer.clone(), identity.serial.clone())) {
+        let serials = revoked.get(&identity.issuer);
+        if serials.is_some_and(|serials| serials.contains(&identity.serial)) {
             return Err("the client certificate is revoked".into());
         }
         Ok(())
@@ -83,16 +85,18 @@ fn read_crls(files: &[PathBuf], cas: &[&Path]) -> Result<Revoked, CrlError> {
         .collect::<Result<Vec<_>, _>>()?;
     let mut revoked = Revoked::new();
     for file in files {
-        revoked.extend(read_crl(file, &cas).map_err(|why| CrlError {
+        let (issuer, serials) = read_crl(file, &cas).map_err(|why| CrlError {
             file: file.display().to_string(),
             why,
-        })?);
+        })?;
+        revoked.entry(issuer).or_default().extend(serials);
     }
     Ok(revoked)
 }
 
-/// The revocations of one CRL, once its signature verifies under the CA that issued it.
-fn read_crl(file: &Path, cas: &[X509]) -> Result<Revoked, String> {
+/// The issuer and revoked serial numbers of one CRL, once its signature verifies under the CA
+/// that issued it.
+fn read_crl(file: &Path, cas: &[X509]) -> Result<(String, HashSet<String>), String> {
     let bytes = std::fs::read(file).map_err(|err| err.to_string())?;
     let crl = X509Crl::from_pem(&bytes)
         .or_else(|_| X509Crl::from_der(&bytes))
@@ -114,14 +118,14 @@ fn read_crl(file: &Path, cas: &[X509]) -> Result<Revoked, String> {
         );
     }
     let issuer = hex(&openssl::sha::sha256(&issuer_der));
-    let mut revoked = Revoked::new();
+    let mut serials = HashSet::new();
     for entry in crl.get_revoked().into_iter().flatten() {
         let serial = entry
             .serial_number()
             .to_bn()
             .and_then(|bn| bn.to_hex_str().map(|hex| hex.to_string()))
             .map_err(|err| err.to_string())?;
-        revoked.insert((issuer.clone(), serial));
+        serials.insert(serial);
     }
-    Ok(revoked)
+    Ok((issuer, serials))
 }

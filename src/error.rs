@@ -177,10 +177,7 @@ mod tests {
             },
             Error::PeerMessage(secret.into()),
             Error::FrameLost { peer: "p".into() },
-            Error::SequenceBehind {
-                seq: 1,
-                last_seq: 2,
-            },
+            Error::SequenceBehind { last_seq: 2 },
             Error::Storage(secret.into()),
             Error::Unavailable(secret.into()),
         ];

@@ -169,16 +169,16 @@ fn neighbour<'a>(
     state: &'a PeerState,
 ) -> Result<(KmeId, &'a LinkAddr), PeerRefusal> {
     let cn = match tls::current_identity(req.conn_data::<PeerIdentity>(), &state.cert_status) {
-        PeerIdentity::Verified(CertIdentity { cn: Some(cn), .. }) => cn,
-        PeerIdentity::Rejected(why) => return Err(PeerRefusal::new(StatusCode::FORBIDDEN, why)),
-        _ => {
+        Ok(Some(CertIdentity { cn: Some(cn), .. })) => cn,
+        Err(why) => return Err(PeerRefusal::new(StatusCode::FORBIDDEN, why)),
+        Ok(_) => {
             return Err(PeerRefusal::new(
                 StatusCode::FORBIDDEN,
                 "a KME certificate is required",
             ))
         }
     };
-    let id = KmeId::new(&cn);
+    let id = KmeId::new(cn);
     match state.neighbours.get(&id) {
         Some(end) => Ok((id, end)),
         None => {

@@ -93,15 +93,15 @@ pub async fn authenticate_first(
             // Checked again at every request: a certificate may have expired or been revoked
             // since the connection's handshake.
             match tls::current_identity(req.conn_data::<PeerIdentity>(), &state.cert_status) {
-                PeerIdentity::Verified(identity) if has_body(&req) => {
-                    let identify = Identify { identity };
+                Ok(Some(identity)) if has_body(&req) => {
+                    let identify = Identify {
+                        identity: identity.clone(),
+                    };
                     ask_ok(&state.registry, identify, state.timeout).await.err()
                 }
-                PeerIdentity::Verified(_) => None,
-                PeerIdentity::Rejected(reason) => Some(ApiError::unauthorized(reason)),
-                PeerIdentity::Missing => {
-                    Some(ApiError::unauthorized("a client certificate is required"))
-                }
+                Ok(Some(_)) => None,
+                Err(reason) => Some(ApiError::unauthorized(reason)),
+                Ok(None) => Some(ApiError::unauthorized("a client certificate is required")),
             }
         }
     };

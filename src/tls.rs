@@ -186,16 +186,17 @@ pub fn on_connect(connection: &dyn Any, extensions: &mut actix_web::dev::Extensi
     extensions.insert(identify(connection));
 }
 
-/// The caller's identity as its connection's handshake established it, checked again now: a
-/// certificate that has expired or been revoked since is `Rejected`.
-pub fn current_identity(connection: Option<&PeerIdentity>, status: &CertStatus) -> PeerIdentity {
+/// The caller's identity as its connection's handshake established it, checked again now
+/// (per request: it copies nothing): `Ok(None)` without a client certificate, `Err` with the
+/// reason for one that was rejected, or has expired or been revoked since.
+pub fn current_identity<'a>(
+    connection: Option<&'a PeerIdentity>,
+    status: &CertStatus,
+) -> Result<Option<&'a CertIdentity>, String> {
     match connection {
-        Some(PeerIdentity::Verified(identity)) => match status.check(identity) {
-            Ok(()) => PeerIdentity::Verified(identity.clone()),
-            Err(why) => PeerIdentity::Rejected(why),
-        },
-        Some(other) => other.clone(),
-        None => PeerIdentity::Missing,
+        Some(PeerIdentity::Verified(identity)) => status.check(identity).map(|()| Some(identity)),
+        Some(PeerIdentity::Rejected(why)) => Err(why.clone()),
+        Some(PeerIdentity::Missing) | None => Ok(None),
     }
 }
 

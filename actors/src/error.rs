@@ -53,8 +53,8 @@ pub enum Error {
     /// A neighbour's activation carries a sequence number at or below the last one taken from
     /// it: a replay, or a neighbour restored from a backup (which moves its numbers past
     /// `last_seq` when told, and sends again).
-    #[error("peer message rejected: activation {seq} is not newer than {last_seq} (a replay, or a KME restored from a backup)")]
-    SequenceBehind { seq: u64, last_seq: u64 },
+    #[error("peer message rejected: an activation not newer than {last_seq}, the last taken from its sender (a replay, or a KME restored from a backup)")]
+    SequenceBehind { last_seq: u64 },
     /// A message from a peer KME is invalid or a replay.
     #[error("peer message rejected: {0}")]
     PeerMessage(String),

@@ -671,49 +671,11 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers() {
     assert_eq!(code, 200, "{body}");
 }
 
-#[actix::test]
-async fn an_sae_pinned_to_a_certificate_fingerprint() {
-    let net = Net::start(LinkOptions {
-        pins: vec![("sae-b2", "no-cn")],
-        ..LinkOptions::default()
-    });
-    let b = net.url("kme-b");
-    // The pinned certificate is sae-b2 although it has no CN ...
-    let (code, body) = net
-        .client(Some("no-cn"))
-        .get(&format!("{b}/api/v1/sae/info/me"))
-        .await;
-    assert_eq!(
-        (code, body["SAE_ID"].as_str()),
-        (200, Some("sae-b2")),
-        "{body}"
-    );
-    // ... and a certificate that merely says CN=sae-b2 is not.
-    expect(
-        &net.client(Some("sae-b2")),
-        &format!("{b}/api/v1/sae/info/me"),
-        None,
-        401,
-        "another certificate",
-    )
-    .await;
-    let (code, _) = net
-        .client(Some("sae-b"))
-        .get(&format!("{b}/api/v1/sae/info/me"))
-        .await;
-    assert_eq!(code, 200, "SAEs without a pin keep their CN identity");
-}
-
-/// An SAE bound to a SAN URI (a SPIFFE ID) is any certificate of the CA with that URI,
-/// whatever its CN, and no longer the certificate that merely says CN=sae-b2.
-#[actix::test]
-async fn an_sae_bound_to_a_spiffe_uri() {
-    let net = Net::start(LinkOptions {
-        sae_limits: vec![("sae-b2", "uri = \"spiffe://kme.test/sae-b2\"")],
-        ..LinkOptions::default()
-    });
+/// At kme-b, `holder`'s certificate is sae-b2 (bound to it otherwise than by CN), the
+/// certificate that merely says CN=sae-b2 is not, and an SAE without a binding keeps its CN.
+async fn sae_b2_is_bound_to(net: &Net, holder: &str) {
     let me = format!("{}/api/v1/sae/info/me", net.url("kme-b"));
-    let (code, body) = net.client(Some("workload")).get(&me).await;
+    let (code, body) = net.client(Some(holder)).get(&me).await;
     assert_eq!(
         (code, body["SAE_ID"].as_str()),
         (200, Some("sae-b2")),
@@ -729,6 +691,27 @@ async fn an_sae_bound_to_a_spiffe_uri() {
     .await;
     let (code, _) = net.client(Some("sae-b")).get(&me).await;
     assert_eq!(code, 200, "SAEs without a binding keep their CN identity");
+}
+
+/// An SAE pinned to a certificate fingerprint is that certificate, although it has no CN.
+#[actix::test]
+async fn an_sae_pinned_to_a_certificate_fingerprint() {
+    let net = Net::start(LinkOptions {
+        pins: vec![("sae-b2", "no-cn")],
+        ..LinkOptions::default()
+    });
+    sae_b2_is_bound_to(&net, "no-cn").await;
+}
+
+/// An SAE bound to a SAN URI (a SPIFFE ID) is any certificate of the CA with that URI,
+/// whatever its CN.
+#[actix::test]
+async fn an_sae_bound_to_a_spiffe_uri() {
+    let net = Net::start(LinkOptions {
+        sae_limits: vec![("sae-b2", "uri = \"spiffe://kme.test/sae-b2\"")],
+        ..LinkOptions::default()
+    });
+    sae_b2_is_bound_to(&net, "workload").await;
 }
 
 /// Resident memory of process `pid`, in KiB.
@@ -747,15 +730,7 @@ fn resident_kib(pid: u32) -> u64 {
 #[actix::test]
 async fn stalled_unauthenticated_callers_get_401_at_once_and_cost_nothing() {
     use std::io::{Read, Write};
-    let ports: std::collections::HashMap<_, _> = super::harness::KMES
-        .iter()
-        .map(|k| {
-            let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            (*k, (bind(), bind()))
-        })
-        .collect();
-    let setup = super::harness::Setup::new(&LinkOptions::default(), &ports);
-    drop(ports);
+    let setup = super::harness::Setup::for_processes(&LinkOptions::default());
     let kme_a = super::crash::spawn_with(&setup, "kme-a", &[]);
     let sae = Client::new(setup.path(), Some("sae-a"));
     let a = setup.sae_url("kme-a");

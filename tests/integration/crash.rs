@@ -186,20 +186,7 @@ async fn frames_at_a(setup: &Setup, master: &Client) -> (u64, u64, usize) {
 
 async fn kill_9_rounds(options: LinkOptions, rounds: u64, scenario: Scenario) {
     let bb84 = options.bb84.is_some();
-    let ports: HashMap<&'static str, (TcpListener, TcpListener)> = KMES
-        .iter()
-        .map(|k| {
-            (
-                *k,
-                (
-                    TcpListener::bind("127.0.0.1:0").unwrap(),
-                    TcpListener::bind("127.0.0.1:0").unwrap(),
-                ),
-            )
-        })
-        .collect();
-    let setup = Setup::new(&options, &ports);
-    drop(ports); // free the ports for the processes
+    let setup = Setup::for_processes(&options);
     let master = Client::new(setup.path(), Some("sae-a"));
     let slave = Client::new(setup.path(), Some(scenario.slave));
     let (a, b) = (setup.sae_url("kme-a"), setup.sae_url(scenario.slave_kme));
@@ -450,15 +437,7 @@ async fn a_wrong_or_missing_master_key_refuses_to_start() {
 /// 200 for is retrievable at kme-b.
 #[actix::test]
 async fn sigterm_under_load_keeps_every_acknowledged_key_and_exits_0_in_time() {
-    let ports: HashMap<&'static str, (TcpListener, TcpListener)> = KMES
-        .iter()
-        .map(|k| {
-            let bind = || TcpListener::bind("127.0.0.1:0").unwrap();
-            (*k, (bind(), bind()))
-        })
-        .collect();
-    let setup = Setup::new(&LinkOptions::default(), &ports);
-    drop(ports);
+    let setup = Setup::for_processes(&LinkOptions::default());
     let mut kme_a = spawn(&setup, "kme-a");
     let _kme_b = spawn(&setup, "kme-b");
     let master = Client::new(setup.path(), Some("sae-a"));

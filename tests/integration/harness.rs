@@ -202,6 +202,11 @@ impl Setup {
         Setup { dir, ports }
     }
 
+    /// A setup for KMEs run as processes: free ports, found by binding and releasing them.
+    pub fn for_processes(options: &LinkOptions) -> Setup {
+        Setup::new(options, &bind_all(&options.topology.kmes))
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }

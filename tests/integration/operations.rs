@@ -338,15 +338,7 @@ async fn the_dashboard_shows_the_network_live_in_a_browser() {
 /// with it, and `--log-format json` makes each log line one JSON object.
 #[actix::test]
 async fn logs_can_be_json_lines_naming_the_request_id_of_a_refusal() {
-    let ports: std::collections::HashMap<_, _> = super::harness::KMES
-        .iter()
-        .map(|k| {
-            let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            (*k, (bind(), bind()))
-        })
-        .collect();
-    let setup = super::harness::Setup::new(&LinkOptions::default(), &ports);
-    drop(ports);
+    let setup = super::harness::Setup::for_processes(&LinkOptions::default());
     // kme-a alone: its link to kme-b never comes up, so keys for sae-b are refused (503).
     let _kme_a = super::crash::spawn_with(&setup, "kme-a", &["--log-format", "json"]);
     let master = Client::new(setup.path(), Some("sae-a"));
@@ -481,14 +473,7 @@ async fn the_webhook_hears_a_link_go_down_and_come_back_and_a_broken_audit_chain
 /// intact).
 #[test]
 fn audit_verify_of_a_missing_database_fails_and_creates_nothing() {
-    let ports = super::harness::KMES
-        .iter()
-        .map(|k| {
-            let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            (*k, (bind(), bind()))
-        })
-        .collect();
-    let setup = super::harness::Setup::new(&LinkOptions::default(), &ports);
+    let setup = super::harness::Setup::for_processes(&LinkOptions::default());
     let out = kme_audit(&setup, "verify", "kme-a", &[]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{said}");

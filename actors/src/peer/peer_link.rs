@@ -154,7 +154,7 @@ impl PeerLink {
         );
         ctx.spawn(fut::wrap_future(request).map(
             move |result: Result<Activated>, act: &mut Self, ctx| {
-                if let Err(Error::SequenceBehind { last_seq, .. }) = &result {
+                if let Err(Error::SequenceBehind { last_seq }) = &result {
                     act.resynchronise(*last_seq);
                 }
                 let outcome = result.map(|_| ());
@@ -323,7 +323,7 @@ async fn post_json<R: DeserializeOwned>(
             });
         }
         if let Some(last_seq) = refusal.last_seq {
-            return Err(Error::SequenceBehind { seq: 0, last_seq });
+            return Err(Error::SequenceBehind { last_seq });
         }
         return Err(match refusal.high_mark {
             Some(high_mark) => Error::ActivationRejected {

@@ -438,7 +438,7 @@ pub(super) fn activate(
             return Ok(None);
         }
         if seq <= last_seq {
-            return Err(Error::SequenceBehind { seq, last_seq });
+            return Err(Error::SequenceBehind { last_seq });
         }
         // A number far ahead would leave no room above it (every later batch a "replay").
         if seq >> EPOCH_SHIFT > (last_seq >> EPOCH_SHIFT).saturating_add(MAX_EPOCH_JUMP) {
