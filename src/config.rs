@@ -255,6 +255,13 @@ pub struct KmeSpec {
     pub admin: Option<AdminListen>,
 }
 
+impl KmeSpec {
+    /// This KME's SQLite database, in its data directory.
+    pub fn db_file(&self) -> PathBuf {
+        self.data_dir.join("kme.sqlite")
+    }
+}
+
 /// Where the admin listener is, and whether it takes operators' mTLS or plain HTTP (loopback
 /// addresses only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -279,9 +279,8 @@ fn run(command: Command) -> Result<ExitCode, String> {
         } => {
             let node = load(config)?.node(&kme).map_err(|err| err.to_string())?;
             let _lock = kme::node::lock_data_dir(&node.me.data_dir)?;
-            let mut conn =
-                kme_actors::storage::db::open_existing(&node.me.data_dir.join("kme.sqlite"), true)
-                    .map_err(|err| err.to_string())?;
+            let mut conn = kme_actors::storage::db::open_existing(&node.me.db_file(), true)
+                .map_err(|err| err.to_string())?;
             let rotated = kme_actors::storage::master_key::rotate(&mut conn, &node.me.master_key)
                 .map_err(|err| err.to_string())?;
             println!(
@@ -310,7 +309,7 @@ fn audit(action: AuditAction) -> Result<ExitCode, String> {
     let data_dir = &node.me.data_dir;
     let writable = matches!(action, AuditAction::Prune { .. });
     let mut conn =
-        db::open_existing(&data_dir.join("kme.sqlite"), writable).map_err(|err| err.to_string())?;
+        db::open_existing(&node.me.db_file(), writable).map_err(|err| err.to_string())?;
     let key = open_sealer(&conn, &node.me.master_key, Access::Inspect)
         .and_then(|sealer| sealer.audit_key())
         .map_err(|err| err.to_string())?;

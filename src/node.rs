@@ -139,11 +139,8 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         &config.crl_files,
         &[&config.ca, &config.peer_tls.ca],
     )?);
-    let (writer_pool, reader_pool) = db::open_with_quota(
-        &config.me.data_dir.join("kme.sqlite"),
-        2,
-        Some(config.me.max_db_mb),
-    )?;
+    let (writer_pool, reader_pool) =
+        db::open_with_quota(&config.me.db_file(), 2, Some(config.me.max_db_mb))?;
     let sealer = {
         let conn = writer_pool.get().map_err(kme_actors::Error::from)?;
         let epoch = db::next_epoch(&conn)?;
@@ -339,7 +336,7 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
                 links: admin_links,
                 store: store.clone(),
                 router: router.clone(),
-                db_file: config.me.data_dir.join("kme.sqlite"),
+                db_file: config.me.db_file(),
                 db_limit_bytes: config.me.max_db_mb.saturating_mul(1 << 20),
                 operators: listen.tls.then(|| config.operators.clone()),
                 cert_status: cert_status.clone(),
