@@ -465,7 +465,10 @@ mod tests {
     fn block(seq: u64, len: usize) -> StoredBlock {
         StoredBlock {
             seq,
-            data: (0..len).map(|i| (seq as usize * 31 + i) as u8).collect(),
+            data: (0..len)
+                .map(|i| (seq as usize * 31 + i) as u8)
+                .collect::<Vec<u8>>()
+                .into(),
         }
     }
 
@@ -491,7 +494,7 @@ mod tests {
         assert_eq!(pool.available(), 12);
         pool.add_blocks(vec![block(5, 8)]);
         assert_eq!(pool.available(), 8, "material before a gap is not used");
-        assert_eq!(pool.take(8).unwrap(), block(5, 8).data);
+        assert_eq!(pool.take(8).unwrap(), *block(5, 8).data);
     }
 
     #[actix::test]

@@ -235,6 +235,9 @@ mod tests {
             b2a: vec![0x1234_1234_1234_1234],
         };
         let channel = AuthChannel::new(Role::Alice, &material);
+        // A frame's keys are bit vectors: their Debug shows the length, not the words.
+        let key = crate::bits::BitVec::from_words(vec![0x5eed_5eed_5eed_5eed], 64).unwrap();
+        assert_eq!(format!("{key:?}"), "BitVec(64 bits)");
         for shown in [format!("{material:?}"), format!("{channel:?}")] {
             for secret in [
                 0x5eed_5eed_5eed_5eed_u64,

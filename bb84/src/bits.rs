@@ -29,12 +29,25 @@ pub enum BitsError {
 
 /// A fixed-length vector of bits packed little-endian into `u64` words.
 /// Deserialisation goes through [`BitVec::from_words`], so a vector received from the network
-/// always has the right word count and a clean tail.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// always has the right word count and a clean tail. Its words are overwritten when it is
+/// dropped (a frame's keys are bit vectors) and its `Debug` shows only the length.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "WireBits")]
 pub struct BitVec {
     words: Vec<u64>,
     len: usize,
+}
+
+impl Drop for BitVec {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.words);
+    }
+}
+
+impl std::fmt::Debug for BitVec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BitVec({} bits)", self.len)
+    }
 }
 
 /// The serialised form of a [`BitVec`], checked before it becomes one.

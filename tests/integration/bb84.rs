@@ -156,11 +156,14 @@ async fn the_bob_end_refuses_stale_or_forged_bb84_messages_and_keeps_working() {
         answer["error"].as_str().unwrap().contains("protocol"),
         "{answer}"
     );
-    // One message must not burn the rest of the stream.
-    let (code, answer) = kme_a.try_post(&url, &start(next + 200)).await.unwrap();
-    assert_eq!(code, 400, "{answer}");
-    let (code, answer) = kme_a.try_post(&url, &start(u64::MAX / 264)).await.unwrap();
-    assert_eq!(code, 400, "{answer}");
+    // One message must not burn the rest of the stream: a window far ahead is answered with
+    // the Bob end's position (the two ends are out of step), and nothing is used.
+    for window in [next + 200, u64::MAX / 264] {
+        let (code, answer) = kme_a.try_post(&url, &start(window)).await.unwrap();
+        assert_eq!(code, 200, "{answer}");
+        assert_eq!(answer["reply"], "auth_out_of_step", "{answer}");
+        assert_eq!(answer["next_window"], next, "{answer}");
+    }
     // A malformed bit vector never reaches the pipeline, even for the window due next.
     let bad = json!({"start": {"frame_id": 1, "window": next, "protocol": 2, "record": {
         "bits": {"words": [255], "len": 3}, "bases": empty}}});
@@ -288,6 +291,73 @@ async fn a_bb84_link_runs_only_on_an_authentication_key_the_operator_installed()
             .join(format!("data/{kme}/auth-keys/{peer}/a-b.auth-key"));
         assert!(!installed.exists(), "{} left", installed.display());
     }
+}
+
+/// An end whose authentication stream is behind the other's (its stream restored from a
+/// backup taken before the link's first key) goes down at both ends saying the stream is out
+/// of step, instead of failing frame after frame; a new key file the operator installs at both
+/// ends (`kme link rekey`) restarts the stream above what either end used, frames run again
+/// and the keys match.
+#[actix::test]
+async fn a_bb84_end_restored_behind_its_authentication_stream_waits_for_an_operator_rekey() {
+    let options = LinkOptions::bb84("auth_bootstrap = \"key-file\"");
+    let mut net = Net::start(options.clone());
+    let dir = net.setup.path().to_path_buf();
+    let backup = dir.join("kme-b-backup.sqlite");
+    db_probe::tamper(
+        &dir,
+        "kme-b",
+        &format!("VACUUM INTO '{}'", backup.display()),
+    );
+    let first_key = dir.join("first.auth-key");
+    std::fs::write(&first_key, openssl_random(16 * 1024)).unwrap();
+    install_auth_key(&net, "kme-a", "kme-b", &first_key);
+    install_auth_key(&net, "kme-b", "kme-a", &first_key);
+    let frames = |end: &Value| qkd(end)["frames_ok"].as_u64().unwrap();
+    net.until_link("frames on the first key", |a, b| {
+        frames(a) >= 2 && frames(b) >= 2
+    })
+    .await;
+    net.restart_all_after(&options, || {
+        db_probe::tamper(
+            &dir,
+            "kme-b",
+            &format!(
+                "ATTACH '{}' AS backup;
+                 DELETE FROM link_blocks WHERE owner = '#auth';
+                 INSERT INTO link_blocks SELECT * FROM backup.link_blocks WHERE owner = '#auth';
+                 DELETE FROM link_streams WHERE owner = '#auth';
+                 INSERT INTO link_streams SELECT * FROM backup.link_streams WHERE owner = '#auth';",
+                backup.display()
+            ),
+        );
+    });
+    let out_of_step = |s: &Value| {
+        s["status_extension"]["link"]["state"] == "down"
+            && s["status_extension"]["link"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("out of step") && r.contains("kme link rekey"))
+    };
+    net.until_link("both ends down, out of step", |a, b| {
+        out_of_step(a) && out_of_step(b)
+    })
+    .await;
+    actix_rt::time::sleep(Duration::from_millis(500)).await;
+    let (a, b) = net.link_ends().await;
+    assert!(out_of_step(&a) && out_of_step(&b), "{a}\n{b}");
+    assert_eq!(frames(&a), 0, "no frame runs out of step: {a}");
+
+    let second_key = dir.join("second.auth-key");
+    std::fs::write(&second_key, openssl_random(16 * 1024)).unwrap();
+    install_auth_key(&net, "kme-a", "kme-b", &second_key);
+    install_auth_key(&net, "kme-b", "kme-a", &second_key);
+    net.until_link("frames on the new key", |a, b| {
+        frames(a) >= 2 && frames(b) >= 2 && a["status_extension"]["link"]["state"] == "up"
+    })
+    .await;
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 8).await;
+    net.key_pair(("sae-a", "kme-a"), ("sae-b", "kme-b"), 8)
+        .await;
 }
 
 fn openssl_random(len: usize) -> Vec<u8> {

@@ -10,8 +10,10 @@
 //! stream's position) before the first tag of the frame, and never accept a window below
 //! their position, so no pad serves twice, even across crashes; an aborted frame costs its
 //! window. Successful frames refill the stream from their own key (the cost shows in the
-//! link's net key rate); only the very first material, and a re-key after exhaustion, come
-//! over the TLS channel (see `key_source::bb84`).
+//! link's net key rate); the first material, and a re-key after exhaustion or when the two
+//! ends are out of step (one restored from a backup), come from an operator's key file, which
+//! restarts the stream above every number either end has used (or, after exhaustion only and
+//! with `auth_bootstrap = "tls"`, over the TLS channel; see `sources::bb84`).
 
 use std::collections::VecDeque;
 
@@ -36,6 +38,9 @@ pub struct AuthStream {
     /// First byte not burned yet.
     position: u64,
     blocks: VecDeque<StoredBlock>,
+    /// Why this end and the other are not at the same place in the stream (an end restored
+    /// from a backup): no frame runs until an operator key restarts the stream.
+    out_of_step: Option<String>,
 }
 
 impl AuthStream {
@@ -45,7 +50,34 @@ impl AuthStream {
             block_bytes: (block_bytes as u64).max(1),
             position,
             blocks: blocks.into(),
+            out_of_step: None,
         }
+    }
+
+    /// Why the two ends are out of step, if they are.
+    pub fn out_of_step(&self) -> Option<&str> {
+        self.out_of_step.as_deref()
+    }
+
+    /// The two ends are out of step: frames wait for an operator key.
+    pub fn set_out_of_step(&mut self, reason: String) {
+        if self.out_of_step.is_none() {
+            log::error!("{reason}");
+        }
+        self.out_of_step = Some(reason);
+    }
+
+    /// A frame started in step (the Bob end): a `Start` out of step before it was a stray one.
+    pub fn in_step(&mut self) {
+        self.out_of_step = None;
+    }
+
+    /// An operator key restarts the stream at its first block, `seq`: everything held before
+    /// is given up (never used again), and the two ends are in step again.
+    pub fn restart_at(&mut self, seq: u64) {
+        self.position = self.position.max(seq.saturating_mul(self.block_bytes));
+        self.blocks.clear();
+        self.out_of_step = None;
     }
 
     /// The stream byte after the last one held.
@@ -194,7 +226,10 @@ mod tests {
     fn block(seq: u64, len: usize) -> StoredBlock {
         StoredBlock {
             seq,
-            data: (0..len).map(|i| (seq as usize * len + i) as u8).collect(),
+            data: (0..len)
+                .map(|i| (seq as usize * len + i) as u8)
+                .collect::<Vec<u8>>()
+                .into(),
         }
     }
 

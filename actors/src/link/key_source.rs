@@ -40,6 +40,7 @@ use std::time::Instant;
 
 use futures_util::future::LocalBoxFuture;
 use serde::Serialize;
+use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::link::auth::{AuthStream, CommitAuth};
@@ -130,7 +131,7 @@ pub enum Produced {
     /// Material to ship with its bytes, cut into blocks of `to` (a remainder below one block
     /// is dropped).
     Bytes {
-        material: Vec<u8>,
+        material: Zeroizing<Vec<u8>>,
         to: Stream,
     },
     /// A key both ends hold: cut into blocks (authentication blocks first while the stream
@@ -142,7 +143,7 @@ pub enum Produced {
 pub struct SharedKey {
     /// Names the key in `Commit` (the frame, or an id from the file's hash).
     pub id: u64,
-    pub bytes: Vec<u8>,
+    pub bytes: Zeroizing<Vec<u8>>,
     /// Recorded as used in the transaction that stores its blocks, so that the same key
     /// never gives blocks twice (file-drop: the file's name and hash).
     pub used: Option<UsedKeyFile>,
@@ -151,6 +152,9 @@ pub struct SharedKey {
     /// All its blocks for one stream (an authentication key file: `Some(Auth)`), or (None)
     /// authentication blocks first while the stream runs low, then key blocks.
     pub stream: Option<Stream>,
+    /// An operator's authentication key, which restarts the stream: its blocks are numbered
+    /// from at least this (the other end's next number).
+    pub fresh_auth_from: Option<u64>,
 }
 
 /// Asynchronous work of a source, for its `Link` to run.

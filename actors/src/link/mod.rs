@@ -258,6 +258,11 @@ impl LinkCore {
         &self.params
     }
 
+    /// The number the next authentication block of this link takes here.
+    pub fn next_auth_seq(&self) -> u64 {
+        self.next_auth_seq
+    }
+
     /// The KME-to-KME channel to the other end.
     pub fn peer(&self) -> &Addr<PeerLink> {
         &self.peer
@@ -379,7 +384,7 @@ impl LinkCore {
             blocks.push(BlockRecord {
                 owner,
                 seq,
-                data: chunk.to_vec(),
+                data: chunk.to_vec().into(),
             });
         }
         blocks
@@ -526,6 +531,10 @@ impl<S: KeySource> Link<S> {
                     Some(stream) => Cut::To(stream),
                     None => Cut::AuthFirst { windows },
                 };
+                if let Some(peer_next) = key.fresh_auth_from {
+                    // Numbers neither end has used: the stream restarts at them at both ends.
+                    self.core.next_auth_seq = self.core.next_auth_seq.max(peer_next);
+                }
                 let blocks = self.core.cut(&key.bytes, cut);
                 let shipment = Shipment::Commit {
                     key: Some(key.id),
@@ -594,7 +603,9 @@ impl<S: KeySource> Link<S> {
                     Ok(level) => {
                         act.core.peer_level = level;
                         act.core.set_health(&Ok(()));
-                        act.on_held_by_both(blocks);
+                        let from_key_file =
+                            matches!(shipment, Shipment::Commit { used: Some(_), .. });
+                        act.on_held_by_both(blocks, from_key_file);
                     }
                     Err(Error::FrameLost { .. }) => act.core.discarded(&blocks),
                     Err(err) => {
@@ -612,9 +623,14 @@ impl<S: KeySource> Link<S> {
     }
 
     /// Blocks now held at both ends: own ones to the pool, authentication ones to the stream.
-    fn on_held_by_both(&mut self, blocks: Vec<BlockRecord>) {
+    /// Authentication blocks `from_key_file` (an operator key) restart the stream, as the
+    /// storage did when it stored them.
+    fn on_held_by_both(&mut self, blocks: Vec<BlockRecord>, from_key_file: bool) {
         let auth_blocks = self.core.held_by_both(blocks);
         if let Some(auth) = self.source.auth_stream() {
+            if let (true, Some(first)) = (from_key_file, auth_blocks.first()) {
+                auth.restart_at(first.seq);
+            }
             auth.append(auth_blocks);
         }
     }
@@ -741,6 +757,7 @@ impl<S: KeySource> Link<S> {
         key_file: Option<UsedKeyFile>,
     ) -> ResponseActFuture<Self, Result<u64>> {
         let store = self.core.store.clone();
+        let from_key_file = key_file.is_some();
         let op = StoreBlocks {
             peer: self.core.params.peer.clone(),
             blocks: blocks.clone(),
@@ -758,8 +775,8 @@ impl<S: KeySource> Link<S> {
             Ok(fresh)
         };
         Box::pin(fut::wrap_future(work).map(
-            |result: Result<Vec<BlockRecord>>, act: &mut Self, _| {
-                act.on_held_by_both(result?);
+            move |result: Result<Vec<BlockRecord>>, act: &mut Self, _| {
+                act.on_held_by_both(result?, from_key_file);
                 act.core.reported_level = Some(act.core.own_level);
                 act.core.set_health(&Ok(()));
                 Ok(act.core.own_level)
@@ -862,7 +879,7 @@ impl<S: KeySource> Link<S> {
             .map(|(id, data)| BlockRecord {
                 owner: id.owner,
                 seq: id.seq,
-                data: data.to_vec(),
+                data: data.to_vec().into(),
             })
             .collect();
         let let_go = key
@@ -1010,7 +1027,7 @@ mod tests {
         let own = BlockRecord {
             owner: Owner::Kme(KmeId::new("kme-a")),
             seq: 9,
-            data: vec![3u8; 1024],
+            data: vec![3u8; 1024].into(),
         };
         assert!(link.held_by_both(vec![own]).is_empty());
         assert_eq!((link.next_own_seq, link.own_level), (10, 1024));

@@ -4,6 +4,7 @@
 use base64::Engine;
 use openssl::sha::sha256;
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::link::key_source::Condition;
@@ -215,8 +216,17 @@ pub enum SourceReply {
     WindowBehind { next_window: u64 },
     /// `Start`, `Step`: the frame goes on (or ended) here.
     Progress(Box<FrameProgress>),
-    /// `FileOffer`: what this end found under the offered name.
-    FileOffer { file: FileMatch },
+    /// `Start`: the window is neither burned nor held here (an end was restored from a
+    /// backup): the link waits for an operator key. This end's next window.
+    AuthOutOfStep { next_window: u64 },
+    /// `FileOffer`: what this end found under the offered name, and (an authentication key
+    /// file) the next number of this end's authentication stream, so that the key restarts
+    /// the stream above what either end has used.
+    FileOffer {
+        file: FileMatch,
+        #[serde(default)]
+        next_auth_seq: u64,
+    },
     /// `Commit`: the blocks are stored here; this end's pool level now.
     Committed { level: u64 },
 }
@@ -226,6 +236,7 @@ impl SourceReply {
     pub fn unexpected(&self, request: &str) -> Error {
         let answer = match self {
             SourceReply::WindowBehind { .. } => "window_behind",
+            SourceReply::AuthOutOfStep { .. } => "auth_out_of_step",
             SourceReply::Progress(_) => "progress",
             SourceReply::FileOffer { .. } => "file_offer",
             SourceReply::Committed { .. } => "committed",
@@ -259,11 +270,10 @@ impl WireBlock {
     }
 
     pub fn decode(self) -> Result<BlockRecord> {
-        let data = base64::engine::general_purpose::STANDARD
+        let data: Zeroizing<Vec<u8>> = base64::engine::general_purpose::STANDARD
             .decode(self.data.as_bytes())
-            .map_err(|err| {
-                Error::PeerMessage(format!("block {} is not base64: {err}", self.seq))
-            })?;
+            .map_err(|err| Error::PeerMessage(format!("block {} is not base64: {err}", self.seq)))?
+            .into();
         Ok(BlockRecord {
             owner: self.owner,
             seq: self.seq,

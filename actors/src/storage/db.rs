@@ -219,7 +219,8 @@ pub fn stream_state(conn: &Connection, peer: &KmeId, owner: &Owner) -> Result<St
 #[derive(Clone, PartialEq, Eq)]
 pub struct StoredBlock {
     pub seq: u64,
-    pub data: Vec<u8>,
+    /// Overwritten when dropped.
+    pub data: zeroize::Zeroizing<Vec<u8>>,
 }
 
 impl std::fmt::Debug for StoredBlock {
@@ -252,7 +253,7 @@ pub fn blocks(
         let aad = block_aad(peer.as_str(), owner.as_str(), seq);
         blocks.push(StoredBlock {
             seq,
-            data: sealer.open(Purpose::LinkBlock, &aad, &sealed)?,
+            data: sealer.open(Purpose::LinkBlock, &aad, &sealed)?.into(),
         });
     }
     Ok(blocks)
@@ -302,12 +303,12 @@ mod tests {
     fn blocks_show_where_they_go_not_their_bytes() {
         let stored = StoredBlock {
             seq: 3,
-            data: vec![0xab; 4],
+            data: vec![0xab; 4].into(),
         };
         let record = crate::storage::ops::BlockRecord {
             owner: Owner::parse("kme-a"),
             seq: 3,
-            data: vec![0xab; 4],
+            data: vec![0xab; 4].into(),
         };
         for shown in [format!("{stored:?}"), format!("{record:?}")] {
             assert!(shown.contains("#3") && shown.contains("4 bytes"), "{shown}");

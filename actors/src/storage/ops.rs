@@ -11,6 +11,7 @@ use std::time::Instant;
 use rusqlite::{params, Connection};
 use tokio::sync::oneshot;
 use uuid::Uuid;
+use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::storage::audit::{AuditRecord, Retrieved};
@@ -18,8 +19,8 @@ use crate::storage::db::to_i64;
 use crate::storage::held::Arrival;
 use crate::storage::sealing::Sealer;
 use crate::storage::writer::{
-    activate, advance_position, append_audit, bound_record, expire_keys, insert_key, retrieve,
-    store_blocks, BlockCache,
+    activate, advance_position, append_audit, bound_record, expire_keys, insert_key,
+    restart_stream, retrieve, store_blocks, BlockCache,
 };
 use crate::types::{now_ms, Binding, Key, KmeId, Owner, SaeId};
 
@@ -28,7 +29,8 @@ use crate::types::{now_ms, Binding, Key, KmeId, Owner, SaeId};
 pub struct BlockRecord {
     pub owner: Owner,
     pub seq: u64,
-    pub data: Vec<u8>,
+    /// Overwritten when dropped.
+    pub data: Zeroizing<Vec<u8>>,
 }
 
 impl std::fmt::Debug for BlockRecord {
@@ -98,8 +100,9 @@ pub trait Operation: Send + 'static {
 }
 
 /// Store link blocks (idempotent per owner and number; a replay of a consumed number fails).
-/// `key_file`: the file-drop key file they come from, recorded as used in the same
-/// transaction (refused if a file with its contents was used before).
+/// `key_file`: the key file they come from, recorded as used in the same transaction (refused
+/// if a file with its contents was used before). Authentication blocks from a key file (an
+/// operator's re-key) restart the authentication stream at their first number.
 pub struct StoreBlocks {
     pub peer: KmeId,
     pub blocks: Vec<BlockRecord>,
@@ -129,6 +132,15 @@ impl Operation for StoreBlocks {
                     "key file {} was used before",
                     file.name
                 )));
+            }
+            if let Some(first) = self.blocks.iter().find(|b| b.owner == Owner::Auth) {
+                restart_stream(
+                    txn.tx,
+                    &self.peer,
+                    &Owner::Auth,
+                    first.seq,
+                    first.data.len(),
+                )?;
             }
         }
         store_blocks(txn.tx, txn.sealer, &self.peer, self.blocks, self.confirmed)

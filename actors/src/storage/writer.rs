@@ -19,6 +19,7 @@ use actix::prelude::*;
 use openssl::sha::sha256;
 use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
+use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -396,15 +397,7 @@ pub(super) fn store_blocks(
             digest.as_slice(),
             confirmed
         ])?;
-        tx.prepare_cached(
-            "INSERT INTO link_streams(peer, owner, next_seq) VALUES (?1, ?2, ?3)
-             ON CONFLICT(peer, owner) DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
-        )?
-        .execute(params![
-            peer.as_str(),
-            block.owner.as_str(),
-            to_i64(block.seq + 1)
-        ])?;
+        raise_next_seq(tx, peer, &block.owner, block.seq + 1)?;
         outcomes.push(BlockOutcome::Stored);
     }
     Ok(outcomes)
@@ -528,7 +521,7 @@ pub(super) fn activate(
 }
 
 /// The last block read of one peer stream (number and bytes).
-pub(super) type BlockCache = Option<(u64, Vec<u8>)>;
+pub(super) type BlockCache = Option<(u64, Zeroizing<Vec<u8>>)>;
 
 /// Reads `len` bytes at `start` of `owner`'s stream on the link to `owner`.
 fn read_stream(
@@ -560,7 +553,7 @@ fn read_stream(
                 reason: format!("block {seq} is not held here"),
             })?;
             let aad = block_aad(owner.as_str(), owner.as_str(), seq);
-            *cache = Some((seq, sealer.open(Purpose::LinkBlock, &aad, &data)?));
+            *cache = Some((seq, sealer.open(Purpose::LinkBlock, &aad, &data)?.into()));
         }
         let data = cache
             .as_ref()
@@ -581,6 +574,40 @@ fn read_stream(
         pos = block_end;
     }
     Ok(out)
+}
+
+/// Restarts `owner`'s stream at block `seq` (forward only): the next block stored is `seq`, the
+/// position moves to its start, and the blocks below it are deleted, never used.
+pub(super) fn restart_stream(
+    tx: &Connection,
+    peer: &KmeId,
+    owner: &Owner,
+    seq: u64,
+    block_bytes: usize,
+) -> Result<()> {
+    if seq >= MAX_POSITION {
+        return Err(Error::PeerMessage(format!(
+            "block {seq} of {owner} is out of range"
+        )));
+    }
+    raise_next_seq(tx, peer, owner, seq)?;
+    advance_position(
+        tx,
+        peer,
+        owner,
+        seq.saturating_mul(block_bytes as u64),
+        block_bytes,
+    )
+}
+
+/// The next block of `owner`'s stream is at least `next`.
+fn raise_next_seq(tx: &Connection, peer: &KmeId, owner: &Owner, next: u64) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO link_streams(peer, owner, next_seq) VALUES (?1, ?2, ?3)
+         ON CONFLICT(peer, owner) DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
+    )?
+    .execute(params![peer.as_str(), owner.as_str(), to_i64(next)])?;
+    Ok(())
 }
 
 /// Moves the stream position forward (never back) and deletes blocks wholly below it.
@@ -827,7 +854,10 @@ mod tests {
         BlockRecord {
             owner: Owner::parse(owner),
             seq,
-            data: (0..16).map(|i| (seq * 16 + i) as u8).collect(),
+            data: (0..16)
+                .map(|i| (seq * 16 + i) as u8)
+                .collect::<Vec<u8>>()
+                .into(),
         }
     }
 

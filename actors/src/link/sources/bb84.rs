@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures_util::future::LocalBoxFuture;
+use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::link::auth::{AuthStream, CommitAuth, WINDOW_BYTES};
@@ -101,10 +102,12 @@ impl std::fmt::Display for Abort {
 
 /// How one frame ended at the Alice end.
 enum FrameEnd {
-    Key(Vec<u8>),
+    Key(Zeroizing<Vec<u8>>),
     Aborted(AbortReason),
     /// The Bob end had burned the window already; his next one is this.
     WindowBehind(u64),
+    /// The Bob end neither burned nor holds the window; his next one is this.
+    OutOfStep(u64),
     /// Not the channel's fault: the peer or the storage failed.
     Failed(Error),
     /// A message exchange failed after both ends began tagging the frame (a message or its
@@ -184,10 +187,12 @@ impl KeySource for Bb84 {
     /// authentication window, the operator's key file (or, with `auth_bootstrap = "tls"`, a
     /// key shipped over TLS).
     fn drive(&mut self, link: &mut LinkCore, now: Instant) -> Work<Self, Produced> {
-        if self.auth.windows_left() == 0 {
+        let out_of_step = self.auth.out_of_step().is_some();
+        if out_of_step || self.auth.windows_left() == 0 {
+            // Ends out of step need a key both hold: only the operator's key file is that.
             return match self.settings.auth_bootstrap {
-                AuthBootstrap::Tls => Work::Ready(bootstrap_auth(link)),
-                AuthBootstrap::KeyFile => self.rekey.offer_when_due(link, now).within(Self::rekey),
+                AuthBootstrap::Tls if !out_of_step => Work::Ready(bootstrap_auth(link)),
+                _ => self.rekey.offer_when_due(link, now).within(Self::rekey),
             };
         }
         self.watch_auth_level(&link.params().peer.clone());
@@ -220,9 +225,7 @@ impl KeySource for Bb84 {
                 frame_id,
                 envelopes,
             } => self.bob_step(frame_id, envelopes),
-            offer @ SourceRequest::FileOffer { .. }
-                if self.settings.auth_bootstrap == AuthBootstrap::KeyFile =>
-            {
+            offer @ SourceRequest::FileOffer { .. } => {
                 self.rekey.answer(offer, link).within(Self::rekey)
             }
             _ => foreign(self),
@@ -256,9 +259,22 @@ impl KeySource for Bb84 {
     }
 }
 
-/// Why a link with `auth` cannot run frames, if it has no authentication window left and
-/// waits for the operator's key file.
+/// The down reason of a link whose ends are at different places in the authentication
+/// stream: the driving (Alice) end asks for window `asked`, the Bob end's next is `next`.
+fn out_of_step(peer: &KmeId, asked: u64, next: u64) -> String {
+    format!(
+        "authentication stream out of step with {peer} (the Alice end asks for window {asked}, \
+         the Bob end's next is {next}): was an end restored from a backup? Install the same new \
+         pre-shared key file at both ends (kme link rekey)"
+    )
+}
+
+/// Why a link with `auth` cannot run frames: its ends are out of step, or it has no
+/// authentication window left and waits for the operator's key file.
 fn without_auth_key(auth: &AuthStream, bootstrap: AuthBootstrap) -> Option<String> {
+    if let Some(reason) = auth.out_of_step() {
+        return Some(reason.to_string());
+    }
     if auth.windows_left() > 0 || bootstrap == AuthBootstrap::Tls {
         return None;
     }
@@ -362,6 +378,11 @@ impl Bb84 {
                     run.end = FrameEnd::WindowBehind(next_window);
                     return run;
                 }
+                Ok(SourceReply::AuthOutOfStep { next_window }) => {
+                    abort_in_engine(&engine, frame_id).await;
+                    run.end = FrameEnd::OutOfStep(next_window);
+                    return run;
+                }
                 Ok(other) => {
                     abort_in_engine(&engine, frame_id).await;
                     run.end = FrameEnd::Failed(other.unexpected("start"));
@@ -448,6 +469,7 @@ impl Bb84 {
                     used: None,
                     commit_auth,
                     stream: None,
+                    fresh_auth_from: None,
                 }),
                 None => Produced::Nothing,
             }
@@ -460,7 +482,7 @@ impl Bb84 {
         link: &mut LinkCore,
         run: FrameRun,
         started: Instant,
-    ) -> Option<Vec<u8>> {
+    ) -> Option<Zeroizing<Vec<u8>>> {
         if run.window_used {
             self.auth.burn(run.window);
         }
@@ -476,13 +498,11 @@ impl Bb84 {
                 self.auth.burn(next - 1);
                 return None;
             }
-            FrameEnd::WindowBehind(next) => {
-                let err = Error::PeerMessage(format!(
-                    "{} names authentication window {next} after {}",
-                    link.params().peer,
-                    run.window
-                ));
-                self.failed(link, err);
+            // Farther behind (this end was restored from a backup), or the Bob end lacks the
+            // window (he was): only an operator key brings the two ends together again.
+            FrameEnd::WindowBehind(next) | FrameEnd::OutOfStep(next) => {
+                let reason = out_of_step(&link.params().peer, run.window, next);
+                self.auth.set_out_of_step(reason);
                 return None;
             }
             FrameEnd::Failed(err) => {
@@ -672,14 +692,19 @@ impl Bb84 {
             // Already burned (a retried Start): tell the Alice end where to continue.
             return Work::Ready(Ok(SourceReply::WindowBehind { next_window: next }));
         }
-        if window - next > MAX_WINDOW_SKIP {
-            return Work::refuse(format!(
-                "authentication window {window} is too far ahead of {next}"
-            ));
-        }
-        let Some(mut material) = self.auth.window(window) else {
-            return Work::refuse(format!("authentication window {window} is not held here"));
+        let held = if window - next > MAX_WINDOW_SKIP {
+            None
+        } else {
+            self.auth.window(window)
         };
+        let Some(mut material) = held else {
+            // Burns nothing: the Alice end learns where this end is, and stops; shown here
+            // until a frame starts in step (a stray `Start` is forgotten then).
+            self.auth
+                .set_out_of_step(out_of_step(&link.params().peer, window, next));
+            return Work::Ready(Ok(SourceReply::AuthOutOfStep { next_window: next }));
+        };
+        self.auth.in_step();
         self.commit_auth = CommitAuth::split_from(&mut material);
         self.auth.burn(window);
         self.bob_started = Instant::now();
@@ -754,6 +779,7 @@ impl Bb84 {
                     used: None,
                     commit_auth: self.commit_auth.take(),
                     stream: None,
+                    fresh_auth_from: None,
                 }));
             }
             FrameState::Aborted(reason) => {
@@ -819,7 +845,7 @@ mod tests {
         use crate::storage::db::StoredBlock;
         let block = |seq| StoredBlock {
             seq,
-            data: vec![1; WINDOW_BYTES as usize],
+            data: vec![1; WINDOW_BYTES as usize].into(),
         };
         let fresh = AuthStream::new(WINDOW_BYTES as usize, 0, Vec::new());
         let why = without_auth_key(&fresh, AuthBootstrap::KeyFile).unwrap();

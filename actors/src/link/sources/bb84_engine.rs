@@ -15,6 +15,7 @@
 use actix::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::peer::protocol::DetectionRecord;
@@ -29,7 +30,7 @@ use kme_bb84::pipeline::{AbortReason, AliceFrame, BobFrame, Envelope, FrameRepor
 pub enum FrameState {
     Running,
     /// The frame's secret key, whole bytes (identical at both ends).
-    Done(Vec<u8>),
+    Done(Zeroizing<Vec<u8>>),
     Aborted(AbortReason),
 }
 
@@ -138,10 +139,10 @@ impl Bb84Engine {
 
 /// The key's whole bytes, little-endian per 64-bit word (a trailing partial byte is dropped
 /// at both ends alike).
-fn key_bytes(key: &BitVec) -> Vec<u8> {
+fn key_bytes(key: &BitVec) -> Zeroizing<Vec<u8>> {
     let mut bytes: Vec<u8> = key.words().iter().flat_map(|w| w.to_le_bytes()).collect();
     bytes.truncate(key.len() / 8);
-    bytes
+    bytes.into()
 }
 
 impl Actor for Bb84Engine {

@@ -10,6 +10,7 @@
 //! links draw their first authentication key with [`random_bytes`] too.
 
 use std::time::Instant;
+use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::link::key_source::{Delivery, KeySource, Produced, Stream, Work};
@@ -19,8 +20,8 @@ use crate::link::LinkCore;
 const MAX_BLOCKS_PER_SHIPMENT: u64 = 16;
 
 /// `len` fresh bytes from the OS CSPRNG.
-pub fn random_bytes(len: usize) -> Result<Vec<u8>> {
-    let mut bytes = vec![0u8; len];
+pub fn random_bytes(len: usize) -> Result<Zeroizing<Vec<u8>>> {
+    let mut bytes = Zeroizing::new(vec![0u8; len]);
     openssl::rand::rand_bytes(&mut bytes)
         .map_err(|err| Error::Unavailable(format!("CSPRNG failed: {err}")))?;
     Ok(bytes)

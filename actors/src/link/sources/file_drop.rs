@@ -53,8 +53,9 @@ pub struct FileDrop {
 
 /// What the driving end learnt about its first key file.
 enum Offered {
-    /// Both ends hold it and it was never used: it becomes blocks.
-    Use(KeyFile),
+    /// Both ends hold it and it was never used: it becomes blocks (numbered, if it is an
+    /// authentication key, from at least the other end's next number).
+    Use(KeyFile, u64),
     /// Its contents gave blocks before (a crash left it): destroyed at both ends.
     Destroyed,
     /// Shorter than one block: never offered.
@@ -193,8 +194,9 @@ impl FileDrop {
             Ok(Some(match reply {
                 SourceReply::FileOffer {
                     file: FileMatch::Matched,
-                } => Offered::Use(file),
-                SourceReply::FileOffer { file: answer } => Offered::Refused(file, answer),
+                    next_auth_seq,
+                } => Offered::Use(file, next_auth_seq),
+                SourceReply::FileOffer { file: answer, .. } => Offered::Refused(file, answer),
                 other => return Err(other.unexpected("file offer")),
             }))
         };
@@ -203,7 +205,9 @@ impl FileDrop {
             move |result: Result<Option<Offered>>, me: &mut Self, link| {
                 me.next_offer_at = Instant::now() + FILE_DROP_IDLE;
                 match result {
-                    Ok(Some(Offered::Use(file))) => return me.use_file(link, file),
+                    Ok(Some(Offered::Use(file, peer_next))) => {
+                        return me.use_file(link, file, peer_next)
+                    }
                     // Go on with the next file at once.
                     Ok(Some(Offered::Destroyed)) => me.next_offer_at = Instant::now(),
                     Ok(Some(Offered::TooShort(file))) => {
@@ -227,8 +231,9 @@ impl FileDrop {
         )
     }
 
-    /// Both ends hold the same file: its key is shared, committed by number.
-    fn use_file(&mut self, link: &mut LinkCore, file: KeyFile) -> Produced {
+    /// Both ends hold the same file: its key is shared, committed by number. An authentication
+    /// key restarts the stream above `peer_next` (the other end's next number) and our own.
+    fn use_file(&mut self, link: &mut LinkCore, file: KeyFile, peer_next: u64) -> Produced {
         link.set_health(&Ok(()));
         log::info!(
             "link to {}: key file {} gives {} blocks",
@@ -236,7 +241,11 @@ impl FileDrop {
             file.name,
             file.bytes.len() / link.params().block_bytes.max(1)
         );
-        Produced::Shared(shared_key(file, self.stream))
+        let mut key = shared_key(file, self.stream);
+        if self.stream == Some(Stream::Auth) {
+            key.fresh_auth_from = Some(peer_next);
+        }
+        Produced::Shared(key)
     }
 
     /// The other end cannot use its twin: wait for a missing one (a while, since `since` if it
@@ -290,6 +299,7 @@ fn shared_key(file: KeyFile, stream: Option<Stream>) -> SharedKey {
         // Key files come with no authentication stream: the commit rests on the TLS channel.
         commit_auth: None,
         stream,
+        fresh_auth_from: None,
     }
 }
 
@@ -319,6 +329,7 @@ impl FileDrop {
             // Still destroying the files used before a restart: as good as not there yet.
             return Work::Ready(Ok(SourceReply::FileOffer {
                 file: FileMatch::Missing,
+                next_auth_seq: 0,
             }));
         }
         link.hold(None);
@@ -362,7 +373,14 @@ impl FileDrop {
                     );
                 }
                 link.hold(file.map(|file| shared_key(file, me.stream)));
-                Ok(SourceReply::FileOffer { file: answer })
+                let next_auth_seq = match me.stream {
+                    Some(Stream::Auth) => link.next_auth_seq(),
+                    _ => 0,
+                };
+                Ok(SourceReply::FileOffer {
+                    file: answer,
+                    next_auth_seq,
+                })
             },
         )
     }

@@ -19,6 +19,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use openssl::sha::sha256;
+use zeroize::Zeroizing;
 
 /// Largest key file read (a larger one is rejected).
 pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
@@ -28,7 +29,7 @@ pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
 pub struct KeyFile {
     pub path: PathBuf,
     pub name: String,
-    pub bytes: Vec<u8>,
+    pub bytes: Zeroizing<Vec<u8>>,
     pub sha256: [u8; 32],
 }
 
@@ -108,7 +109,7 @@ pub fn read_named(dir: &Path, name: &str) -> io::Result<Option<KeyFile>> {
             format!("{} is larger than {MAX_FILE_BYTES} bytes", path.display()),
         ));
     }
-    let bytes = fs::read(&path)?;
+    let bytes = Zeroizing::new(fs::read(&path)?);
     Ok(Some(KeyFile {
         sha256: sha256(&bytes),
         name: name.to_string(),
@@ -184,7 +185,7 @@ mod tests {
         fs::write(dir.path().join("0002"), b"second").unwrap();
         let first = next_file(dir.path(), &HashSet::new()).unwrap().unwrap();
         assert_eq!(first.name, "0002");
-        assert_eq!(first.bytes, b"second");
+        assert_eq!(first.bytes.as_slice(), b"second");
         assert_eq!(first.sha256, sha256(b"second"));
         reject(&first.path).unwrap();
         assert_eq!(
