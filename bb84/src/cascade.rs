@@ -107,6 +107,29 @@ impl Default for CascadeConfig {
     }
 }
 
+/// What counts as leaked by Cascade. Bob's questions are public too: which block he searches
+/// tells whether his parity matched Alice's, so each parity Alice sends comes with one bit
+/// about Bob's key (Tupkary & Lütkenhaus, "Using Cascade in quantum key distribution", 2023).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CascadeLeakage {
+    /// Alice's parities and as many bits of Bob's: twice the parities (conservative).
+    #[default]
+    AliceAndBob,
+    /// Alice's parities only, the usual count before that paper.
+    AliceOnly,
+}
+
+impl CascadeLeakage {
+    /// Bits counted as leaked when Alice sent `alice_parities` parities.
+    pub fn count(self, alice_parities: u64) -> u64 {
+        match self {
+            CascadeLeakage::AliceAndBob => alice_parities.saturating_mul(2),
+            CascadeLeakage::AliceOnly => alice_parities,
+        }
+    }
+}
+
 /// Permutation and block size of one pass: bit at position `pos` of the permuted
 /// key is original bit `(mult * pos + offset) mod n`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

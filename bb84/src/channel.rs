@@ -61,6 +61,9 @@ pub struct ChannelParams {
     pub intensities: [f64; 3],
     /// Probabilities of sending each intensity class (sum to 1).
     pub class_probs: [f64; 3],
+    /// Probability that Alice prepares, and Bob measures, in the X basis (the key basis);
+    /// otherwise Z (the test basis, every sifted bit of which is disclosed).
+    pub x_basis_probability: f64,
     /// Fibre length in km.
     pub fibre_km: f64,
     /// Fibre attenuation in dB/km.
@@ -79,8 +82,11 @@ impl Default for ChannelParams {
     fn default() -> Self {
         ChannelParams {
             pulse_rate_hz: 1e9,
-            intensities: [0.5, 0.1, 0.0],
-            class_probs: [0.7, 0.2, 0.1],
+            // Near the optimum of the finite-key rate at 20 km and 10^6-bit frames (a grid over
+            // intensities, probabilities and q_x; see README, BB84 links).
+            intensities: [0.4, 0.2, 0.0],
+            class_probs: [0.3, 0.5, 0.2],
+            x_basis_probability: 0.8,
             fibre_km: 20.0,
             atten_db_per_km: 0.2,
             detector_efficiency: 0.1,
@@ -99,6 +105,7 @@ impl ChannelParams {
             ("dark_count_prob", self.dark_count_prob),
             ("misalignment", self.misalignment),
             ("eve_fraction", self.eve_fraction),
+            ("x_basis_probability", self.x_basis_probability),
             ("class_probs[0]", self.class_probs[0]),
             ("class_probs[1]", self.class_probs[1]),
             ("class_probs[2]", self.class_probs[2]),
@@ -114,20 +121,30 @@ impl ChannelParams {
             ));
         }
         let [mu, nu, vac] = self.intensities;
-        if !(mu > nu && nu > vac && vac >= 0.0) {
-            return Err(ChannelError::Inconsistent("need mu > nu > vacuum >= 0"));
-        }
-        // The decoy bounds take the third intensity's gain as the vacuum yield Y0, which only
-        // a true vacuum gives; a weak third intensity would overstate the key (insecure).
-        if vac != 0.0 {
+        // The conditions of the finite-key bounds (Lim et al. 2014), which handle a weak third
+        // intensity as such.
+        if !(mu > nu + vac && nu > vac && vac >= 0.0) {
             return Err(ChannelError::Inconsistent(
-                "the vacuum intensity must be 0 (the bounds treat its gain as the vacuum yield)",
+                "need signal > decoy + vacuum and decoy > vacuum >= 0",
+            ));
+        }
+        if !(self.x_basis_probability > 0.0 && self.x_basis_probability < 1.0) {
+            return Err(ChannelError::Inconsistent(
+                "the X-basis probability must be strictly between 0 and 1",
             ));
         }
         if !(self.fibre_km >= 0.0 && self.atten_db_per_km >= 0.0) {
             return Err(ChannelError::Inconsistent("negative length or attenuation"));
         }
         Ok(())
+    }
+
+    /// What the finite-key bound must know of the source.
+    pub fn source(&self) -> crate::finite_key::Source {
+        crate::finite_key::Source {
+            intensities: self.intensities,
+            probabilities: self.class_probs,
+        }
     }
 
     /// Overall transmittance `eta` (fibre times detector).
@@ -164,9 +181,13 @@ impl ChannelParams {
         (0.5 * self.dark_count_prob + self.misalignment * eta) / self.single_photon_yield()
     }
 
-    /// Pulses needed for about `sifted` signal-class sifted bits (basis match 1/2).
+    /// Pulses needed for about `sifted` sifted X-basis (key) bits, all intensities.
     pub fn pulses_for_sifted(&self, sifted: f64) -> u64 {
-        let per_pulse = self.class_probs[0] * self.gain(Intensity::Signal) * 0.5;
+        let q = self.x_basis_probability;
+        let per_pulse: f64 = [Intensity::Signal, Intensity::Decoy, Intensity::Vacuum]
+            .iter()
+            .map(|&c| self.class_probs[c as usize] * self.gain(c) * q * q)
+            .sum();
         if per_pulse <= 0.0 {
             return 0;
         }
@@ -315,8 +336,8 @@ pub fn simulate_frame<R: Rng + ?Sized>(
         remaining -= 1;
         let rb = rng.next_u64();
         let a_bit = rb & 1 == 1;
-        let a_basis = rb & 2 == 2;
-        let b_basis = rb & 4 == 4;
+        let a_basis = uniform(rng) < params.x_basis_probability;
+        let b_basis = uniform(rng) < params.x_basis_probability;
         let eve_basis = rb & 8 == 8;
         let eve_rand = rb & 16 == 16;
         let bob_rand = rb & 32 == 32;
@@ -349,20 +370,25 @@ pub fn simulate_frame<R: Rng + ?Sized>(
     })
 }
 
-/// Asymptotic decoy-state BB84 secret key rate in bits per pulse.
-///
-/// GLLP with infinite decoys (Lo, Ma, Chen, PRL 94, 230504 (2005), Eq. (1)):
-/// `R = q { -Q_mu f h(E_mu) + Q_1 [1 - h(e_1)] }` with `q = 1/2` (basis sifting) and
-/// `Q_1 = Y_1 mu e^{-mu}`. Multiplied by the signal-class probability because only
-/// signal pulses generate key here. Clamped at 0.
+/// Asymptotic decoy-state BB84 secret key rate in bits per pulse, for the protocol the
+/// pipeline runs (key from the X basis, every intensity): GLLP with infinite decoys (Lo, Ma,
+/// Chen, PRL 94, 230504 (2005), Eq. (1)) per intensity `k`,
+/// `R = q_x^2 sum_k p_k { Y_0 e^{-k} + Y_1 k e^{-k} [1 - h(e_1)] - Q_k f h(E_k) }`: the rate
+/// the finite-key bound tends to as frames grow. Clamped at 0.
 pub fn theoretical_key_rate(params: &ChannelParams, f_ec: f64) -> f64 {
-    let mu = params.intensities[0];
-    let q_mu = params.gain(Intensity::Signal);
-    let e_mu = params.qber(Intensity::Signal);
-    let q1 = params.single_photon_yield() * mu * (-mu).exp();
+    let y1 = params.single_photon_yield();
     let e1 = params.single_photon_error();
-    let r = 0.5 * (-q_mu * f_ec * h2(e_mu) + q1 * (1.0 - h2(e1)));
-    (r * params.class_probs[0]).max(0.0)
+    let per_intensity = |class: Intensity| {
+        let k = params.intensities[class as usize];
+        params.dark_count_prob * (-k).exp() + y1 * k * (-k).exp() * (1.0 - h2(e1))
+            - params.gain(class) * f_ec * h2(params.qber(class))
+    };
+    let q = params.x_basis_probability;
+    let r: f64 = [Intensity::Signal, Intensity::Decoy, Intensity::Vacuum]
+        .iter()
+        .map(|&c| params.class_probs[c as usize] * per_intensity(c))
+        .sum();
+    (q * q * r).max(0.0)
 }
 
 #[cfg(test)]
@@ -446,11 +472,17 @@ mod tests {
         }
         .validate()
         .is_err());
-        // A weak "vacuum" would have its gain taken as the vacuum yield: refused.
+        // A weak third intensity is what the bounds allow (Lim et al.), as long as the signal
+        // exceeds the other two together.
         let weak_vacuum = ChannelParams {
             intensities: [0.5, 0.1, 0.001],
             ..ChannelParams::default()
         };
-        assert!(weak_vacuum.validate().is_err());
+        assert!(weak_vacuum.validate().is_ok());
+        let too_weak_signal = ChannelParams {
+            intensities: [0.5, 0.4, 0.2],
+            ..ChannelParams::default()
+        };
+        assert!(too_weak_signal.validate().is_err());
     }
 }

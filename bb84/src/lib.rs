@@ -15,6 +15,7 @@ pub mod bits;
 pub mod cascade;
 pub mod channel;
 pub mod estimation;
+pub mod finite_key;
 pub mod gf64;
 pub mod math;
 pub mod parallel;

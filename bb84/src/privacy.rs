@@ -1,29 +1,19 @@
-//! Privacy amplification: finite-key output length and Toeplitz hashing.
+//! Privacy amplification: Toeplitz hashing of the corrected key down to the length the
+//! finite-key bound allows ([`crate::finite_key`]).
 //!
-//! **Output length** — Lim, Curty, Walenta, Xu, Zbinden, "Concise security bounds for
-//! practical decoy-state quantum key distribution", PRA 89, 022307 (2014), Eq. (1):
-//!
-//! `l = floor( s_0 + s_1 (1 - h(phi_1)) - leak_EC - 6 log2(21/eps_sec) - log2(2/eps_cor) )`
-//!
-//! where `s_0`, `s_1` are lower bounds on vacuum and single-photon contributions to
-//! the key bits, `phi_1` the upper bound on the single-photon phase-error rate (from
-//! [`crate::estimation`]), and `leak_EC` the *actual* disclosure: every Cascade parity
-//! bit plus the public verification tag bits. The key is `eps_sec + eps_cor` secure.
-//!
-//! **Hash** — `y = T x` with an `m x n` Toeplitz matrix `T_{ij} = t_{i-j+n-1}` given by
-//! `n+m-1` public random bits (2-universal family, leftover hash lemma). `y_i` is
+//! `y = T x` with an `m x n` Toeplitz matrix `T_{ij} = t_{i-j+n-1}` given by
+//! `n+m-1` public, uniformly random bits, all of them sent (a 2-universal family, so the
+//! leftover hash lemma applies; a short seed expanded by a PRNG would not be). `y_i` is
 //! entry `i+n-1` of the integer convolution `t * x` reduced mod 2; it is computed
 //! with one complex FFT of the packed sequence `t + i x` and one real-output inverse FFT
 //! (O((n+m) log(n+m)); `rustfft` and `realfft`, which pick SIMD kernels at run time).
 //! [`toeplitz_hash_naive`] is the O(nm) reference for tests.
 
 use crate::bits::{for_each_one_in, BitVec};
-use crate::math::h2;
 use crate::parallel;
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::Rng;
 use realfft::{ComplexToReal, RealFftPlanner};
 use rustfft::{num_complex::Complex, Fft, FftPlanner};
-use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 use thiserror::Error;
@@ -70,61 +60,11 @@ fn exact_parity(v: f64) -> Result<bool, PaError> {
     Ok((nearest as i64) & 1 == 1)
 }
 
-/// Security parameters of the final key.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct SecurityParams {
-    /// Secrecy parameter `eps_sec`.
-    pub eps_sec: f64,
-    /// Correctness parameter `eps_cor` (must be >= the verification collision bound).
-    pub eps_cor: f64,
-}
-
-impl Default for SecurityParams {
-    fn default() -> Self {
-        SecurityParams {
-            eps_sec: 1e-10,
-            eps_cor: 1e-15,
-        }
-    }
-}
-
-/// Inputs of the key-length formula.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct KeyLengthInputs {
-    /// Key bits entering privacy amplification.
-    pub n_key: u64,
-    /// Lower bound on vacuum-origin bits.
-    pub s0: f64,
-    /// Lower bound on single-photon bits.
-    pub s1: f64,
-    /// Upper bound on single-photon phase error rate.
-    pub phi1: f64,
-    /// Error-correction disclosure (parity bits).
-    pub leak_ec: u64,
-    /// Verification tag bits disclosed.
-    pub leak_verify: u64,
-}
-
-/// Secret key length per Lim et al. 2014, Eq. (1); 0 if negative, at most `n_key`.
-pub fn secret_key_length(inp: &KeyLengthInputs, sec: &SecurityParams) -> u64 {
-    if inp.phi1.is_nan() || inp.phi1 >= 0.5 || sec.eps_sec <= 0.0 || sec.eps_cor <= 0.0 {
-        return 0;
-    }
-    let l = inp.s0 + inp.s1 * (1.0 - h2(inp.phi1))
-        - inp.leak_ec as f64
-        - inp.leak_verify as f64
-        - 6.0 * (21.0 / sec.eps_sec).log2()
-        - (2.0 / sec.eps_cor).log2();
-    if l.is_nan() || l <= 0.0 {
-        return 0;
-    }
-    (l.floor() as u64).min(inp.n_key)
-}
-
-/// Expand a public 64-bit seed into the `n + m - 1` Toeplitz bits (ChaCha12 stream).
-pub fn toeplitz_seed_bits(n: usize, m: usize, seed: u64) -> BitVec {
+/// A Toeplitz seed of `n + m - 1` bits drawn whole from `rng` (the KME passes its
+/// OS-seeded CSPRNG), not expanded from a short seed: the family of all `m x n` Toeplitz
+/// matrices is 2-universal only when every one of them can be drawn with equal chance.
+pub fn random_toeplitz_seed<R: Rng + ?Sized>(n: usize, m: usize, rng: &mut R) -> BitVec {
     let len = (n + m).saturating_sub(1);
-    let mut rng = StdRng::seed_from_u64(seed);
     let mut words: Vec<u64> = (0..len.div_ceil(64)).map(|_| rng.next_u64()).collect();
     if !len.is_multiple_of(64) {
         if let Some(w) = words.last_mut() {
@@ -413,6 +353,7 @@ fn inverse_bits(
 mod tests {
     use super::*;
     use crate::cascade::random_key;
+    use rand::{rngs::StdRng, SeedableRng};
 
     #[test]
     fn fast_equals_naive_on_random_sizes() {
@@ -435,11 +376,37 @@ mod tests {
             (9000, 4500),
         ] {
             let key = random_key(n, &mut rng);
-            let seed = toeplitz_seed_bits(n, m, rng.next_u64());
+            let seed = random_toeplitz_seed(n, m, &mut rng);
             let fast = toeplitz_hash(&key, &seed, m).unwrap();
             let slow = toeplitz_hash_naive(&key, &seed, m).unwrap();
             assert_eq!(fast, slow, "n={n} m={m}");
         }
+    }
+
+    #[test]
+    fn the_seed_is_drawn_whole_and_must_have_full_length() {
+        let (n, m) = (1_000, 300);
+        let mut rng = StdRng::seed_from_u64(5);
+        let seed = random_toeplitz_seed(n, m, &mut rng);
+        assert_eq!(seed.len(), n + m - 1);
+        // Every one of the n + m - 1 bits is drawn: about half of them are ones, up to the
+        // last word (a seed expanded from 64 bits would also pass this; the length of what
+        // travels is what matters, checked at the receiving end below).
+        assert!(
+            (500..800).contains(&seed.count_ones()),
+            "{}",
+            seed.count_ones()
+        );
+        assert_ne!(random_toeplitz_seed(n, m, &mut rng), seed);
+        let key = random_key(n, &mut rng);
+        let short = random_toeplitz_seed(n, m - 1, &mut rng);
+        assert_eq!(
+            toeplitz_hash(&key, &short, m),
+            Err(PaError::SeedLength {
+                expected: n + m - 1,
+                got: n + m - 2
+            })
+        );
     }
 
     #[test]
@@ -483,7 +450,7 @@ mod tests {
         let m = 100_000;
         let a = random_key(n, &mut rng);
         let b = random_key(n, &mut rng);
-        let seed = toeplitz_seed_bits(n, m, 9);
+        let seed = random_toeplitz_seed(n, m, &mut StdRng::seed_from_u64(9));
         let ha = toeplitz_hash(&a, &seed, m).unwrap();
         let hb = toeplitz_hash(&b, &seed, m).unwrap();
         let hab = toeplitz_hash(&a.xor(&b), &seed, m).unwrap();
@@ -493,40 +460,5 @@ mod tests {
             let bit = (0..n).fold(false, |acc, j| acc ^ (seed.get(i + n - 1 - j) & a.get(j)));
             assert_eq!(ha.get(i), bit);
         }
-    }
-
-    fn length_at(q: f64) -> u64 {
-        let n = 1_000_000u64;
-        let inp = KeyLengthInputs {
-            n_key: n,
-            s0: 0.0,
-            s1: 0.6 * n as f64,
-            phi1: q * 1.1,
-            leak_ec: (1.1 * h2(q) * n as f64) as u64,
-            leak_verify: 64,
-        };
-        secret_key_length(&inp, &SecurityParams::default())
-    }
-
-    #[test]
-    fn key_length_monotone_and_zero_above_threshold() {
-        let mut last = u64::MAX;
-        for q in [0.005, 0.01, 0.02, 0.03, 0.05, 0.07] {
-            let l = length_at(q);
-            assert!(l < last, "q={q} l={l}");
-            last = l;
-        }
-        assert!(length_at(0.01) > 300_000);
-        assert_eq!(length_at(0.11), 0);
-        assert_eq!(length_at(0.2), 0);
-        let tiny = KeyLengthInputs {
-            n_key: 100,
-            s0: 0.0,
-            s1: 100.0,
-            phi1: 0.0,
-            leak_ec: 0,
-            leak_verify: 64,
-        };
-        assert_eq!(secret_key_length(&tiny, &SecurityParams::default()), 0);
     }
 }

@@ -63,6 +63,8 @@ pub struct SiftedKey {
     pub bits: BitVec,
     /// Intensity class code per sifted bit.
     pub classes: Vec<u8>,
+    /// The (common) basis of each sifted bit: `true` = X, the key basis.
+    pub bases: BitVec,
 }
 
 /// Bob: build the basis announcement.
@@ -108,6 +110,7 @@ pub fn alice_reply(
     let sifted = SiftedKey {
         bits: alice.bits.select(&matches),
         classes,
+        bases: alice.bases.select(&matches),
     };
     let reply = SiftReply {
         classes: pack2(&sifted.classes),
@@ -141,6 +144,7 @@ pub fn bob_apply(bob: &BobRecord, reply: &SiftReply) -> Result<SiftedKey, SiftEr
     Ok(SiftedKey {
         bits: bob.bits.select(&reply.matches),
         classes,
+        bases: bob.bases.select(&reply.matches),
     })
 }
 
@@ -168,11 +172,13 @@ mod tests {
         assert_eq!(b.bits, BitVec::from_bools([true, true, false]));
         assert_eq!(a.classes, vec![0, 2, 0]);
         assert_eq!(b.classes, a.classes);
+        assert_eq!(a.bases, BitVec::from_bools([false, true, false]));
+        assert_eq!(b.bases, a.bases);
         assert_eq!(reply.detections_per_class, [3, 1, 1]);
     }
 
     #[test]
-    fn simulated_frame_sifts_to_half_with_low_qber() {
+    fn simulated_frame_sifts_where_the_bases_match_with_low_qber() {
         let mut rng = StdRng::seed_from_u64(3);
         let f = simulate_frame(&ChannelParams::default(), 5_000_000, &mut rng).unwrap();
         let req = bob_request(&f.bob);
@@ -180,8 +186,13 @@ mod tests {
         let json = serde_json::to_string(&reply).unwrap();
         let reply: SiftReply = serde_json::from_str(&json).unwrap();
         let b = bob_apply(&f.bob, &reply).unwrap();
+        // Both ends choose X with q_x, else Z: they match with q_x^2 + (1 - q_x)^2.
+        let q = ChannelParams::default().x_basis_probability;
         let ratio = a.bits.len() as f64 / f.alice.bits.len() as f64;
-        assert!((ratio - 0.5).abs() < 0.02);
+        assert!(
+            (ratio - (q * q + (1.0 - q) * (1.0 - q))).abs() < 0.02,
+            "{ratio}"
+        );
         let qber = a.bits.hamming(&b.bits) as f64 / a.bits.len() as f64;
         assert!(qber < 0.03, "qber {qber}");
     }

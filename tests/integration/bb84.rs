@@ -66,8 +66,9 @@ async fn an_eavesdropper_aborts_the_link_its_saes_get_503_and_it_recovers_withou
     // Intercept-resend on every photon: about 25 % errors on the sifted key.
     let qber = q["qber"].as_f64().unwrap();
     assert!((0.2..0.3).contains(&qber), "{q}");
+    // The bound on the key's phase-error rate is above what the test bits show.
     let upper = q["qber_upper"].as_f64().unwrap();
-    assert!((qber..0.35).contains(&upper), "{q}");
+    assert!((qber..=0.5).contains(&upper), "{q}");
     assert!(q["last_abort"].as_str().unwrap().contains("QBER"), "{q}");
     assert_eq!(
         status["stored_key_count"], 0,
@@ -136,7 +137,8 @@ async fn the_bob_end_refuses_stale_or_forged_bb84_messages_and_keeps_working() {
     let kme_a = net.client(Some("kme-a"));
     let url = format!("{}/peer/v1/source", net.setup.peer_url("kme-b"));
     let empty = json!({"words": [], "len": 0});
-    let start = |window: u64| json!({"start": {"frame_id": 1, "window": window, "record": {"bits": empty, "bases": empty}, "protocol": 2}});
+    let protocol = kme_bb84::pipeline::PROTOCOL_VERSION;
+    let start = |window: u64| json!({"start": {"frame_id": 1, "window": window, "record": {"bits": empty, "bases": empty}, "protocol": protocol}});
     // Window 0 keyed the first frame: it never serves again, and a Start for it is answered
     // with the Bob end's next window, burning nothing: the probe of his position.
     let position = || async {
@@ -165,7 +167,7 @@ async fn the_bob_end_refuses_stale_or_forged_bb84_messages_and_keeps_working() {
         assert_eq!(answer["next_window"], next, "{answer}");
     }
     // A malformed bit vector never reaches the pipeline, even for the window due next.
-    let bad = json!({"start": {"frame_id": 1, "window": next, "protocol": 2, "record": {
+    let bad = json!({"start": {"frame_id": 1, "window": next, "protocol": protocol, "record": {
         "bits": {"words": [255], "len": 3}, "bases": empty}}});
     let (code, answer) = kme_a.try_post(&url, &bad).await.unwrap();
     assert_eq!(code, 400, "{answer}");

@@ -31,8 +31,8 @@ enum Fault {
     /// One parity bit of kme-a's second Cascade answer flips. Cascade messages carry no tag of
     /// their own: the next tag of each end covers them.
     FlipCascadeParity,
-    /// The sample seed of kme-a's Disclosure (a tagged envelope) flips one bit.
-    FlipDisclosureSeed,
+    /// One of the test (Z-basis) bits of kme-a's Disclosure (a tagged envelope) flips.
+    FlipDisclosure,
     /// The privacy-amplification seed of kme-b's Verify (a tagged envelope, in kme-b's answer
     /// at the end of Cascade) flips one bit.
     FlipVerifySeed,
@@ -219,10 +219,10 @@ impl Plan {
                 *body = serde_json::to_vec(&*message).unwrap();
                 Action::Forward
             }
-            Some(Fault::FlipDisclosureSeed) if kinds.iter().any(|k| k == "Disclosure") => {
+            Some(Fault::FlipDisclosure) if kinds.iter().any(|k| k == "Disclosure") => {
                 let disclosure = envelope_body(&mut message["step"]["envelopes"], "Disclosure")
                     .expect("a Disclosure");
-                flip(&mut disclosure["sample_seed"]);
+                flip_bitvec(&mut disclosure["z_bits"]);
                 *body = serde_json::to_vec(&*message).unwrap();
                 Action::Forward
             }
@@ -260,7 +260,7 @@ impl Plan {
                 let Some(verify) = envelope_body(&mut answer["envelopes"], "Verify") else {
                     return false;
                 };
-                flip(&mut verify["pa_seed"]);
+                flip_bitvec(&mut verify["pa_seed"]);
                 *body = serde_json::to_vec(&answer).unwrap();
                 self.fire(frame);
                 false
@@ -596,7 +596,7 @@ async fn a_dropped_or_corrupted_bb84_message_discards_the_frame_at_both_ends() {
     ];
     survive(&net, &proxy, Fault::FlipCascadeParity, &caught, &caught).await;
     let auth = ["authentication failed"];
-    survive(&net, &proxy, Fault::FlipDisclosureSeed, &auth, &auth).await;
+    survive(&net, &proxy, Fault::FlipDisclosure, &auth, &auth).await;
     survive(&net, &proxy, Fault::FlipVerifySeed, &auth, &auth).await;
     proxy.server.stop(true).await;
 }

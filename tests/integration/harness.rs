@@ -105,12 +105,15 @@ pub struct LinkOptions {
 }
 
 impl LinkOptions {
-    /// BB84 links, unpaced, with small frames; `extra`: more `[link.bb84]` lines.
+    /// BB84 links, unpaced, with frames of 500,000 key bits (the smallest that leave a fair share
+    /// of key under the finite-key bound); `extra`: more `[link.bb84]` lines.
     pub fn bb84(extra: &str) -> Self {
         Self {
             block_bytes: 1024,
             max_key_count: 512,
-            bb84: Some(format!("paced = false\nframe_sifted_bits = 60000\n{extra}")),
+            bb84: Some(format!(
+                "paced = false\nframe_sifted_bits = 500000\n{extra}"
+            )),
             ..Self::default()
         }
     }

@@ -614,9 +614,11 @@ impl Bb84 {
         outcome: std::result::Result<(), Abort>,
     ) {
         let stats = &mut self.stats;
-        if let Some(est) = &report.estimates {
-            stats.qber = Some(est.qber_sample);
-            stats.qber_upper = Some(est.qber_upper);
+        if let Some(qber) = report.qber_test {
+            stats.qber = Some(qber);
+        }
+        if let Some(bound) = &report.finite_key {
+            stats.qber_upper = Some(bound.phi1);
         }
         if let Some(cascade) = &report.cascade {
             stats.efficiency = Some(cascade.efficiency());

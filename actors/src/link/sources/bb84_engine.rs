@@ -166,14 +166,7 @@ impl Handler<BeginAlice> for Bb84Engine {
             .pulses()
             .map_err(|err| Error::BadRequest(format!("BB84 channel parameters: {err}")))?;
         let auth = AuthChannel::new(Role::Alice, &msg.auth);
-        let alice = AliceFrame::new(
-            &self.settings.pp,
-            &auth,
-            frame_id,
-            frame.alice,
-            frame.pulses_per_class,
-            self.rng.next_u64(),
-        );
+        let alice = AliceFrame::new(&auth, frame_id, frame.alice, frame.pulses_per_class);
         self.current = Some(Current {
             id: frame_id,
             auth,
@@ -296,9 +289,10 @@ mod tests {
             ..ChannelParams::default()
         };
         let mut pp = PpConfig::default();
-        pp.estimation.intensities = channel.intensities;
+        pp.estimation.source = channel.source();
         Bb84Settings {
-            pulses_per_frame: channel.pulses_for_sifted(60_000.0),
+            // The smallest frames that keep a fair share of key under the finite-key bound.
+            pulses_per_frame: channel.pulses_for_sifted(500_000.0),
             channel,
             paced: false,
             pp,
