@@ -353,7 +353,7 @@ fn inverse_bits(
 mod tests {
     use super::*;
     use crate::cascade::random_key;
-    use rand::{rngs::StdRng, SeedableRng};
+    use rand::{rngs::StdRng, RngExt, SeedableRng};
 
     #[test]
     fn fast_equals_naive_on_random_sizes() {
@@ -407,6 +407,27 @@ mod tests {
                 got: n + m - 2
             })
         );
+    }
+
+    /// At the size of a default frame (10^6 key bits and more, a third of them kept), sampled
+    /// output bits against the definition: the FFT's rounding must hold where it is tightest.
+    #[test]
+    fn a_full_frame_hash_matches_the_naive_product_on_sampled_bits() {
+        let mut rng = StdRng::seed_from_u64(13);
+        let (n, m) = (1_100_000, 400_000);
+        let key = random_key(n, &mut rng);
+        let seed = random_toeplitz_seed(n, m, &mut rng);
+        let fast = toeplitz_hash(&key, &seed, m).unwrap();
+        let ones: Vec<usize> = (0..n).filter(|&j| key.get(j)).collect();
+        let samples = [0, 1, 2, m / 3, m / 2, m - 2, m - 1]
+            .into_iter()
+            .chain((0..57).map(|_| rng.random_range(0..m)));
+        for i in samples {
+            let bit = ones
+                .iter()
+                .fold(false, |acc, &j| acc ^ seed.get(i + n - 1 - j));
+            assert_eq!(fast.get(i), bit, "output bit {i}");
+        }
     }
 
     #[test]
