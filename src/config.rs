@@ -1013,14 +1013,32 @@ mod tests {
         };
         assert_eq!(b.channel, ChannelParams::default());
         assert!(b.paced);
-        let with = |extra: &str| Config::parse(&format!("{base}[link.bb84]\n{extra}\n"), file);
-        let eve = with("eavesdropper = 1.0").unwrap();
-        assert!(
-            matches!(&eve.links[0].source, SourceKind::Bb84(b) if b.channel.eve_fraction == 1.0)
+        // The finite-key bound's view of the source is the channel's, and Cascade's leakage is
+        // counted at both ends unless the file says otherwise.
+        assert_eq!(b.pp.estimation.source, b.channel.source());
+        assert_eq!(b.pp.cascade_leakage, CascadeLeakage::AliceAndBob);
+        assert_eq!(
+            b.pulses_per_frame,
+            b.channel.pulses_for_sifted(DEFAULT_FRAME_KEY_BITS as f64)
         );
+        let with = |extra: &str| Config::parse(&format!("{base}[link.bb84]\n{extra}\n"), file);
+        let bb84 = |extra: &str| match with(extra).unwrap().links.remove(0).source {
+            SourceKind::Bb84(b) => b,
+            _ => panic!("not bb84"),
+        };
+        assert_eq!(bb84("eavesdropper = 1.0").channel.eve_fraction, 1.0);
+        let alice_only = bb84("cascade_leakage = \"alice-only\"");
+        assert_eq!(alice_only.pp.cascade_leakage, CascadeLeakage::AliceOnly);
+        // A weak third intensity is what the bound of Lim et al. handles.
+        let weak = bb84("vacuum_photon_number = 0.001\nx_basis_probability = 0.9");
+        assert_eq!(weak.pp.estimation.source.intensities[2], 0.001);
+        assert_eq!(weak.channel.x_basis_probability, 0.9);
         for bad in [
             "eavesdropper = 2.0",
             "mean_photon_number = 0.05",
+            "vacuum_photon_number = 0.3",
+            "x_basis_probability = 1.0",
+            "cascade_leakage = \"bob-only\"",
             "qber_threshold = 0.6",
             "frame_sifted_bits = 10",
             "fibre_km = 5000.0",
