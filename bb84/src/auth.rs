@@ -23,6 +23,11 @@ use thiserror::Error;
 /// Bits of pre-shared key consumed per tag.
 pub const KEY_BITS_PER_TAG: u64 = 64;
 
+/// Most words one tag may cover: the forgery bound `(L+1)/2^64` of a tag holds for
+/// transcripts up to this long, and a longer one is neither sealed nor accepted (a frame of
+/// 10^6 key bits covers some 10^5 words per tag).
+pub const MAX_TAGGED_WORDS: u64 = 1 << 22;
+
 /// Authentication failures.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum AuthError {
@@ -35,6 +40,17 @@ pub enum AuthError {
     /// Tag does not verify.
     #[error("authentication tag mismatch")]
     BadTag,
+    /// The transcript is longer than a tag's forgery bound covers.
+    #[error("{0} words since the last tag, more than one tag covers")]
+    TooLong(u64),
+}
+
+/// Whether one tag's forgery bound covers `transcript`.
+fn covered(transcript: &PolyHash) -> Result<(), AuthError> {
+    match transcript.len() {
+        words if words > MAX_TAGGED_WORDS => Err(AuthError::TooLong(words)),
+        _ => Ok(()),
+    }
 }
 
 /// Which end of the link.
@@ -182,6 +198,7 @@ impl AuthChannel {
 
     /// Tag the outgoing transcript (which is reset).
     pub fn seal(&mut self, transcript: &mut PolyHash) -> Result<AuthTag, AuthError> {
+        covered(transcript)?;
         let (pad_index, pad) = self.take_out()?;
         Ok(AuthTag {
             pad_index,
@@ -200,6 +217,7 @@ impl AuthChannel {
     /// the watermark before this message, so the caller can accept key indices the
     /// peer drew between its previous tag and this one.
     pub fn open(&mut self, transcript: &mut PolyHash, tag: &AuthTag) -> Result<u64, AuthError> {
+        covered(transcript)?;
         if tag.pad_index < self.in_next {
             return Err(AuthError::BadIndex(tag.pad_index));
         }
@@ -248,6 +266,37 @@ mod tests {
                 assert!(!shown.contains(&format!("{secret:x}")), "{shown}");
             }
         }
+    }
+
+    #[test]
+    fn a_transcript_longer_than_one_tag_covers_is_refused() {
+        let m = AuthKeyMaterial::insecure_from_seed(3, 8);
+        let mut a = AuthChannel::new(Role::Alice, &m);
+        let mut b = AuthChannel::new(Role::Bob, &m);
+        let words = vec![7u64; 1 << 16];
+        let mut long = a.transcript();
+        for _ in 0..(MAX_TAGGED_WORDS >> 16) {
+            long.absorb_all(&words);
+        }
+        // At the limit a tag is made and accepted ...
+        let mut received = b.transcript();
+        for _ in 0..(MAX_TAGGED_WORDS >> 16) {
+            received.absorb_all(&words);
+        }
+        let mut at_limit = long.clone();
+        let tag = a.seal(&mut at_limit).unwrap();
+        assert!(b.open(&mut received.clone(), &tag).is_ok());
+        // ... one word more and it is neither made nor accepted.
+        long.absorb(1);
+        received.absorb(1);
+        assert_eq!(
+            a.seal(&mut long),
+            Err(AuthError::TooLong(MAX_TAGGED_WORDS + 1))
+        );
+        assert_eq!(
+            b.open(&mut received, &tag),
+            Err(AuthError::TooLong(MAX_TAGGED_WORDS + 1))
+        );
     }
 
     #[test]

@@ -15,11 +15,12 @@
 //! which together give the `6 log2(21/eps_sec)` of Eq. (1)); the whole key is
 //! `eps_sec`-secret. Correctness: the verification hash collides with probability at most
 //! `eps_cor`, whose `log2(2/eps_cor)` bits Eq. (1) charges. Authentication failure is not in
-//! `eps_sec`: each Wegman–Carter tag is forged with probability at most `2^-59` (a 64-bit tag
-//! over a polynomial hash of at most 32 Ki words), at most [`TAGS_PER_FRAME`] tags per frame,
-//! so the total of a frame is `eps_sec + eps_cor + TAGS_PER_FRAME * 2^-59`
-//! ([`EpsilonBudget::total`]).
+//! `eps_sec`: each Wegman–Carter tag is forged with probability at most `(L+1)/2^64` for a
+//! transcript of `L` words, and no tag covers more than `2^22` words (longer ones are refused),
+//! so at most `2^-42`; a frame has at most [`TAGS_PER_FRAME`] tags, so its total is
+//! `eps_sec + eps_cor + TAGS_PER_FRAME * 2^-42` ([`EpsilonBudget::total`]).
 
+use crate::auth::MAX_TAGGED_WORDS;
 use crate::math::h2;
 use serde::{Deserialize, Serialize};
 
@@ -27,8 +28,8 @@ use serde::{Deserialize, Serialize};
 /// commit; the rest of a window's pads is margin).
 pub const TAGS_PER_FRAME: f64 = 16.0;
 /// Forgery probability of one Wegman–Carter tag: a 64-bit tag of a polynomial hash over
-/// GF(2^64) of a message of at most 2^5 x 2^10 words (degree / field size).
-pub const TAG_FORGERY: f64 = 1.0 / (1u64 << 59) as f64;
+/// GF(2^64) of at most [`MAX_TAGGED_WORDS`] words, `(L+1)/2^64`.
+pub const TAG_FORGERY: f64 = (MAX_TAGGED_WORDS + 1) as f64 / 18_446_744_073_709_551_616.0;
 
 /// The security parameters of a frame's key and what each bound may fail with.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

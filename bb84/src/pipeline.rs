@@ -108,7 +108,9 @@ impl From<AuthError> for AbortReason {
     fn from(e: AuthError) -> Self {
         match e {
             AuthError::Exhausted => AbortReason::AuthKeyExhausted,
-            AuthError::BadIndex(_) | AuthError::BadTag => AbortReason::AuthFailed,
+            AuthError::BadIndex(_) | AuthError::BadTag | AuthError::TooLong(_) => {
+                AbortReason::AuthFailed
+            }
         }
     }
 }
