@@ -10,6 +10,7 @@
 //! [`toeplitz_hash_naive`] is the O(nm) reference for tests.
 
 use crate::bits::{for_each_one_in, BitVec};
+use crate::cascade::random_key;
 use crate::parallel;
 use rand::Rng;
 use realfft::{ComplexToReal, RealFftPlanner};
@@ -64,14 +65,7 @@ fn exact_parity(v: f64) -> Result<bool, PaError> {
 /// OS-seeded CSPRNG), not expanded from a short seed: the family of all `m x n` Toeplitz
 /// matrices is 2-universal only when every one of them can be drawn with equal chance.
 pub fn random_toeplitz_seed<R: Rng + ?Sized>(n: usize, m: usize, rng: &mut R) -> BitVec {
-    let len = (n + m).saturating_sub(1);
-    let mut words: Vec<u64> = (0..len.div_ceil(64)).map(|_| rng.next_u64()).collect();
-    if !len.is_multiple_of(64) {
-        if let Some(w) = words.last_mut() {
-            *w &= (1u64 << (len % 64)) - 1;
-        }
-    }
-    BitVec::from_words(words, len).unwrap_or_default()
+    random_key((n + m).saturating_sub(1), rng)
 }
 
 fn check(key: &BitVec, seed: &BitVec, m: usize) -> Result<(), PaError> {
@@ -352,7 +346,6 @@ fn inverse_bits(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cascade::random_key;
     use rand::{rngs::StdRng, RngExt, SeedableRng};
 
     #[test]
