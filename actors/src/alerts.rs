@@ -66,7 +66,7 @@ pub struct Alerts {
     links: Vec<OwnLink>,
     router: Addr<Router>,
     client: awc::Client,
-    /// Per link end; empty until the first check, whose view is the baseline, not news.
+    /// Per link end; empty until the first check (at start), whose view is the baseline.
     seen: HashMap<KmeId, Seen>,
     queue: VecDeque<Value>,
     sending: bool,
@@ -269,6 +269,9 @@ impl Actor for Alerts {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        // The view at start is the baseline: a link that is down by the next check (a
+        // neighbour dead since before this KME started) is news.
+        self.check(ctx);
         ctx.run_interval(CHECK_EVERY, |act, ctx| act.check(ctx));
         if self.audit.is_some() {
             ctx.run_interval(self.settings.audit_check, |act, ctx| act.check_audit(ctx));

@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kme::config::Config;
@@ -739,7 +741,7 @@ pub fn keys(body: &Value) -> Vec<(String, String)> {
 impl Net {
     /// Restarts one KME (same data) on new ports of 127.0.0.1:0, so that no test binding `:0`
     /// meanwhile can take its old ones. Its peers reach its new peer listener only through a
-    /// `peer_url` that forwards to it (e.g. a proxy the test retargets).
+    /// `peer_url` that forwards to it (e.g. a `TcpRelay` the test retargets).
     pub fn restart_on_new_ports(&mut self, kme: &'static str) {
         self.stop(kme);
         let sae = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -752,6 +754,81 @@ impl Net {
         let config = Config::load(&self.setup.config_file()).unwrap();
         let node = node::spawn(config.node(kme).unwrap(), Some(Listeners { sae, peer }));
         self.nodes.push((kme, node.unwrap()));
+    }
+}
+
+/// A TCP relay on 127.0.0.1 (TLS passes through it untouched) to a KME's peer listener, for
+/// a `peer_url` that the test controls: it follows the KME to new ports (`retarget`) and can
+/// hold every byte (`stall`): a hop that is up but does not answer.
+pub struct TcpRelay {
+    listener: Option<TcpListener>,
+    port: u16,
+    target: Arc<AtomicU16>,
+    stalled: Arc<AtomicBool>,
+}
+
+impl TcpRelay {
+    pub fn bind() -> TcpRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        TcpRelay {
+            listener: Some(listener),
+            port,
+            target: Arc::new(AtomicU16::new(0)),
+            stalled: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The `peer_url` through this relay.
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+
+    /// Starts relaying each new connection to `target` (a port of 127.0.0.1).
+    pub fn run(&mut self, target: u16) {
+        use std::io::{Read, Write};
+        self.retarget(target);
+        let listener = self.listener.take().unwrap();
+        let (target, stalled) = (self.target.clone(), self.stalled.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let to = ("127.0.0.1", target.load(Ordering::SeqCst));
+                let Ok(server) = std::net::TcpStream::connect(to) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let stalled = stalled.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            while stalled.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+    }
+
+    /// New connections go to `target` from now on.
+    pub fn retarget(&self, target: u16) {
+        self.target.store(target, Ordering::SeqCst);
+    }
+
+    pub fn stall(&self, stalled: bool) {
+        self.stalled.store(stalled, Ordering::SeqCst);
     }
 }
 

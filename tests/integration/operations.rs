@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::harness::{audit_verify, dec, enc, keys, kme_audit, Client, LinkOptions, Net};
+use super::harness::{audit_verify, dec, enc, keys, kme_audit, Client, LinkOptions, Net, TcpRelay};
 
 /// Fetches `url` over plain HTTP; returns its status and body text.
 async fn plain_get(url: &str) -> (u16, String) {
@@ -381,7 +381,8 @@ async fn logs_can_be_json_lines_naming_the_request_id_of_a_refusal() {
 
 /// The operator's webhook hears of a link that goes down and comes back (each KME watches its
 /// link ends; events are JSON POSTs, sent one at a time and retried), and of an audit trail
-/// that no longer verifies (checked every `audit_check_s`).
+/// that no longer verifies (checked every `audit_check_s`). A link whose neighbour never
+/// answered is news too: the view at start is the baseline.
 #[actix::test]
 async fn the_webhook_hears_a_link_go_down_and_come_back_and_a_broken_audit_chain() {
     use actix_web::{web, App, HttpServer};
@@ -408,14 +409,22 @@ async fn the_webhook_hears_a_link_go_down_and_come_back_and_a_broken_audit_chain
     let stop_receiver = receiver.handle();
     actix_rt::spawn(receiver);
 
+    // kme-a and kme-c reach kme-b through a relay that follows it to its new ports; kme-b
+    // reaches kme-c through one that closes every connection at once.
+    let mut relay = TcpRelay::bind();
+    let mut closed = TcpRelay::bind();
     let mut net = Net::start(LinkOptions {
         alerts: Some(format!(
             "webhook_url = \"http://127.0.0.1:{port}/hook\"\naudit_check_s = 1"
         )),
+        peer_urls: vec![("kme-b", relay.url()), ("kme-c", closed.url())],
         ..LinkOptions::default()
     });
+    relay.run(net.setup.ports["kme-b"].1);
+    closed.run(0);
     net.wait_for_keys("sae-a", "kme-a", "sae-b", 16).await;
-    let until = |event: &'static str,
+    let until = |kme: &'static str,
+                 event: &'static str,
                  peer: Option<&'static str>,
                  heard: web::Data<std::sync::Mutex<Vec<serde_json::Value>>>| async move {
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -424,7 +433,7 @@ async fn the_webhook_hears_a_link_go_down_and_come_back_and_a_broken_audit_chain
                 .lock()
                 .unwrap()
                 .iter()
-                .find(|e| e["event"] == event && e["kme"] == "kme-a" && e["peer"] == json!(peer))
+                .find(|e| e["event"] == event && e["kme"] == kme && e["peer"] == json!(peer))
                 .cloned();
             if let Some(found) = found {
                 return found;
@@ -437,11 +446,13 @@ async fn the_webhook_hears_a_link_go_down_and_come_back_and_a_broken_audit_chain
             actix_rt::time::sleep(Duration::from_millis(100)).await;
         }
     };
+    until("kme-b", "link_down", Some("kme-c"), heard.clone()).await;
     net.stop("kme-b");
-    let down = until("link_down", Some("kme-b"), heard.clone()).await;
+    let down = until("kme-a", "link_down", Some("kme-b"), heard.clone()).await;
     assert!(down["at_ms"].is_i64(), "{down}");
     net.restart_on_new_ports("kme-b");
-    until("link_up", Some("kme-b"), heard.clone()).await;
+    relay.retarget(net.setup.ports["kme-b"].1);
+    until("kme-a", "link_up", Some("kme-b"), heard.clone()).await;
     // Someone with the file rewrites a record of kme-a's trail while it runs.
     actix_rt::time::sleep(Duration::from_millis(1500)).await;
     assert!(
@@ -457,7 +468,7 @@ async fn the_webhook_hears_a_link_go_down_and_come_back_and_a_broken_audit_chain
         "kme-a",
         "DROP TRIGGER audit_no_update; UPDATE audit SET detail = '{}' WHERE id = 1;",
     );
-    let broken = until("audit_chain_broken", None, heard.clone()).await;
+    let broken = until("kme-a", "audit_chain_broken", None, heard.clone()).await;
     assert!(
         broken["detail"]["message"]
             .as_str()

@@ -2,14 +2,12 @@
 //! failed links, and what a relay does with bad input and dead hops.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use super::db_probe;
-use super::harness::{enc, keys, LinkOptions, Net, Topology, NEW_SEQ};
+use super::harness::{enc, keys, LinkOptions, Net, TcpRelay, Topology, NEW_SEQ};
 
 /// enc_keys of `master` at `master_kme` for `slave` with `body`; asserts 200, returns the keys.
 async fn enc_ok(
@@ -510,60 +508,20 @@ fn the_example_networks_are_valid_rings_and_stars() {
     }
 }
 
-/// A TCP relay to `target` (TLS passes through it untouched) that holds every byte while
-/// `stalled` is set: a hop that is up but does not answer.
-fn stallable_proxy(listener: std::net::TcpListener, target: u16, stalled: Arc<AtomicBool>) {
-    use std::io::{Read, Write};
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(client) = client else { return };
-            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
-                continue;
-            };
-            for (mut from, mut to) in [
-                (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                (server, client),
-            ] {
-                let stalled = stalled.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 16 * 1024];
-                    while let Ok(n) = from.read(&mut buf) {
-                        if n == 0 {
-                            break;
-                        }
-                        while stalled.load(Ordering::SeqCst) {
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        if to.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                    let _ = to.shutdown(std::net::Shutdown::Both);
-                });
-            }
-        }
-    });
-}
-
 #[actix_web::test]
 async fn a_hop_that_stops_answering_mid_relay_gives_503_and_leaves_nothing_retrievable() {
-    // kme-b reaches kme-c through a proxy that the test can stall.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let proxy = format!(
-        "https://localhost:{}",
-        listener.local_addr().unwrap().port()
-    );
+    // kme-b reaches kme-c through a relay that the test can stall.
+    let mut proxy = TcpRelay::bind();
     let net = Net::start(LinkOptions {
-        peer_urls: vec![("kme-c", proxy)],
+        peer_urls: vec![("kme-c", proxy.url())],
         ..LinkOptions::default()
     });
-    let stalled = Arc::new(AtomicBool::new(false));
-    stallable_proxy(listener, net.setup.ports["kme-c"].1, stalled.clone());
+    proxy.run(net.setup.ports["kme-c"].1);
     until_routed(&net, ("sae-a", "kme-a"), "sae-c").await;
     let sent = enc_ok(&net, ("sae-a", "kme-a"), "sae-c", json!({})).await;
     dec_same(&net, ("sae-c", "kme-c"), "sae-a", &sent).await;
 
-    stalled.store(true, Ordering::SeqCst);
+    proxy.stall(true);
     let started = Instant::now();
     let (code, answer) = enc(
         &net.client(Some("sae-a")),
@@ -579,7 +537,7 @@ async fn a_hop_that_stops_answering_mid_relay_gives_503_and_leaves_nothing_retri
         "the slave's KME could not take the keys; retry later"
     );
     println!("503 after {:?}: {answer}", started.elapsed());
-    stalled.store(false, Ordering::SeqCst);
+    proxy.stall(false);
     let deadline = Instant::now() + Duration::from_secs(30);
     while db_probe::audit_events(net.setup.path(), "kme-a", "relay_aborted").is_empty() {
         assert!(Instant::now() < deadline, "kme-a never aborted the relay");
