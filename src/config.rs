@@ -1037,6 +1037,7 @@ mod tests {
             "eavesdropper = 2.0",
             "mean_photon_number = 0.05",
             "vacuum_photon_number = 0.3",
+            "intensity_probabilities = [0.5, 0.5, 0.0]",
             "x_basis_probability = 1.0",
             "cascade_leakage = \"bob-only\"",
             "qber_threshold = 0.6",

@@ -120,12 +120,12 @@ impl ChannelParams {
                 "class probabilities must sum to 1",
             ));
         }
-        let [mu, nu, vac] = self.intensities;
         // The conditions of the finite-key bounds (Lim et al. 2014), which handle a weak third
-        // intensity as such.
-        if !(mu > nu + vac && nu > vac && vac >= 0.0) {
+        // intensity as such and divide by each intensity's probability.
+        if !self.source().is_valid() {
             return Err(ChannelError::Inconsistent(
-                "need signal > decoy + vacuum and decoy > vacuum >= 0",
+                "need signal > decoy + vacuum, decoy > vacuum >= 0 and each intensity's \
+                 probability > 0",
             ));
         }
         if !(self.x_basis_probability > 0.0 && self.x_basis_probability < 1.0) {
