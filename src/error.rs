@@ -90,6 +90,7 @@ impl From<Error> for ApiError {
             Error::PeerUnavailable { .. }
             | Error::ActivationRejected { .. }
             | Error::FrameLost { .. }
+            | Error::BlocksOutOfStep { .. }
             | Error::SequenceBehind { .. }
             | Error::PeerMessage(_) => {
                 log::warn!("peer failure: {err}");
@@ -145,6 +146,7 @@ mod tests {
             | Error::PeerUnavailable { .. }
             | Error::ActivationRejected { .. }
             | Error::FrameLost { .. }
+            | Error::BlocksOutOfStep { .. }
             | Error::SequenceBehind { .. }
             | Error::PeerMessage(_)
             | Error::Storage(_)
@@ -177,6 +179,10 @@ mod tests {
             },
             Error::PeerMessage(secret.into()),
             Error::FrameLost { peer: "p".into() },
+            Error::BlocksOutOfStep {
+                peer: "p".into(),
+                next: Vec::new(),
+            },
             Error::SequenceBehind { last_seq: 2 },
             Error::Storage(secret.into()),
             Error::Unavailable(secret.into()),

@@ -19,8 +19,8 @@ use futures_util::StreamExt;
 use kme_actors::link::{LinkAddr, PeerLevel, ReceiveBlocks, SourceFromPeer};
 use kme_actors::peer::peer_link::MAX_SETTLE_BATCH;
 use kme_actors::peer::protocol::{
-    self, Activated, ActivationBatch, BlockShipment, BlocksStored, LevelNoted, LevelReport,
-    Refusal, SettleBatch, SettleResults, SourceRequest, TopologyNoted, TopologyUpdate,
+    self, Activated, ActivationBatch, BlockId, BlockShipment, BlocksStored, LevelNoted,
+    LevelReport, Refusal, SettleBatch, SettleResults, SourceRequest, TopologyNoted, TopologyUpdate,
 };
 use kme_actors::relay::router::{Router, TopologyFromPeer};
 use kme_actors::relay::transport::{Relay, SettleFromPeer};
@@ -85,6 +85,7 @@ pub struct PeerRefusal {
     high_mark: Option<u64>,
     frame_lost: bool,
     last_seq: Option<u64>,
+    next_blocks: Option<Vec<BlockId>>,
 }
 
 impl PeerRefusal {
@@ -95,6 +96,7 @@ impl PeerRefusal {
             high_mark: None,
             frame_lost: false,
             last_seq: None,
+            next_blocks: None,
         }
     }
 }
@@ -112,6 +114,13 @@ impl From<Error> for PeerRefusal {
                 high_mark: Some(high_mark),
                 ..Self::new(StatusCode::CONFLICT, reason)
             },
+            Error::BlocksOutOfStep { ref next, .. } => {
+                log::warn!("refused peer message: {err}");
+                Self {
+                    next_blocks: Some(next.clone()),
+                    ..Self::new(StatusCode::CONFLICT, err.to_string())
+                }
+            }
             Error::SequenceBehind { last_seq, .. } => {
                 log::warn!("refused peer message: {err}");
                 Self {
@@ -148,6 +157,7 @@ impl ResponseError for PeerRefusal {
             high_mark: self.high_mark,
             frame_lost: self.frame_lost,
             last_seq: self.last_seq,
+            next_blocks: self.next_blocks.clone(),
         })
     }
 }

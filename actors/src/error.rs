@@ -50,6 +50,14 @@ pub enum Error {
     /// committed): the frame's blocks are discarded at both ends.
     #[error("peer KME {peer} no longer holds the frame's key")]
     FrameLost { peer: String },
+    /// The two ends of a link number its key blocks differently (one was restored from a
+    /// backup or started on a new database): `next` is the refusing end's next number of each
+    /// key stream, so that the ends realign above both (see `link`).
+    #[error("key-block numbering out of step with {peer}: was an end restored from a backup? The ends realign above both, discarding the link's unused material")]
+    BlocksOutOfStep {
+        peer: String,
+        next: Vec<crate::peer::protocol::BlockId>,
+    },
     /// A neighbour's activation carries a sequence number at or below the last one taken from
     /// it: a replay, or a neighbour restored from a backup (which moves its numbers past
     /// `last_seq` when told, and sends again).

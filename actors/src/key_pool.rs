@@ -443,6 +443,22 @@ impl Handler<AddBlocks> for KeyPool {
 #[rtype(result = "()")]
 pub struct PoolLevel(pub u64);
 
+/// The link's key streams realigned (see `link`): every block here is gone from storage, and
+/// this end's stream goes on at `position` (never back). Sent by `Link`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ResetPool(pub u64);
+
+impl Handler<ResetPool> for KeyPool {
+    type Result = ();
+
+    fn handle(&mut self, msg: ResetPool, _ctx: &mut Context<Self>) {
+        self.blocks.clear();
+        self.cursor = self.cursor.max(msg.0);
+        self.report_level();
+    }
+}
+
 /// Register the actor that replenishes this pool (the link's `Link`). Sent once at start-up.
 #[derive(Message)]
 #[rtype(result = "()")]

@@ -13,7 +13,7 @@ use base64::Engine;
 use serde_json::json;
 
 use super::db_probe;
-use super::harness::{audit_verify, dec, enc, keys, Client, LinkOptions, Setup, KMES};
+use super::harness::{audit_verify, dec, enc, keys, Client, LinkOptions, Net, Setup, KMES};
 
 pub(super) struct Process {
     pub(super) child: Child,
@@ -564,4 +564,123 @@ async fn a_master_key_rotation_keeps_every_key_and_waits_for_the_kme_to_stop() {
         "the same keys, opened with the new master key"
     );
     audit_verify(&net.setup, "kme-b");
+}
+
+/// An SAE and its KME.
+type Homed = (&'static str, &'static str);
+
+/// The four directions of keys over kme-a — kme-b — kme-c: (master, slave).
+const BOTH_WAYS_ON_BOTH_LINKS: [(Homed, Homed); 4] = [
+    (("sae-a", "kme-a"), ("sae-b", "kme-b")),
+    (("sae-b", "kme-b"), ("sae-a", "kme-a")),
+    (("sae-b", "kme-b"), ("sae-c", "kme-c")),
+    (("sae-c", "kme-c"), ("sae-b", "kme-b")),
+];
+
+/// A KME restored from a backup numbers its link key blocks behind its neighbours (kme-b
+/// answers the link a — b and drives b — c): the first shipment either way is refused as out
+/// of step, both ends of each link realign above both (audited at both), and keys flow again
+/// on both links — the same at master and slave, from new blocks that both ends store, with
+/// no position bound twice.
+#[actix::test]
+async fn a_kme_restored_from_a_backup_realigns_its_links_and_reuses_nothing() {
+    let options = LinkOptions::default();
+    let mut net = Net::start(options.clone());
+    let dir = net.setup.path().to_path_buf();
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 256).await;
+    net.wait_for_keys("sae-b", "kme-b", "sae-c", 256).await;
+    let backup = dir.join("kme-b-backup.sqlite");
+    db_probe::tamper(
+        &dir,
+        "kme-b",
+        &format!("VACUUM INTO '{}'", backup.display()),
+    );
+    keys_until_past(&net, stream_numbers(&dir)).await;
+    let before_restore = stream_numbers(&dir);
+
+    net.restart_all_after(&options, || {
+        let db = dir.join("data/kme-b/kme.sqlite");
+        for stale in ["kme.sqlite-wal", "kme.sqlite-shm"] {
+            let _ = std::fs::remove_file(dir.join("data/kme-b").join(stale));
+        }
+        std::fs::copy(&backup, &db).unwrap();
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).unwrap();
+    });
+    for (master, slave) in BOTH_WAYS_ON_BOTH_LINKS {
+        // Positions bound after the backup are refused once (the slave's high mark), which
+        // moves the master past them: a 503, then keys.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let sent = loop {
+            let (code, body) = enc(
+                &net.client(Some(master.0)),
+                &net.url(master.1),
+                slave.0,
+                json!({"number": 8}),
+            )
+            .await;
+            if code == 200 {
+                break keys(&body);
+            }
+            assert_eq!(code, 503, "{body}");
+            assert!(Instant::now() < deadline, "{master:?} -> {slave:?}: {body}");
+            actix_rt::time::sleep(Duration::from_millis(50)).await;
+        };
+        let (code, body) = net.dec_sent(slave, master.0, &sent).await;
+        assert_eq!((code, keys(&body)), (200, sent), "{master:?} -> {slave:?}");
+    }
+    // New blocks at both ends of both links, numbered above what either end had.
+    let highest = before_restore.map(|_| *before_restore.iter().max().unwrap());
+    keys_until_past(&net, highest).await;
+    for (kme, peer) in [
+        ("kme-a", "kme-b"),
+        ("kme-b", "kme-a"),
+        ("kme-b", "kme-c"),
+        ("kme-c", "kme-b"),
+    ] {
+        let realigned = db_probe::audit_events(&dir, kme, "link_realigned");
+        assert!(
+            realigned.iter().any(|r| r["peer"] == peer),
+            "{kme} did not realign its link to {peer}: {realigned:?}"
+        );
+    }
+    super::relay::assert_no_position_used_twice(&net, &["kme-a", "kme-c"]);
+}
+
+/// Each key stream of both links, as (KME, peer, owner), at both ends.
+const KEY_STREAMS: [(&str, &str, &str); 8] = [
+    ("kme-a", "kme-b", "kme-a"),
+    ("kme-a", "kme-b", "kme-b"),
+    ("kme-c", "kme-b", "kme-b"),
+    ("kme-c", "kme-b", "kme-c"),
+    ("kme-b", "kme-a", "kme-a"),
+    ("kme-b", "kme-a", "kme-b"),
+    ("kme-b", "kme-c", "kme-b"),
+    ("kme-b", "kme-c", "kme-c"),
+];
+
+/// The next block number of each of `KEY_STREAMS`.
+fn stream_numbers(dir: &std::path::Path) -> [u64; 8] {
+    KEY_STREAMS.map(|(kme, peer, owner)| db_probe::next_seq(dir, kme, peer, owner))
+}
+
+/// Key pairs every way until every key stream has at least two blocks numbered from `past`
+/// on (60 s at most).
+async fn keys_until_past(net: &Net, past: [u64; 8]) {
+    let dir = net.setup.path();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stream_numbers(dir)
+        .iter()
+        .zip(&past)
+        .any(|(now, then)| *now < then + 2)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}, not past {past:?}",
+            stream_numbers(dir)
+        );
+        for (master, slave) in BOTH_WAYS_ON_BOTH_LINKS {
+            net.wait_for_keys(master.0, master.1, slave.0, 128).await;
+            net.key_pair(master, slave, 128).await;
+        }
+    }
 }

@@ -22,6 +22,12 @@
 //!   commit it has lost its copy and answers `FrameLost`: the driving end discards the
 //!   unconfirmed blocks and reuses their numbers. A commit retried after the driving end
 //!   restarted is answered from what is stored.
+//! - Out of step: when the other end refuses blocks because it numbers the key streams
+//!   differently (an end restored from a backup, or started on a new database), it says its
+//!   next numbers (`BlocksOutOfStep`). The driving end then realigns both ends above both:
+//!   it discards the refused shipment and every key block of the link below the new numbers
+//!   (here first, then `Realign` there), so neither end hands out material the other lacks.
+//!   Their pools start empty; positions bound before stay bound (high marks move up too).
 //!
 //! Mailbox: bounded; one delivery or source work in flight at a time at the driving end.
 //! `SourceFromPeer` and `ReceiveBlocks` are handled atomically, so a commit never races a
@@ -31,13 +37,14 @@ pub mod auth;
 pub mod key_source;
 pub mod sources;
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::key_pool::{AddBlocks, KeyPool, PoolLevel};
+use crate::key_pool::{AddBlocks, KeyPool, PoolLevel, ResetPool};
 use crate::link::auth::{CommitAuth, WINDOW_BYTES};
 use crate::link::key_source::{
     Condition, Delivery, KeySource, Produced, QkdHealth, SharedKey, Stream, Work,
@@ -47,7 +54,8 @@ use crate::peer::protocol::{BlockId, SourceReply, SourceRequest};
 use crate::storage::audit::AuditRecord;
 use crate::storage::db::StoredBlock;
 use crate::storage::ops::{
-    BlockOutcome, BlockRecord, ConfirmBlocks, DiscardBlocks, StoreBlocks, UsedKeyFile,
+    BlockOutcome, BlockRecord, ConfirmBlocks, DiscardBlocks, RealignStreams, StoreBlocks,
+    UsedKeyFile,
 };
 use crate::storage::store::{Exec, Store};
 use crate::types::{KmeId, LinkParams, Owner};
@@ -249,6 +257,9 @@ pub struct LinkCore {
     held: Option<SharedKey>,
     /// The last failure to reach the peer or the storage, until the next success.
     failure: Option<String>,
+    /// Driving end: the other end numbers the key streams differently (its next numbers):
+    /// the ends realign before anything else.
+    out_of_step: Option<Vec<BlockId>>,
     blocks_produced: u64,
     bytes_produced: u64,
 }
@@ -397,9 +408,104 @@ impl LinkCore {
             self.params.peer,
             blocks.len()
         );
+        self.rewind(blocks);
+    }
+
+    /// Blocks discarded unconfirmed: their numbers are free again.
+    fn rewind(&mut self, blocks: &[BlockRecord]) {
         for block in blocks {
             let next = self.next_seq(&block.owner);
             *next = (*next).min(block.seq);
+        }
+    }
+
+    /// This end's next number of each key stream (for a `BlocksOutOfStep`).
+    fn key_stream_numbers(&self) -> Vec<BlockId> {
+        let me = Owner::Kme(self.params.me.clone());
+        let peer = Owner::Kme(self.params.peer.clone());
+        vec![
+            BlockId {
+                seq: self.next_own_seq,
+                owner: me,
+            },
+            BlockId {
+                seq: self.next_peer_seq,
+                owner: peer,
+            },
+        ]
+    }
+
+    /// A refusal for blocks numbered differently, with this end's numbers.
+    fn with_our_numbers(&self, err: Error) -> Error {
+        match err {
+            Error::BlocksOutOfStep { peer, .. } => Error::BlocksOutOfStep {
+                peer,
+                next: self.key_stream_numbers(),
+            },
+            other => other,
+        }
+    }
+
+    /// The numbers both ends go on from: above this end's and `theirs` (the other end's,
+    /// owners as in `key_stream_numbers`; any other owner is refused).
+    fn realigned_numbers(&self, theirs: &[BlockId]) -> Result<Vec<BlockId>> {
+        let mut next = self.key_stream_numbers();
+        for id in theirs {
+            let Some(ours) = next.iter_mut().find(|n| n.owner == id.owner) else {
+                return Err(Error::PeerMessage(format!(
+                    "{} is not a key stream of this link",
+                    id.owner
+                )));
+            };
+            ours.seq = ours.seq.max(id.seq);
+        }
+        Ok(next)
+    }
+
+    /// The key streams go on from `next` here (their blocks below are gone from storage).
+    fn realigned(&mut self, next: &[BlockId]) {
+        for id in next {
+            let seq = self.next_seq(&id.owner);
+            *seq = id.seq;
+        }
+        self.held = None;
+        log::warn!(
+            "link to {}: key streams realigned at {:?}; the link's unused material is discarded",
+            self.params.peer,
+            next.iter()
+                .map(|n| (n.owner.as_str(), n.seq))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    /// Realigns the key streams here at `next`: storage first, then the pool.
+    fn realign_storage(
+        &self,
+        next: Vec<BlockId>,
+        by: &str,
+    ) -> impl std::future::Future<Output = Result<()>> {
+        let op = RealignStreams {
+            peer: self.params.peer.clone(),
+            next: next.iter().map(|n| (n.owner.clone(), n.seq)).collect(),
+            block_bytes: self.params.block_bytes,
+            audit: AuditRecord::new(
+                "link_realigned",
+                serde_json::json!({
+                    "peer": self.params.peer.as_str(),
+                    "by": by,
+                    "next": next.iter().map(|n| (n.owner.as_str(), n.seq)).collect::<HashMap<_, _>>(),
+                }),
+            ),
+        };
+        let own = next
+            .iter()
+            .find(|n| n.owner == Owner::Kme(self.params.me.clone()))
+            .map_or(0, |n| n.seq.saturating_mul(self.params.block_bytes as u64));
+        let (store, pool) = (self.store.clone(), self.pool.clone());
+        async move {
+            store.send(Exec(op)).await??;
+            pool.send(ResetPool(own)).await?;
+            Ok(())
         }
     }
 
@@ -478,6 +584,7 @@ impl<S: KeySource> Link<S> {
                 pending,
                 held: None,
                 failure: None,
+                out_of_step: None,
                 blocks_produced: 0,
                 bytes_produced: 0,
             },
@@ -608,6 +715,13 @@ impl<S: KeySource> Link<S> {
                         act.on_held_by_both(blocks, from_key_file);
                     }
                     Err(Error::FrameLost { .. }) => act.core.discarded(&blocks),
+                    Err(Error::BlocksOutOfStep { peer, next }) => {
+                        // Refused whole: nothing of it was stored there.
+                        act.core.rewind(&blocks);
+                        act.core.out_of_step = Some(next.clone());
+                        act.core
+                            .set_health(&Err(Error::BlocksOutOfStep { peer, next }));
+                    }
                     Err(err) => {
                         // Kept and retried on a later tick, with the same numbers and bytes.
                         act.core.pending = Some(PendingDelivery {
@@ -657,6 +771,10 @@ impl<S: KeySource> Link<S> {
         if self.core.busy {
             return;
         }
+        if let Some(theirs) = self.core.out_of_step.clone() {
+            self.realign(ctx, &theirs);
+            return;
+        }
         if let Some(pending) = self.core.pending.take() {
             self.ship(ctx, pending.blocks, pending.stored, pending.shipment);
             return;
@@ -671,6 +789,49 @@ impl<S: KeySource> Link<S> {
                 }));
             }
         }
+    }
+
+    /// Driving end: realigns both ends' key streams above both (`theirs`: the other end's
+    /// numbers), here first; retried on later ticks until the other end has too.
+    fn realign(&mut self, ctx: &mut Context<Self>, theirs: &[BlockId]) {
+        let next = match self.core.realigned_numbers(theirs) {
+            Ok(next) => next,
+            Err(err) => {
+                self.core.out_of_step = None;
+                self.core.set_health(&Err(err));
+                return;
+            }
+        };
+        self.core.busy = true;
+        let here = self.core.realign_storage(next.clone(), "this end");
+        let peer = self.core.peer.clone();
+        let request = SourceRequest::Realign { next: next.clone() };
+        let work = async move {
+            here.await?;
+            match peer.send(SourceExchange(request)).await? {
+                Ok(SourceReply::Realigned {}) => Ok(()),
+                Ok(other) => Err(other.unexpected("realign")),
+                Err(err) => Err(err),
+            }
+        };
+        ctx.spawn(
+            fut::wrap_future(work).map(move |result: Result<()>, act: &mut Self, _| {
+                act.core.busy = false;
+                match result {
+                    Ok(()) => {
+                        act.core.realigned(&next);
+                        act.core.out_of_step = None;
+                        act.core.set_health(&Ok(()));
+                    }
+                    Err(Error::BlocksOutOfStep { peer, next: theirs }) => {
+                        act.core.out_of_step = Some(theirs.clone());
+                        act.core
+                            .set_health(&Err(Error::BlocksOutOfStep { peer, next: theirs }));
+                    }
+                    Err(err) => act.core.set_health(&Err(err)),
+                }
+            }),
+        );
     }
 
     /// Receiving end: tell the generator our level when it changed.
@@ -776,7 +937,8 @@ impl<S: KeySource> Link<S> {
         };
         Box::pin(fut::wrap_future(work).map(
             move |result: Result<Vec<BlockRecord>>, act: &mut Self, _| {
-                act.on_held_by_both(result?, from_key_file);
+                let fresh = result.map_err(|err| act.core.with_our_numbers(err))?;
+                act.on_held_by_both(fresh, from_key_file);
                 act.core.reported_level = Some(act.core.own_level);
                 act.core.set_health(&Ok(()));
                 Ok(act.core.own_level)
@@ -806,6 +968,7 @@ impl<S: KeySource> Handler<SourceFromPeer> for Link<S> {
                 blocks,
                 tag,
             } if self.source.delivery() == Delivery::ByNumber => self.commit(frame_id, blocks, tag),
+            SourceRequest::Realign { next } => self.realign_here(next),
             request => Self::run(self.source.answer(request, &mut self.core)),
         };
         AtomicResponse::new(answer)
@@ -813,6 +976,34 @@ impl<S: KeySource> Handler<SourceFromPeer> for Link<S> {
 }
 
 type Reply<S> = ResponseActFuture<Link<S>, Result<SourceReply>>;
+
+/// Realignment, at the end that does not drive.
+impl<S: KeySource> Link<S> {
+    /// Goes on from the driving end's numbers `next`, if they are above this end's own
+    /// (else refuses with its own, for the driving end to try again).
+    fn realign_here(&mut self, next: Vec<BlockId>) -> Reply<S> {
+        let core = &self.core;
+        let ours = core.key_stream_numbers();
+        let above_ours = next.len() == ours.len()
+            && ours
+                .iter()
+                .all(|o| next.iter().any(|n| n.owner == o.owner && n.seq >= o.seq));
+        if !above_ours {
+            return Self::run(Work::Ready(Err(Error::BlocksOutOfStep {
+                peer: core.params.me.to_string(),
+                next: ours,
+            })));
+        }
+        let here = core.realign_storage(next.clone(), "the other end");
+        Box::pin(
+            fut::wrap_future(here).map(move |result: Result<()>, act: &mut Self, _| {
+                result?;
+                act.core.realigned(&next);
+                Ok(SourceReply::Realigned {})
+            }),
+        )
+    }
+}
 
 /// Commits, at the end that does not drive (sources that deliver by number).
 impl<S: KeySource> Link<S> {

@@ -325,6 +325,12 @@ async fn post_json<R: DeserializeOwned>(
         if let Some(last_seq) = refusal.last_seq {
             return Err(Error::SequenceBehind { last_seq });
         }
+        if let Some(next) = refusal.next_blocks {
+            return Err(Error::BlocksOutOfStep {
+                peer: target.peer.to_string(),
+                next,
+            });
+        }
         return Err(match refusal.high_mark {
             Some(high_mark) => Error::ActivationRejected {
                 peer: target.peer.to_string(),

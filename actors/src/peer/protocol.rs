@@ -162,6 +162,9 @@ pub enum SourceRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tag: Option<u64>,
     },
+    /// The ends number the key blocks differently: go on from these numbers (above both
+    /// ends' own), discarding every key block of the link below them.
+    Realign { next: Vec<BlockId> },
 }
 
 /// The other end's key file under an offered name.
@@ -229,6 +232,8 @@ pub enum SourceReply {
     },
     /// `Commit`: the blocks are stored here; this end's pool level now.
     Committed { level: u64 },
+    /// `Realign`: this end goes on from the numbers given, its pool empty.
+    Realigned {},
 }
 
 impl SourceReply {
@@ -240,6 +245,7 @@ impl SourceReply {
             SourceReply::Progress(_) => "progress",
             SourceReply::FileOffer { .. } => "file_offer",
             SourceReply::Committed { .. } => "committed",
+            SourceReply::Realigned {} => "realigned",
         };
         Error::PeerMessage(format!("a {request} was answered with {answer}"))
     }
@@ -258,6 +264,10 @@ pub struct Refusal {
     /// Activation: the last sequence number taken from the sender (its numbers are behind).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seq: Option<u64>,
+    /// Blocks, commit: the ends number the link's key blocks differently; this end's next
+    /// number of each key stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_blocks: Option<Vec<BlockId>>,
 }
 
 impl WireBlock {

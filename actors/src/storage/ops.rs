@@ -202,7 +202,16 @@ impl Operation for DiscardBlocks {
     type Output = ();
 
     fn apply(self, txn: &mut Txn<'_>) -> Result<()> {
-        let peer = self.peer.as_str();
+        discard_unconfirmed(txn, &self.peer)?;
+        txn.audit(&self.audit)
+    }
+}
+
+/// Deletes every unconfirmed block of the link to `peer` (and the key files pending with
+/// them), rewinding each stream to its first deleted number.
+fn discard_unconfirmed(txn: &mut Txn<'_>, peer: &KmeId) -> Result<()> {
+    {
+        let peer = peer.as_str();
         txn.tx
             .prepare_cached(
                 "UPDATE link_streams SET next_seq = (SELECT min(b.seq) FROM link_blocks b
@@ -219,6 +228,36 @@ impl Operation for DiscardBlocks {
         txn.tx
             .prepare_cached("DELETE FROM key_files WHERE peer = ?1 AND pending = 1")?
             .execute(params![peer])?;
+    }
+    txn.block_cache.remove(peer);
+    Ok(())
+}
+
+/// Both ends of the link to `peer` go on from the numbers `next` (one per key stream, above
+/// what either end holds): every unconfirmed block is discarded (the shipment the other end
+/// refused), then each key stream's blocks below its number are deleted and its next number
+/// and position move there. Authentication blocks are not touched.
+pub struct RealignStreams {
+    pub peer: KmeId,
+    pub next: Vec<(Owner, u64)>,
+    pub block_bytes: usize,
+    pub audit: AuditRecord,
+}
+
+impl Operation for RealignStreams {
+    type Output = ();
+
+    fn apply(self, txn: &mut Txn<'_>) -> Result<()> {
+        discard_unconfirmed(txn, &self.peer)?;
+        for (owner, next) in &self.next {
+            if *owner == Owner::Auth {
+                return Err(Error::PeerMessage(
+                    "the authentication stream is not realigned".into(),
+                ));
+            }
+            // Deletes the blocks below and moves the next number and position there.
+            restart_stream(txn.tx, &self.peer, owner, *next, self.block_bytes)?;
+        }
         txn.block_cache.remove(&self.peer);
         txn.audit(&self.audit)
     }

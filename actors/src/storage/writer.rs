@@ -359,11 +359,16 @@ pub(super) fn store_blocks(
                 outcomes.push(BlockOutcome::Duplicate);
                 continue;
             }
+            // The ends numbered different material alike: an end was restored.
             Some(_) => {
-                return Err(Error::PeerMessage(format!(
-                    "block {} of {} differs from the stored one",
-                    block.seq, block.owner
-                )))
+                return Err(out_of_step(
+                    peer,
+                    &block.owner,
+                    format!(
+                        "block {} of {} differs from the stored one",
+                        block.seq, block.owner
+                    ),
+                ))
             }
             None => {}
         }
@@ -373,13 +378,24 @@ pub(super) fn store_blocks(
             outcomes.push(BlockOutcome::Duplicate);
             continue;
         }
-        if block.seq != state.next_seq || block.seq >= MAX_POSITION {
+        if block.seq >= MAX_POSITION {
             return Err(Error::PeerMessage(format!(
-                "block {} of {} does not follow block {}",
-                block.seq,
-                block.owner,
-                state.next_seq.saturating_sub(1)
+                "block {} of {} is out of range",
+                block.seq, block.owner
             )));
+        }
+        if block.seq != state.next_seq {
+            // Numbers beyond this end's: it lost blocks (restored, or a new database).
+            return Err(out_of_step(
+                peer,
+                &block.owner,
+                format!(
+                    "block {} of {} does not follow block {}",
+                    block.seq,
+                    block.owner,
+                    state.next_seq.saturating_sub(1)
+                ),
+            ));
         }
         tx.prepare_cached(
             "INSERT INTO link_blocks(peer, owner, seq, data, digest, confirmed)
@@ -401,6 +417,19 @@ pub(super) fn store_blocks(
         outcomes.push(BlockOutcome::Stored);
     }
     Ok(outcomes)
+}
+
+/// The refusal of a block the ends number differently: the key streams realign
+/// (`Error::BlocksOutOfStep`, whose numbers the link end fills in); the authentication stream
+/// waits for an operator key (`why`).
+fn out_of_step(peer: &KmeId, owner: &Owner, why: String) -> Error {
+    match owner {
+        Owner::Auth => Error::PeerMessage(why),
+        Owner::Kme(_) => Error::BlocksOutOfStep {
+            peer: peer.to_string(),
+            next: Vec::new(),
+        },
+    }
 }
 
 /// Positions and block numbers stay below this, so that they fit SQLite's signed integers and
@@ -796,7 +825,7 @@ mod tests {
     use super::*;
     use crate::storage::ops::{
         pending, Activate, AppendAudit, DiscardBlocks, ExpireKeys, KeyFileUsed, Operation,
-        Retrieve, StoreBlocks, UsedKeyFile,
+        RealignStreams, Retrieve, StoreBlocks, UsedKeyFile,
     };
     use crate::storage::{audit_trail, db};
     use std::time::Duration;
@@ -898,6 +927,8 @@ mod tests {
         key
     }
 
+    /// Blocks numbered differently at the two ends are refused as out of step (key streams:
+    /// the ends realign) or as a bad message (the authentication stream).
     #[test]
     fn blocks_are_idempotent_and_replays_of_consumed_ones_fail() {
         let (_dir, conn) = conn();
@@ -910,7 +941,7 @@ mod tests {
         altered.data[0] ^= 1;
         assert!(matches!(
             store(&conn, &peer, vec![altered]),
-            Err(Error::PeerMessage(_))
+            Err(Error::BlocksOutOfStep { .. })
         ));
         // Block 0 is consumed (deleted): shipping it again changes nothing, it is not stored.
         advance_position(&conn, &peer, &Owner::Kme(peer.clone()), 16, 16).unwrap();
@@ -925,6 +956,10 @@ mod tests {
         // Numbers must follow each other: a gap is refused.
         assert!(matches!(
             store(&conn, &peer, vec![block("kme-a", 5)]),
+            Err(Error::BlocksOutOfStep { .. })
+        ));
+        assert!(matches!(
+            store(&conn, &peer, vec![block("#auth", 5)]),
             Err(Error::PeerMessage(_))
         ));
     }
@@ -1022,6 +1057,82 @@ mod tests {
             .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
             .unwrap();
         assert_eq!(left, 0, "the key is deleted once every slave has it");
+    }
+
+    /// Realigning the key streams at 5 (kme-a's) and 3 (kme-b's): the refused shipment
+    /// (unconfirmed) and every key block below the numbers are gone, the streams go on from
+    /// them with their positions there, and the authentication stream is untouched.
+    #[test]
+    fn realigning_discards_every_key_block_below_the_new_numbers_and_no_authentication_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, _) = db::open(&dir.path().join("t.sqlite"), 1).unwrap();
+        let mut writer = DbWriter::new(pool.clone(), Arc::new(sealer()));
+        let peer = kme("kme-b");
+        let store = |blocks, confirmed| StoreBlocks {
+            peer: peer.clone(),
+            blocks,
+            confirmed,
+            key_file: None,
+        };
+        let mut batch = Vec::new();
+        let stored = [
+            queue(
+                &mut batch,
+                store(
+                    vec![block("kme-a", 0), block("kme-b", 0), block("#auth", 0)],
+                    true,
+                ),
+            ),
+            queue(
+                &mut batch,
+                store(vec![block("kme-a", 1), block("kme-b", 1)], false),
+            ),
+        ];
+        let mut realigned = queue(
+            &mut batch,
+            RealignStreams {
+                peer: peer.clone(),
+                next: vec![(Owner::parse("kme-a"), 5), (Owner::parse("kme-b"), 3)],
+                block_bytes: 16,
+                audit: AuditRecord::new("link_realigned", serde_json::json!({})),
+            },
+        );
+        let mut auth = queue(
+            &mut batch,
+            RealignStreams {
+                peer: peer.clone(),
+                next: vec![(Owner::Auth, 9)],
+                block_bytes: 16,
+                audit: AuditRecord::new("link_realigned", serde_json::json!({})),
+            },
+        );
+        writer.write(batch).unwrap();
+        for mut outcome in stored {
+            assert!(outcome.try_recv().unwrap().is_ok());
+        }
+        assert_eq!(realigned.try_recv().unwrap(), Ok(()));
+        assert!(matches!(
+            auth.try_recv().unwrap(),
+            Err(Error::PeerMessage(_))
+        ));
+        let conn = pool.get().unwrap();
+        for (owner, next) in [("kme-a", 5), ("kme-b", 3), ("#auth", 1)] {
+            let state = db::stream_state(&conn, &peer, &Owner::parse(owner)).unwrap();
+            assert_eq!(state.next_seq, next, "{owner}");
+            if owner != "#auth" {
+                assert_eq!(state.position, next * 16, "{owner}");
+            }
+        }
+        let left: Vec<String> = conn
+            .prepare("SELECT owner FROM link_blocks")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<std::result::Result<_, _>>()
+            .unwrap();
+        assert_eq!(left, vec!["#auth"]);
+        let next = store_blocks(&conn, &sealer(), &peer, vec![block("kme-a", 5)], true).unwrap();
+        assert_eq!(next, vec![BlockOutcome::Stored]);
     }
 
     #[test]
