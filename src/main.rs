@@ -89,6 +89,16 @@ enum Command {
         #[command(subcommand)]
         action: MasterKeyAction,
     },
+    /// After restoring a KME's database from a backup, the KME stopped: forget the keys
+    /// waiting there for retrieval and held for relays (its SAEs may have retrieved them
+    /// since the backup was taken), audited as `database_restored`. Its links realign with
+    /// their neighbours by themselves.
+    Restored {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        kme: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -289,6 +299,27 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 rotated.held_keys,
                 rotated.link_blocks,
                 node.me.master_key.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restored { config, kme } => {
+            let node = load(config)?.node(&kme).map_err(|err| err.to_string())?;
+            let _lock = kme::node::lock_data_dir(&node.me.data_dir)?;
+            let mut conn = kme_actors::storage::db::open_existing(&node.me.db_file(), true)
+                .map_err(|err| err.to_string())?;
+            let head = node
+                .me
+                .data_dir
+                .join(kme_actors::storage::audit_trail::HEAD_FILE);
+            let forgotten = kme_actors::storage::restored::forget_waiting_keys(
+                &mut conn,
+                &node.me.master_key,
+                &head,
+            )
+            .map_err(|err| err.to_string())?;
+            println!(
+                "{kme}: {} waiting keys and {} relay keys forgotten (audited as database_restored); its links realign when it runs",
+                forgotten.keys, forgotten.held_keys
             );
             Ok(ExitCode::SUCCESS)
         }

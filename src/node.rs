@@ -58,6 +58,8 @@ pub enum StartError {
     Metrics(String),
     #[error("network file: {0}")]
     Reload(String),
+    #[error("the database does not reach its audit head outside it ({0}): if it was restored from a backup, run `kme restored --kme {1}` first (keys waiting there may have been retrieved since); if not, its trail was cut")]
+    BehindItsAuditHead(kme_actors::Error, String),
 }
 
 /// Listeners to use instead of binding the configured addresses (tests bind 127.0.0.1:0).
@@ -146,6 +148,13 @@ pub async fn start(config: NodeConfig, listeners: Option<Listeners>) -> Result<N
         let epoch = db::next_epoch(&conn)?;
         let sealer = master_key::open_sealer(&conn, &config.me.master_key, Access::Start)?;
         audit_trail::seal_keyed(&conn, &*sealer.audit_key()?)?;
+        // A database older than the head its last run left outside it (restored, or cut)
+        // would serve keys again that were retrieved since: not before the operator says so.
+        let head = config.me.data_dir.join(audit_trail::HEAD_FILE);
+        if head.exists() {
+            audit_trail::check_head(&conn, &*sealer.audit_key()?, &head)
+                .map_err(|err| StartError::BehindItsAuditHead(err, me.to_string()))?;
+        }
         (Arc::new(sealer), epoch)
     };
     let (sealer, epoch) = sealer;

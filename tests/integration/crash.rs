@@ -13,7 +13,9 @@ use base64::Engine;
 use serde_json::json;
 
 use super::db_probe;
-use super::harness::{audit_verify, dec, enc, keys, Client, LinkOptions, Net, Setup, KMES};
+use super::harness::{
+    audit_verify, dec, enc, keys, kme_restored, Client, LinkOptions, Net, Setup, KMES,
+};
 
 pub(super) struct Process {
     pub(super) child: Child,
@@ -581,20 +583,33 @@ const BOTH_WAYS_ON_BOTH_LINKS: [(Homed, Homed); 4] = [
 /// answers the link a — b and drives b — c): the first shipment either way is refused as out
 /// of step, both ends of each link realign above both (audited at both), and keys flow again
 /// on both links — the same at master and slave, from new blocks that both ends store, with
-/// no position bound twice.
+/// no position bound twice. A key that waited at kme-b when the backup was taken and was
+/// retrieved after it is not served again: `kme restored` forgets the waiting keys first.
 #[actix::test]
 async fn a_kme_restored_from_a_backup_realigns_its_links_and_reuses_nothing() {
     let options = LinkOptions::default();
     let mut net = Net::start(options.clone());
     let dir = net.setup.path().to_path_buf();
+    let config = net.setup.config_file();
     net.wait_for_keys("sae-a", "kme-a", "sae-b", 256).await;
     net.wait_for_keys("sae-b", "kme-b", "sae-c", 256).await;
+    let (code, body) = enc(
+        &net.client(Some("sae-a")),
+        &net.url("kme-a"),
+        "sae-b",
+        json!({}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let waiting = keys(&body);
     let backup = dir.join("kme-b-backup.sqlite");
     db_probe::tamper(
         &dir,
         "kme-b",
         &format!("VACUUM INTO '{}'", backup.display()),
     );
+    let (code, _) = net.dec_sent(("sae-b", "kme-b"), "sae-a", &waiting).await;
+    assert_eq!(code, 200);
     keys_until_past(&net, stream_numbers(&dir)).await;
     let before_restore = stream_numbers(&dir);
 
@@ -605,7 +620,23 @@ async fn a_kme_restored_from_a_backup_realigns_its_links_and_reuses_nothing() {
         }
         std::fs::copy(&backup, &db).unwrap();
         std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let restored = kme_restored(&config, "kme-b");
+        let said = String::from_utf8_lossy(&restored.stdout);
+        assert!(
+            restored.status.success() && said.contains("1 waiting keys"),
+            "{said}{}",
+            String::from_utf8_lossy(&restored.stderr)
+        );
     });
+    let (code, body) = net.dec_sent(("sae-b", "kme-b"), "sae-a", &waiting).await;
+    assert_eq!(
+        code, 400,
+        "a key retrieved after the backup, served again: {body}"
+    );
+    let restored = db_probe::audit_events(&dir, "kme-b", "database_restored");
+    assert_eq!(restored.len(), 1, "{restored:?}");
+    assert_eq!(restored[0]["keys_forgotten"], 1);
+    assert!(restored[0]["previous_head"]["id"].is_i64(), "{restored:?}");
     for (master, slave) in BOTH_WAYS_ON_BOTH_LINKS {
         // Positions bound after the backup are refused once (the slave's high mark), which
         // moves the master past them: a 503, then keys.
@@ -644,6 +675,7 @@ async fn a_kme_restored_from_a_backup_realigns_its_links_and_reuses_nothing() {
         );
     }
     super::relay::assert_no_position_used_twice(&net, &["kme-a", "kme-c"]);
+    audit_verify(&net.setup, "kme-b");
 }
 
 /// Each key stream of both links, as (KME, peer, owner), at both ends.

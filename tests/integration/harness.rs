@@ -867,6 +867,16 @@ pub fn revoke(dir: &Path, names: &[&str]) {
     );
 }
 
+/// Runs `kme restored --config <config> --kme <kme>` (the KME stopped); returns its output.
+pub fn kme_restored(config: &Path, kme: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kme"))
+        .args(["restored", "--config"])
+        .arg(config)
+        .args(["--kme", kme])
+        .output()
+        .unwrap()
+}
+
 /// Runs `kme audit <action> --config <setup's> --kme <kme> <args>`; returns its output.
 pub fn kme_audit(setup: &Setup, action: &str, kme: &str, args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_kme"))

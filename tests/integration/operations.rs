@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::harness::{audit_verify, dec, enc, keys, kme_audit, Client, LinkOptions, Net, TcpRelay};
+use super::harness::{
+    audit_verify, dec, enc, keys, kme_audit, kme_restored, Client, LinkOptions, Net, TcpRelay,
+};
 
 /// Fetches `url` over plain HTTP; returns its status and body text.
 async fn plain_get(url: &str) -> (u16, String) {
@@ -496,7 +498,9 @@ fn audit_verify_of_a_missing_database_fails_and_creates_nothing() {
 }
 
 /// The audit trail's head is kept outside the database too: cutting the newest records (even
-/// with the triggers dropped, as someone with the file could) is seen by `kme audit verify`.
+/// with the triggers dropped, as someone with the file could) is seen by `kme audit verify`,
+/// and the KME does not start on that database (nor on one restored from a backup) until
+/// the operator runs `kme restored`.
 #[actix::test]
 async fn a_cut_audit_tail_is_seen_against_the_head_outside_the_database() {
     let mut net = Net::start(LinkOptions::default());
@@ -528,6 +532,27 @@ async fn a_cut_audit_tail_is_seen_against_the_head_outside_the_database() {
         !cut.status.success() && said.contains("tail was cut"),
         "{said}"
     );
+    let config = kme::config::Config::load(&net.setup.config_file()).unwrap();
+    let start = || {
+        let any_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listeners = kme::node::Listeners {
+            sae: any_port(),
+            peer: any_port(),
+        };
+        kme::node::spawn(config.node("kme-a").unwrap(), Some(listeners))
+    };
+    let refused = start().err().map(|err| err.to_string()).unwrap_or_default();
+    assert!(
+        refused.contains("tail was cut") && refused.contains("kme restored --kme kme-a"),
+        "{refused}"
+    );
+    let restored = kme_restored(&net.setup.config_file(), "kme-a");
+    assert!(
+        restored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
+    start().unwrap().stop();
 }
 
 /// Retention: a closed segment of the trail is exported and pruned while the KME serves; the

@@ -12,6 +12,7 @@
 //! | `audit_trail.rs` | the trail as a whole: verification, its head outside the database, export and pruning of segments |
 //! | `sealing.rs` | AES-256-GCM sealing of key material at rest, data keys by HKDF |
 //! | `master_key.rs` | which key file opens the database, and the master key's rotation |
+//! | `restored.rs` | a database restored from a backup: its waiting keys forgotten |
 
 pub mod audit;
 pub mod audit_trail;
@@ -20,6 +21,7 @@ pub mod db;
 pub mod held;
 pub mod master_key;
 pub mod ops;
+pub mod restored;
 pub mod sealing;
 pub mod store;
 pub mod writer;

@@ -270,14 +270,14 @@ impl DbWriter {
 const HEAD_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// `{"id": .., "hash": hex}` to `path`, replaced whole (written aside, then renamed).
-fn write_head(path: &Path, id: i64, hash: &[u8]) -> std::io::Result<()> {
+pub(super) fn write_head(path: &Path, id: i64, hash: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let text = serde_json::json!({"id": id, "hash": crate::types::hex(hash)}).to_string();
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
 }
 
-fn audit_head(tx: &Connection) -> Result<(i64, Vec<u8>)> {
+pub(super) fn audit_head(tx: &Connection) -> Result<(i64, Vec<u8>)> {
     let row = tx
         .query_row(
             "SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1",
