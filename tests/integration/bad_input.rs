@@ -625,6 +625,44 @@ async fn sequence_numbers_resynchronise_after_a_restore_and_refuse_a_jump_far_ah
     assert_eq!(code, 200, "the real numbers still go through");
 }
 
+/// The handshake on connect: a KME that starts with its numbers behind what its neighbour
+/// took from it (restored from a backup) learns the neighbour's last number before it binds
+/// any key, so its first batch is not refused (before: one 503 per neighbour and restart).
+#[actix::test]
+async fn a_kme_learns_its_neighbours_numbers_on_connect_before_binding_a_key() {
+    let options = LinkOptions::default();
+    let mut net = Net::start(options.clone());
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 16).await;
+    net.key_pair(("sae-a", "kme-a"), ("sae-b", "kme-b"), 1)
+        .await;
+    let dir = net.setup.path().to_path_buf();
+    net.restart_all_after(&options, || {
+        // As if kme-a had run 40 more boots before its data went back to this state.
+        super::db_probe::tamper(
+            &dir,
+            "kme-b",
+            "UPDATE peer_sequence SET last_seq = (((last_seq >> 40) + 40) << 40) WHERE peer = 'kme-a'",
+        );
+    });
+    net.wait_for_keys("sae-a", "kme-a", "sae-b", 16).await;
+    let (code, body) = enc(
+        &net.client(Some("sae-a")),
+        &net.url("kme-a"),
+        "sae-b",
+        json!({}),
+    )
+    .await;
+    assert_eq!(code, 200, "the first batch after the restart: {body}");
+    let sent = keys(&body);
+    let (code, body) = net.dec_sent(("sae-b", "kme-b"), "sae-a", &sent).await;
+    assert_eq!((code, keys(&body)), (200, sent));
+    let greeted = super::db_probe::audit_events(&dir, "kme-b", "peer_handshake");
+    assert!(
+        greeted.iter().any(|g| g["from_kme"] == "kme-a"),
+        "{greeted:?}"
+    );
+}
+
 #[actix::test]
 async fn a_full_disk_answers_503_loses_nothing_and_recovers() {
     let net = Net::start(LinkOptions {

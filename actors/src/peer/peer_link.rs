@@ -9,6 +9,11 @@
 //! at a time and in order, so the neighbour sees positions strictly increasing.
 //! Every batch carries `seq = epoch << 40 | counter` (growing across restarts); a transport
 //! failure is retried once with the identical bytes, which the neighbour answers idempotently.
+//! On connect, before any key is bound, an empty batch tells the neighbour this run's first
+//! number (the handshake): a neighbour that took higher numbers from this KME (restored from
+//! a backup) refuses it with the last one it took, and the numbers go on above it, so the
+//! first real batch is not refused. Retried every `HANDSHAKE_RETRY` until the neighbour
+//! answers (a refused real batch resynchronises the same way meanwhile).
 //! Mailbox: bounded; callers `send` under a timeout.
 
 use std::time::Duration;
@@ -46,6 +51,8 @@ const MAX_REPLY_BYTES: usize = 64 * 1024;
 const COUNTER_MASK: u64 = (1 << 40) - 1;
 /// Largest answer to a BB84 post-processing message (Cascade parities of a large frame).
 const MAX_BB84_REPLY_BYTES: usize = 64 * 1024 * 1024;
+/// How often the handshake is tried until the neighbour answers.
+const HANDSHAKE_RETRY: Duration = Duration::from_secs(1);
 
 type Waiter = oneshot::Sender<Result<()>>;
 
@@ -58,6 +65,8 @@ pub struct PeerLink {
     counter: u64,
     pending: Vec<(Binding, Waiter)>,
     in_flight: bool,
+    /// The neighbour answered an activation batch (the handshake or any other) this run.
+    greeted: bool,
     settles: Vec<(SettleRequest, Waiter)>,
     settles_in_flight: usize,
     /// A check for settlements waiting behind the batch in flight is scheduled.
@@ -84,6 +93,7 @@ impl PeerLink {
             counter: 0,
             pending: Vec::new(),
             in_flight: false,
+            greeted: false,
             settles: Vec::new(),
             settles_in_flight: 0,
             overtake_armed: false,
@@ -125,6 +135,19 @@ impl PeerLink {
         }
     }
 
+    /// An empty batch with the next number: the neighbour takes it, or refuses it with the
+    /// last number it took from this KME (see the module doc).
+    fn handshake(&mut self, ctx: &mut Context<Self>) {
+        if self.greeted {
+            return;
+        }
+        if self.in_flight {
+            ctx.run_later(HANDSHAKE_RETRY, |act, ctx| act.handshake(ctx));
+            return;
+        }
+        self.send_batch(ctx, Vec::new(), Vec::new());
+    }
+
     fn flush(&mut self, ctx: &mut Context<Self>) {
         if self.in_flight || self.pending.is_empty() {
             return;
@@ -140,6 +163,17 @@ impl PeerLink {
             .count()
             .max(1);
         let (bindings, waiters): (Vec<Binding>, Vec<Waiter>) = self.pending.drain(..take).unzip();
+        self.send_batch(ctx, bindings, waiters);
+    }
+
+    /// Sends one activation batch (none other is in flight); its answer goes to `waiters`.
+    fn send_batch(
+        &mut self,
+        ctx: &mut Context<Self>,
+        bindings: Vec<Binding>,
+        waiters: Vec<Waiter>,
+    ) {
+        let handshake = bindings.is_empty();
         let batch = ActivationBatch {
             seq: self.next_seq(),
             bindings,
@@ -154,14 +188,22 @@ impl PeerLink {
         );
         ctx.spawn(fut::wrap_future(request).map(
             move |result: Result<Activated>, act: &mut Self, ctx| {
-                if let Err(Error::SequenceBehind { last_seq }) = &result {
-                    act.resynchronise(*last_seq);
+                match &result {
+                    Ok(_) => act.greeted = true,
+                    Err(Error::SequenceBehind { last_seq }) => {
+                        act.resynchronise(*last_seq);
+                        act.greeted = true;
+                    }
+                    Err(_) => {}
                 }
                 let outcome = result.map(|_| ());
                 for waiter in waiters {
                     let _ = waiter.send(outcome.clone());
                 }
                 act.in_flight = false;
+                if handshake && !act.greeted {
+                    ctx.run_later(HANDSHAKE_RETRY, |act, ctx| act.handshake(ctx));
+                }
                 act.flush(ctx);
             },
         ));
@@ -360,6 +402,7 @@ impl Actor for PeerLink {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        self.handshake(ctx);
     }
 }
 

@@ -294,7 +294,16 @@ impl Operation for Activate {
         )?;
         match arrivals {
             Some(arrivals) => {
-                txn.audit(&bound_record(&self.peer, self.seq, &self.bindings))?;
+                let record = if self.bindings.is_empty() {
+                    // The neighbour's handshake (see `PeerLink`): its numbers, nothing bound.
+                    AuditRecord::new(
+                        "peer_handshake",
+                        serde_json::json!({"from_kme": self.peer.as_str(), "seq": self.seq}),
+                    )
+                } else {
+                    bound_record(&self.peer, self.seq, &self.bindings)
+                };
+                txn.audit(&record)?;
                 Ok(arrivals)
             }
             None => Ok(Vec::new()),
